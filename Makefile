@@ -1,0 +1,51 @@
+# lmcore: `make pipeline` runs the whole lifecycle, `make test` the test suite.
+# Both create .venv and install the project against constraints.txt on first use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SHARED := $(abspath ../shared)
+PARAMS ?= params.yaml
+
+# Offline mirror and local tokenizer ranks: used when ../shared is beside the checkout.
+ifneq ($(wildcard $(SHARED)/data),)
+export LMCORE_MIRROR ?= $(SHARED)/data
+endif
+ifneq ($(wildcard $(SHARED)/tokenizers/gpt2.tiktoken),)
+export LMCORE_TIKTOKEN_FILE ?= $(SHARED)/tokenizers/gpt2.tiktoken
+endif
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export DO_NOT_TRACK ?= 1
+export DVC_NO_ANALYTICS ?= 1
+
+.PHONY: setup pipeline repro test test-all ui lock clean
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -c constraints.txt -e '.[dev]'
+	touch $@
+
+pipeline: setup  ## the lifecycle flow on $(PARAMS)
+	$(BIN)/lmcore pipeline --params $(PARAMS)
+
+repro: setup  ## the same stages through DVC
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc repro
+
+test: setup  ## the default test suite (slow tests included; CI runs this)
+	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest -m 'not slow'
+
+ui: setup  ## MLflow UI on http://127.0.0.1:5000
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+lock:  ## re-resolve constraints.txt in a scratch venv
+	rm -rf /tmp/lmcore-lock && $(PYTHON) -m venv /tmp/lmcore-lock
+	/tmp/lmcore-lock/bin/pip install -c constraints.txt -e '.[dev]'
+	/tmp/lmcore-lock/bin/pip freeze --exclude-editable | grep -v -E '^(pip|setuptools|wheel)==' > constraints.new && echo 'review constraints.new'
+
+clean:  ## remove pipeline outputs (not the venv, not mlflow.db)
+	rm -rf data/raw data/clean data/tokens models reports

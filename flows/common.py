@@ -1,0 +1,63 @@
+"""What every flow does around its tasks: load params, point MLflow, tag lineage, version with DVC."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from prefect.runtime import flow_run
+
+from lmcore.config import Params, load_params
+from tasks.stages import StageContext
+from tasks.tracking import TAG_FLOW_RUN, TAG_GIT_COMMIT, TAG_LAUNCHER, TAG_PARAMS_SHA, Tracking, git_commit, tracking_uri
+
+log = logging.getLogger("lmcore.flows")
+
+
+def resolve(root: str | Path, params_file: str | Path) -> tuple[Path, Path]:
+    root = Path(root).resolve()
+    params_path = Path(params_file)
+    return root, params_path if params_path.is_absolute() else root / params_path
+
+
+def make_context(root: Path, params: Params, launcher: str) -> StageContext:
+    tags = {
+        TAG_GIT_COMMIT: git_commit(root),
+        TAG_PARAMS_SHA: params.fingerprint(),
+        TAG_LAUNCHER: launcher,
+    }
+    run_id = flow_run.get_id()
+    if run_id:
+        tags[TAG_FLOW_RUN] = str(run_id)
+    tracking = Tracking(uri=tracking_uri(root), experiment=params.tracking.experiment, tags=tags)
+    return StageContext(root=root, params=params, tracking=tracking)
+
+
+def with_parent(ctx: StageContext, parent_run_id: str) -> StageContext:
+    return replace(ctx, tracking=replace(ctx.tracking, parent_run_id=parent_run_id))
+
+
+def load(root: Path, params_path: Path, overrides: list[str] | None) -> Params:
+    return load_params(params_path, overrides=overrides)
+
+
+def dvc_commit(root: Path, params_path: Path, overrides: list[str] | None) -> str:
+    """Record what the flow made in dvc.lock, so `dvc status` is clean and `dvc repro` runs nothing.
+
+    Only when the flow ran on the project's own params.yaml without overrides: otherwise the
+    outputs do not correspond to what dvc.yaml would produce, and committing them would lie.
+    """
+    if not (root / "dvc.yaml").is_file() or not (root / ".dvc").is_dir():
+        return "skipped: no DVC project at the root"
+    if params_path.resolve() != (root / "params.yaml").resolve() or overrides:
+        return "skipped: the run used other params than params.yaml"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", "commit", "--force", "--quiet"],
+        cwd=root, capture_output=True, text=True,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"dvc commit failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return "committed to dvc.lock"

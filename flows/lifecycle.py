@@ -1,0 +1,90 @@
+"""The lifecycle flow: collect -> preprocess -> tokenize -> pretrain -> evaluate, tracked in MLflow.
+
+    python -m flows.lifecycle                     # default params.yaml, local ephemeral Prefect
+    lmcore pipeline --params profiles/micro.yaml  # another profile
+    PREFECT_API_URL=http://127.0.0.1:4200/api lmcore pipeline   # against a Prefect server
+
+One MLflow parent run per lifecycle run with a nested run per stage; the trained model is
+registered as `lmcore-base`; a markdown artifact summarises the run; dvc.lock records the outputs.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+
+from flows.common import dvc_commit, load, make_context, resolve, with_parent
+from tasks.stages import STAGES, TASKS
+from tasks.tracking import TAG_RAW_MANIFEST_SHA, TAG_TOKENS_MANIFEST_SHA, TAG_WEIGHTS_SHA
+
+
+def summary_markdown(results: dict, registered: str, commit_note: str, run_id: str) -> str:
+    pre, ev = results["pretrain"], results["evaluate"]
+    rows = [
+        ("sources collected", results["collect"]["sources"]),
+        ("raw bytes", f"{results['collect']['bytes']:,}"),
+        ("documents", f"{results['preprocess']['documents']:,}"),
+        ("train tokens", f"{results['tokenize']['train_tokens']:,}"),
+        ("val tokens", f"{results['tokenize']['val_tokens']:,}"),
+        ("parameters", f"{pre['n_params']:,}"),
+        ("steps", pre["steps"]),
+        ("val loss (first → final)", f"{pre['first_val_loss']:.4f} → {pre['final_val_loss']:.4f}"),
+        ("evaluation val loss", f"{ev['val_loss']:.4f}"),
+        ("perplexity", f"{ev['perplexity']:.2f}"),
+        ("tokens/s", f"{pre['tokens_per_s']:,.0f}"),
+        ("registered model", f"{registered} v{pre['model_version']}"),
+        ("MLflow run", run_id),
+        ("DVC", commit_note),
+    ]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return f"# lmcore lifecycle run\n\n| | |\n|---|---|\n{table}\n"
+
+
+@flow(name="lmcore-lifecycle")
+def lifecycle(
+    params_file: str = "params.yaml",
+    overrides: list[str] | None = None,
+    root: str = ".",
+    commit_dvc: bool = True,
+) -> dict:
+    """Run every stage in order; returns each stage's summary plus the MLflow parent run id."""
+    root_path, params_path = resolve(root, params_file)
+    params = load(root_path, params_path, overrides)
+    ctx = make_context(root_path, params, launcher="prefect")
+    results: dict = {}
+    with ctx.tracking.run("lifecycle") as parent:
+        parent.log_params(params.to_dict())
+        stage_ctx = with_parent(ctx, parent.run_id)
+        for stage in STAGES:
+            results[stage] = TASKS[stage](stage_ctx)
+        parent.set_tags(
+            {
+                TAG_RAW_MANIFEST_SHA: results["collect"]["raw_manifest_sha256"],
+                TAG_TOKENS_MANIFEST_SHA: results["tokenize"]["tokens_manifest_sha256"],
+                TAG_WEIGHTS_SHA: results["pretrain"]["weights_sha256"],
+                "lmcore.registered_model": params.tracking.registered_model,
+                "lmcore.model_version": str(results["pretrain"]["model_version"]),
+            }
+        )
+        parent.log_metrics(
+            {
+                "val_loss": results["evaluate"]["val_loss"],
+                "perplexity": results["evaluate"]["perplexity"],
+                "first_val_loss": results["pretrain"]["first_val_loss"],
+                "final_val_loss": results["pretrain"]["final_val_loss"],
+            }
+        )
+        commit_note = dvc_commit(root_path, params_path, overrides) if commit_dvc else "skipped (commit_dvc=False)"
+        markdown = summary_markdown(results, params.tracking.registered_model, commit_note, parent.run_id)
+        parent.client.log_text(parent.run_id, markdown, "summary.md")
+    create_markdown_artifact(markdown, key="lmcore-lifecycle-summary", description="lmcore lifecycle run")
+    results["mlflow_run_id"] = parent.run_id
+    results["dvc"] = commit_note
+    return results
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    lifecycle(params_file=args[0] if args else "params.yaml")

@@ -1,0 +1,114 @@
+"""A model folder on disk: weights as safetensors, the architecture as JSON, the resolved params as YAML.
+
+    save_model(model, "models/base", params=params.to_dict(), extra={"tokenizer": "gpt2"})
+    model = load_model("models/base", device="cpu")
+
+Layout of the folder (names from lmcore.paths):
+    model.safetensors  every parameter once (a tied LM head is stored once, under one of its names)
+    config.json        {"format_version": 1, "model": {ModelConfig fields}, **extra}
+    params.yaml        the fully resolved params the model was trained with (when given)
+
+Weights are never unpickled: no torch.load anywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from pydantic import ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_model as st_load_model
+from safetensors.torch import save_model as st_save_model
+
+from lmcore.config import ModelConfig
+from lmcore.io import read_json, write_json, write_text
+from lmcore.model import GPT
+from lmcore.paths import MODEL_CONFIG, RESOLVED_PARAMS, WEIGHTS
+
+FORMAT_VERSION = 1
+# Keys of config.json that belong to the format itself; `extra` may not reuse them.
+FORMAT_KEY = "format_version"
+MODEL_KEY = "model"
+
+
+class CheckpointError(ValueError):
+    """A model folder that cannot be loaded; the message names the file."""
+
+
+def _save_weights(model: torch.nn.Module, path: Path) -> None:
+    # safetensors.save_model drops the duplicate name of shared (tied) tensors; it writes by file
+    # name, so it writes a temporary file in the same folder that is fsynced and renamed into place.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        st_save_model(model, str(tmp), metadata={"format": "pt"})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def save_model(model: GPT, out_dir: str | Path, *, params: dict | None = None, extra: dict | None = None) -> None:
+    """Write a model folder; each file is written atomically.
+
+    Args:
+        model: the model to save (its `config` goes to config.json).
+        out_dir: the folder, created if missing.
+        params: the resolved params dict, saved as params.yaml beside the weights.
+        extra: more JSON-able keys for config.json, e.g. {"tokenizer": "gpt2"}.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    extra = dict(extra or {})
+    clash = {FORMAT_KEY, MODEL_KEY} & extra.keys()
+    if clash:
+        raise ValueError(f"save_model: extra keys {sorted(clash)} are reserved in {MODEL_CONFIG}")
+    _save_weights(model, out_dir / WEIGHTS)
+    write_json(out_dir / MODEL_CONFIG, {FORMAT_KEY: FORMAT_VERSION, MODEL_KEY: model.config.model_dump(mode="json"), **extra})
+    if params is not None:
+        write_text(out_dir / RESOLVED_PARAMS, yaml.safe_dump(params, sort_keys=False))
+
+
+def read_model_config(model_dir: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
+    """Returns: the ModelConfig in model_dir/config.json and the file's other (extra) keys."""
+    path = Path(model_dir) / MODEL_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no model config (is {model_dir} a model folder?)")
+    meta = read_json(path)
+    version = meta.get(FORMAT_KEY)
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {version!r} is not supported (this code reads {FORMAT_VERSION})")
+    try:
+        config = ModelConfig.model_validate(meta.get(MODEL_KEY))
+    except ValidationError as err:
+        raise CheckpointError(f"{path}: invalid '{MODEL_KEY}' section:\n{err}") from None
+    extra = {k: v for k, v in meta.items() if k not in (FORMAT_KEY, MODEL_KEY)}
+    return config, extra
+
+
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> GPT:
+    """Build the model described by model_dir/config.json and load its weights strictly.
+
+    Returns: the model on `device`, in eval mode.
+    Raises: FileNotFoundError or CheckpointError naming the file when something is missing or does not match.
+    """
+    config, _ = read_model_config(model_dir)
+    path = Path(model_dir) / WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no weights file")
+    model = GPT(config)
+    try:
+        missing, unexpected = st_load_model(model, path, strict=False)
+    except (SafetensorError, RuntimeError, OSError) as err:  # corrupt file, shape mismatch
+        raise CheckpointError(f"{path}: cannot load weights: {err}") from None
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not match {MODEL_CONFIG}: missing keys {sorted(missing)}, unexpected keys {sorted(unexpected)}"
+        )
+    return model.to(device).eval()

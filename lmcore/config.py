@@ -1,0 +1,228 @@
+"""Typed parameters for every stage, read from params.yaml.
+
+params.yaml is the one source of parameters for DVC, Prefect and the CLI. It is validated here:
+an unknown key or a value of the wrong type is a `ParamsError` that names the dotted key.
+
+    params = load_params("params.yaml", overrides=["pretrain.lr=3e-4"])
+    params.pretrain.lr  # 0.0003
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ParamsError(ValueError):
+    """A params file or override that does not validate; the message names the file and key."""
+
+
+class _Section(BaseModel):
+    # extra="forbid": a mistyped key is an error, never silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Source(_Section):
+    """One raw text source: a local path or a URL, pinned by sha256 when it is downloaded."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    url: str | None = None
+    path: str | None = None
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    license: str = "unknown"
+
+    @model_validator(mode="after")
+    def _one_location(self) -> Source:
+        if (self.url is None) == (self.path is None):
+            raise ValueError(f"source {self.name!r} needs exactly one of 'url' or 'path'")
+        if self.url is not None and self.sha256 is None:
+            raise ValueError(f"source {self.name!r} is a URL and needs its 'sha256'")
+        return self
+
+
+class CollectConfig(_Section):
+    sources: list[Source] = Field(min_length=1)
+    retries: int = Field(default=3, ge=0)
+    timeout_s: float = Field(default=60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> CollectConfig:
+        names = [s.name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate source names: {dupes}")
+        return self
+
+
+class PreprocessConfig(_Section):
+    normalize: Literal["NFC", "NFKC", "none"] = "NFC"
+    # How a raw file is cut into documents: whole files, or blank-line separated paragraphs.
+    split: Literal["file", "paragraph"] = "paragraph"
+    min_chars: int = Field(default=32, ge=0)
+    dedup: bool = True
+    # Non-UTF-8 bytes: "error" stops naming the file and byte offset; "replace" substitutes U+FFFD and counts.
+    decode_errors: Literal["error", "replace"] = "error"
+
+
+class TokenizeConfig(_Section):
+    encoding: Literal["gpt2"] = "gpt2"
+    # A local tiktoken ranks file; when null, LMCORE_TIKTOKEN_FILE, else tiktoken's own (online) loader.
+    ranks_file: str | None = None
+    val_fraction: float = Field(default=0.1, gt=0, lt=1)
+    shard_tokens: int = Field(default=1_000_000, ge=1024)
+
+
+class ModelConfig(_Section):
+    vocab_size: int = Field(default=50257, ge=1)
+    context_length: int = Field(default=128, ge=1)
+    n_embd: int = Field(default=128, ge=1)
+    n_layer: int = Field(default=2, ge=1)
+    n_head: int = Field(default=4, ge=1)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    bias: bool = True
+    tie_weights: bool = True
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelConfig:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        return self
+
+
+class PretrainConfig(_Section):
+    model: ModelConfig = ModelConfig()
+    batch_size: int = Field(default=16, ge=1)
+    max_steps: int = Field(default=300, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    min_lr: float = Field(default=1e-4, ge=0)
+    warmup_steps: int = Field(default=20, ge=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    beta2: float = Field(default=0.95, ge=0, lt=1)
+    grad_clip: float = Field(default=1.0, ge=0)  # 0 disables clipping
+    eval_interval: int = Field(default=25, ge=1)
+    eval_batches: int = Field(default=8, ge=1)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    threads: int = Field(default=0, ge=0)  # torch intra-op threads; 0 keeps torch's default
+
+
+class EvaluateConfig(_Section):
+    batch_size: int = Field(default=16, ge=1)
+    max_batches: int | None = Field(default=None, ge=1)  # None: the whole validation split
+    prompts: list[str] = ["Every effort moves you", "ROMEO:"]
+    max_new_tokens: int = Field(default=40, ge=1)
+    temperature: float = Field(default=0.8, ge=0)  # 0 is greedy
+    top_k: int | None = Field(default=40, ge=1)
+
+
+class TrackingConfig(_Section):
+    experiment: str = "lmcore"
+    registered_model: str = "lmcore-base"
+
+
+class Params(_Section):
+    seed: int = 1337
+    collect: CollectConfig
+    preprocess: PreprocessConfig = PreprocessConfig()
+    tokenize: TokenizeConfig = TokenizeConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def fingerprint(self) -> str:
+        """sha256 of the resolved params (canonical JSON); the same params give the same hash."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys a section accepts, for did-you-mean hints."""
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            break
+        ann = field.annotation
+        sub = getattr(ann, "__args__", None)
+        cands = [ann] + list(sub or [])
+        nxt = next((c for c in cands if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nxt is None:
+            return []
+        model = nxt
+    return list(model.model_fields)
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"])
+        key = ".".join(str(p) for p in loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            known = _known_keys(Params, loc[:-1])
+            hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            msg = f"unknown key '{key}'" + (f" (did you mean '{'.'.join(map(str, loc[:-1] + (hint[0],)))}'?)" if hint else "")
+        elif e["type"] == "missing":
+            msg = f"missing key '{key}'"
+        else:
+            got = e.get("input")
+            msg = f"key '{key}': {e['msg']} (got {got!r})" if not isinstance(got, dict) else f"key '{key}': {e['msg']}"
+        lines.append(f"{origin}: {msg}")
+    return "\n".join(lines)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ParamsError(f"override '{dotted}': '{'.'.join(parts[: i + 1])}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`pretrain.lr=3e-4` -> ("pretrain.lr", 0.0003). Values are YAML (numbers, bools, lists, null)."""
+    if "=" not in text:
+        raise ParamsError(f"override {text!r} is not of the form key=value")
+    key, raw = text.split("=", 1)
+    # YAML 1.1 reads "3e-4" as a string; pydantic's lax mode turns it into the float a user meant.
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip(), value
+
+
+def params_from_dict(data: dict, origin: str = "params", overrides: list[str] | None = None) -> Params:
+    data = json.loads(json.dumps(data))  # deep copy; also rejects non-JSON-able YAML tags
+    for ov in overrides or []:
+        key, value = parse_override(ov)
+        _set_dotted(data, key, value)
+    try:
+        return Params.model_validate(data)
+    except ValidationError as err:
+        raise ParamsError(_format_errors(err, origin)) from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read and validate a params file; `overrides` are dotted `key=value` strings applied on top."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+    return params_from_dict(data, origin=str(path), overrides=overrides)

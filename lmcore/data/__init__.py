@@ -1,0 +1,1 @@
+"""Data stages: collect raw sources, clean them into documents, token shards and batches."""

@@ -1,0 +1,112 @@
+"""Evaluation of a trained model: validation loss and perplexity, and seeded text samples.
+
+    metrics = evaluate(params.evaluate, Path("models/base"), Path("data/tokens"), Path("reports/evaluate"),
+                       seed=params.seed, enc=get_encoding())
+
+Outputs (out_dir, replaced whole):
+    metrics.json   {"val_loss", "perplexity", "val_tokens"}
+    samples.jsonl  one line per prompt: {"prompt", "completion", "temperature", "top_k", "max_new_tokens", "seed"}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lmcore.checkpoint import load_model
+from lmcore.config import EvaluateConfig
+from lmcore.data.loader import TokenDataset
+from lmcore.generation import generate_text
+from lmcore.io import atomic_dir, write_json, write_text
+from lmcore.model import GPT
+from lmcore.paths import METRICS, SAMPLES
+from lmcore.tracking import NullTracker, Tracker
+from lmcore.training import resolve_device
+
+
+@torch.no_grad()
+def perplexity(
+    model: GPT,
+    dataset: TokenDataset,
+    batch_size: int,
+    context_length: int,
+    max_batches: int | None,
+    device: str | torch.device,
+) -> tuple[float, int]:
+    """Token-weighted mean cross-entropy over the dataset's non-overlapping windows.
+
+    Returns: (mean loss in nats per token, number of predicted tokens); perplexity is exp(loss).
+    """
+    model.eval()
+    total, n_tokens = 0.0, 0
+    for x, y in dataset.sequential_batches(batch_size, context_length, max_batches):
+        x, y = x.to(device), y.to(device)  # (B, T) each
+        logits, _ = model(x)  # (B, T, V)
+        # Summed, not averaged, per batch: the last batch may be smaller and must weigh by its tokens.
+        total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
+        n_tokens += y.numel()
+    return total / n_tokens, n_tokens
+
+
+def evaluate(
+    cfg: EvaluateConfig,
+    model_dir: Path,
+    tokens_dir: Path,
+    out_dir: Path,
+    *,
+    seed: int,
+    enc,
+    tracker: Tracker = NullTracker(),
+) -> dict:
+    """Score model_dir on the validation split of tokens_dir and sample a completion for each prompt.
+
+    Args:
+        cfg: the evaluate section of params.
+        model_dir: a folder written by lmcore.checkpoint.save_model.
+        tokens_dir: a tokenize output folder; its val split is scored.
+        out_dir: replaced whole by metrics.json and samples.jsonl.
+        seed: each prompt is sampled with a torch.Generator seeded from it.
+        enc: the tiktoken Encoding the data was tokenized with.
+        tracker: receives the metrics.
+
+    Returns: the metrics dict written to metrics.json.
+    """
+    model_dir, tokens_dir, out_dir = Path(model_dir), Path(tokens_dir), Path(out_dir)
+    device = resolve_device("auto")
+    model = load_model(model_dir, device=device)
+    val = TokenDataset(tokens_dir, "val")
+    if model.config.vocab_size < val.vocab_size:
+        raise ValueError(
+            f"{model_dir}: model vocab_size ({model.config.vocab_size}) is smaller than the data's "
+            f"({val.vocab_size}) in {tokens_dir / 'manifest.json'}"
+        )
+
+    loss, n_tokens = perplexity(model, val, cfg.batch_size, model.config.context_length, cfg.max_batches, device)
+    metrics = {
+        "val_loss": round(loss, 6),
+        "perplexity": round(math.exp(loss), 6) if loss < 700 else math.inf,
+        "val_tokens": n_tokens,
+    }
+
+    samples = [
+        {
+            "prompt": prompt,
+            # Seeded per prompt: a sample does not depend on which prompts come before it.
+            "completion": generate_text(model, enc, prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, seed),
+            "temperature": cfg.temperature,
+            "top_k": cfg.top_k,
+            "max_new_tokens": cfg.max_new_tokens,
+            "seed": seed,
+        }
+        for prompt in cfg.prompts
+    ]
+
+    with atomic_dir(out_dir) as tmp:
+        write_json(tmp / METRICS, metrics)
+        write_text(tmp / SAMPLES, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+    tracker.log_metrics(metrics)
+    return metrics

@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers that resolve paths, call one lmcore function and log to MLflow."""

@@ -1,0 +1,89 @@
+"""Logging the trained model to MLflow and registering it, with links back to its data."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+
+import mlflow
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+import lmcore
+from tasks.tracking import TAG_TOKENS_MANIFEST_SHA, TAG_WEIGHTS_SHA, Tracking
+
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+LMCORE_SRC = Path(lmcore.__file__).parent
+MODEL_ARTIFACT = "model"
+
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "prompt")]),
+    outputs=Schema([ColSpec("string")]),
+    params=ParamSchema(
+        [
+            ParamSpec("max_new_tokens", "long", 50),
+            ParamSpec("temperature", "double", 0.8),
+            ParamSpec("top_k", "long", 40),
+            ParamSpec("seed", "long", 0),
+        ]
+    ),
+)
+
+
+def _requirements() -> list[str]:
+    pins = []
+    for dist in ("torch", "tiktoken", "safetensors", "numpy", "pyarrow", "pydantic", "pyyaml", "tqdm"):
+        try:
+            pins.append(f"{dist}=={importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            pins.append(dist)
+    return pins
+
+
+def log_and_register(
+    tracking: Tracking,
+    run_id: str,
+    model_dir: Path,
+    name: str,
+    *,
+    ranks_file: str | None,
+    tags: dict[str, str],
+) -> str:
+    """Log `model_dir` as a pyfunc in run `run_id`, register it as `name`, return the version."""
+    mlflow.set_tracking_uri(tracking.uri)
+    mlflow.set_registry_uri(tracking.uri)
+    artifacts = {"model_dir": str(model_dir)}
+    if ranks_file:
+        artifacts["tokenizer"] = str(ranks_file)
+    # The active run is thread-local; resuming the run by id in this thread is safe under Prefect.
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT,
+            python_model=str(PYFUNC_CODE),
+            artifacts=artifacts,
+            code_paths=[str(LMCORE_SRC)],
+            signature=SIGNATURE,
+            pip_requirements=_requirements(),
+            registered_model_name=name,
+        )
+    version = str(info.registered_model_version)
+    client = tracking.client()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    return version
+
+
+def find_version(tracking: Tracking, name: str, weights_sha256: str) -> str | None:
+    """The newest registered version of `name` whose weights have this sha256, if any."""
+    client = tracking.client()
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except mlflow.exceptions.MlflowException:
+        return None
+    matches = [v for v in versions if v.tags.get(TAG_WEIGHTS_SHA) == weights_sha256]
+    if not matches:
+        return None
+    return str(max(int(v.version) for v in matches))
+
+
+__all__ = ["log_and_register", "find_version", "TAG_WEIGHTS_SHA", "TAG_TOKENS_MANIFEST_SHA"]

@@ -1,0 +1,200 @@
+"""One Prefect task per lifecycle stage. Each resolves paths, calls one lmcore function, and logs.
+
+A task takes a `StageContext` (project root, validated params, where MLflow runs go) and returns a
+small dict; the stage's real outputs are the files it writes under the project root, at the paths
+dvc.yaml names (`lmcore.paths.Layout`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
+
+from lmcore.config import Params
+from lmcore.data.collect import collect
+from lmcore.data.preprocess import preprocess
+from lmcore.data.tokenize import tokenize
+from lmcore.evaluation import evaluate
+from lmcore.io import read_json, sha256_file
+from lmcore.paths import LOSS_PLOT, MANIFEST, METRICS, MODEL_CONFIG, RESOLVED_PARAMS, SAMPLES, STATS, SUMMARY, TRAIN_LOSS, VAL_LOSS, WEIGHTS, Layout
+from lmcore.tokenizer import get_encoding
+from lmcore.training import pretrain
+from tasks.registry import find_version, log_and_register
+from tasks.tracking import (
+    TAG_PARAMS_SHA,
+    TAG_RAW_MANIFEST_SHA,
+    TAG_TOKENS_MANIFEST_SHA,
+    TAG_WEIGHTS_SHA,
+    Tracking,
+)
+
+STAGES = ("collect", "preprocess", "tokenize", "pretrain", "evaluate")
+
+
+@dataclass
+class StageContext:
+    root: Path
+    params: Params
+    tracking: Tracking
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.root)
+
+    def ranks_file(self) -> str | None:
+        """The local tiktoken ranks file: params first, then LMCORE_TIKTOKEN_FILE."""
+        configured = self.params.tokenize.ranks_file
+        if configured:
+            path = Path(configured)
+            return str(path if path.is_absolute() else self.root / path)
+        return os.environ.get("LMCORE_TIKTOKEN_FILE") or None
+
+
+def mirror_dir() -> Path | None:
+    """The offline mirror named by LMCORE_MIRROR, when it exists."""
+    value = os.environ.get("LMCORE_MIRROR")
+    return Path(value) if value and Path(value).is_dir() else None
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("lmcore.tasks")
+
+
+def _section(params: Params, *names: str) -> dict[str, Any]:
+    data = params.to_dict()
+    return {"seed": params.seed, **{n: data[n] for n in names}}
+
+
+@task(name="collect", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def collect_task(ctx: StageContext) -> dict:
+    out = ctx.layout.raw
+    with ctx.tracking.run("collect") as run:
+        run.log_params(_section(ctx.params, "collect"))
+        manifest = collect(ctx.params.collect, out, mirror=mirror_dir(), base_dir=ctx.root)
+        sha = sha256_file(out / MANIFEST)
+        total = sum(s["bytes"] for s in manifest["sources"])
+        run.set_tags({TAG_RAW_MANIFEST_SHA: sha})
+        run.log_metrics({"sources": len(manifest["sources"]), "bytes": total})
+        run.log_artifact(out / MANIFEST)
+    origins = ", ".join(f"{s['name']} ({s['origin']})" for s in manifest["sources"])
+    _logger().info("collected %d bytes: %s", total, origins)
+    return {"sources": len(manifest["sources"]), "bytes": total, "raw_manifest_sha256": sha}
+
+
+@task(name="preprocess", cache_policy=NO_CACHE)
+def preprocess_task(ctx: StageContext) -> dict:
+    out = ctx.layout.clean
+    with ctx.tracking.run("preprocess") as run:
+        run.log_params(_section(ctx.params, "preprocess"))
+        stats = preprocess(ctx.params.preprocess, ctx.layout.raw, out)
+        total = stats["total"]
+        run.log_metrics({k: v for k, v in total.items() if isinstance(v, (int, float))})
+        run.log_artifact(out / STATS)
+    _logger().info("preprocess kept %d documents", total["documents_out"])
+    return {"documents": total["documents_out"], "chars": total["chars_out"]}
+
+
+@task(name="tokenize", cache_policy=NO_CACHE)
+def tokenize_task(ctx: StageContext) -> dict:
+    out = ctx.layout.tokens
+    tok_cfg = ctx.params.tokenize.model_copy(update={"ranks_file": ctx.ranks_file()})
+    with ctx.tracking.run("tokenize") as run:
+        run.log_params(_section(ctx.params, "tokenize"))
+        manifest = tokenize(tok_cfg, ctx.layout.clean, out, seed=ctx.params.seed)
+        sha = sha256_file(out / MANIFEST)
+        run.set_tags({TAG_TOKENS_MANIFEST_SHA: sha})
+        metrics = {f"{split}_{k}": v for split, d in manifest["splits"].items() for k, v in d.items()}
+        run.log_metrics({**metrics, "shards": len(manifest["shards"])})
+        run.log_artifact(out / MANIFEST)
+    _logger().info("tokenized: %s", metrics)
+    return {**metrics, "tokens_manifest_sha256": sha}
+
+
+@task(name="pretrain", cache_policy=NO_CACHE)
+def pretrain_task(ctx: StageContext) -> dict:
+    layout = ctx.layout
+    with ctx.tracking.run("pretrain") as run:
+        run.log_params(_section(ctx.params, "pretrain"))
+        tokens_sha = sha256_file(layout.tokens / MANIFEST)
+        run.set_tags({TAG_TOKENS_MANIFEST_SHA: tokens_sha, TAG_PARAMS_SHA: ctx.params.fingerprint()})
+        summary = pretrain(
+            ctx.params.pretrain,
+            layout.tokens,
+            layout.base_model,
+            layout.pretrain_reports,
+            seed=ctx.params.seed,
+            params=ctx.params.to_dict(),
+            tracker=run,
+        )
+        weights_sha = sha256_file(layout.base_model / WEIGHTS)
+        run.set_tags({TAG_WEIGHTS_SHA: weights_sha})
+        run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        for name in (LOSS_PLOT, TRAIN_LOSS, VAL_LOSS, SUMMARY):
+            run.log_artifact(layout.pretrain_reports / name, "reports")
+        for name in (MODEL_CONFIG, RESOLVED_PARAMS):
+            run.log_artifact(layout.base_model / name, "checkpoint")
+        version = log_and_register(
+            ctx.tracking,
+            run.run_id,
+            layout.base_model,
+            ctx.params.tracking.registered_model,
+            ranks_file=ctx.ranks_file(),
+            tags={
+                TAG_WEIGHTS_SHA: weights_sha,
+                TAG_TOKENS_MANIFEST_SHA: tokens_sha,
+                TAG_PARAMS_SHA: ctx.params.fingerprint(),
+            },
+        )
+    _logger().info(
+        "pretrained %s params: val loss %.3f -> %.3f; registered %s v%s",
+        summary["n_params"], summary["first_val_loss"], summary["final_val_loss"],
+        ctx.params.tracking.registered_model, version,
+    )
+    return {**summary, "run_id": run.run_id, "model_version": version, "weights_sha256": weights_sha}
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_task(ctx: StageContext) -> dict:
+    layout = ctx.layout
+    out = layout.evaluate_reports
+    enc = get_encoding(ctx.params.tokenize.encoding, ctx.ranks_file())
+    with ctx.tracking.run("evaluate") as run:
+        run.log_params(_section(ctx.params, "evaluate"))
+        weights_sha = sha256_file(layout.base_model / WEIGHTS)
+        run.set_tags({TAG_WEIGHTS_SHA: weights_sha})
+        metrics = evaluate(
+            ctx.params.evaluate, layout.base_model, layout.tokens, out, seed=ctx.params.seed, enc=enc, tracker=run
+        )
+        run.log_artifact(out / METRICS)
+        run.log_artifact(out / SAMPLES)
+        name = ctx.params.tracking.registered_model
+        version = find_version(ctx.tracking, name, weights_sha)
+        if version is not None:
+            client = ctx.tracking.client()
+            for key in ("val_loss", "perplexity"):
+                client.set_model_version_tag(name, version, f"eval.{key}", f"{metrics[key]:.6f}")
+    samples = [read for read in (out / SAMPLES).read_text(encoding="utf-8").splitlines()]
+    _logger().info("val loss %.4f, perplexity %.2f", metrics["val_loss"], metrics["perplexity"])
+    return {**metrics, "model_version": version, "samples": len(samples)}
+
+
+TASKS = {
+    "collect": collect_task,
+    "preprocess": preprocess_task,
+    "tokenize": tokenize_task,
+    "pretrain": pretrain_task,
+    "evaluate": evaluate_task,
+}
+
+__all__ = ["StageContext", "STAGES", "TASKS", "mirror_dir", "read_json"]

@@ -1,0 +1,213 @@
+"""lmcore.data.tokenize: documents -> deterministic, document-split Arrow shards and a manifest."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from lmcore.config import TokenizeConfig
+from lmcore.data.loader import TokenDataset
+from lmcore.data.shards import TOKENS, Shard
+from lmcore.data.tokenize import decode_shard, split_documents, tokenize
+from lmcore.io import read_json, sha256_file
+from lmcore.paths import DOCUMENTS, MANIFEST
+from lmcore.tokenizer import RANKS_ENV, get_encoding
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+SHAKESPEARE = SHARED / "data" / "corpus" / "tinyshakespeare.txt"
+
+
+@pytest.fixture(scope="module")
+def ranks_file() -> str:
+    return os.environ.get(RANKS_ENV) or str(SHARED / "tokenizers" / "gpt2.tiktoken")
+
+
+@pytest.fixture(scope="module")
+def enc(ranks_file):
+    return get_encoding("gpt2", ranks_file)
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    """~400 Shakespeare paragraphs (about 20k tokens), one long document and some odd ones."""
+    paras = [p.strip() for p in SHAKESPEARE.read_text(encoding="utf-8")[:100_000].split("\n\n") if p.strip()]
+    odd = ["", "  spaces  \n\ttab\n", "naïve 東京 🤖 e\u0301", "<|endoftext|> literal stays text", "x" * 10]
+    long_doc = "\n\n".join(paras[:60])  # over 1024 tokens: must get a shard of its own
+    return paras[:400] + odd + [long_doc]
+
+
+def write_docs(clean_dir: Path, texts: list[str]) -> Path:
+    clean_dir.mkdir(parents=True, exist_ok=True)
+    with open(clean_dir / DOCUMENTS, "w", encoding="utf-8", newline="\n") as f:
+        for i, text in enumerate(texts):
+            f.write(json.dumps({"id": f"t/{i}", "source": "t", "text": text}, ensure_ascii=False) + "\n")
+    return clean_dir
+
+
+def cfg(ranks_file: str, **kw) -> TokenizeConfig:
+    return TokenizeConfig(ranks_file=ranks_file, **{"val_fraction": 0.1, "shard_tokens": 1024, **kw})
+
+
+@pytest.fixture(scope="module")
+def tokenized(tmp_path_factory, ranks_file, texts) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("tok")
+    clean = write_docs(root / "clean", texts)
+    manifest = tokenize(cfg(ranks_file), clean, root / "tokens", seed=7)
+    return root / "tokens", manifest
+
+
+def test_round_trip_every_document_once(tokenized, texts, enc):
+    out, manifest = tokenized
+    got = {
+        split: [t for s in manifest["shards"] if s["split"] == split for t in decode_shard(out / s["file"], enc)]
+        for split in ("train", "val")
+    }
+    val_idx = split_documents(len(texts), 0.1, seed=7)["val"]
+    assert got["val"] == [texts[i] for i in val_idx]
+    assert got["train"] == [t for i, t in enumerate(texts) if i not in set(val_idx)]
+    assert len(got["val"]) == round(0.1 * len(texts))
+
+
+def test_eot_between_documents(tokenized, texts, enc):
+    out, manifest = tokenized
+    val_docs = [texts[i] for i in split_documents(len(texts), 0.1, seed=7)["val"]]
+    stream = np.concatenate([Shard(out / s["file"]).tokens for s in manifest["shards"] if s["split"] == "val"])
+    expected = [t for text in val_docs for t in enc.encode_ordinary(text) + [50256]]
+    assert stream.tolist() == expected
+    for s in manifest["shards"]:
+        shard = Shard(out / s["file"])
+        # EOT exactly at each document's end: a literal "<|endoftext|>" in a text is encoded as text.
+        np.testing.assert_array_equal(np.flatnonzero(shard.tokens == 50256), shard.offsets[1:] - 1)
+
+
+def test_manifest_counts_and_hashes(tokenized, texts):
+    out, manifest = tokenized
+    assert read_json(out / MANIFEST) == manifest
+    head = (manifest["encoding"], manifest["vocab_size"], manifest["eot_token"], manifest["dtype"])
+    assert head == ("gpt2", 50257, 50256, "uint16")
+    assert (manifest["seed"], manifest["val_fraction"]) == (7, 0.1)
+    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST] + [s["file"] for s in manifest["shards"]])
+    for split in ("train", "val"):
+        shards = [s for s in manifest["shards"] if s["split"] == split]
+        assert [s["file"] for s in shards] == [f"{split}-{i:05d}.arrow" for i in range(len(shards))]
+        docs = tokens = 0
+        for s in shards:
+            shard = Shard(out / s["file"])
+            assert (s["documents"], s["tokens"]) == (len(shard), len(shard.tokens))
+            assert s["sha256"] == sha256_file(out / s["file"])
+            docs, tokens = docs + len(shard), tokens + len(shard.tokens)
+        assert manifest["splits"][split] == {"documents": docs, "tokens": tokens}
+    assert sum(v["documents"] for v in manifest["splits"].values()) == len(texts)
+
+
+def test_shard_size_limit(tokenized):
+    out, manifest = tokenized
+    train = [s for s in manifest["shards"] if s["split"] == "train"]
+    assert len(train) > 5
+    for s in manifest["shards"]:
+        # At most shard_tokens, unless the shard is one oversized document; never a mix with one.
+        assert s["tokens"] <= 1024 or s["documents"] == 1, s
+    assert any(s["tokens"] > 1024 and s["documents"] == 1 for s in manifest["shards"])
+    # Packing is greedy: a shard closes only when the next document would not fit.
+    for a, b in zip(train, train[1:]):
+        first_of_b = len(Shard(out / b["file"]).document(0))
+        assert a["tokens"] + first_of_b > 1024
+
+
+def test_uint16_arrow_schema(tokenized):
+    out, manifest = tokenized
+    with pa.memory_map(str(out / manifest["shards"][0]["file"])) as src:
+        schema = pa.ipc.open_file(src).schema
+    assert schema.field(TOKENS).type in (pa.list_(pa.uint16()), pa.large_list(pa.uint16()))
+
+
+def test_loader_reads_the_output(tokenized):
+    out, manifest = tokenized
+    for split in ("train", "val"):
+        data = TokenDataset(out, split)
+        assert data.n_tokens == manifest["splits"][split]["tokens"]
+        assert data.vocab_size == 50257
+
+
+def test_byte_identical_reruns_and_seeded_split(tmp_path, ranks_file, texts):
+    clean = write_docs(tmp_path / "clean", texts[:120])
+    a = tokenize(cfg(ranks_file), clean, tmp_path / "a", seed=1)
+    b = tokenize(cfg(ranks_file), clean, tmp_path / "b", seed=1)
+    c = tokenize(cfg(ranks_file), clean, tmp_path / "c", seed=2)
+    assert a == b
+    assert (tmp_path / "a" / MANIFEST).read_bytes() == (tmp_path / "b" / MANIFEST).read_bytes()
+    assert [s["sha256"] for s in a["shards"]] == [sha256_file(tmp_path / "b" / s["file"]) for s in a["shards"]]
+    assert a["shards"] != c["shards"]
+    # Rerunning into an existing folder replaces it whole.
+    again = tokenize(cfg(ranks_file), clean, tmp_path / "a", seed=2)
+    assert again == c
+
+
+def test_split_is_by_document_and_seeded():
+    s1, s1b, s2 = split_documents(50, 0.2, 3), split_documents(50, 0.2, 3), split_documents(50, 0.2, 4)
+    assert np.array_equal(s1["val"], s1b["val"]) and not np.array_equal(s1["val"], s2["val"])
+    assert len(s1["val"]) == 10 and sorted(np.concatenate([s1["train"], s1["val"]])) == list(range(50))
+    assert list(s1["val"]) == sorted(s1["val"])
+    assert [len(split_documents(n, 0.01, 0)["val"]) for n in (2, 3, 10)] == [1, 1, 1]
+    assert len(split_documents(2, 0.99, 0)["train"]) == 1
+    with pytest.raises(ValueError, match="at least 2"):
+        split_documents(1, 0.1, 0)
+
+
+@pytest.mark.parametrize(
+    ("line", "why"),
+    [
+        ("{not json", "not valid JSON"),
+        ('["a list"]', "expected a JSON object"),
+        ('{"id": "x", "source": "s"}', "key 'text' missing"),
+        ('{"id": "x", "source": "s", "text": 3}', "key 'text' missing or not a string"),
+        ("", "not valid JSON"),
+    ],
+)
+def test_malformed_line_names_file_and_line(tmp_path, ranks_file, line, why):
+    clean = write_docs(tmp_path / "clean", ["first", "second"])
+    with open(clean / DOCUMENTS, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+    with pytest.raises(ValueError, match=rf"{DOCUMENTS}:3: {why}"):
+        tokenize(cfg(ranks_file), clean, tmp_path / "tokens", seed=0)
+    assert not (tmp_path / "tokens").exists()
+
+
+def test_invalid_utf8_names_line(tmp_path, ranks_file):
+    clean = write_docs(tmp_path / "clean", ["first"])
+    with open(clean / DOCUMENTS, "ab") as f:
+        f.write(b'{"id": "x", "source": "s", "text": "\xff"}\n')
+    with pytest.raises(ValueError, match=rf"{DOCUMENTS}:2: not valid UTF-8"):
+        tokenize(cfg(ranks_file), clean, tmp_path / "tokens", seed=0)
+
+
+def test_empty_or_missing_input_leaves_no_output(tmp_path, ranks_file):
+    clean = write_docs(tmp_path / "clean", [])
+    with pytest.raises(ValueError, match="no documents"):
+        tokenize(cfg(ranks_file), clean, tmp_path / "tokens", seed=0)
+    with pytest.raises(FileNotFoundError, match=DOCUMENTS):
+        tokenize(cfg(ranks_file), tmp_path / "nowhere", tmp_path / "tokens", seed=0)
+    write_docs(clean, ["only one"])
+    with pytest.raises(ValueError, match="at least 2"):
+        tokenize(cfg(ranks_file), clean, tmp_path / "tokens", seed=0)
+    assert not (tmp_path / "tokens").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["clean"]  # no temporary folders left either
+
+
+def test_failure_keeps_previous_output(tmp_path, ranks_file, monkeypatch):
+    clean = write_docs(tmp_path / "clean", ["one document", "another document"])
+    first = tokenize(cfg(ranks_file), clean, tmp_path / "tokens", seed=0)
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("lmcore.data.tokenize.write_shard", boom)
+    with pytest.raises(OSError, match="disk full"):
+        tokenize(cfg(ranks_file), clean, tmp_path / "tokens", seed=1)
+    assert read_json(tmp_path / "tokens" / MANIFEST) == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean", "tokens"]

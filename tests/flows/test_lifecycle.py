@@ -1,0 +1,95 @@
+"""The lifecycle flow end to end on the micro profile, under a real (temporary) Prefect server and
+a real MLflow SQLite store: shards, weights, parent + nested runs, the registered model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from lmcore.checkpoint import load_model
+from lmcore.data.loader import TokenDataset
+from lmcore.data.tokenize import decode_shard
+from lmcore.io import sha256_file
+from lmcore.paths import MANIFEST, METRICS, SAMPLES, WEIGHTS, Layout
+from lmcore.tokenizer import get_encoding
+from tasks.stages import STAGES
+from tests.conftest import MICRO
+
+
+@pytest.fixture(scope="module")
+def lifecycle_run(tmp_path_factory, prefect_harness):
+    root = tmp_path_factory.mktemp("project")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    from flows.lifecycle import lifecycle
+
+    result = lifecycle(params_file=str(MICRO), root=str(root))
+    yield root, uri, result
+    mp.undo()
+
+
+def test_outputs_land_where_the_layout_says(lifecycle_run):
+    root, _, result = lifecycle_run
+    layout = Layout(root)
+    manifest = json.loads((layout.tokens / MANIFEST).read_text())
+    assert {s["split"] for s in manifest["shards"]} == {"train", "val"}
+    enc = get_encoding("gpt2")
+    docs = [json.loads(line)["text"] for line in (layout.clean / "documents.jsonl").read_text().splitlines()]
+    decoded = [t for s in manifest["shards"] for t in decode_shard(layout.tokens / s["file"], enc)]
+    assert sorted(decoded) == sorted(docs)
+    model = load_model(layout.base_model)
+    assert model.config.n_embd == 32
+    assert TokenDataset(layout.tokens, "train").n_tokens == result["tokenize"]["train_tokens"]
+    metrics = json.loads((layout.evaluate_reports / METRICS).read_text())
+    assert metrics["perplexity"] > 1
+    assert (layout.evaluate_reports / SAMPLES).read_text().count("\n") == 1
+    assert result["dvc"].startswith("skipped")  # the tmp root is no DVC project
+
+
+def test_mlflow_parent_and_nested_runs(lifecycle_run):
+    root, uri, result = lifecycle_run
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("lmcore-micro")
+    parent = client.get_run(result["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["pretrain.model.n_embd"] == "32"
+    assert parent.data.tags["lmcore.tokens_manifest_sha256"] == sha256_file(Layout(root).tokens / MANIFEST)
+    assert parent.data.tags["lmcore.git_commit"]
+    assert parent.data.tags["lmcore.prefect_flow_run_id"]
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.data.tags["lmcore.stage"] for r in children) == sorted(STAGES)
+    assert all(r.info.status == "FINISHED" for r in children)
+    pretrain = next(r for r in children if r.data.tags["lmcore.stage"] == "pretrain")
+    history = client.get_metric_history(pretrain.info.run_id, "train_loss")
+    assert [m.step for m in history] == list(range(1, 13))
+    val = client.get_metric_history(pretrain.info.run_id, "val_loss")
+    assert len(val) >= 3
+    assert parent.data.metrics["val_loss"] == pytest.approx(result["evaluate"]["val_loss"])
+
+
+def test_model_is_registered_and_loads(lifecycle_run):
+    root, uri, result = lifecycle_run
+    client = MlflowClient(uri, registry_uri=uri)
+    versions = client.search_model_versions("name = 'lmcore-base'")
+    assert [v.version for v in versions] == ["1"]
+    version = versions[0]
+    assert version.tags["lmcore.weights_sha256"] == sha256_file(Layout(root).base_model / WEIGHTS)
+    assert float(version.tags["eval.val_loss"]) == pytest.approx(result["evaluate"]["val_loss"], abs=1e-5)
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/lmcore-base/1")
+    out = model.predict(["Every effort moves you"], params={"max_new_tokens": 5, "temperature": 0.0})
+    assert len(out) == 1 and isinstance(out[0], str) and out[0]
+
+
+def test_markdown_artifact_published(lifecycle_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["lmcore-lifecycle-summary"])))
+    assert arts and "registered model" in arts[0].data and "lmcore-base v1" in arts[0].data

@@ -1,0 +1,94 @@
+"""params.yaml and every shipped profile validate; bad keys and types are errors naming the key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmcore.config import ParamsError, load_params, params_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = [ROOT / "params.yaml", *sorted((ROOT / "profiles").glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_params_validate(path):
+    params = load_params(path)
+    assert params.pretrain.model.n_embd % params.pretrain.model.n_head == 0
+    assert params.collect.sources
+
+
+def base() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_unknown_key_is_named_with_a_hint(tmp_path):
+    data = base()
+    data["pretrain"]["learning_rate"] = 0.1
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ParamsError) as err:
+        load_params(path)
+    assert str(path) in str(err.value)
+    assert "unknown key 'pretrain.learning_rate'" in str(err.value)
+
+
+def test_unknown_nested_key_suggests_the_close_one():
+    data = base()
+    data["pretrain"]["model"]["n_embed"] = 64
+    with pytest.raises(ParamsError, match=r"unknown key 'pretrain.model.n_embed' \(did you mean 'pretrain.model.n_embd'\?\)"):
+        params_from_dict(data)
+
+
+def test_unknown_section_is_named():
+    data = base()
+    data["pretrian"] = {"lr": 1}
+    with pytest.raises(ParamsError, match="unknown key 'pretrian'"):
+        params_from_dict(data)
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("pretrain.max_steps", "many"), ("pretrain.lr", "fast"), ("preprocess.split", "sentence"), ("pretrain.model.bias", "maybe")],
+)
+def test_wrong_type_names_the_key(key, value):
+    with pytest.raises(ParamsError, match=f"key '{key}'"):
+        params_from_dict(base(), overrides=[f"{key}={value}"])
+
+
+def test_overrides_apply_and_yaml_floats_parse():
+    params = params_from_dict(base(), overrides=["pretrain.lr=3e-4", "pretrain.max_steps=7", "evaluate.top_k=null"])
+    assert params.pretrain.lr == pytest.approx(3e-4)
+    assert params.pretrain.max_steps == 7
+    assert params.evaluate.top_k is None
+
+
+def test_override_of_unknown_key_is_an_error():
+    with pytest.raises(ParamsError, match="unknown key 'pretrain.lrr'"):
+        params_from_dict(base(), overrides=["pretrain.lrr=1"])
+    with pytest.raises(ParamsError, match="not of the form key=value"):
+        params_from_dict(base(), overrides=["pretrain.lr"])
+
+
+def test_cross_field_rules():
+    with pytest.raises(ParamsError, match="divisible"):
+        params_from_dict(base(), overrides=["pretrain.model.n_head=3"])
+    data = base()
+    del data["collect"]["sources"][0]["sha256"]
+    with pytest.raises(ParamsError, match="needs its 'sha256'"):
+        params_from_dict(data)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ParamsError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pretrain: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+
+
+def test_fingerprint_is_stable_and_sensitive():
+    a, b = params_from_dict(base()), params_from_dict(base())
+    assert a.fingerprint() == b.fingerprint()
+    assert a.fingerprint() != params_from_dict(base(), overrides=["pretrain.lr=0.1"]).fingerprint()

@@ -1,0 +1,169 @@
+"""Pretraining (lmcore.training) on a tiny learnable token stream."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import lmcore.training as training
+from lmcore.checkpoint import load_model
+from lmcore.config import ModelConfig, PretrainConfig
+from lmcore.data.shards import token_dtype, write_shard
+from lmcore.paths import LOSS_PLOT, MANIFEST, MODEL_CONFIG, RESOLVED_PARAMS, SUMMARY, TRAIN_LOSS, VAL_LOSS, WEIGHTS
+from lmcore.tracking import ListTracker
+from lmcore.training import lr_at, pretrain
+
+VOCAB = 16
+
+
+def write_tokens(tokens_dir: Path, splits: dict[str, list[np.ndarray]], vocab_size: int = VOCAB) -> Path:
+    """A tokenize-like output: one shard per split and a manifest."""
+    shards = []
+    for split, docs in splits.items():
+        name = f"{split}_000.arrow"
+        write_shard(tokens_dir / name, docs, token_dtype(vocab_size))
+        shards.append({"file": name, "split": split, "n_tokens": int(sum(len(d) for d in docs))})
+    (tokens_dir / MANIFEST).write_text(json.dumps({"vocab_size": vocab_size, "shards": shards}))
+    return tokens_dir
+
+
+@pytest.fixture
+def pattern_tokens(tmp_path) -> Path:
+    """A fixed permutation of the vocabulary repeated: every token has one successor (a bigram a
+    micro model learns in a few dozen steps)."""
+    cycle = np.random.default_rng(0).permutation(VOCAB)
+    stream = np.tile(cycle, 64)  # 1024 tokens
+    return write_tokens(tmp_path / "tokens", {"train": [stream[:700], stream[700:900]], "val": [stream[900:]]})
+
+
+def micro_cfg(**overrides) -> PretrainConfig:
+    base = dict(
+        model=ModelConfig(vocab_size=VOCAB, context_length=16, n_embd=32, n_layer=2, n_head=2),
+        batch_size=8,
+        max_steps=50,
+        lr=1e-2,
+        min_lr=1e-3,
+        warmup_steps=5,
+        eval_interval=10,
+        eval_batches=2,
+        device="cpu",
+    )
+    return PretrainConfig(**{**base, **overrides})
+
+
+def run(tmp_path: Path, tokens_dir: Path, name: str = "run", seed: int = 0, **kwargs) -> tuple[dict, Path, Path]:
+    model_dir, reports_dir = tmp_path / name / "model", tmp_path / name / "reports"
+    cfg = kwargs.pop("cfg", None) or micro_cfg()
+    summary = pretrain(cfg, tokens_dir, model_dir, reports_dir, seed=seed, **kwargs)
+    return summary, model_dir, reports_dir
+
+
+def test_val_loss_falls_on_a_learnable_stream(tmp_path, pattern_tokens):
+    tracker = ListTracker()
+    summary, model_dir, _ = run(tmp_path, pattern_tokens, tracker=tracker)
+    assert summary["first_val_loss"] == pytest.approx(math.log(VOCAB), abs=0.3)  # about uniform at init
+    assert summary["final_val_loss"] < 0.5 * summary["first_val_loss"]
+    assert summary["final_train_loss"] < 0.5 * math.log(VOCAB)
+
+    # the saved model is the trained one: greedy next tokens follow the cycle
+    model = load_model(model_dir)
+    cycle = np.random.default_rng(0).permutation(VOCAB)
+    idx = torch.tensor(np.tile(cycle, 2)[None, :16])
+    pred = model(idx)[0].argmax(-1)[0, 4:].numpy()
+    expected = np.tile(cycle, 2)[5:17]
+    assert (pred == expected).mean() > 0.9
+
+    train_steps = [s for s, m in tracker.records if "train_loss" in m]
+    assert train_steps == list(range(50))
+    assert all(m.keys() == {"train_loss", "lr", "grad_norm", "tokens_per_s"} for _, m in tracker.records if "train_loss" in m)
+    assert [s for s, m in tracker.records if "val_loss" in m] == [0, 10, 20, 30, 40, 50]
+
+
+def test_outputs(tmp_path, pattern_tokens):
+    params = {"seed": 0, "pretrain": {"max_steps": 50}}
+    summary, model_dir, reports_dir = run(tmp_path, pattern_tokens, cfg=micro_cfg(max_steps=23), params=params)
+
+    assert sorted(p.name for p in model_dir.iterdir()) == sorted([WEIGHTS, MODEL_CONFIG, RESOLVED_PARAMS])
+    assert yaml.safe_load((model_dir / RESOLVED_PARAMS).read_text()) == params
+    assert sorted(p.name for p in reports_dir.iterdir()) == sorted([TRAIN_LOSS, VAL_LOSS, LOSS_PLOT, SUMMARY])
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]  # no temp folders left
+
+    with open(reports_dir / TRAIN_LOSS, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["step", "train_loss", "lr"]
+    assert [int(r["step"]) for r in rows] == list(range(23))
+    assert float(rows[0]["lr"]) == pytest.approx(1e-2 / 6, rel=1e-4)  # first warmup step
+    with open(reports_dir / VAL_LOSS, newline="") as f:
+        val_rows = list(csv.DictReader(f))
+    assert list(val_rows[0]) == ["step", "val_loss"]
+    assert [int(r["step"]) for r in val_rows] == [0, 10, 20, 23]  # every eval_interval, plus the final model
+    assert float(val_rows[-1]["val_loss"]) == pytest.approx(summary["final_val_loss"], abs=1e-6)
+
+    assert (reports_dir / LOSS_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((reports_dir / SUMMARY).read_text()) == summary
+    assert summary.keys() == {
+        "n_params", "steps", "tokens_seen", "train_time_s", "tokens_per_s", "first_val_loss", "final_val_loss", "final_train_loss"
+    }
+    assert summary["steps"] == 23 and summary["tokens_seen"] == 23 * 8 * 16
+    assert summary["n_params"] == load_model(model_dir).num_params()
+
+
+def test_same_seed_gives_identical_weights(tmp_path, pattern_tokens):
+    # dropout on, so the test also covers the dropout masks drawn from torch's seeded RNG
+    cfg = micro_cfg(max_steps=12, model=ModelConfig(vocab_size=VOCAB, context_length=16, n_embd=32, n_layer=2, n_head=2, dropout=0.1))
+    a, dir_a, _ = run(tmp_path, pattern_tokens, "a", seed=7, cfg=cfg)
+    b, dir_b, _ = run(tmp_path, pattern_tokens, "b", seed=7, cfg=cfg)
+    c, dir_c, _ = run(tmp_path, pattern_tokens, "c", seed=8, cfg=cfg)
+    assert (dir_a / WEIGHTS).read_bytes() == (dir_b / WEIGHTS).read_bytes()
+    assert a["final_val_loss"] == b["final_val_loss"] and a["final_train_loss"] == b["final_train_loss"]
+    assert (dir_a / WEIGHTS).read_bytes() != (dir_c / WEIGHTS).read_bytes()
+
+
+def test_model_vocab_smaller_than_data_is_an_error(tmp_path, pattern_tokens):
+    cfg = micro_cfg(model=ModelConfig(vocab_size=VOCAB - 1, context_length=16, n_embd=32, n_layer=2, n_head=2))
+    with pytest.raises(ValueError, match=r"vocab_size \(15\) is smaller than the tokenizer's vocab_size \(16\)"):
+        run(tmp_path, pattern_tokens, cfg=cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_divergence_is_an_error_and_keeps_previous_outputs(tmp_path, pattern_tokens, monkeypatch):
+    _, model_dir, reports_dir = run(tmp_path, pattern_tokens, cfg=micro_cfg(max_steps=3))
+    before = {p: p.read_bytes() for d in (model_dir, reports_dir) for p in d.iterdir()}
+
+    real_lr_at = training.lr_at
+    monkeypatch.setattr(training, "lr_at", lambda step, cfg: math.nan if step >= 4 else real_lr_at(step, cfg))
+    with pytest.raises(FloatingPointError, match="train loss is nan at step 5"):
+        run(tmp_path, pattern_tokens)
+
+    after = {p: p.read_bytes() for d in (model_dir, reports_dir) for p in d.iterdir()}
+    assert after == before  # the earlier run's folders, untouched
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]
+
+
+def test_lr_schedule():
+    cfg = micro_cfg(lr=1.0, min_lr=0.1, warmup_steps=4, max_steps=24)
+    assert [lr_at(s, cfg) for s in range(4)] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert lr_at(4, cfg) == pytest.approx(1.0)  # peak after warmup
+    assert lr_at(14, cfg) == pytest.approx(0.55)  # half way down the cosine
+    assert lr_at(24, cfg) == pytest.approx(0.1)  # min_lr at max_steps
+    lrs = [lr_at(s, cfg) for s in range(4, 25)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert lr_at(0, micro_cfg(warmup_steps=0, max_steps=1)) == pytest.approx(1e-2)
+
+
+def test_weight_decay_groups():
+    model = training.GPT(micro_cfg().model)
+    opt = training.make_optimizer(model, micro_cfg(weight_decay=0.1), torch.device("cpu"))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in decay["params"]} == {n for n, p in model.named_parameters() if p.dim() == 2}
+    assert "wte.weight" in {names[id(p)] for p in decay["params"]}
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params()  # tied tensor once
