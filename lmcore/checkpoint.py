@@ -4,7 +4,7 @@
     model = load_model("models/base", device="cpu")
 
 Layout of the folder (names from lmcore.paths):
-    model.safetensors  every parameter once (a tied LM head is stored once, under one of its names)
+    model.safetensors  every parameter once (a tied LM head is stored once, as wte.weight)
     config.json        {"format_version": 1, "model": {ModelConfig fields}, **extra}
     params.yaml        the fully resolved params the model was trained with (when given)
 
@@ -23,7 +23,7 @@ import yaml
 from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_model as st_load_model
-from safetensors.torch import save_model as st_save_model
+from safetensors.torch import save_file
 
 from lmcore.config import ModelConfig
 from lmcore.io import read_json, write_json, write_text
@@ -40,15 +40,40 @@ class CheckpointError(ValueError):
     """A model folder that cannot be loaded; the message names the file."""
 
 
+def _unique_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each shared tensor once, under its first name (a tied LM head is stored as wte.weight).
+
+    safetensors cannot store aliases. Its own save_model also drops them, but records each dropped name
+    in a metadata map whose order varies from call to call: the same weights would give other bytes
+    (and another DVC hash). Here the only metadata is {"format": "pt"}, so equal weights give equal files.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    seen: dict[tuple, tuple[str, torch.Tensor]] = {}  # storage -> first (name, tensor)
+    for name, t in model.state_dict().items():
+        key = (t.device, t.untyped_storage().data_ptr())
+        if key in seen:
+            first_name, first = seen[key]
+            if (t.shape, t.stride(), t.storage_offset()) != (first.shape, first.stride(), first.storage_offset()):
+                raise ValueError(f"save_model: {name} is a partial view of {first_name}; cannot store it once")
+            continue
+        seen[key] = (name, t)
+        tensors[name] = t.contiguous()
+    return tensors
+
+
 def _save_weights(model: torch.nn.Module, path: Path) -> None:
-    # safetensors.save_model drops the duplicate name of shared (tied) tensors; it writes by file
-    # name, so it writes a temporary file in the same folder that is fsynced and renamed into place.
+    # save_file writes by file name: write a temporary file in the same folder, fsync, rename into place.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        st_save_model(model, str(tmp), metadata={"format": "pt"})
+        save_file(_unique_tensors(model), tmp, metadata={"format": "pt"})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

@@ -23,7 +23,7 @@ from lmcore.data.loader import TokenDataset
 from lmcore.generation import generate_text
 from lmcore.io import atomic_dir, write_json, write_text
 from lmcore.model import GPT
-from lmcore.paths import METRICS, SAMPLES
+from lmcore.paths import MANIFEST, METRICS, SAMPLES
 from lmcore.tracking import NullTracker, Tracker
 from lmcore.training import resolve_device
 
@@ -82,7 +82,7 @@ def evaluate(
     if model.config.vocab_size < val.vocab_size:
         raise ValueError(
             f"{model_dir}: model vocab_size ({model.config.vocab_size}) is smaller than the data's "
-            f"({val.vocab_size}) in {tokens_dir / 'manifest.json'}"
+            f"({val.vocab_size}) in {tokens_dir / MANIFEST}"
         )
 
     loss, n_tokens = perplexity(model, val, cfg.batch_size, model.config.context_length, cfg.max_batches, device)

@@ -3,9 +3,10 @@
     summary = pretrain(params.pretrain, Path("data/tokens"), Path("models/base"), Path("reports/pretrain"),
                        seed=params.seed, params=params.to_dict())
 
-Step numbering: "step s" is the model after s optimizer updates. The train loss logged at step s is
-the loss of the batch that update s+1 is computed from (so steps 0 .. max_steps-1); validation runs at
-step 0 (the initial model), every `eval_interval` steps and at step max_steps (the saved model).
+Step numbering: the train metrics of the k-th optimizer update (its batch loss, lr and gradient norm)
+are logged at step k = 1 .. max_steps, as litgpt and the HF Trainer count; "val_loss at step k" is
+the model after k updates: step 0 (the initial model), every `eval_interval` steps and at step
+max_steps (the saved model).
 
 Weight decay: applied to every parameter with 2 or more dimensions (matmul weights and the embedding
 tables, as nanoGPT; the token embedding is the tied LM head anyway), never to biases or LayerNorm gains.
@@ -27,7 +28,7 @@ from lmcore.config import PretrainConfig
 from lmcore.data.loader import TokenDataset
 from lmcore.io import atomic_dir, write_json, write_text
 from lmcore.model import GPT
-from lmcore.paths import LOSS_PLOT, SUMMARY, TRAIN_LOSS, VAL_LOSS
+from lmcore.paths import LOSS_PLOT, MANIFEST, SUMMARY, TRAIN_LOSS, VAL_LOSS
 from lmcore.tracking import NullTracker, Tracker
 
 
@@ -136,7 +137,7 @@ def pretrain(
     if cfg.model.vocab_size < train.vocab_size:
         raise ValueError(
             f"pretrain.model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocab_size "
-            f"({train.vocab_size}) in {tokens_dir / 'manifest.json'}"
+            f"({train.vocab_size}) in {tokens_dir / MANIFEST}"
         )
     B, T = cfg.batch_size, cfg.model.context_length
 
@@ -149,12 +150,12 @@ def pretrain(
     val_rng = np.random.default_rng([seed, 1])
     val_windows = [tuple(t.to(device) for t in val.random_batch(B, T, val_rng)) for _ in range(cfg.eval_batches)]
 
-    train_rows: list[tuple[int, float, float]] = []  # (step, train_loss, lr)
+    train_rows: list[tuple[int, float, float]] = []  # (step 1.., train_loss, lr)
     val_rows: list[tuple[int, float]] = []  # (step, val_loss)
     train_time = 0.0
     bar = tqdm(total=cfg.max_steps, desc="pretrain", unit="step", dynamic_ncols=True)
     try:
-        for step in range(cfg.max_steps + 1):
+        for step in range(cfg.max_steps + 1):  # updates done so far
             if step % cfg.eval_interval == 0 or step == cfg.max_steps:
                 val_loss = _val_loss(model, val_windows)
                 _check_finite(val_loss, "val loss", step, lr_at(step, cfg))
@@ -171,7 +172,7 @@ def pretrain(
             x, y = (t.to(device) for t in train.random_batch(B, T, train_rng))
             _, loss = model(x, y)
             loss_value = loss.item()
-            _check_finite(loss_value, "train loss", step, lr)
+            _check_finite(loss_value, "train loss", step + 1, lr)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             # max_norm=inf computes the norm without clipping
@@ -180,9 +181,9 @@ def pretrain(
             dt = time.perf_counter() - t0
             train_time += dt
 
-            train_rows.append((step, loss_value, lr))
+            train_rows.append((step + 1, loss_value, lr))
             tracker.log_metrics(
-                {"train_loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": B * T / dt}, step=step
+                {"train_loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": B * T / dt}, step=step + 1
             )
             bar.set_postfix(loss=f"{loss_value:.4f}", val=f"{val_rows[-1][1]:.4f}", refresh=False)
             bar.update()

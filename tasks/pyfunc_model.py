@@ -2,7 +2,7 @@
 
 MLflow loads this file with the model's artifacts: `model_dir` (model.safetensors + config.json)
 and, when one was configured, `tokenizer` (the tiktoken ranks file), so loading needs no network.
-Input: a DataFrame with a `prompt` column (or a list of prompts). Output: one completion per prompt.
+Input: a list of prompts (or a one-column DataFrame of them). Output: one completion per prompt.
 
     model = mlflow.pyfunc.load_model("models:/lmcore-base/1")
     model.predict(["ROMEO:"], params={"max_new_tokens": 20, "temperature": 0.0})
@@ -26,8 +26,8 @@ class TextGenerator(PythonModel):
         from lmcore.generation import generate_text
 
         params = params or {}
-        if hasattr(model_input, "columns"):
-            prompts = [str(p) for p in model_input["prompt"]]
+        if hasattr(model_input, "columns"):  # MLflow hands a DataFrame after schema enforcement
+            prompts = [str(p) for p in model_input.iloc[:, 0]]
         else:
             prompts = [str(p) for p in model_input]
         return [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -17,7 +18,7 @@ LMCORE_SRC = Path(lmcore.__file__).parent
 MODEL_ARTIFACT = "model"
 
 SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec("string", "prompt")]),
+    inputs=Schema([ColSpec("string")]),  # a list of prompts
     outputs=Schema([ColSpec("string")]),
     params=ParamSchema(
         [
@@ -56,7 +57,9 @@ def log_and_register(
     if ranks_file:
         artifacts["tokenizer"] = str(ranks_file)
     # The active run is thread-local; resuming the run by id in this thread is safe under Prefect.
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        # MLflow nags for type hints and an input example; the explicit signature covers both.
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.pyfunc.*")
         info = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT,
             python_model=str(PYFUNC_CODE),

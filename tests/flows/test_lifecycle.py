@@ -76,7 +76,7 @@ def test_model_is_registered_and_loads(lifecycle_run):
     root, uri, result = lifecycle_run
     client = MlflowClient(uri, registry_uri=uri)
     versions = client.search_model_versions("name = 'lmcore-base'")
-    assert [v.version for v in versions] == ["1"]
+    assert [str(v.version) for v in versions] == ["1"]
     version = versions[0]
     assert version.tags["lmcore.weights_sha256"] == sha256_file(Layout(root).base_model / WEIGHTS)
     assert float(version.tags["eval.val_loss"]) == pytest.approx(result["evaluate"]["val_loss"], abs=1e-5)
