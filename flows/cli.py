@@ -128,7 +128,9 @@ def _check_params(root: str, params: str, overrides: list[str] | None):
 
 
 def main() -> None:
+    # Offline-friendly defaults; set before prefect and mlflow are imported (they read settings at import).
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     sys.exit(app())
 
 
