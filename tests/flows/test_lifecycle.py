@@ -93,3 +93,19 @@ def test_markdown_artifact_published(lifecycle_run):
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["lmcore-lifecycle-summary"])))
     assert arts and "registered model" in arts[0].data and "lmcore-base v1" in arts[0].data
+
+
+def test_cli_generates_from_folder_and_registry(lifecycle_run, monkeypatch):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    root, _, _ = lifecycle_run
+    monkeypatch.chdir(root)
+    args = ["Every effort", "--max-new-tokens", "6", "--temperature", "0"]
+    local = CliRunner().invoke(app, ["generate", *args, "--model", "models/base"])
+    assert local.exit_code == 0, local.output
+    assert local.output.startswith("Every effort") and len(local.output) > len("Every effort\n")
+    registry = CliRunner().invoke(app, ["generate", *args, "--model", "models:/lmcore-base/1"])
+    assert registry.exit_code == 0, registry.output
+    assert registry.output.splitlines()[-1] == local.output.splitlines()[-1]
