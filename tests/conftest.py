@@ -47,7 +47,11 @@ def prefect_harness():
 
 
 @pytest.fixture
-def tracking_uri(tmp_path, monkeypatch) -> str:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    return uri
+def one_thread():
+    """Micro models run faster on one thread, and steadily when other processes share the cores."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

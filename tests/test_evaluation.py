@@ -27,13 +27,7 @@ RANKS = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "gpt2.ti
 T = 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Micro models run faster on one thread, and steadily when other processes share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def micro(vocab_size: int = 64, seed: int = 0, **overrides) -> GPT:

@@ -19,13 +19,7 @@ from lmcore.paths import MODEL_CONFIG, RESOLVED_PARAMS, WEIGHTS
 MICRO = dict(vocab_size=64, context_length=16, n_embd=32, n_layer=2, n_head=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Micro models run faster on one thread, and steadily when other processes share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def micro(**overrides) -> GPT:

@@ -23,13 +23,7 @@ from lmcore.training import lr_at, pretrain
 VOCAB = 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Micro models run faster on one thread, and steadily when other processes share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_tokens(tokens_dir: Path, splits: dict[str, list[np.ndarray]], vocab_size: int = VOCAB) -> Path:
