@@ -19,7 +19,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= 1
 export DVC_NO_ANALYTICS ?= 1
 
-.PHONY: setup pipeline repro test test-all ui lock clean
+.PHONY: setup pipeline repro test test-fast ui lock clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
