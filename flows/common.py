@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prefect.runtime import flow_run
 
-from lmcore.config import Params, load_params
+from lmcore.config import Params
 from tasks.stages import StageContext
 from tasks.tracking import TAG_FLOW_RUN, TAG_GIT_COMMIT, TAG_LAUNCHER, TAG_PARAMS_SHA, Tracking, git_commit, tracking_uri
 
@@ -38,10 +38,6 @@ def make_context(root: Path, params: Params, launcher: str) -> StageContext:
 
 def with_parent(ctx: StageContext, parent_run_id: str) -> StageContext:
     return replace(ctx, tracking=replace(ctx.tracking, parent_run_id=parent_run_id))
-
-
-def load(root: Path, params_path: Path, overrides: list[str] | None) -> Params:
-    return load_params(params_path, overrides=overrides)
 
 
 def dvc_commit(root: Path, params_path: Path, overrides: list[str] | None) -> str:

@@ -15,7 +15,8 @@ import sys
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from flows.common import dvc_commit, load, make_context, resolve, with_parent
+from flows.common import dvc_commit, make_context, resolve, with_parent
+from lmcore.config import load_params
 from tasks.stages import STAGES, TASKS
 from tasks.tracking import TAG_RAW_MANIFEST_SHA, TAG_TOKENS_MANIFEST_SHA, TAG_WEIGHTS_SHA
 
@@ -51,7 +52,7 @@ def lifecycle(
 ) -> dict:
     """Run every stage in order; returns each stage's summary plus the MLflow parent run id."""
     root_path, params_path = resolve(root, params_file)
-    params = load(root_path, params_path, overrides)
+    params = load_params(params_path, overrides=overrides)
     ctx = make_context(root_path, params, launcher="prefect")
     results: dict = {}
     with ctx.tracking.run("lifecycle") as parent:

@@ -12,7 +12,8 @@ import sys
 
 from prefect import flow
 
-from flows.common import load, make_context, resolve
+from flows.common import make_context, resolve
+from lmcore.config import load_params
 from tasks.stages import STAGES, TASKS
 
 
@@ -22,7 +23,7 @@ def stage_flow(stage: str, params_file: str = "params.yaml", overrides: list[str
     if stage not in TASKS:
         raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     root_path, params_path = resolve(root, params_file)
-    params = load(root_path, params_path, overrides)
+    params = load_params(params_path, overrides=overrides)
     ctx = make_context(root_path, params, launcher="stage")
     return TASKS[stage](ctx)
 

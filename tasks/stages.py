@@ -23,7 +23,7 @@ from lmcore.data.collect import collect
 from lmcore.data.preprocess import preprocess
 from lmcore.data.tokenize import tokenize
 from lmcore.evaluation import evaluate
-from lmcore.io import read_json, sha256_file
+from lmcore.io import sha256_file
 from lmcore.paths import LOSS_PLOT, MANIFEST, METRICS, MODEL_CONFIG, RESOLVED_PARAMS, SAMPLES, STATS, SUMMARY, TRAIN_LOSS, VAL_LOSS, WEIGHTS, Layout
 from lmcore.tokenizer import get_encoding
 from lmcore.training import pretrain
@@ -184,9 +184,8 @@ def evaluate_task(ctx: StageContext) -> dict:
             client = ctx.tracking.client()
             for key in ("val_loss", "perplexity"):
                 client.set_model_version_tag(name, version, f"eval.{key}", f"{metrics[key]:.6f}")
-    samples = [read for read in (out / SAMPLES).read_text(encoding="utf-8").splitlines()]
     _logger().info("val loss %.4f, perplexity %.2f", metrics["val_loss"], metrics["perplexity"])
-    return {**metrics, "model_version": version, "samples": len(samples)}
+    return {**metrics, "model_version": version, "samples": len(ctx.params.evaluate.prompts)}
 
 
 TASKS = {
@@ -197,4 +196,4 @@ TASKS = {
     "evaluate": evaluate_task,
 }
 
-__all__ = ["StageContext", "STAGES", "TASKS", "mirror_dir", "read_json"]
+__all__ = ["StageContext", "STAGES", "TASKS", "mirror_dir"]
