@@ -5,6 +5,9 @@
     lmcore run pretrain --set pretrain.lr=3e-4       # one stage as its own Prefect flow
     lmcore params --set pretrain.max_steps=10        # validate and print the resolved params
     lmcore generate "ROMEO:" --model models/base     # sample from a model folder or models:/name@alias
+    lmcore generate "Name three primary colors." --model models/instruct   # an instruction model: its template
+    lmcore chat --model models:/lmcore-instruct@dpo  # instructions from stdin, one response each
+    lmcore classify "WINNER! Claim your prize now"   # label and probability from models/classifier
 
 It lives beside the flows, not in `lmcore/`, because it drives Prefect and MLflow.
 """
@@ -55,7 +58,7 @@ def pipeline(
 
 @app.command()
 def run(
-    stage: Annotated[str, typer.Argument(help="collect | preprocess | tokenize | pretrain | evaluate")],
+    stage: Annotated[str, typer.Argument(help="collect | preprocess | tokenize | pretrain | evaluate | finetune_classifier | finetune_instruct | dpo")],
     params: ParamsOpt = "params.yaml",
     set_: SetOpt = None,
     root: RootOpt = ".",
@@ -79,25 +82,89 @@ def show_params(params: ParamsOpt = "params.yaml", set_: SetOpt = None, root: Ro
     typer.echo(yaml.safe_dump(resolved.to_dict(), sort_keys=False))
 
 
+ModelOpt = Annotated[str, typer.Option(help="model folder, models:/name@alias or models:/name/version")]
+
+
+def _load_generator(model: str):
+    """The model, its prompt template (None for a plain LM) and the tokenizer."""
+    from lmcore.checkpoint import load_model, read_model_config
+    from lmcore.finetune.instruct import TEMPLATE_KEY
+    from lmcore.tokenizer import get_encoding
+
+    model_dir = _model_dir(model)
+    template = read_model_config(model_dir)[1].get(TEMPLATE_KEY)
+    return load_model(model_dir).eval(), template, get_encoding("gpt2")
+
+
+def _respond(lm, template: str | None, enc, text: str, **sampling) -> str:
+    from lmcore.finetune.data import format_prompt
+    from lmcore.generation import generate_text
+
+    if template is None:
+        return text + generate_text(lm, enc, text, **sampling)
+    prompt = format_prompt({"instruction": text, "input": sampling.pop("input", "")}, template)
+    return generate_text(lm, enc, prompt, **sampling).strip()
+
+
 @app.command()
 def generate(
     prompt: str,
-    model: Annotated[str, typer.Option(help="model folder or models:/name@alias or models:/name/version")] = "models/base",
+    model: ModelOpt = "models/base",
     max_new_tokens: int = 50,
     temperature: float = 0.8,
     top_k: Annotated[int | None, typer.Option()] = 40,
     seed: int = 0,
+    input_: Annotated[str, typer.Option("--input", help="instruction models: the optional input field")] = "",
 ) -> None:
-    """Sample a completion from a trained model."""
-    from lmcore.checkpoint import load_model
-    from lmcore.generation import generate_text
+    """Sample a completion (a plain LM) or a response (an instruction model, in its own template)."""
+    lm, template, enc = _load_generator(model)
+    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
+    if template is not None:
+        sampling["input"] = input_
+    typer.echo(_respond(lm, template, enc, prompt, **sampling))
+
+
+@app.command()
+def chat(
+    model: ModelOpt = "models/instruct",
+    max_new_tokens: int = 100,
+    temperature: float = 0.0,
+    top_k: Annotated[int | None, typer.Option()] = None,
+    seed: int = 0,
+) -> None:
+    """Talk to an instruction model: each line you type is an instruction; an empty line or EOF ends."""
+    lm, template, enc = _load_generator(model)
+    if template is None:
+        _fail(f"{model}: not an instruction model (its config.json names no template); use `lmcore generate`")
+    typer.echo(f"lmcore chat ({template} template). Empty line or Ctrl-D to quit.", err=True)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        typer.echo(_respond(lm, template, enc, line, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed))
+
+
+@app.command()
+def classify(
+    texts: Annotated[list[str], typer.Argument(help="one or more texts")],
+    model: ModelOpt = "models/classifier",
+) -> None:
+    """Print the predicted label and its probability for each text (tab-separated)."""
+    from lmcore.finetune.classifier import classify as predict_probs
+    from lmcore.finetune.classifier import load_classifier
     from lmcore.tokenizer import get_encoding
 
-    model_dir = _model_dir(model)
-    lm = load_model(model_dir).eval()
-    enc = get_encoding("gpt2")
-    text = generate_text(lm, enc, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
-    typer.echo(prompt + text)
+    try:
+        lm, labels, max_length = load_classifier(_model_dir(model))
+    except ValueError as err:
+        _fail(str(err))
+    probs = predict_probs(lm, get_encoding("gpt2"), texts, max_length)
+    for row in probs:
+        best = int(row.argmax())
+        typer.echo(f"{labels[best]}\t{row[best]:.4f}")
 
 
 def _model_dir(model: str) -> Path:

@@ -1,11 +1,13 @@
-"""The lifecycle flow: collect -> preprocess -> tokenize -> pretrain -> evaluate, tracked in MLflow.
+"""The lifecycle flow, tracked in MLflow: collect -> preprocess -> tokenize -> pretrain -> evaluate, then
+fine-tuning: finetune_classifier (spam/ham head), finetune_instruct (Alpaca template) -> dpo (preferences).
 
     python -m flows.lifecycle                     # default params.yaml, local ephemeral Prefect
     lmcore pipeline --params profiles/micro.yaml  # another profile
     PREFECT_API_URL=http://127.0.0.1:4200/api lmcore pipeline   # against a Prefect server
 
-One MLflow parent run per lifecycle run with a nested run per stage; the trained model is
-registered as `lmcore-base`; a markdown artifact summarises the run; dvc.lock records the outputs.
+One MLflow parent run per lifecycle run with a nested run per stage; the models are registered as
+`lmcore-base`, `lmcore-classifier` and `lmcore-instruct` (the SFT version @sft, the DPO version @dpo);
+a markdown artifact summarises the run; dvc.lock records the outputs.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tasks.tracking import TAG_RAW_MANIFEST_SHA, TAG_TOKENS_MANIFEST_SHA, TAG_WE
 
 def summary_markdown(results: dict, registered: str, commit_note: str, run_id: str) -> str:
     pre, ev = results["pretrain"], results["evaluate"]
+    cls, ins, dpo = results["finetune_classifier"], results["finetune_instruct"], results["dpo"]
     rows = [
         ("sources collected", results["collect"]["sources"]),
         ("raw bytes", f"{results['collect']['bytes']:,}"),
@@ -36,6 +39,11 @@ def summary_markdown(results: dict, registered: str, commit_note: str, run_id: s
         ("perplexity", f"{ev['perplexity']:.2f}"),
         ("tokens/s", f"{pre['tokens_per_s']:,.0f}"),
         ("registered model", f"{registered} v{pre['model_version']}"),
+        ("classifier test accuracy (majority baseline)", f"{cls['test_accuracy']:.4f} ({cls['majority_baseline_accuracy']:.4f})"),
+        ("classifier test F1", f"{cls['test_f1']:.4f}"),
+        ("instruct val loss (first → final)", f"{ins['first_val_loss']:.4f} → {ins['final_val_loss']:.4f}"),
+        ("DPO val reward margin (first → final)", f"{dpo['first_val_reward_margin']:.4f} → {dpo['final_val_reward_margin']:.4f}"),
+        ("registered fine-tunes", f"classifier v{cls['model_version']}, instruct v{ins['model_version']} (@sft), v{dpo['model_version']} (@dpo)"),
         ("MLflow run", run_id),
         ("DVC", commit_note),
     ]
@@ -75,6 +83,10 @@ def lifecycle(
                 "perplexity": results["evaluate"]["perplexity"],
                 "first_val_loss": results["pretrain"]["first_val_loss"],
                 "final_val_loss": results["pretrain"]["final_val_loss"],
+                "classifier_test_accuracy": results["finetune_classifier"]["test_accuracy"],
+                "classifier_test_f1": results["finetune_classifier"]["test_f1"],
+                "instruct_final_val_loss": results["finetune_instruct"]["final_val_loss"],
+                "dpo_final_val_reward_margin": results["dpo"]["final_val_reward_margin"],
             }
         )
         commit_note = dvc_commit(root_path, params_path, overrides) if commit_dvc else "skipped (commit_dvc=False)"

@@ -5,7 +5,8 @@
 
 Layout of the folder (names from lmcore.paths):
     model.safetensors  every parameter once (a tied LM head is stored once, as wte.weight)
-    config.json        {"format_version": 1, "model": {ModelConfig fields}, **extra}
+    config.json        {"format_version": 1, "model": {ModelConfig fields}, **extra}; a classifier also has
+                       "head": {"type": "classifier", "labels": [...]}: lm_head is an n-class linear head
     params.yaml        the fully resolved params the model was trained with (when given)
 
 Weights are never unpickled: no torch.load anywhere.
@@ -34,6 +35,9 @@ FORMAT_VERSION = 1
 # Keys of config.json that belong to the format itself; `extra` may not reuse them.
 FORMAT_KEY = "format_version"
 MODEL_KEY = "model"
+# Optional: a non-LM output head. {"type": "classifier", "labels": [...]}; absent for a language model.
+HEAD_KEY = "head"
+HEAD_CLASSIFIER = "classifier"
 
 
 class CheckpointError(ValueError):
@@ -61,11 +65,13 @@ def _unique_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _save_weights(model: torch.nn.Module, path: Path) -> None:
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write a safetensors file atomically."""
     # save_file writes by file name: write a temporary file in the same folder, fsync, rename into place.
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file(_unique_tensors(model), tmp, metadata={"format": "pt"})
+        save_file(tensors, tmp, metadata={"format": "pt"})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -94,7 +100,7 @@ def save_model(model: GPT, out_dir: str | Path, *, params: dict | None = None, e
     clash = {FORMAT_KEY, MODEL_KEY} & extra.keys()
     if clash:
         raise ValueError(f"save_model: extra keys {sorted(clash)} are reserved in {MODEL_CONFIG}")
-    _save_weights(model, out_dir / WEIGHTS)
+    save_tensors(_unique_tensors(model), out_dir / WEIGHTS)
     write_json(out_dir / MODEL_CONFIG, {FORMAT_KEY: FORMAT_VERSION, MODEL_KEY: model.config.model_dump(mode="json"), **extra})
     if params is not None:
         write_text(out_dir / RESOLVED_PARAMS, yaml.safe_dump(params, sort_keys=False))
@@ -123,11 +129,16 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> GPT
     Returns: the model on `device`, in eval mode.
     Raises: FileNotFoundError or CheckpointError naming the file when something is missing or does not match.
     """
-    config, _ = read_model_config(model_dir)
+    config, extra = read_model_config(model_dir)
     path = Path(model_dir) / WEIGHTS
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no weights file")
     model = GPT(config)
+    head = extra.get(HEAD_KEY)
+    if head is not None:
+        if head.get("type") != HEAD_CLASSIFIER or len(head.get("labels") or []) < 2:
+            raise CheckpointError(f"{Path(model_dir) / MODEL_CONFIG}: unsupported '{HEAD_KEY}': {head!r}")
+        model.replace_head(len(head["labels"]))
     try:
         missing, unexpected = st_load_model(model, path, strict=False)
     except (SafetensorError, RuntimeError, OSError) as err:  # corrupt file, shape mismatch

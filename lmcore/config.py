@@ -121,9 +121,130 @@ class EvaluateConfig(_Section):
     top_k: int | None = Field(default=40, ge=1)
 
 
+# Fine-tuning data: public files pinned by sha256 (found in LMCORE_MIRROR by checksum before any download).
+_RAW = "https://raw.githubusercontent.com"
+SMS_SPAM = Source(
+    name="sms-spam",
+    url=f"{_RAW}/PARKER-X/SpamClassifier/5fa41eaf3ec0d21d3ffced673800d25b6b8ffc20/smsspamcollection/SMSSpamCollection",
+    sha256="7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d",
+    license="UCI SMS Spam Collection v.1 (Almeida & Gomez Hidalgo 2011), CC BY 4.0",
+)
+_CH07 = f"{_RAW}/rasbt/LLMs-from-scratch/28c65cdfbc3338e2e040016eea4b7fdf556e4d57/ch07"
+INSTRUCTION_DATA = Source(
+    name="instruction-data",
+    url=f"{_CH07}/01_main-chapter-code/instruction-data.json",
+    sha256="7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944",
+    license="Apache-2.0 (rasbt/LLMs-from-scratch)",
+)
+PREFERENCE_DATA = Source(
+    name="instruction-data-with-preference",
+    url=f"{_CH07}/04_preference-tuning-with-dpo/instruction-data-with-preference.json",
+    sha256="305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e",
+    license="Apache-2.0 (rasbt/LLMs-from-scratch)",
+)
+
+
+class LoraConfig(_Section):
+    """Low-rank adapters on the named Linear layers; the base weights stay frozen."""
+
+    enabled: bool = False
+    rank: int = Field(default=8, ge=1)
+    alpha: float = Field(default=16.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    # Suffixes of module names: "attn.qkv" matches blocks.{i}.attn.qkv.
+    target_modules: list[str] = Field(default=["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"], min_length=1)
+
+
+class FinetuneConfig(_Section):
+    """What every fine-tuning stage shares: data policy, split, optimisation, LoRA."""
+
+    # Bad records (malformed, missing fields, unknown labels): "error" stops at the first, naming file and
+    # record; "skip" drops and counts them, and fails when more than max_bad_fraction of the records are bad.
+    on_bad: Literal["error", "skip"] = "error"
+    max_bad_fraction: float = Field(default=0.0, ge=0, le=1)
+    train_fraction: float = Field(default=0.85, gt=0, lt=1)
+    val_fraction: float = Field(default=0.05, gt=0, lt=1)  # test gets the rest
+    max_length: int | None = Field(default=None, ge=2)  # tokens per example; null: the model's context length
+    epochs: int = Field(default=1, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)  # stop early after this many updates; null: run all epochs
+    batch_size: int = Field(default=8, ge=1)
+    lr: float = Field(default=5e-5, gt=0)
+    min_lr: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    beta2: float = Field(default=0.999, ge=0, lt=1)
+    grad_clip: float = Field(default=1.0, ge=0)  # 0 disables clipping
+    eval_interval: int = Field(default=50, ge=1)
+    eval_batches: int | None = Field(default=4, ge=1)  # val batches per periodic eval; null: the whole split
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    threads: int = Field(default=0, ge=0)
+    lora: LoraConfig = LoraConfig()
+
+    @model_validator(mode="after")
+    def _test_split_left(self) -> FinetuneConfig:
+        if self.train_fraction + self.val_fraction >= 1:
+            raise ValueError(
+                f"train_fraction + val_fraction ({self.train_fraction} + {self.val_fraction}) must be < 1: the rest is the test split"
+            )
+        return self
+
+
+class ClassifierConfig(FinetuneConfig):
+    """Classification fine-tuning (book ch. 6): an n-class head read from the last real token."""
+
+    sources: list[Source] = Field(default=[SMS_SPAM], min_length=1)
+    # Two columns per line, no header: the label (one of `labels`) and the text.
+    labels: list[str] = Field(default=["ham", "spam"], min_length=2)
+    label_column: Literal[0, -1] = 0  # 0: label<TAB>text; -1: text<TAB>label
+    delimiter: str = Field(default="\t", min_length=1)
+    balance: bool = True  # undersample every class to the smallest
+    stratify: bool = True  # every split keeps the class ratio
+    train_fraction: float = Field(default=0.7, gt=0, lt=1)
+    val_fraction: float = Field(default=0.1, gt=0, lt=1)
+    # Train the last N transformer blocks, the final norm and the head; null trains everything.
+    # With LoRA enabled the adapters and the head train instead.
+    trainable_blocks: int | None = Field(default=1, ge=0)
+
+    @model_validator(mode="after")
+    def _unique_labels(self) -> ClassifierConfig:
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"labels must be unique, got {self.labels}")
+        return self
+
+
+class _Responses(FinetuneConfig):
+    # Test-split responses, generated after training (greedy by default) and saved as JSONL.
+    max_new_tokens: int = Field(default=64, ge=1)
+    temperature: float = Field(default=0.0, ge=0)
+    top_k: int | None = Field(default=None, ge=1)
+    max_test_generations: int | None = Field(default=None, ge=0)  # null: the whole test split
+
+
+class InstructConfig(_Responses):
+    """Instruction fine-tuning (book ch. 7): prompt template, shifted targets, padding masked."""
+
+    source: Source = INSTRUCTION_DATA
+    template: Literal["alpaca", "phi3"] = "alpaca"
+    mask_prompt: bool = False  # also leave the prompt tokens out of the loss
+
+
+class DpoConfig(_Responses):
+    """Direct preference optimisation (Rafailov et al. 2023) of the instruction model, against a frozen copy.
+
+    The prompt template is the instruction model's (read from its config.json).
+    """
+
+    source: Source = PREFERENCE_DATA
+    beta: float = Field(default=0.1, gt=0)
+    lr: float = Field(default=5e-6, gt=0)
+
+
 class TrackingConfig(_Section):
     experiment: str = "lmcore"
     registered_model: str = "lmcore-base"
+    classifier_model: str = "lmcore-classifier"
+    instruct_model: str = "lmcore-instruct"  # the DPO model is a later version of it, alias "dpo"
 
 
 class Params(_Section):
@@ -133,6 +254,9 @@ class Params(_Section):
     tokenize: TokenizeConfig = TokenizeConfig()
     pretrain: PretrainConfig = PretrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    finetune_classifier: ClassifierConfig = ClassifierConfig()
+    finetune_instruct: InstructConfig = InstructConfig()
+    dpo: DpoConfig = DpoConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     def to_dict(self) -> dict[str, Any]:

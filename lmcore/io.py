@@ -105,3 +105,9 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def utf8_error(path: str | Path, data: bytes, err: UnicodeDecodeError) -> str:
+    """"<path>: invalid UTF-8 at byte offset N (line L): b'..' (reason)" for a failed decode of `data`."""
+    line = data.count(b"\n", 0, err.start) + 1
+    return f"{path}: invalid UTF-8 at byte offset {err.start} (line {line}): {data[err.start:err.end]!r} ({err.reason})"

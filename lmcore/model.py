@@ -14,6 +14,7 @@ Parameter names (the keys in model.safetensors):
     blocks.{i}.norm_1.{weight,bias}   blocks.{i}.attn.qkv.{weight,bias}  blocks.{i}.attn.proj.{weight,bias}
     blocks.{i}.norm_2.{weight,bias}   blocks.{i}.mlp.fc.{weight,bias}    blocks.{i}.mlp.proj.{weight,bias}
     norm_f.{weight,bias}, lm_head.weight (the same tensor as wte.weight when tied)
+    lm_head.{weight,bias} of shape (n_classes, C) and (n_classes,) after `replace_head` (a classifier)
 """
 
 from __future__ import annotations
@@ -125,6 +126,15 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())  # (B*T, V) vs (B*T,)
         return logits, loss
+
+    def replace_head(self, n_out: int) -> None:
+        """Swap the LM head for a fresh `n_out`-way linear head with a bias (classification, book ch. 6).
+
+        The new head is never tied to the token embedding, so the config says `tie_weights: false`.
+        """
+        self.lm_head = nn.Linear(self.config.n_embd, n_out, bias=True).to(self.wte.weight.device)
+        self._init_weights(self.lm_head)
+        self.config = self.config.model_copy(update={"tie_weights": False})
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Number of parameters, each shared tensor counted once.

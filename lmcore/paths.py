@@ -18,6 +18,13 @@ TRAIN_LOSS = "train_loss.csv"
 VAL_LOSS = "val_loss.csv"
 LOSS_PLOT = "loss.png"
 SUMMARY = "summary.json"
+# Fine-tuning.
+SPLITS = ("train", "val", "test")  # each written as <split>.jsonl
+CONFUSION_PLOT = "confusion_matrix.png"
+TEST_RESPONSES = "test_responses.jsonl"
+ADAPTER = "adapter.safetensors"  # the LoRA adapter alone (the model folder holds the merged weights)
+ADAPTER_CONFIG = "adapter_config.json"
+FINETUNES = ("classifier", "instruct", "dpo")
 
 
 @dataclass(frozen=True)
@@ -50,3 +57,14 @@ class Layout:
     @property
     def evaluate_reports(self) -> Path:
         return self.root / "reports" / "evaluate"
+
+    def finetune_data(self, name: str) -> Path:
+        """data/finetune/<name>: raw/ (collected, with manifest) and splits/ (train/val/test.jsonl, stats.json)."""
+        return self.root / "data" / "finetune" / name
+
+    def model(self, name: str) -> Path:
+        """models/<name>: base, classifier, instruct, dpo."""
+        return self.root / "models" / name
+
+    def reports(self, name: str) -> Path:
+        return self.root / "reports" / name

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from lmcore.checkpoint import save_model
-from lmcore.config import PretrainConfig
+from lmcore.config import FinetuneConfig, PretrainConfig
 from lmcore.data.loader import TokenDataset
 from lmcore.io import atomic_dir, write_json, write_text
 from lmcore.model import GPT
@@ -50,15 +50,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def lr_at(step: int, cfg: PretrainConfig) -> float:
-    """Linear warmup from lr/(warmup+1) to lr over `warmup_steps`, then cosine decay to `min_lr` at `max_steps`."""
+def lr_at(step: int, cfg: PretrainConfig | FinetuneConfig, total_steps: int | None = None) -> float:
+    """Linear warmup from lr/(warmup+1) to lr over `warmup_steps`, then cosine decay to `min_lr` at
+    `total_steps` (default `cfg.max_steps`)."""
+    total = total_steps if total_steps is not None else cfg.max_steps
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig | FinetuneConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW with two groups: 2-D+ parameters decay, biases and norm weights do not."""
     params = [p for p in model.parameters() if p.requires_grad]  # a tied tensor appears once
     groups = [
@@ -76,15 +78,16 @@ def _val_loss(model: GPT, windows: list[tuple[torch.Tensor, torch.Tensor]]) -> f
     return sum(losses) / len(losses)
 
 
-def _check_finite(value: float, what: str, step: int, lr: float) -> None:
+def check_finite(value: float, what: str, step: int, lr: float) -> None:
     if not math.isfinite(value):
         raise FloatingPointError(
-            f"pretrain: {what} is {value} at step {step} (lr {lr:.3g}); training diverged, "
+            f"{what} is {value} at step {step} (lr {lr:.3g}); training diverged, "
             "try a lower lr, more warmup_steps or grad_clip > 0. Nothing was written."
         )
 
 
-def _plot_losses(path: Path, train: list[tuple[int, float, float]], val: list[tuple[int, float]]) -> None:
+def plot_losses(path: Path, train: list[tuple[int, float, float]], val: list[tuple[int, float]], title: str | None = None) -> None:
+    """Train (step, loss, lr) and val (step, loss) curves as a PNG at `path` (inside an atomic_dir)."""
     # Figure without pyplot: no global backend switch, renders with Agg.
     from matplotlib.figure import Figure
 
@@ -96,6 +99,8 @@ def _plot_losses(path: Path, train: list[tuple[int, float, float]], val: list[tu
     ax.set_ylabel("cross-entropy loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    if title:
+        ax.set_title(title)
     fig.tight_layout()
     with open(path, "wb") as f:  # inside an atomic_dir; fsynced with the folder
         fig.savefig(f, format="png")
@@ -158,7 +163,7 @@ def pretrain(
         for step in range(cfg.max_steps + 1):  # updates done so far
             if step % cfg.eval_interval == 0 or step == cfg.max_steps:
                 val_loss = _val_loss(model, val_windows)
-                _check_finite(val_loss, "val loss", step, lr_at(step, cfg))
+                check_finite(val_loss, "pretrain: val loss", step, lr_at(step, cfg))
                 val_rows.append((step, val_loss))
                 tracker.log_metrics({"val_loss": val_loss}, step=step)
                 bar.set_postfix(loss=f"{train_rows[-1][1]:.4f}" if train_rows else "-", val=f"{val_loss:.4f}", refresh=False)
@@ -172,7 +177,7 @@ def pretrain(
             x, y = (t.to(device) for t in train.random_batch(B, T, train_rng))
             _, loss = model(x, y)
             loss_value = loss.item()
-            _check_finite(loss_value, "train loss", step + 1, lr)
+            check_finite(loss_value, "pretrain: train loss", step + 1, lr)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             # max_norm=inf computes the norm without clipping
@@ -206,7 +211,7 @@ def pretrain(
     with atomic_dir(model_dir) as model_tmp, atomic_dir(reports_dir) as reports_tmp:
         write_text(reports_tmp / TRAIN_LOSS, "step,train_loss,lr\n" + "".join(f"{s},{loss:.6f},{lr:.6g}\n" for s, loss, lr in train_rows))
         write_text(reports_tmp / VAL_LOSS, "step,val_loss\n" + "".join(f"{s},{loss:.6f}\n" for s, loss in val_rows))
-        _plot_losses(reports_tmp / LOSS_PLOT, train_rows, val_rows)
+        plot_losses(reports_tmp / LOSS_PLOT, train_rows, val_rows)
         write_json(reports_tmp / SUMMARY, summary)
         extra = {"tokenizer": train.manifest["encoding"]} if "encoding" in train.manifest else None
         save_model(model, model_tmp, params=params, extra=extra)

@@ -13,11 +13,10 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 import lmcore
 from tasks.tracking import TAG_TOKENS_MANIFEST_SHA, TAG_WEIGHTS_SHA, Tracking
 
-PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 LMCORE_SRC = Path(lmcore.__file__).parent
 MODEL_ARTIFACT = "model"
 
-SIGNATURE = ModelSignature(
+GENERATOR_SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string")]),  # a list of prompts
     outputs=Schema([ColSpec("string")]),
     params=ParamSchema(
@@ -29,11 +28,20 @@ SIGNATURE = ModelSignature(
         ]
     ),
 )
+CLASSIFIER_SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string")]),  # a list of texts
+    outputs=Schema([ColSpec("string", "label"), ColSpec("double", "probability")]),
+)
+# kind -> (pyfunc code file, signature)
+KINDS = {
+    "generator": (Path(__file__).with_name("pyfunc_model.py"), GENERATOR_SIGNATURE),
+    "classifier": (Path(__file__).with_name("pyfunc_classifier.py"), CLASSIFIER_SIGNATURE),
+}
 
 
 def _requirements() -> list[str]:
     pins = []
-    for dist in ("torch", "tiktoken", "safetensors", "numpy", "pyarrow", "pydantic", "pyyaml", "tqdm"):
+    for dist in ("torch", "tiktoken", "safetensors", "numpy", "pyarrow", "pydantic", "pyyaml", "tqdm", "scikit-learn", "pandas"):
         try:
             pins.append(f"{dist}=={importlib.metadata.version(dist)}")
         except importlib.metadata.PackageNotFoundError:
@@ -49,8 +57,15 @@ def log_and_register(
     *,
     ranks_file: str | None,
     tags: dict[str, str],
+    kind: str = "generator",
+    aliases: tuple[str, ...] = (),
 ) -> str:
-    """Log `model_dir` as a pyfunc in run `run_id`, register it as `name`, return the version."""
+    """Log `model_dir` as a pyfunc in run `run_id`, register it as `name`, return the version.
+
+    kind: "generator" (text in, text out; instruction models apply their template) or "classifier".
+    aliases: set on the new version (moved from any older version that had them).
+    """
+    code, signature = KINDS[kind]
     mlflow.set_tracking_uri(tracking.uri)
     mlflow.set_registry_uri(tracking.uri)
     artifacts = {"model_dir": str(model_dir)}
@@ -62,10 +77,10 @@ def log_and_register(
         warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.pyfunc.*")
         info = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT,
-            python_model=str(PYFUNC_CODE),
+            python_model=str(code),
             artifacts=artifacts,
             code_paths=[str(LMCORE_SRC)],
-            signature=SIGNATURE,
+            signature=signature,
             pip_requirements=_requirements(),
             registered_model_name=name,
         )
@@ -73,6 +88,8 @@ def log_and_register(
     client = tracking.client()
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
+    for alias in aliases:
+        client.set_registered_model_alias(name, alias, version)
     return version
 
 

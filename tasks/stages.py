@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,33 @@ from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 
-from lmcore.config import Params
+from lmcore.config import CollectConfig, Params, Source
 from lmcore.data.collect import collect
 from lmcore.data.preprocess import preprocess
 from lmcore.data.tokenize import tokenize
 from lmcore.evaluation import evaluate
+from lmcore.finetune.classifier import PREDICTIONS, finetune_classifier, prepare_classification
+from lmcore.finetune.dpo import PREFERENCE_FIELDS, train_dpo
+from lmcore.finetune.instruct import finetune_instruct, prepare_instructions
 from lmcore.io import sha256_file
-from lmcore.paths import LOSS_PLOT, MANIFEST, METRICS, MODEL_CONFIG, RESOLVED_PARAMS, SAMPLES, STATS, SUMMARY, TRAIN_LOSS, VAL_LOSS, WEIGHTS, Layout
+from lmcore.paths import (
+    ADAPTER,
+    ADAPTER_CONFIG,
+    CONFUSION_PLOT,
+    LOSS_PLOT,
+    MANIFEST,
+    METRICS,
+    MODEL_CONFIG,
+    RESOLVED_PARAMS,
+    SAMPLES,
+    STATS,
+    SUMMARY,
+    TEST_RESPONSES,
+    TRAIN_LOSS,
+    VAL_LOSS,
+    WEIGHTS,
+    Layout,
+)
 from lmcore.tokenizer import get_encoding
 from lmcore.training import pretrain
 from tasks.registry import find_version, log_and_register
@@ -36,7 +57,9 @@ from tasks.tracking import (
     Tracking,
 )
 
-STAGES = ("collect", "preprocess", "tokenize", "pretrain", "evaluate")
+STAGES = ("collect", "preprocess", "tokenize", "pretrain", "evaluate", "finetune_classifier", "finetune_instruct", "dpo")
+TAG_BASE_WEIGHTS_SHA = "lmcore.base_weights_sha256"  # the model a fine-tune started from
+TAG_FINETUNE = "lmcore.finetune"  # classifier | instruct | dpo
 
 
 @dataclass
@@ -188,12 +211,179 @@ def evaluate_task(ctx: StageContext) -> dict:
     return {**metrics, "model_version": version, "samples": len(ctx.params.evaluate.prompts)}
 
 
+def _finetune(
+    ctx: StageContext,
+    stage: str,
+    *,
+    start_dir: Path,
+    sources: list[Source],
+    prepare: Callable[[Path, Path], dict],
+    train: Callable[..., dict],
+    report_files: tuple[str, ...],
+    registered: str,
+    kind: str = "generator",
+    aliases: tuple[str, ...] = (),
+    eval_tags: Callable[[dict], dict[str, str]],
+) -> tuple[dict, str, str, str]:
+    """What every fine-tuning task does: collect its data, prepare splits, train from `start_dir`, log, register.
+
+    prepare(raw_dir, splits_dir) -> stats; train(splits_dir, model_dir, reports_dir, enc, tracker) -> summary.
+    Returns: (summary, MLflow run id, registered version, weights sha256).
+    """
+    name = {"finetune_classifier": "classifier", "finetune_instruct": "instruct", "dpo": "dpo"}[stage]
+    layout = ctx.layout
+    data_dir, model_dir, reports_dir = layout.finetune_data(name), layout.model(name), layout.reports(name)
+    enc = get_encoding(ctx.params.tokenize.encoding, ctx.ranks_file())
+    with ctx.tracking.run(stage, tags={TAG_FINETUNE: name}) as run:
+        run.log_params(_section(ctx.params, stage))
+        base_sha = sha256_file(start_dir / WEIGHTS)
+        run.set_tags({TAG_BASE_WEIGHTS_SHA: base_sha, TAG_PARAMS_SHA: ctx.params.fingerprint()})
+        cfg = CollectConfig(sources=sources, retries=ctx.params.collect.retries, timeout_s=ctx.params.collect.timeout_s)
+        collect(cfg, data_dir / "raw", mirror=mirror_dir(), base_dir=ctx.root)
+        stats = prepare(data_dir / "raw", data_dir / "splits")
+        _log_data_stats(run, stats, data_dir / "splits")
+        summary = train(data_dir / "splits", model_dir, reports_dir, enc, run)
+
+        for file in report_files:
+            run.log_artifact(reports_dir / file, "reports")
+        for file in (MODEL_CONFIG, ADAPTER_CONFIG, ADAPTER):
+            if (model_dir / file).is_file():
+                run.log_artifact(model_dir / file, "checkpoint")
+        weights_sha = sha256_file(model_dir / WEIGHTS)
+        run.set_tags({TAG_WEIGHTS_SHA: weights_sha})
+        tags = {
+            TAG_WEIGHTS_SHA: weights_sha,
+            TAG_BASE_WEIGHTS_SHA: base_sha,
+            TAG_PARAMS_SHA: ctx.params.fingerprint(),
+            TAG_FINETUNE: name,
+            **eval_tags(summary),
+        }
+        version = log_and_register(
+            ctx.tracking, run.run_id, model_dir, registered, ranks_file=ctx.ranks_file(), kind=kind, aliases=aliases, tags=tags
+        )
+    return summary, run.run_id, version, weights_sha
+
+
+def _log_data_stats(run, stats: dict, splits_dir: Path) -> None:
+    read = stats["read"]
+    files = read.get("files", [read])
+    run.log_metrics(
+        {
+            "records_read": sum(f["read"] for f in files),
+            "records_bad": sum(f["bad"] for f in files),
+            **{f"{name}_examples": (sum(v.values()) if isinstance(v, dict) else v) for name, v in stats["splits"].items()},
+        }
+    )
+    run.log_artifact(splits_dir / STATS, "data")
+
+
+CURVES = (TRAIN_LOSS, VAL_LOSS, LOSS_PLOT, METRICS, SUMMARY)
+
+
+@task(name="finetune_classifier", cache_policy=NO_CACHE)
+def finetune_classifier_task(ctx: StageContext) -> dict:
+    cfg, seed, params = ctx.params.finetune_classifier, ctx.params.seed, ctx.params.to_dict()
+    summary, run_id, version, weights_sha = _finetune(
+        ctx,
+        "finetune_classifier",
+        start_dir=ctx.layout.base_model,
+        sources=cfg.sources,
+        prepare=lambda raw, splits: prepare_classification(cfg, raw, splits, seed=seed),
+        train=lambda splits, model, reports, enc, run: finetune_classifier(
+            cfg, ctx.layout.base_model, splits, model, reports, seed=seed, enc=enc, params=params, tracker=run
+        ),
+        report_files=CURVES + (CONFUSION_PLOT, PREDICTIONS),
+        registered=ctx.params.tracking.classifier_model,
+        kind="classifier",
+        eval_tags=lambda s: {
+            "labels": ",".join(cfg.labels),
+            "eval.test_accuracy": f"{s['metrics']['test']['accuracy']:.6f}",
+            "eval.test_f1": f"{s['metrics']['test']['f1']:.6f}",
+        },
+    )
+    test = summary["metrics"]["test"]
+    _logger().info(
+        "classifier: test accuracy %.3f (majority baseline %.3f), F1 %.3f; registered %s v%s",
+        test["accuracy"], test["majority_baseline_accuracy"], test["f1"], ctx.params.tracking.classifier_model, version,
+    )
+    return {
+        "test_accuracy": test["accuracy"],
+        "test_f1": test["f1"],
+        "val_accuracy": summary["metrics"]["val"]["accuracy"],
+        "majority_baseline_accuracy": test["majority_baseline_accuracy"],
+        "trainable_params": summary["trainable_params"],
+        "run_id": run_id,
+        "model_version": version,
+        "weights_sha256": weights_sha,
+    }
+
+
+@task(name="finetune_instruct", cache_policy=NO_CACHE)
+def finetune_instruct_task(ctx: StageContext) -> dict:
+    cfg, seed, params = ctx.params.finetune_instruct, ctx.params.seed, ctx.params.to_dict()
+    summary, run_id, version, weights_sha = _finetune(
+        ctx,
+        "finetune_instruct",
+        start_dir=ctx.layout.base_model,
+        sources=[cfg.source],
+        prepare=lambda raw, splits: prepare_instructions(cfg, raw, splits, seed=seed),
+        train=lambda splits, model, reports, enc, run: finetune_instruct(
+            cfg, ctx.layout.base_model, splits, model, reports, seed=seed, enc=enc, params=params, tracker=run
+        ),
+        report_files=CURVES + (TEST_RESPONSES,),
+        registered=ctx.params.tracking.instruct_model,
+        aliases=("sft",),
+        eval_tags=lambda s: {
+            "template": cfg.template,
+            "eval.val_loss": f"{s['final_val_loss']:.6f}",
+            "eval.test_loss": f"{s['test_loss']:.6f}",
+        },
+    )
+    _logger().info(
+        "instruct: val loss %.3f -> %.3f, test loss %.3f; registered %s v%s (@sft)",
+        summary["first_val_loss"], summary["final_val_loss"], summary["test_loss"], ctx.params.tracking.instruct_model, version,
+    )
+    keys = ("first_val_loss", "final_val_loss", "test_loss", "trainable_params", "test_responses")
+    return {**{k: summary[k] for k in keys}, "run_id": run_id, "model_version": version, "weights_sha256": weights_sha}
+
+
+@task(name="dpo", cache_policy=NO_CACHE)
+def dpo_task(ctx: StageContext) -> dict:
+    cfg, seed, params = ctx.params.dpo, ctx.params.seed, ctx.params.to_dict()
+    start_dir = ctx.layout.model("instruct")
+    # A new version of the instruction model (same task and interface), told apart by alias and tag.
+    summary, run_id, version, weights_sha = _finetune(
+        ctx,
+        "dpo",
+        start_dir=start_dir,
+        sources=[cfg.source],
+        prepare=lambda raw, splits: prepare_instructions(cfg, raw, splits, seed=seed, fields=PREFERENCE_FIELDS),
+        train=lambda splits, model, reports, enc, run: train_dpo(
+            cfg, start_dir, splits, model, reports, seed=seed, enc=enc, params=params, tracker=run
+        ),
+        report_files=CURVES + (TEST_RESPONSES,),
+        registered=ctx.params.tracking.instruct_model,
+        aliases=("dpo",),
+        eval_tags=lambda s: {"template": s["template"], "eval.val_reward_margin": f"{s['final_val_reward_margin']:.6f}"},
+    )
+    _logger().info(
+        "dpo: val loss %.4f -> %.4f, reward margin %.4f -> %.4f; registered %s v%s (@dpo)",
+        summary["first_val_loss"], summary["final_val_loss"], summary["first_val_reward_margin"],
+        summary["final_val_reward_margin"], ctx.params.tracking.instruct_model, version,
+    )
+    keys = ("first_val_loss", "final_val_loss", "first_val_reward_margin", "final_val_reward_margin", "final_val_reward_accuracy", "trainable_params")
+    return {**{k: summary[k] for k in keys}, "run_id": run_id, "model_version": version, "weights_sha256": weights_sha}
+
+
 TASKS = {
     "collect": collect_task,
     "preprocess": preprocess_task,
     "tokenize": tokenize_task,
     "pretrain": pretrain_task,
     "evaluate": evaluate_task,
+    "finetune_classifier": finetune_classifier_task,
+    "finetune_instruct": finetune_instruct_task,
+    "dpo": dpo_task,
 }
 
 __all__ = ["StageContext", "STAGES", "TASKS", "mirror_dir"]

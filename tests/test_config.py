@@ -92,3 +92,19 @@ def test_fingerprint_is_stable_and_sensitive():
     a, b = params_from_dict(base()), params_from_dict(base())
     assert a.fingerprint() == b.fingerprint()
     assert a.fingerprint() != params_from_dict(base(), overrides=["pretrain.lr=0.1"]).fingerprint()
+
+
+def test_finetune_sections_validate_and_name_bad_keys():
+    params = params_from_dict(base())
+    assert params.finetune_classifier.delimiter == "\t" and params.finetune_classifier.labels == ["ham", "spam"]
+    assert params.dpo.source.sha256 and params.finetune_instruct.template == "alpaca"
+    with pytest.raises(ParamsError, match=r"unknown key 'finetune_instruct.lora.rnk' \(did you mean 'finetune_instruct.lora.rank'\?\)"):
+        params_from_dict(base(), overrides=["finetune_instruct.lora.rnk=4"])
+    with pytest.raises(ParamsError, match=r"finetune_classifier.*the rest is the test split"):
+        params_from_dict(base(), overrides=["finetune_classifier.train_fraction=0.95"])
+    with pytest.raises(ParamsError, match=r"labels must be unique"):
+        params_from_dict(base(), overrides=["finetune_classifier.labels=[a, a]"])
+    with pytest.raises(ParamsError, match=r"key 'finetune_instruct.template'"):
+        params_from_dict(base(), overrides=["finetune_instruct.template=chatml"])
+    with pytest.raises(ParamsError, match=r"key 'dpo.on_bad'"):
+        params_from_dict(base(), overrides=["dpo.on_bad=ignore"])

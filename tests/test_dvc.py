@@ -17,7 +17,8 @@ import yaml
 from tests.conftest import MICRO, ROOT
 
 pytestmark = pytest.mark.slow
-STAGES = ["collect", "preprocess", "tokenize", "pretrain", "evaluate"]
+STAGES = ["collect", "preprocess", "tokenize", "pretrain", "evaluate", "finetune_classifier", "finetune_instruct", "dpo"]
+DOWNSTREAM_OF_PRETRAIN = ["pretrain", "evaluate", "finetune_classifier", "finetune_instruct", "dpo"]
 COPY = ["lmcore", "tasks", "flows", "dvc.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore"]
 
 
@@ -67,14 +68,20 @@ def test_repro_runs_all_then_nothing_then_only_what_changed(tmp_path):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["pretrain"]["lr"] = 0.001
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert ran(dvc(repo, env, "repro")) == ["pretrain", "evaluate"]
+    assert sorted(ran(dvc(repo, env, "repro"))) == sorted(DOWNSTREAM_OF_PRETRAIN)
+    params["dpo"]["beta"] = 0.2
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert ran(dvc(repo, env, "repro")) == ["dpo"]
 
-    metrics = json.loads(dvc(repo, env, "metrics", "show", "--json"))
-    values = metrics[""]["data"]["reports/evaluate/metrics.json"]["data"]
+    metrics = json.loads(dvc(repo, env, "metrics", "show", "--json"))[""]["data"]
+    values = metrics["reports/evaluate/metrics.json"]["data"]
     assert values["perplexity"] > 1 and values["val_loss"] > 0
+    assert 0 <= metrics["reports/classifier/metrics.json"]["data"]["test"]["accuracy"] <= 1
+    assert metrics["reports/instruct/metrics.json"]["data"]["final_val_loss"] > 0
+    assert "final_val_reward_margin" in metrics["reports/dpo/metrics.json"]["data"]
     dvc(repo, env, "plots", "show", "--out", "dvc_plots")
     html = (repo / "dvc_plots" / "index.html").read_text()
-    assert "val_loss" in html and "train_loss" in html
+    assert "val_loss" in html and "train_loss" in html and "train_reward_margin" in html
 
     # every dvc-run stage tracked to MLflow, one run per stage execution
     from mlflow.tracking import MlflowClient
@@ -82,7 +89,7 @@ def test_repro_runs_all_then_nothing_then_only_what_changed(tmp_path):
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name("lmcore-micro")
     stages = sorted(r.data.tags["lmcore.stage"] for r in client.search_runs([exp.experiment_id]))
-    assert stages == sorted(STAGES + ["pretrain", "evaluate"])
+    assert stages == sorted(STAGES + DOWNSTREAM_OF_PRETRAIN + ["dpo"])
 
 
 def test_prefect_run_leaves_dvc_nothing_to_do(tmp_path):

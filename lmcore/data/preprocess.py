@@ -28,7 +28,7 @@ import unicodedata
 from pathlib import Path
 
 from lmcore.config import PreprocessConfig
-from lmcore.io import atomic_dir, read_json, write_json
+from lmcore.io import atomic_dir, read_json, utf8_error, write_json
 from lmcore.paths import DOCUMENTS, MANIFEST, STATS
 
 log = logging.getLogger(__name__)
@@ -140,11 +140,7 @@ def _decode(data: bytes, path: Path, errors: str, counts: dict[str, int]) -> str
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as err:
-            line = data.count(b"\n", 0, err.start) + 1
-            raise PreprocessError(
-                f"{path}: invalid UTF-8 at byte offset {err.start} (line {line}): "
-                f"{data[err.start:err.end]!r} ({err.reason}); set preprocess.decode_errors=replace to substitute"
-            ) from None
+            raise PreprocessError(f"{utf8_error(path, data, err)}; set preprocess.decode_errors=replace to substitute") from None
     else:
         text = data.decode("utf-8", errors="replace")
         # A U+FFFD already in the file is valid UTF-8 and decodes to itself: not a replacement.

@@ -109,3 +109,54 @@ def test_cli_generates_from_folder_and_registry(lifecycle_run, monkeypatch):
     registry = CliRunner().invoke(app, ["generate", *args, "--model", "models:/lmcore-base/1"])
     assert registry.exit_code == 0, registry.output
     assert registry.output.splitlines()[-1] == local.output.splitlines()[-1]
+
+
+def test_finetuned_models_are_registered_with_aliases(lifecycle_run):
+    root, uri, result = lifecycle_run
+    client = MlflowClient(uri, registry_uri=uri)
+    classifier = client.get_model_version("lmcore-classifier", "1")
+    assert classifier.tags["lmcore.weights_sha256"] == sha256_file(Layout(root).model("classifier") / WEIGHTS)
+    assert client.get_model_version_by_alias("lmcore-instruct", "sft").tags["lmcore.finetune"] == "instruct"
+    dpo = client.get_model_version_by_alias("lmcore-instruct", "dpo")
+    assert dpo.tags["lmcore.finetune"] == "dpo" and str(dpo.version) == str(result["dpo"]["model_version"])
+    assert dpo.tags["lmcore.base_weights_sha256"] == sha256_file(Layout(root).model("instruct") / WEIGHTS)
+    mlflow.set_tracking_uri(uri)
+    labels = mlflow.pyfunc.load_model("models:/lmcore-classifier/1").predict(["WINNER!! Claim your free prize now", "see you at lunch"])
+    assert list(labels.columns) == ["label", "probability"] and set(labels["label"]) <= {"ham", "spam"}
+    chat = mlflow.pyfunc.load_model("models:/lmcore-instruct@dpo")
+    assert len(chat.predict(["Name a color."], params={"max_new_tokens": 4, "temperature": 0.0})) == 1
+
+
+def test_finetune_runs_are_nested_with_curves(lifecycle_run):
+    root, uri, result = lifecycle_run
+    client = MlflowClient(uri)
+    run = client.get_run(result["dpo"]["run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == result["mlflow_run_id"]
+    margins = client.get_metric_history(run.info.run_id, "train_reward_margin")
+    assert [m.step for m in margins] == [1, 2, 3]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
+    assert {"reports/loss.png", "reports/test_responses.jsonl", "reports/metrics.json"} <= artifacts
+    cls = client.get_run(result["finetune_classifier"]["run_id"])
+    assert cls.data.metrics["records_read"] == 5574 and cls.data.metrics["records_bad"] == 0
+    assert cls.data.metrics["trainable_params"] < cls.data.metrics["total_params"]
+
+
+def test_cli_classify_and_chat(lifecycle_run, monkeypatch):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    root, _, _ = lifecycle_run
+    monkeypatch.chdir(root)
+    out = CliRunner().invoke(app, ["classify", "WINNER!! Claim your prize", "ok see you soon"])
+    assert out.exit_code == 0, out.output
+    lines = out.output.strip().splitlines()
+    assert len(lines) == 2 and all(line.split("\t")[0] in ("ham", "spam") and 0.5 <= float(line.split("\t")[1]) <= 1 for line in lines)
+    registry = CliRunner().invoke(app, ["classify", "WINNER!! Claim your prize", "--model", "models:/lmcore-classifier/1"])
+    assert registry.exit_code == 0 and registry.output.splitlines()[0] == lines[0]
+    chat = CliRunner().invoke(app, ["chat", "--model", "models/dpo", "--max-new-tokens", "4"], input="Name a color.\n\n")
+    assert chat.exit_code == 0, chat.output
+    not_instruct = CliRunner().invoke(app, ["chat", "--model", "models/base"], input="hi\n")
+    assert not_instruct.exit_code == 2 and "not an instruction model" in not_instruct.output
+    not_classifier = CliRunner().invoke(app, ["classify", "hi", "--model", "models/base"])
+    assert not_classifier.exit_code == 2

@@ -1,0 +1,1 @@
+"""Fine-tuning: classification head, instruction following, DPO, LoRA."""

@@ -1,0 +1,200 @@
+"""Instruction fine-tuning (book ch. 7): Alpaca-style data in a prompt template, next-token loss on
+prompt + response, padding after the first end-of-text masked out (and the prompt too, with `mask_prompt`).
+
+    stats = prepare_instructions(params.finetune_instruct, raw_dir, splits_dir, seed=params.seed)
+    summary = finetune_instruct(params.finetune_instruct, Path("models/base"), splits_dir,
+                                Path("models/instruct"), Path("reports/instruct"), seed=params.seed, enc=enc)
+
+After training, responses to the test split are generated (greedy by default) and saved as
+test_responses.jsonl beside the reference outputs: the input of LLM-as-judge scoring.
+The model folder's config.json records the template, so `lmcore generate` and `lmcore chat` format
+prompts exactly as the model was trained.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from lmcore.checkpoint import load_model, read_model_config, save_model
+from lmcore.config import DpoConfig, InstructConfig
+from lmcore.finetune.common import (
+    add_lora,
+    check_length,
+    log_trainable,
+    raw_files,
+    read_split,
+    save_and_merge_lora,
+    setup,
+    write_splits,
+)
+from lmcore.finetune.data import (
+    IGNORE_INDEX,
+    collate_instruct,
+    encode_instruction,
+    format_prompt,
+    read_instruction_json,
+    split,
+)
+from lmcore.finetune.trainer import batches, fit, write_curves
+from lmcore.generation import generate_text
+from lmcore.io import atomic_dir, atomic_file, write_json
+from lmcore.model import GPT
+from lmcore.paths import METRICS, SUMMARY, TEST_RESPONSES
+from lmcore.tracking import NullTracker, Tracker
+
+TEMPLATE_KEY = "template"  # in an instruction model's config.json
+
+
+def prepare_instructions(
+    cfg: InstructConfig | DpoConfig, raw_dir: Path, out_dir: Path, *, seed: int, fields: Sequence[str] = ("instruction", "output")
+) -> dict:
+    """Read the collected JSON, split train/val/test by seed, write the splits and stats.json.
+
+    Returns: the stats (records read, bad records by reason, split sizes).
+    """
+    (path,) = raw_files(raw_dir)
+    records, read_stats = read_instruction_json(path, fields=fields, on_bad=cfg.on_bad, max_bad_fraction=cfg.max_bad_fraction)
+    parts = dict(zip(("train", "val", "test"), split(records, (cfg.train_fraction, cfg.val_fraction), seed)))
+    for name, rows in parts.items():
+        if not rows:
+            raise ValueError(f"{path}: the {name} split is empty ({len(records)} records)")
+    stats = {"read": read_stats, "records": len(records), "splits": {k: len(v) for k, v in parts.items()}}
+    write_splits(out_dir, parts, stats)
+    return stats
+
+
+def template_of(model_dir: Path) -> str:
+    """The prompt template an instruction model was trained with (alpaca for a model that records none)."""
+    return read_model_config(model_dir)[1].get(TEMPLATE_KEY, "alpaca")
+
+
+def token_loss(model: GPT, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the unmasked targets, and their number."""
+    logits, _ = model(inputs)  # (B, T, V)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, int((targets != IGNORE_INDEX).sum())
+
+
+def mean_loss(model: GPT, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Token-weighted mean loss over batches (every response token counts the same)."""
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for inputs, targets in batches:
+            loss, count = token_loss(model, inputs, targets)
+            total, n = total + loss.item(), n + count
+    return total / max(1, n)
+
+
+def generate_responses(
+    model: GPT, enc, entries: list[dict], template: str, *, max_new_tokens: int, temperature: float, top_k: int | None, seed: int
+) -> list[dict]:
+    """The model's response to each entry's prompt, beside the reference output."""
+    rows = []
+    for i, entry in enumerate(tqdm(entries, desc="test responses", unit="prompt", dynamic_ncols=True)):
+        response = generate_text(
+            model, enc, format_prompt(entry, template), max_new_tokens, temperature=temperature, top_k=top_k, seed=seed + i
+        )
+        rows.append({"instruction": entry["instruction"], "input": entry.get("input", ""), "output": entry.get("output", entry.get("chosen", "")), "response": response.strip()})
+    return rows
+
+
+def finetune_instruct(
+    cfg: InstructConfig,
+    base_model_dir: Path,
+    splits_dir: Path,
+    model_dir: Path,
+    reports_dir: Path,
+    *,
+    seed: int,
+    enc,
+    params: dict | None = None,
+    tracker: Tracker = NullTracker(),
+) -> dict:
+    """Instruction-tune the pretrained model (all weights, or LoRA adapters merged at the end).
+
+    Args:
+        cfg: the finetune_instruct params (template, mask_prompt, optimisation, LoRA, test generation).
+        base_model_dir: the pretrained model folder.
+        splits_dir: prepare_instructions' output.
+        model_dir: replaced by the instruction model (config.json records the template).
+        reports_dir: replaced by loss curves, metrics.json, summary.json and test_responses.jsonl.
+
+    Returns: the summary: first/final val loss, test loss, trainable parameters, steps.
+    """
+    device = setup(cfg, seed)
+    model = load_model(base_model_dir, device)
+    max_length = check_length(cfg.max_length, model, "finetune_instruct")
+    wrapped = add_lora(model, cfg.lora) if cfg.lora.enabled else []
+    if not wrapped:
+        model.requires_grad_(True)
+    counts = log_trainable(model, tracker)
+
+    def encode(rows: list[dict]) -> list[tuple[list[int], int]]:
+        return [encode_instruction(r, enc, cfg.template) for r in rows]
+
+    def to_device(items: list) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = collate_instruct(
+            items, pad_id=enc.eot_token, eot_id=enc.eot_token, max_length=max_length, mask_prompt=cfg.mask_prompt
+        )
+        return inputs.to(device), targets.to(device)
+
+    train_rows, val_rows, test_rows = (read_split(splits_dir, s) for s in ("train", "val", "test"))
+    train = encode(train_rows)
+    val_batches = [to_device(b) for b in batches(encode(val_rows), cfg.batch_size)]
+    test_batches = [to_device(b) for b in batches(encode(test_rows), cfg.batch_size)]
+
+    def loss_fn(model: GPT, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        loss_sum, n = token_loss(model, *batch)
+        loss = loss_sum / max(1, n)
+        return loss, {"loss": loss.item()}
+
+    def evaluate_fn(model: GPT, max_batches: int | None) -> dict[str, float]:
+        return {"loss": mean_loss(model, val_batches[:max_batches] if max_batches else val_batches)}
+
+    history = fit(model, cfg, train, to_device, loss_fn, evaluate_fn, seed=seed, tracker=tracker, desc="finetune_instruct")
+    model.eval()
+    test_loss = mean_loss(model, test_batches)
+    n_gen = len(test_rows) if cfg.max_test_generations is None else min(cfg.max_test_generations, len(test_rows))
+    responses = generate_responses(
+        model, enc, test_rows[:n_gen], cfg.template,
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, seed=seed,
+    )
+    metrics = {"first_val_loss": history.val[0][1]["loss"], "final_val_loss": history.val[-1][1]["loss"], "test_loss": test_loss}
+    tracker.log_metrics(metrics, step=history.steps)
+    summary = {
+        **metrics,
+        "examples": {"train": len(train), "val": len(val_rows), "test": len(test_rows)},
+        **counts,
+        "lora": bool(wrapped),
+        "template": cfg.template,
+        "mask_prompt": cfg.mask_prompt,
+        "steps": history.steps,
+        "train_time_s": round(history.train_time_s, 3),
+        "test_responses": len(responses),
+    }
+    write_outputs(model, model_dir, reports_dir, history, metrics, summary, responses, cfg, wrapped, params, enc, "instruction fine-tuning")
+    return summary
+
+
+def write_outputs(
+    model: GPT, model_dir: Path, reports_dir: Path, history, metrics: dict, summary: dict, responses: list[dict],
+    cfg: InstructConfig | DpoConfig, wrapped: list[str], params: dict | None, enc, title: str,
+) -> None:
+    """The model folder (LoRA merged, template recorded) and the reports folder, each atomically."""
+    with atomic_dir(model_dir) as model_tmp, atomic_dir(reports_dir) as reports_tmp:
+        if wrapped:
+            save_and_merge_lora(model, cfg.lora, wrapped, model_tmp)
+        extra = {TEMPLATE_KEY: summary["template"], "tokenizer": enc.name}
+        save_model(model, model_tmp, params=params, extra=extra)
+        write_curves(reports_tmp, history, title=title)
+        write_json(reports_tmp / METRICS, metrics)
+        write_json(reports_tmp / SUMMARY, summary)
+        with atomic_file(reports_tmp / TEST_RESPONSES, "w") as f:
+            for row in responses:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
