@@ -207,17 +207,15 @@ def finetune_classifier(
 
     history = fit(model, cfg, train, to_device, loss_fn, evaluate_fn, seed=seed, tracker=tracker, desc="finetune_classifier")
 
-    results = {}
+    metrics, confusion, predictions = {}, {}, {}
     for name, split_batches in (("val", val_batches), ("test", test_batches)):
         y, probs, loss = predict(model, split_batches)
-        results[name] = {"loss": loss, **classification_metrics(y, probs.argmax(1), labels)}
-        results[name]["_pred"] = (y, probs)
+        predictions[name] = (y, probs.argmax(1))
+        scores = classification_metrics(y, probs.argmax(1), labels)
+        confusion[name] = scores.pop("confusion_matrix")
+        metrics[name] = {"loss": loss, **scores}
     majority = int(np.bincount([label for _, label in train], minlength=len(labels)).argmax())
-    y_test = results["test"]["_pred"][0]
-    baseline = float((y_test == majority).mean())
-
-    metrics = {name: {k: v for k, v in r.items() if not k.startswith("_") and k != "confusion_matrix"} for name, r in results.items()}
-    metrics["test"]["majority_baseline_accuracy"] = baseline
+    metrics["test"]["majority_baseline_accuracy"] = float((predictions["test"][0] == majority).mean())
     tracker.log_metrics({f"{name}_{k}": v for name, d in metrics.items() for k, v in d.items()}, step=history.steps)
     summary = {
         "labels": labels,
@@ -230,7 +228,7 @@ def finetune_classifier(
         "final_val_loss": history.val[-1][1]["loss"],
         "majority_label": labels[majority],
         "metrics": metrics,
-        "confusion_matrix": {name: r["confusion_matrix"] for name, r in results.items()},
+        "confusion_matrix": confusion,
     }
 
     with atomic_dir(model_dir) as model_tmp, atomic_dir(reports_dir) as reports_tmp:
@@ -242,8 +240,7 @@ def finetune_classifier(
         write_json(reports_tmp / METRICS, metrics)
         write_json(reports_tmp / SUMMARY, summary)
         _plot_confusion(reports_tmp / CONFUSION_PLOT, summary["confusion_matrix"], labels)
-        y, probs = results["test"]["_pred"]
-        rows = "".join(f"{labels[a]},{labels[p]}\n" for a, p in zip(y, probs.argmax(1)))
+        rows = "".join(f"{labels[a]},{labels[p]}\n" for a, p in zip(*predictions["test"]))
         write_text(reports_tmp / PREDICTIONS, "actual,predicted\n" + rows)
     return summary
 
