@@ -37,14 +37,14 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)  # residual projection
         self.resid_drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # each (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=mask is None
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
         return self.resid_drop(self.proj(y))  # (B, T, C)
@@ -72,8 +72,8 @@ class Block(nn.Module):
         self.norm_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm_1(x))  # (B, T, C)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm_1(x), mask)  # (B, T, C)
         x = x + self.mlp(self.norm_2(x))  # (B, T, C)
         return x
 
@@ -107,19 +107,32 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Args: idx (B, T) token ids; targets (B, T) next-token ids, or None.
+        positions: (T,) or (B, T) position ids instead of 0..T-1, and mask: a boolean (T, T) or (B, 1, T, T)
+            attention mask (True = may attend) instead of the causal one. Together they let several
+            sequences share a prefix in one row (benchmark scoring packs a context with all its choices).
 
         Returns: logits (B, T, V) and the mean cross-entropy over all B*T positions (None without targets).
         """
         B, T = idx.shape
-        if T > self.config.context_length:
-            raise ValueError(f"sequence length {T} exceeds the model's context_length {self.config.context_length}")
-        pos = torch.arange(T, device=idx.device)  # (T,)
-        x = self.wte(idx) + self.wpe(pos)  # (B, T, C) + (T, C) -> (B, T, C)
+        if positions is None:
+            if T > self.config.context_length:
+                raise ValueError(f"sequence length {T} exceeds the model's context_length {self.config.context_length}")
+            positions = torch.arange(T, device=idx.device)  # (T,)
+        elif int(positions.max()) >= self.config.context_length:
+            raise ValueError(f"position {int(positions.max())} exceeds the model's context_length {self.config.context_length}")
+        x = self.wte(idx) + self.wpe(positions)  # (B, T, C) + (T, C) or (B, T, C) -> (B, T, C)
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x)  # (B, T, C)
+            x = block(x, mask)  # (B, T, C)
         x = self.norm_f(x)  # (B, T, C)
         logits = self.lm_head(x)  # (B, T, V)
         loss = None

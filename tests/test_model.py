@@ -230,3 +230,23 @@ def test_missing_files_are_errors(tmp_path):
     (tmp_path / WEIGHTS).unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_model(tmp_path)
+
+
+def test_packed_prefix_equals_separate_sequences():
+    """A context followed by two continuations in one row (positions restart, block-causal mask) gives the same
+    logits as feeding context+continuation separately: what benchmark scoring relies on."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=97, context_length=32, n_embd=32, n_layer=2, n_head=2)).eval()
+    ctx, a, b = torch.randint(0, 97, (5,)), torch.randint(0, 97, (3,)), torch.randint(0, 97, (4,))
+    seg = torch.tensor([0] * 5 + [1] * 3 + [2] * 4)
+    positions = torch.cat([torch.arange(5), 5 + torch.arange(3), 5 + torch.arange(4)])
+    causal = torch.tril(torch.ones(12, 12, dtype=torch.bool))
+    mask = causal & ((seg[:, None] == seg[None, :]) | (seg[None, :] == 0))
+    with torch.no_grad():
+        packed, _ = model(torch.cat([ctx, a, b])[None], positions=positions, mask=mask)
+        la, _ = model(torch.cat([ctx, a])[None])
+        lb, _ = model(torch.cat([ctx, b])[None])
+    torch.testing.assert_close(packed[0, :8], la[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(packed[0, 8:], lb[0, 5:], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="exceeds the model's context_length"):
+        model(torch.zeros(1, 2, dtype=torch.long), positions=torch.tensor([0, 32]))
