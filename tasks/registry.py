@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import warnings
 from pathlib import Path
 
@@ -107,3 +108,50 @@ def find_version(tracking: Tracking, name: str, weights_sha256: str) -> str | No
 
 
 __all__ = ["log_and_register", "find_version", "TAG_WEIGHTS_SHA", "TAG_TOKENS_MANIFEST_SHA"]
+
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+
+
+def promote(tracking: Tracking, name: str, version: str, metric: str, value: float, stderr: float) -> dict:
+    """Eval-gated promotion: `champion` moves to `version` only when it beats the current champion on `metric`
+    by more than the combined standard error, sqrt(se_new^2 + se_champion^2); otherwise `version` becomes
+    `challenger`. The first version ever scored becomes champion. Each scored version carries the tags
+    `bench.<metric>` and `bench.<metric>_stderr`, so later comparisons need no re-evaluation.
+
+    Returns: the decision and its numbers (also set as tags `promotion.*` on the version).
+    """
+    client = tracking.client()
+    client.set_model_version_tag(name, version, f"bench.{metric}", repr(float(value)))
+    client.set_model_version_tag(name, version, f"bench.{metric}_stderr", repr(float(stderr)))
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except mlflow.exceptions.MlflowException:
+        champion = None
+    decision = {"metric": metric, "value": float(value), "stderr": float(stderr), "version": str(version)}
+    if champion is None:
+        decision.update(alias=CHAMPION, reason="no champion yet")
+    elif str(champion.version) == str(version):
+        decision.update(alias=CHAMPION, reason="already the champion", champion_version=str(version))
+    else:
+        tags = champion.tags
+        if f"bench.{metric}" not in tags:
+            decision.update(alias=CHAMPION, reason=f"champion v{champion.version} has no {metric} score", champion_version=str(champion.version))
+        else:
+            best, best_se = float(tags[f"bench.{metric}"]), float(tags.get(f"bench.{metric}_stderr", "0"))
+            margin = math.sqrt(float(stderr) ** 2 + best_se**2)
+            beats = float(value) - best > margin
+            decision.update(
+                alias=CHAMPION if beats else CHALLENGER,
+                reason=("beats" if beats else "does not beat") + f" v{champion.version} by more than the combined stderr",
+                champion_version=str(champion.version),
+                champion_value=best,
+                champion_stderr=best_se,
+                difference=float(value) - best,
+                combined_stderr=margin,
+            )
+    client.set_registered_model_alias(name, decision["alias"], version)
+    for key in ("alias", "reason"):
+        client.set_model_version_tag(name, version, f"promotion.{key}", str(decision[key]))
+    return decision
