@@ -8,6 +8,8 @@
     lmcore generate "Name three primary colors." --model models/instruct   # an instruction model: its template
     lmcore chat --model models:/lmcore-instruct@dpo  # instructions from stdin, one response each
     lmcore classify "WINNER! Claim your prize now"   # label and probability from models/classifier
+    lmcore eval --model models:/lmcore-base@champion --tasks hellaswag,mmlu --limit 100 --output reports/eval
+    lmcore serve --model models:/lmcore-instruct@dpo --port 8000   # an OpenAI-compatible chat API on 127.0.0.1
 
 It lives beside the flows, not in `lmcore/`, because it drives Prefect and MLflow.
 """
@@ -58,7 +60,7 @@ def pipeline(
 
 @app.command()
 def run(
-    stage: Annotated[str, typer.Argument(help="collect | preprocess | tokenize | pretrain | evaluate | finetune_classifier | finetune_instruct | dpo")],
+    stage: Annotated[str, typer.Argument(help="collect | preprocess | tokenize | pretrain | evaluate | benchmark | finetune_classifier | finetune_instruct | dpo | judge")],
     params: ParamsOpt = "params.yaml",
     set_: SetOpt = None,
     root: RootOpt = ".",
@@ -167,23 +169,111 @@ def classify(
         typer.echo(f"{labels[best]}\t{row[best]:.4f}")
 
 
+@app.command("eval")
+def eval_(
+    model: ModelOpt = "models/base",
+    tasks: Annotated[str | None, typer.Option(help="comma-separated: hellaswag, mmlu, mmlu_<subject>, truthfulqa_mc1, "
+                                                   "truthfulqa_mc2, arc_easy, arc_challenge (default: params' benchmark.tasks)")] = None,
+    limit: Annotated[int | None, typer.Option(help="items per task (per subject for MMLU), sampled with --seed; default: params")] = None,
+    output: Annotated[str, typer.Option(help="folder for results.json, metrics.json, samples/*.jsonl, table.md, scores.png")] = "reports/eval",
+    num_fewshot: Annotated[int | None, typer.Option(help="MMLU dev examples before each question; default: params")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="items per forward pass; default: params")] = None,
+    seed: Annotated[int | None, typer.Option(help="the sample's seed; default: params' benchmark.sample_seed")] = None,
+    data: Annotated[str | None, typer.Option(help="a collected benchmark folder; default: data/benchmarks, collected "
+                                                  "there (offline mirror first) when missing")] = None,
+    params: ParamsOpt = "params.yaml",
+    set_: SetOpt = None,
+    root: RootOpt = ".",
+) -> None:
+    """Score a model on multiple-choice benchmarks by log-likelihood, as lm-evaluation-harness scores them."""
+    from lmcore.harness.run import TABLE, benchmark_model
+
+    overrides = list(set_ or [])
+    if tasks is not None:
+        overrides.append(f"benchmark.tasks=[{','.join(t.strip() for t in tasks.split(',') if t.strip())}]")
+    for key, value in (("limit", limit), ("num_fewshot", num_fewshot), ("batch_size", batch_size), ("sample_seed", seed)):
+        if value is not None:
+            overrides.append(f"benchmark.{key}={value}")
+    if tasks is not None:  # the primary metric matters for promotion only: the first task's headline metric
+        overrides.append("benchmark.primary_metric=null")
+    cfg = _check_params(root, params, overrides).benchmark
+    data_dir = Path(data) if data else _collected_benchmarks(Path(root), cfg)
+    model_dir = _model_dir(model)
+    from lmcore.tokenizer import get_encoding
+
+    try:
+        results = benchmark_model(cfg, model_dir, data_dir, Path(output), enc=get_encoding("gpt2"), model_ref=model)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    typer.echo((Path(output) / TABLE).read_text(encoding="utf-8"), nl=False)
+    typer.echo(f"{results['n_items']} items in {results['elapsed_s']:.1f} s ({results['items_per_s']} items/s); "
+               f"sample seed {cfg.sample_seed}, sha256 {results['sample_sha256'][:12]}; written to {output}")
+
+
+def _collected_benchmarks(root: Path, cfg) -> Path:
+    """data/benchmarks under the root, collected from the configured sources (mirror first) unless already there."""
+    from lmcore.config import CollectConfig
+    from lmcore.data.collect import CollectError, collect, mirror_from_env
+    from lmcore.paths import MANIFEST, Layout
+
+    out = Layout(root).benchmark_data
+    if (out / MANIFEST).is_file():
+        collected = {e["name"]: e["sha256"] for e in json.loads((out / MANIFEST).read_text())["sources"]}
+        if all(collected.get(s.name) == s.sha256 for s in cfg.sources):
+            return out
+    try:
+        collect(CollectConfig(sources=cfg.sources), out, mirror=mirror_from_env(), base_dir=root)
+    except CollectError as err:
+        _fail(str(err))
+    return out
+
+
+@app.command()
+def serve(
+    model: ModelOpt = "models/instruct",
+    host: Annotated[str, typer.Option(help="address to bind; anything but loopback exposes the model unauthenticated")] = "127.0.0.1",
+    port: int = 8000,
+    name: Annotated[str | None, typer.Option(help="the model name clients send; default: from --model")] = None,
+    device: Annotated[str, typer.Option(help="cpu | cuda | mps | auto")] = "cpu",
+) -> None:
+    """Serve a model over an OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models)."""
+    import ipaddress
+
+    from lmcore.serve import serve as run_server
+
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        loopback = False
+    if not loopback:
+        typer.secho(
+            f"warning: binding {host}: anyone who can reach this machine can use the model (there is no authentication); "
+            "use --host 127.0.0.1 to keep it local",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+    # "models:/lmcore-instruct@dpo" -> "lmcore-instruct@dpo"; a folder -> its name.
+    name = name or (model.removeprefix("models:/") if model.startswith("models:/") else Path(model).resolve().name)
+    try:
+        run_server(_model_dir(model), host=host, port=port, model_name=name, device=device)
+    except (ValueError, FileNotFoundError) as err:  # not a servable model folder
+        _fail(str(err))
+
+
 def _model_dir(model: str) -> Path:
+    """A model folder, or the lmcore model folder inside a registered model (`models:/name@alias`, downloaded)."""
     if not model.startswith("models:/"):
         path = Path(model)
         if not path.is_dir():
             _fail(f"{model}: no such model folder")
         return path
-    import mlflow
-
+    from tasks.registry import download_model_dir
     from tasks.tracking import tracking_uri
 
-    mlflow.set_tracking_uri(tracking_uri(Path.cwd()))
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))
-    # pyfunc layout: <model>/artifacts/<model_dir name>
-    found = next(local.glob("artifacts/*/config.json"), None)
-    if found is None:
-        _fail(f"{model}: no lmcore model folder inside the logged model")
-    return found.parent
+    try:
+        return download_model_dir(model, tracking_uri(Path.cwd()))
+    except (ValueError, OSError) as err:
+        _fail(str(err))
 
 
 def _check_params(root: str, params: str, overrides: list[str] | None):

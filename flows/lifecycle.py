@@ -1,5 +1,6 @@
-"""The lifecycle flow, tracked in MLflow: collect -> preprocess -> tokenize -> pretrain -> evaluate, then
-fine-tuning: finetune_classifier (spam/ham head), finetune_instruct (Alpaca template) -> dpo (preferences).
+"""The lifecycle flow, tracked in MLflow: collect -> preprocess -> tokenize -> pretrain -> evaluate -> benchmark
+(HellaSwag, MMLU, TruthfulQA, ARC; eval-gated `champion`), then fine-tuning: finetune_classifier (spam/ham head),
+finetune_instruct (Alpaca template) -> dpo (preferences), and judge (LLM-as-judge, when an endpoint is configured).
 
     python -m flows.lifecycle                     # default params.yaml, local ephemeral Prefect
     lmcore pipeline --params profiles/micro.yaml  # another profile
@@ -26,6 +27,7 @@ from tasks.tracking import TAG_RAW_MANIFEST_SHA, TAG_TOKENS_MANIFEST_SHA, TAG_WE
 def summary_markdown(results: dict, registered: str, commit_note: str, run_id: str) -> str:
     pre, ev = results["pretrain"], results["evaluate"]
     cls, ins, dpo = results["finetune_classifier"], results["finetune_instruct"], results["dpo"]
+    bench = results["benchmark"]
     rows = [
         ("sources collected", results["collect"]["sources"]),
         ("raw bytes", f"{results['collect']['bytes']:,}"),
@@ -44,11 +46,26 @@ def summary_markdown(results: dict, registered: str, commit_note: str, run_id: s
         ("instruct val loss (first → final)", f"{ins['first_val_loss']:.4f} → {ins['final_val_loss']:.4f}"),
         ("DPO val reward margin (first → final)", f"{dpo['first_val_reward_margin']:.4f} → {dpo['final_val_reward_margin']:.4f}"),
         ("registered fine-tunes", f"classifier v{cls['model_version']}, instruct v{ins['model_version']} (@sft), v{dpo['model_version']} (@dpo)"),
+        (f"benchmark {bench['primary_metric']}", f"{bench['primary_value']:.4f} ± {bench['primary_stderr'] or 0:.4f} ({bench['n_items']:,} items)"),
+        ("promotion", _promotion_note(bench["promotion"])),
+        ("LLM-as-judge", _judge_note(results["judge"])),
         ("MLflow run", run_id),
         ("DVC", commit_note),
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     return f"# lmcore lifecycle run\n\n| | |\n|---|---|\n{table}\n"
+
+
+def _promotion_note(decision: dict | None) -> str:
+    if decision is None:
+        return "none (the base model is not registered)"
+    return f"v{decision['version']} -> @{decision['alias']}: {decision['reason']}"
+
+
+def _judge_note(judge: dict) -> str:
+    if judge["skipped"]:
+        return f"skipped: {judge['reason']}"
+    return ", ".join(f"{k.removesuffix('_mean_score')} {v:.1f}" for k, v in judge.items() if k.endswith("_mean_score") and v is not None)
 
 
 @flow(name="lmcore-lifecycle")
@@ -87,6 +104,8 @@ def lifecycle(
                 "classifier_test_f1": results["finetune_classifier"]["test_f1"],
                 "instruct_final_val_loss": results["finetune_instruct"]["final_val_loss"],
                 "dpo_final_val_reward_margin": results["dpo"]["final_val_reward_margin"],
+                f"benchmark.{results['benchmark']['primary_metric']}": results["benchmark"]["primary_value"],
+                **{f"judge.{k}": v for k, v in results["judge"].items() if k.endswith("_mean_score") and v is not None},
             }
         )
         commit_note = dvc_commit(root_path, params_path, overrides) if commit_dvc else "skipped (commit_dvc=False)"

@@ -29,7 +29,11 @@ class _Section(BaseModel):
 
 
 class Source(_Section):
-    """One raw text source: a local path or a URL, pinned by sha256 when it is downloaded."""
+    """One raw source: a URL pinned by sha256, a local path, or a sha256 alone.
+
+    A source with only a sha256 has no public URL (e.g. a file repacked for the offline mirror): it is
+    found in the mirror by checksum or not at all.
+    """
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     url: str | None = None
@@ -39,10 +43,11 @@ class Source(_Section):
 
     @model_validator(mode="after")
     def _one_location(self) -> Source:
-        if (self.url is None) == (self.path is None):
-            raise ValueError(f"source {self.name!r} needs exactly one of 'url' or 'path'")
-        if self.url is not None and self.sha256 is None:
-            raise ValueError(f"source {self.name!r} is a URL and needs its 'sha256'")
+        if self.url is not None and self.path is not None:
+            raise ValueError(f"source {self.name!r} needs at most one of 'url' or 'path'")
+        if self.path is None and self.sha256 is None:
+            what = "is a URL and" if self.url is not None else "has no 'url' or 'path', so it"
+            raise ValueError(f"source {self.name!r} {what} needs its 'sha256'")
         return self
 
 
@@ -240,6 +245,105 @@ class DpoConfig(_Responses):
     lr: float = Field(default=5e-6, gt=0)
 
 
+# Benchmark data (MANIFEST of ../shared/data gives each file's provenance). Found in LMCORE_MIRROR by checksum first.
+BENCHMARK_SOURCES = [
+    Source(
+        name="hellaswag",
+        url=f"{_RAW}/klosax/hellaswag_text_data/1105d370f8340eac3c63a91fd1fa58e8999f9505/hellaswag_val_full.txt.bz2",
+        sha256="50b637899e4263c2bc456c2dc726c95d2c8cd8e2a552ea5bd7719ce3cb03fe5b",
+        license="MIT (HellaSwag, Zellers et al. 2019); validation split, six-line text form",
+    ),
+    Source(
+        name="arc-easy",
+        url=f"{_RAW}/RazvanDu/TemporalRNNs/93811e3f9f8c5c1f63650153541cd6c626dafcc0/ARC-Easy/ARC-Easy-Test.jsonl",
+        sha256="ce32a0774b4beb1977d2c6b16dda5dd2b24fdc9c7f506882c452678676bd09be",
+        license="CC BY-SA 4.0 (AI2 Reasoning Challenge)",
+    ),
+    Source(
+        name="arc-challenge",
+        url=f"{_RAW}/RazvanDu/TemporalRNNs/93811e3f9f8c5c1f63650153541cd6c626dafcc0/ARC-Challenge/ARC-Challenge-Test.jsonl",
+        sha256="9fa8ffb3e3a1f88cb302d53dd95aae81e39209ad9bcf974376b319d8fd35717c",
+        license="CC BY-SA 4.0 (AI2 Reasoning Challenge)",
+    ),
+    Source(
+        name="truthfulqa-mc",
+        url=f"{_RAW}/newBlanco/Modified_truthX/39e91d49c5b26bdef976da70be6c12829739e83e/TruthfulQA/data/mc_task.json",
+        sha256="b3799639bc76c939836d587de7d30b48d91012cb34be04806d33106ce06c162a",
+        license="Apache-2.0 (TruthfulQA, Lin et al. 2021)",
+    ),
+    # The 57-subject CSVs of the MMLU release, repacked as a tarball for the mirror: it has no public URL.
+    # Online, use url: https://people.eecs.berkeley.edu/~hendrycks/data.tar with that file's sha256 instead
+    # (the reader takes either archive: both hold data/{dev,test}/<subject>_{dev,test}.csv).
+    Source(
+        name="mmlu",
+        sha256="1367baf725bff533e504686a5d59611eae5db7aaa2fc04e106614dbf739a3c19",
+        license="MIT (MMLU, Hendrycks et al. 2021)",
+    ),
+]
+
+
+class BenchmarkConfig(_Section):
+    """Multiple-choice benchmarks scored by log-likelihood, as lm-evaluation-harness scores them."""
+
+    sources: list[Source] = Field(default=BENCHMARK_SOURCES, min_length=1)
+    # hellaswag, mmlu (all 57 subjects) or mmlu_<subject>, truthfulqa_mc1, truthfulqa_mc2, arc_easy, arc_challenge.
+    tasks: list[str] = Field(
+        default=["hellaswag", "mmlu", "truthfulqa_mc1", "truthfulqa_mc2", "arc_easy", "arc_challenge"], min_length=1
+    )
+    # Items per task (per subject for MMLU), drawn with sample_seed; null scores every item.
+    limit: int | None = Field(default=None, ge=1)
+    # Fixed apart from the top-level seed: a model is compared with the champion on the same items.
+    sample_seed: int = 1234
+    num_fewshot: int = Field(default=0, ge=0)  # MMLU only, from its dev split (first k, as lm-eval)
+    batch_size: int = Field(default=16, ge=1)  # packed rows (one item each) per forward pass
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    threads: int = Field(default=0, ge=0)
+    # Eval-gated promotion: `champion` moves to a new version only when it beats the current champion on
+    # this metric by more than the combined standard error; otherwise the version becomes `challenger`.
+    # null: the first task's headline metric (acc_norm for hellaswag and arc, else acc).
+    primary_metric: str | None = "hellaswag.acc_norm"
+
+    @model_validator(mode="after")
+    def _known_tasks(self) -> BenchmarkConfig:
+        from lmcore.harness.tasks import check_tasks, headline_metric
+
+        metrics = check_tasks(self.tasks, self.num_fewshot, {s.name for s in self.sources})
+        if self.primary_metric is None:
+            object.__setattr__(self, "primary_metric", headline_metric(self.tasks[0]))
+        if self.primary_metric not in metrics:
+            hint = difflib.get_close_matches(self.primary_metric, sorted(metrics), n=1)
+            shown = sorted(m for m in metrics if not m.startswith("mmlu_")) or sorted(metrics)[:8]
+            raise ValueError(
+                f"primary_metric {self.primary_metric!r} is not a metric of the configured tasks"
+                + (f" (did you mean {hint[0]!r}?)" if hint else "") + f"; e.g. {shown}"
+            )
+        return self
+
+
+class JudgeConfig(_Section):
+    """LLM-as-judge (book ch. 7): an OpenAI-compatible chat endpoint scores responses 0-100.
+
+    With no `url`, the judge stage is skipped with a message; scores are never made up.
+    """
+
+    url: str | None = None  # base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:11434/v1 (Ollama)
+    model: str | None = None  # the judge model's name at that endpoint, e.g. llama3
+    api_key_env: str = "OPENAI_API_KEY"  # the variable holding the API key, if the endpoint needs one
+    responses: list[Literal["instruct", "dpo"]] = Field(default=["instruct", "dpo"], min_length=1)
+    max_items: int | None = Field(default=None, ge=1)  # responses judged per model; null: all
+    temperature: float = Field(default=0.0, ge=0)
+    seed: int | None = 123  # the book's; sent to the endpoint (not every server honours it)
+    max_tokens: int = Field(default=16, ge=1)
+    timeout_s: float = Field(default=120.0, gt=0)
+    retries: int = Field(default=3, ge=0)
+
+    @model_validator(mode="after")
+    def _model_with_url(self) -> JudgeConfig:
+        if self.url is not None and not self.model:
+            raise ValueError("judge.url is set but judge.model is not: name the judge model served there")
+        return self
+
+
 class TrackingConfig(_Section):
     experiment: str = "lmcore"
     registered_model: str = "lmcore-base"
@@ -257,6 +361,8 @@ class Params(_Section):
     finetune_classifier: ClassifierConfig = ClassifierConfig()
     finetune_instruct: InstructConfig = InstructConfig()
     dpo: DpoConfig = DpoConfig()
+    benchmark: BenchmarkConfig = BenchmarkConfig()
+    judge: JudgeConfig = JudgeConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     def to_dict(self) -> dict[str, Any]:

@@ -115,12 +115,26 @@ class GPT(nn.Module):
         positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Args: idx (B, T) token ids; targets (B, T) next-token ids, or None.
+        """Args: idx (B, T) token ids; targets (B, T) next-token ids, or None; positions, mask: see `hidden`.
+
+        Returns: logits (B, T, V) and the mean cross-entropy over all B*T positions (None without targets).
+        """
+        logits = self.lm_head(self.hidden(idx, positions=positions, mask=mask))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())  # (B*T, V) vs (B*T,)
+        return logits, loss
+
+    def hidden(
+        self, idx: torch.Tensor, *, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The final-norm hidden states (B, T, C), before the LM head: callers that need the head at a few
+        positions only (benchmark scoring) apply `lm_head` there and skip the rest of the (T, V) logits.
+
+        Args: idx (B, T) token ids.
         positions: (T,) or (B, T) position ids instead of 0..T-1, and mask: a boolean (T, T) or (B, 1, T, T)
             attention mask (True = may attend) instead of the causal one. Together they let several
             sequences share a prefix in one row (benchmark scoring packs a context with all its choices).
-
-        Returns: logits (B, T, V) and the mean cross-entropy over all B*T positions (None without targets).
         """
         B, T = idx.shape
         if positions is None:
@@ -133,12 +147,7 @@ class GPT(nn.Module):
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, mask)  # (B, T, C)
-        x = self.norm_f(x)  # (B, T, C)
-        logits = self.lm_head(x)  # (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())  # (B*T, V) vs (B*T,)
-        return logits, loss
+        return self.norm_f(x)  # (B, T, C)
 
     def replace_head(self, n_out: int) -> None:
         """Swap the LM head for a fresh `n_out`-way linear head with a bias (classification, book ch. 6).

@@ -58,6 +58,11 @@ class Layout:
     def evaluate_reports(self) -> Path:
         return self.root / "reports" / "evaluate"
 
+    @property
+    def benchmark_data(self) -> Path:
+        """data/benchmarks: the benchmark files, collected (manifest.json names each source's file)."""
+        return self.root / "data" / "benchmarks"
+
     def finetune_data(self, name: str) -> Path:
         """data/finetune/<name>: raw/ (collected, with manifest) and splits/ (train/val/test.jsonl, stats.json)."""
         return self.root / "data" / "finetune" / name

@@ -94,6 +94,24 @@ def log_and_register(
     return version
 
 
+def download_model_dir(uri: str, tracking_uri: str, dst: Path | None = None) -> Path:
+    """The lmcore model folder inside a logged model (`models:/name@alias`, `models:/name/3`, `runs:/...`), downloaded.
+
+    Raises: ValueError when the logged model holds no lmcore model folder.
+    """
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=None if dst is None else str(dst)))
+    except mlflow.exceptions.MlflowException as err:
+        raise ValueError(f"{uri}: {err.message}") from None
+    # the pyfunc layout: <model>/artifacts/<model_dir name>/config.json
+    found = next(local.glob("artifacts/*/config.json"), None)
+    if found is None:
+        raise ValueError(f"{uri}: no lmcore model folder inside the logged model")
+    return found.parent
+
+
 def find_version(tracking: Tracking, name: str, weights_sha256: str) -> str | None:
     """The newest registered version of `name` whose weights have this sha256, if any."""
     client = tracking.client()
@@ -107,48 +125,65 @@ def find_version(tracking: Tracking, name: str, weights_sha256: str) -> str | No
     return str(max(int(v.version) for v in matches))
 
 
-__all__ = ["log_and_register", "find_version", "TAG_WEIGHTS_SHA", "TAG_TOKENS_MANIFEST_SHA"]
-
-
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+BENCH_PREFIX = "bench."  # model version tags: bench.<task>.<metric>, bench.<task>.<metric>_stderr
+TAG_BENCH_SAMPLE = "bench.sample_sha256"  # which items the bench.* scores were computed on
 
 
-def promote(tracking: Tracking, name: str, version: str, metric: str, value: float, stderr: float) -> dict:
+def champion_version(tracking: Tracking, name: str):
+    """The ModelVersion with alias `champion`, or None."""
+    try:
+        return tracking.client().get_model_version_by_alias(name, CHAMPION)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def tag_scores(tracking: Tracking, name: str, version: str, scores: dict[str, float], sample_sha256: str) -> None:
+    """Record benchmark scores on a model version (bench.<metric> tags) and the sample they were computed on."""
+    client = tracking.client()
+    for key, value in scores.items():
+        client.set_model_version_tag(name, version, f"{BENCH_PREFIX}{key}", repr(float(value)))
+    client.set_model_version_tag(name, version, TAG_BENCH_SAMPLE, sample_sha256)
+
+
+def promote(tracking: Tracking, name: str, version: str, metric: str) -> dict:
     """Eval-gated promotion: `champion` moves to `version` only when it beats the current champion on `metric`
     by more than the combined standard error, sqrt(se_new^2 + se_champion^2); otherwise `version` becomes
-    `challenger`. The first version ever scored becomes champion. Each scored version carries the tags
-    `bench.<metric>` and `bench.<metric>_stderr`, so later comparisons need no re-evaluation.
+    `challenger`. The first version ever scored becomes champion.
 
-    Returns: the decision and its numbers (also set as tags `promotion.*` on the version).
+    Both versions must carry their scores as tags (`tag_scores`), computed on the same items: a champion
+    scored on another sample is not compared (the caller re-scores it first), and `version` stays challenger.
+
+    Returns: the decision and its numbers (also set as tags `promotion.*` on `version`).
     """
     client = tracking.client()
-    client.set_model_version_tag(name, version, f"bench.{metric}", repr(float(value)))
-    client.set_model_version_tag(name, version, f"bench.{metric}_stderr", repr(float(stderr)))
-    try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-    except mlflow.exceptions.MlflowException:
-        champion = None
-    decision = {"metric": metric, "value": float(value), "stderr": float(stderr), "version": str(version)}
+    mine = client.get_model_version(name, version).tags
+    value, stderr = float(mine[f"{BENCH_PREFIX}{metric}"]), float(mine.get(f"{BENCH_PREFIX}{metric}_stderr", "0"))
+    champion = champion_version(tracking, name)
+    decision = {"metric": metric, "value": value, "stderr": stderr, "version": str(version)}
     if champion is None:
         decision.update(alias=CHAMPION, reason="no champion yet")
     elif str(champion.version) == str(version):
         decision.update(alias=CHAMPION, reason="already the champion", champion_version=str(version))
     else:
         tags = champion.tags
-        if f"bench.{metric}" not in tags:
-            decision.update(alias=CHAMPION, reason=f"champion v{champion.version} has no {metric} score", champion_version=str(champion.version))
+        decision["champion_version"] = str(champion.version)
+        if f"{BENCH_PREFIX}{metric}" not in tags:
+            decision.update(alias=CHAMPION, reason=f"champion v{champion.version} has no {metric} score")
+        elif tags.get(TAG_BENCH_SAMPLE) != mine.get(TAG_BENCH_SAMPLE):
+            decision.update(alias=CHALLENGER, reason=f"champion v{champion.version} was scored on other items; not compared")
         else:
-            best, best_se = float(tags[f"bench.{metric}"]), float(tags.get(f"bench.{metric}_stderr", "0"))
-            margin = math.sqrt(float(stderr) ** 2 + best_se**2)
-            beats = float(value) - best > margin
+            best = float(tags[f"{BENCH_PREFIX}{metric}"])
+            best_se = float(tags.get(f"{BENCH_PREFIX}{metric}_stderr", "0"))
+            margin = math.sqrt(stderr**2 + best_se**2)
+            beats = value - best > margin
             decision.update(
                 alias=CHAMPION if beats else CHALLENGER,
                 reason=("beats" if beats else "does not beat") + f" v{champion.version} by more than the combined stderr",
-                champion_version=str(champion.version),
                 champion_value=best,
                 champion_stderr=best_se,
-                difference=float(value) - best,
+                difference=value - best,
                 combined_stderr=margin,
             )
     client.set_registered_model_alias(name, decision["alias"], version)

@@ -7,20 +7,14 @@ dvc.yaml names (`lmcore.paths.Layout`).
 
 from __future__ import annotations
 
-import logging
-import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.exceptions import MissingContextError
-from prefect.logging import get_run_logger
 
-from lmcore.config import CollectConfig, Params, Source
-from lmcore.data.collect import collect
+from lmcore.config import CollectConfig, Source
+from lmcore.data.collect import collect, mirror_from_env
 from lmcore.data.preprocess import preprocess
 from lmcore.data.tokenize import tokenize
 from lmcore.evaluation import evaluate
@@ -48,70 +42,37 @@ from lmcore.paths import (
 )
 from lmcore.tokenizer import get_encoding
 from lmcore.training import pretrain
+from tasks.context import StageContext, logger, section
+from tasks.evaluation import benchmark_task, judge_task
 from tasks.registry import find_version, log_and_register
 from tasks.tracking import (
     TAG_PARAMS_SHA,
     TAG_RAW_MANIFEST_SHA,
     TAG_TOKENS_MANIFEST_SHA,
     TAG_WEIGHTS_SHA,
-    Tracking,
 )
 
-STAGES = ("collect", "preprocess", "tokenize", "pretrain", "evaluate", "finetune_classifier", "finetune_instruct", "dpo")
+STAGES = (
+    "collect", "preprocess", "tokenize", "pretrain", "evaluate", "benchmark",
+    "finetune_classifier", "finetune_instruct", "dpo", "judge",
+)
 TAG_BASE_WEIGHTS_SHA = "lmcore.base_weights_sha256"  # the model a fine-tune started from
 TAG_FINETUNE = "lmcore.finetune"  # classifier | instruct | dpo
-
-
-@dataclass
-class StageContext:
-    root: Path
-    params: Params
-    tracking: Tracking
-
-    @property
-    def layout(self) -> Layout:
-        return Layout(self.root)
-
-    def ranks_file(self) -> str | None:
-        """The local tiktoken ranks file: params first, then LMCORE_TIKTOKEN_FILE."""
-        configured = self.params.tokenize.ranks_file
-        if configured:
-            path = Path(configured)
-            return str(path if path.is_absolute() else self.root / path)
-        return os.environ.get("LMCORE_TIKTOKEN_FILE") or None
-
-
-def mirror_dir() -> Path | None:
-    """The offline mirror named by LMCORE_MIRROR, when it exists."""
-    value = os.environ.get("LMCORE_MIRROR")
-    return Path(value) if value and Path(value).is_dir() else None
-
-
-def _logger() -> logging.Logger | logging.LoggerAdapter:
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return logging.getLogger("lmcore.tasks")
-
-
-def _section(params: Params, *names: str) -> dict[str, Any]:
-    data = params.to_dict()
-    return {"seed": params.seed, **{n: data[n] for n in names}}
 
 
 @task(name="collect", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def collect_task(ctx: StageContext) -> dict:
     out = ctx.layout.raw
     with ctx.tracking.run("collect") as run:
-        run.log_params(_section(ctx.params, "collect"))
-        manifest = collect(ctx.params.collect, out, mirror=mirror_dir(), base_dir=ctx.root)
+        run.log_params(section(ctx.params, "collect"))
+        manifest = collect(ctx.params.collect, out, mirror=mirror_from_env(), base_dir=ctx.root)
         sha = sha256_file(out / MANIFEST)
         total = sum(s["bytes"] for s in manifest["sources"])
         run.set_tags({TAG_RAW_MANIFEST_SHA: sha})
         run.log_metrics({"sources": len(manifest["sources"]), "bytes": total})
         run.log_artifact(out / MANIFEST)
     origins = ", ".join(f"{s['name']} ({s['origin']})" for s in manifest["sources"])
-    _logger().info("collected %d bytes: %s", total, origins)
+    logger().info("collected %d bytes: %s", total, origins)
     return {"sources": len(manifest["sources"]), "bytes": total, "raw_manifest_sha256": sha}
 
 
@@ -119,12 +80,12 @@ def collect_task(ctx: StageContext) -> dict:
 def preprocess_task(ctx: StageContext) -> dict:
     out = ctx.layout.clean
     with ctx.tracking.run("preprocess") as run:
-        run.log_params(_section(ctx.params, "preprocess"))
+        run.log_params(section(ctx.params, "preprocess"))
         stats = preprocess(ctx.params.preprocess, ctx.layout.raw, out)
         total = stats["total"]
         run.log_metrics({k: v for k, v in total.items() if isinstance(v, (int, float))})
         run.log_artifact(out / STATS)
-    _logger().info("preprocess kept %d documents", total["documents_out"])
+    logger().info("preprocess kept %d documents", total["documents_out"])
     return {"documents": total["documents_out"], "chars": total["chars_out"]}
 
 
@@ -133,14 +94,14 @@ def tokenize_task(ctx: StageContext) -> dict:
     out = ctx.layout.tokens
     tok_cfg = ctx.params.tokenize.model_copy(update={"ranks_file": ctx.ranks_file()})
     with ctx.tracking.run("tokenize") as run:
-        run.log_params(_section(ctx.params, "tokenize"))
+        run.log_params(section(ctx.params, "tokenize"))
         manifest = tokenize(tok_cfg, ctx.layout.clean, out, seed=ctx.params.seed)
         sha = sha256_file(out / MANIFEST)
         run.set_tags({TAG_TOKENS_MANIFEST_SHA: sha})
         metrics = {f"{split}_{k}": v for split, d in manifest["splits"].items() for k, v in d.items()}
         run.log_metrics({**metrics, "shards": len(manifest["shards"])})
         run.log_artifact(out / MANIFEST)
-    _logger().info("tokenized: %s", metrics)
+    logger().info("tokenized: %s", metrics)
     return {**metrics, "tokens_manifest_sha256": sha}
 
 
@@ -148,7 +109,7 @@ def tokenize_task(ctx: StageContext) -> dict:
 def pretrain_task(ctx: StageContext) -> dict:
     layout = ctx.layout
     with ctx.tracking.run("pretrain") as run:
-        run.log_params(_section(ctx.params, "pretrain"))
+        run.log_params(section(ctx.params, "pretrain"))
         tokens_sha = sha256_file(layout.tokens / MANIFEST)
         run.set_tags({TAG_TOKENS_MANIFEST_SHA: tokens_sha, TAG_PARAMS_SHA: ctx.params.fingerprint()})
         summary = pretrain(
@@ -179,7 +140,7 @@ def pretrain_task(ctx: StageContext) -> dict:
                 TAG_PARAMS_SHA: ctx.params.fingerprint(),
             },
         )
-    _logger().info(
+    logger().info(
         "pretrained %s params: val loss %.3f -> %.3f; registered %s v%s",
         summary["n_params"], summary["first_val_loss"], summary["final_val_loss"],
         ctx.params.tracking.registered_model, version,
@@ -193,7 +154,7 @@ def evaluate_task(ctx: StageContext) -> dict:
     out = layout.evaluate_reports
     enc = get_encoding(ctx.params.tokenize.encoding, ctx.ranks_file())
     with ctx.tracking.run("evaluate") as run:
-        run.log_params(_section(ctx.params, "evaluate"))
+        run.log_params(section(ctx.params, "evaluate"))
         weights_sha = sha256_file(layout.base_model / WEIGHTS)
         run.set_tags({TAG_WEIGHTS_SHA: weights_sha})
         metrics = evaluate(
@@ -207,7 +168,7 @@ def evaluate_task(ctx: StageContext) -> dict:
             client = ctx.tracking.client()
             for key in ("val_loss", "perplexity"):
                 client.set_model_version_tag(name, version, f"eval.{key}", f"{metrics[key]:.6f}")
-    _logger().info("val loss %.4f, perplexity %.2f", metrics["val_loss"], metrics["perplexity"])
+    logger().info("val loss %.4f, perplexity %.2f", metrics["val_loss"], metrics["perplexity"])
     return {**metrics, "model_version": version, "samples": len(ctx.params.evaluate.prompts)}
 
 
@@ -235,11 +196,11 @@ def _finetune(
     data_dir, model_dir, reports_dir = layout.finetune_data(name), layout.model(name), layout.reports(name)
     enc = get_encoding(ctx.params.tokenize.encoding, ctx.ranks_file())
     with ctx.tracking.run(stage, tags={TAG_FINETUNE: name}) as run:
-        run.log_params(_section(ctx.params, stage))
+        run.log_params(section(ctx.params, stage))
         base_sha = sha256_file(start_dir / WEIGHTS)
         run.set_tags({TAG_BASE_WEIGHTS_SHA: base_sha, TAG_PARAMS_SHA: ctx.params.fingerprint()})
         cfg = CollectConfig(sources=sources, retries=ctx.params.collect.retries, timeout_s=ctx.params.collect.timeout_s)
-        collect(cfg, data_dir / "raw", mirror=mirror_dir(), base_dir=ctx.root)
+        collect(cfg, data_dir / "raw", mirror=mirror_from_env(), base_dir=ctx.root)
         stats = prepare(data_dir / "raw", data_dir / "splits")
         _log_data_stats(run, stats, data_dir / "splits")
         summary = train(data_dir / "splits", model_dir, reports_dir, enc, run)
@@ -302,7 +263,7 @@ def finetune_classifier_task(ctx: StageContext) -> dict:
         },
     )
     test = summary["metrics"]["test"]
-    _logger().info(
+    logger().info(
         "classifier: test accuracy %.3f (majority baseline %.3f), F1 %.3f; registered %s v%s",
         test["accuracy"], test["majority_baseline_accuracy"], test["f1"], ctx.params.tracking.classifier_model, version,
     )
@@ -339,7 +300,7 @@ def finetune_instruct_task(ctx: StageContext) -> dict:
             "eval.test_loss": f"{s['test_loss']:.6f}",
         },
     )
-    _logger().info(
+    logger().info(
         "instruct: val loss %.3f -> %.3f, test loss %.3f; registered %s v%s (@sft)",
         summary["first_val_loss"], summary["final_val_loss"], summary["test_loss"], ctx.params.tracking.instruct_model, version,
     )
@@ -366,7 +327,7 @@ def dpo_task(ctx: StageContext) -> dict:
         aliases=("dpo",),
         eval_tags=lambda s: {"template": s["template"], "eval.val_reward_margin": f"{s['final_val_reward_margin']:.6f}"},
     )
-    _logger().info(
+    logger().info(
         "dpo: val loss %.4f -> %.4f, reward margin %.4f -> %.4f; registered %s v%s (@dpo)",
         summary["first_val_loss"], summary["final_val_loss"], summary["first_val_reward_margin"],
         summary["final_val_reward_margin"], ctx.params.tracking.instruct_model, version,
@@ -384,6 +345,8 @@ TASKS = {
     "finetune_classifier": finetune_classifier_task,
     "finetune_instruct": finetune_instruct_task,
     "dpo": dpo_task,
+    "benchmark": benchmark_task,
+    "judge": judge_task,
 }
 
-__all__ = ["StageContext", "STAGES", "TASKS", "mirror_dir"]
+__all__ = ["StageContext", "STAGES", "TASKS"]

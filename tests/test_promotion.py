@@ -1,4 +1,5 @@
-"""Eval-gated promotion on a real MLflow SQLite registry: champion moves only past the combined standard error."""
+"""Eval-gated promotion on a real MLflow SQLite registry: champion moves only past the combined standard error,
+and only between versions scored on the same items."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import math
 
 from mlflow.tracking import MlflowClient
 
-from tasks.registry import promote
+from tasks.registry import promote, tag_scores
 from tasks.tracking import Tracking
+
+METRIC = "hellaswag.acc_norm"
 
 
 def registry(tmp_path, n: int) -> tuple[Tracking, MlflowClient, list[str]]:
@@ -19,20 +22,36 @@ def registry(tmp_path, n: int) -> tuple[Tracking, MlflowClient, list[str]]:
     return tracking, client, versions
 
 
+def scored(tracking, version, value, stderr, sample="s1"):
+    tag_scores(tracking, "m", version, {METRIC: value, f"{METRIC}_stderr": stderr, "mmlu.acc": 0.25}, sample)
+    return promote(tracking, "m", version, METRIC)
+
+
 def test_champion_moves_only_beyond_the_combined_stderr(tmp_path):
     tracking, client, (v1, v2, v3) = registry(tmp_path, 3)
-    first = promote(tracking, "m", v1, "hellaswag.acc_norm", 0.30, 0.03)
+    first = scored(tracking, v1, 0.30, 0.03)
     assert first["alias"] == "champion" and first["reason"] == "no champion yet"
 
     # +0.04 with stderrs 0.03 and 0.03: combined 0.0424 -> not enough
-    close = promote(tracking, "m", v2, "hellaswag.acc_norm", 0.34, 0.03)
+    close = scored(tracking, v2, 0.34, 0.03)
     assert close["alias"] == "challenger"
     assert math.isclose(close["combined_stderr"], math.hypot(0.03, 0.03)) and math.isclose(close["difference"], 0.04)
     assert str(client.get_model_version_by_alias("m", "champion").version) == v1
     assert str(client.get_model_version_by_alias("m", "challenger").version) == v2
 
-    clear = promote(tracking, "m", v3, "hellaswag.acc_norm", 0.40, 0.02)
+    clear = scored(tracking, v3, 0.40, 0.02)
     assert clear["alias"] == "champion" and clear["champion_version"] == v1
     assert str(client.get_model_version_by_alias("m", "champion").version) == v3
     tags = client.get_model_version("m", v3).tags
-    assert tags["promotion.alias"] == "champion" and float(tags["bench.hellaswag.acc_norm"]) == 0.40
+    assert tags["promotion.alias"] == "champion" and float(tags[f"bench.{METRIC}"]) == 0.40
+    assert tags["bench.sample_sha256"] == "s1" and float(tags["bench.mmlu.acc"]) == 0.25
+    # scoring the champion again changes nothing
+    assert scored(tracking, v3, 0.40, 0.02)["reason"] == "already the champion"
+
+
+def test_scores_on_other_items_are_not_compared(tmp_path):
+    tracking, client, (v1, v2) = registry(tmp_path, 2)
+    scored(tracking, v1, 0.25, 0.01, sample="s1")
+    other = scored(tracking, v2, 0.90, 0.01, sample="s2")  # far better, but on another sample
+    assert other["alias"] == "challenger" and "scored on other items" in other["reason"]
+    assert str(client.get_model_version_by_alias("m", "champion").version) == v1

@@ -45,6 +45,15 @@ ORIGIN_LOCAL = "local"
 _SUFFIX_RE = re.compile(r"^\.[A-Za-z0-9]{1,10}$")
 
 
+MIRROR_ENV = "LMCORE_MIRROR"
+
+
+def mirror_from_env() -> Path | None:
+    """The offline mirror folder named by $LMCORE_MIRROR, when it exists."""
+    value = os.environ.get(MIRROR_ENV)
+    return Path(value) if value and Path(value).is_dir() else None
+
+
 class CollectError(RuntimeError):
     """A source that cannot be collected: missing, unreachable, or not matching its sha256."""
 
@@ -97,6 +106,8 @@ def _collect_one(
     src: Source, dest_dir: Path, cfg: CollectConfig, index: _MirrorIndex | None, base_dir: Path, backoff_s: float
 ) -> dict:
     location = src.url if src.url is not None else src.path
+    if location is None:  # pinned by sha256 alone: the mirror has it or nobody does
+        return _collect_from_mirror_only(src, dest_dir, index)
     file_name = src.name + _suffix(location, is_url=src.url is not None)
     dest = dest_dir / file_name
     entry = {"name": src.name, "origin": None, "source": location}
@@ -124,6 +135,25 @@ def _collect_one(
 
     entry.update(file=file_name, sha256=digest, bytes=size, license=src.license)
     return entry
+
+
+def _collect_from_mirror_only(src: Source, dest_dir: Path, index: _MirrorIndex | None) -> dict:
+    """A source with no URL or path: copied out of the mirror by its sha256, named after the mirror's file."""
+    tmp = dest_dir / f".{src.name}.part"
+    hit = index.copy(src.sha256, tmp) if index is not None else None
+    if hit is None:
+        where = f"the mirror {index.root}" if index is not None else "any mirror (LMCORE_MIRROR is not set)"
+        raise CollectError(
+            f"source {src.name!r} has no url or path and sha256 {src.sha256} is not in {where}; "
+            f"give it a 'url' (with that file's sha256) or a local 'path'"
+        )
+    mirror_path, digest, size = hit
+    name = mirror_path.name
+    suffixes = "".join(s for s in PurePosixPath(name).suffixes[-2:] if _SUFFIX_RE.match(s))
+    file_name = src.name + (suffixes or DEFAULT_SUFFIX)
+    os.replace(tmp, dest_dir / file_name)
+    return {"name": src.name, "origin": ORIGIN_MIRROR, "source": f"sha256:{src.sha256}", "mirror_path": str(mirror_path),
+            "file": file_name, "sha256": digest, "bytes": size, "license": src.license}
 
 
 def _suffix(location: str, is_url: bool) -> str:

@@ -35,3 +35,30 @@ def test_unknown_stage_is_an_error():
     result = runner.invoke(app, ["run", "finetune", "--root", str(ROOT)])
     assert result.exit_code == 2
     assert "unknown stage 'finetune'" in _all_output(result)
+
+
+def test_eval_scores_a_model_folder_and_collects_the_data(tmp_path, one_thread):
+    import json
+
+    import torch
+
+    from lmcore.checkpoint import save_model
+    from lmcore.config import ModelConfig
+    from lmcore.model import GPT
+
+    torch.manual_seed(0)
+    save_model(GPT(ModelConfig(vocab_size=50257, context_length=64, n_embd=16, n_layer=1, n_head=2)), tmp_path / "m")
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    out = tmp_path / "scores"
+    args = ["eval", "--model", str(tmp_path / "m"), "--tasks", "arc_easy,mmlu_anatomy", "--limit", "3",
+            "--num-fewshot", "1", "--output", str(out), "--root", str(tmp_path)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, _all_output(result)
+    assert "| arc_easy | acc_norm |" in result.output and "6 items in" in result.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["limit"] == 3 and results["tasks"]["mmlu_anatomy"]["num_fewshot"] == 1
+    manifest = json.loads((tmp_path / "data" / "benchmarks" / "manifest.json").read_text())
+    assert {s["name"]: s["origin"] for s in manifest["sources"]}["mmlu"] == "mirror"
+
+    unknown = runner.invoke(app, ["eval", "--model", str(tmp_path / "m"), "--tasks", "hellaswg", "--root", str(tmp_path)])
+    assert unknown.exit_code == 2 and "unknown benchmark task 'hellaswg' (did you mean 'hellaswag'?)" in _all_output(unknown)

@@ -160,3 +160,42 @@ def test_cli_classify_and_chat(lifecycle_run, monkeypatch):
     assert not_instruct.exit_code == 2 and "not an instruction model" in not_instruct.output
     not_classifier = CliRunner().invoke(app, ["classify", "hi", "--model", "models/base"])
     assert not_classifier.exit_code == 2
+
+
+def test_benchmark_scores_promote_the_first_version_to_champion(lifecycle_run):
+    root, uri, result = lifecycle_run
+    out = Layout(root).reports("benchmark")
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["limit"] == 4 and results["groups"]["mmlu"]["n"] == 228
+    assert (out / "scores.png").is_file() and (out / "samples" / "mmlu.jsonl").is_file()
+    bench = result["benchmark"]
+    assert bench["primary_metric"] == "mmlu.acc" and bench["primary_value"] == results["groups"]["mmlu"]["acc"]
+    assert bench["promotion"]["alias"] == "champion" and bench["promotion"]["reason"] == "no champion yet"
+
+    client = MlflowClient(uri, registry_uri=uri)
+    champion = client.get_model_version_by_alias("lmcore-base", "champion")
+    assert str(champion.version) == "1"
+    assert float(champion.tags["bench.mmlu.acc"]) == pytest.approx(results["groups"]["mmlu"]["acc"])
+    assert champion.tags["bench.sample_sha256"] == results["sample_sha256"]
+    run = client.get_run(bench["run_id"])
+    assert run.data.tags["promotion.alias"] == "champion"
+    assert run.data.metrics["mmlu.acc"] == pytest.approx(results["groups"]["mmlu"]["acc"])
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)} | {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
+    assert {"promotion.json", "reports/results.json", "reports/scores.png", "reports/samples"} <= logged
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as prefect:
+        arts = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["lmcore-benchmark"])))
+        summary = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["lmcore-lifecycle-summary"])))
+    assert arts and arts[0].type == "table" and "mmlu" in json.dumps(arts[0].data)
+    assert "v1 -> @champion" in summary[0].data and "skipped: no judge endpoint" in summary[0].data
+
+
+def test_judge_without_endpoint_is_skipped_not_faked(lifecycle_run):
+    root, uri, result = lifecycle_run
+    assert result["judge"]["skipped"] and "judge.url" in result["judge"]["reason"]
+    summary = json.loads((Layout(root).reports("judge") / "summary.json").read_text())
+    assert summary == {"skipped": True, "reason": result["judge"]["reason"]}
+    assert not any(Layout(root).reports("judge").glob("*/scores.jsonl"))

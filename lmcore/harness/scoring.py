@@ -1,0 +1,215 @@
+"""Log-likelihood scoring of multiple-choice items, batched and packed, equal to lm-evaluation-harness's numbers.
+
+    scores = score_items(model, enc, items, batch_size=16)
+    scores[0].loglikelihoods   # log P(continuation | context) for each choice, summed over its tokens
+
+What is computed is exactly what lm-eval's HFLM computes for each (context, continuation) request:
+- `encode_pair`: trailing whitespace of the context moves to the continuation; context + continuation is
+  tokenized whole and the continuation is what follows the context's tokens (an empty context is <|endoftext|>);
+- a sequence longer than the model's context is cut from the left: the input is (ctx + cont)[-(L + 1):][:-1];
+- the log-likelihood is the sum of log-softmax at the continuation's tokens; `is_greedy` says whether every
+  one of them is the argmax.
+
+How it is computed is faster:
+- **One row per item, context computed once.** The context is followed by every choice's continuation in one
+  row; positions restart after the context and a block-causal mask lets each continuation see the context and
+  itself only, so each choice sees exactly the tokens it would see alone (tests/test_model.py checks it).
+  A continuation's last token is never an input, so one-token choices (MMLU's " A".." D") add nothing to the
+  row: all four are read off the context's last position.
+- **Rows batched across items and tasks, sorted by length**, longest first (padding stays small, and a batch
+  that does not fit in memory fails at once, not at the end).
+- **The LM head only where it is needed.** The (T, V) logits of a row are mostly thrown away; here the head
+  runs on the hidden states of the scored positions alone, which for a small model with a 50k vocabulary is
+  most of the work saved.
+
+Scores do not depend on the batch size beyond float rounding (tests check it): every row is masked to itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from lmcore.harness.tasks import Item
+from lmcore.model import GPT
+
+HEAD_CHUNK = 256  # scored positions per LM-head matmul: a (256, V) block stays in cache (1.5x faster than 2048 here)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """One item's choices, scored."""
+
+    loglikelihoods: tuple[float, ...]  # log P(continuation | context), summed over the continuation's tokens
+    is_greedy: tuple[bool, ...]  # every continuation token was the argmax
+    n_tokens: tuple[int, ...]  # continuation tokens per choice
+    truncated: bool  # some choice's input was cut from the left to fit the model's context
+
+
+def encode_pair(enc, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as lm-eval's `_encode_pair` makes them (empty context: <|endoftext|>)."""
+    if context == "":
+        cont = enc.encode_ordinary(continuation)
+        return ([enc.eot_token], cont) if cont[:1] != [enc.eot_token] else (cont[:1], cont[1:])
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    ctx = enc.encode_ordinary(context)
+    whole = enc.encode_ordinary(context + continuation)
+    return ctx, whole[len(ctx) :]
+
+
+@dataclass
+class _Row:
+    """A shared prefix followed by continuations (their last token dropped: it is never an input)."""
+
+    item: int  # index into the items
+    tokens: list[int]
+    positions: list[int]
+    segments: list[int]  # 0 for the prefix, j + 1 for choice j's tokens
+    # per choice in this row: (choice index, row indices whose outputs predict its tokens, its token ids)
+    targets: list[tuple[int, list[int], list[int]]]
+
+
+class TooLongError(ValueError):
+    """A choice longer than the model's context: it cannot be scored (lm-eval stops on an assertion here)."""
+
+
+def _rows(item_idx: int, ctx: list[int], conts: list[list[int]], max_length: int) -> tuple[list[_Row], bool]:
+    """Pack one item into as few rows as the left truncation allows (one, unless choices truncate differently)."""
+    by_start: dict[int, list[int]] = {}  # left-truncation offset -> choices
+    for j, cont in enumerate(conts):
+        if not cont:
+            raise ValueError(f"item {item_idx}: choice {j} has no tokens after its context")
+        if len(cont) > max_length:
+            raise TooLongError(f"item {item_idx}: choice {j} has {len(cont)} tokens, more than the context length {max_length}")
+        by_start.setdefault(max(0, len(ctx) + len(cont) - (max_length + 1)), []).append(j)
+    rows = []
+    for start, choices in by_start.items():
+        prefix = ctx[start:]
+        row = _Row(item_idx, list(prefix), list(range(len(prefix))), [0] * len(prefix), [])
+        for j in choices:
+            cont = conts[j]
+            first = len(row.tokens)
+            body = cont[:-1]  # inputs; their outputs predict cont[1:]
+            row.tokens += body
+            row.positions += range(len(prefix), len(prefix) + len(body))
+            row.segments += [j + 1] * len(body)
+            row.targets.append((j, [len(prefix) - 1] + list(range(first, first + len(body))), cont))
+        rows.append(row)
+    return rows, any(by_start)
+
+
+def _batch(rows: list[_Row], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (B, T) ids and positions, and the (B, 1, T, T) block-causal mask (padding sees itself)."""
+    T = max(len(r.tokens) for r in rows)
+    B = len(rows)
+    idx = torch.zeros(B, T, dtype=torch.long)
+    pos = torch.zeros(B, T, dtype=torch.long)
+    seg = torch.full((B, T), -1, dtype=torch.long)  # -1: padding
+    for b, r in enumerate(rows):
+        n = len(r.tokens)
+        idx[b, :n] = torch.tensor(r.tokens)
+        pos[b, :n] = torch.tensor(r.positions)
+        seg[b, :n] = torch.tensor(r.segments)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T)
+    q, k = seg[:, :, None], seg[:, None, :]  # (B, T, 1), (B, 1, T)
+    mask = causal & (((k == 0) & (q >= 0)) | (q == k))  # the prefix, or the query's own segment (padding: itself)
+    return idx.to(device), pos.to(device), mask[:, None].to(device)
+
+
+@torch.no_grad()
+def score_items(
+    model: GPT,
+    enc,
+    items: Sequence[Item],
+    *,
+    batch_size: int = 16,
+    skip_too_long: bool = False,
+    progress: bool = True,
+) -> list[Scores | None]:
+    """Score every choice of every item. Returns one Scores per item, in the items' order.
+
+    Args:
+        model: a language model (not a classifier head); run in eval mode, put back in its mode afterwards.
+        enc: the tiktoken Encoding the model was trained with.
+        batch_size: rows per forward pass (a row is an item, context and all its choices).
+        skip_too_long: an item with a choice longer than the model's context gets None instead of raising
+            TooLongError (the caller counts them).
+        progress: show a tqdm bar.
+    """
+    if model.lm_head.out_features != model.config.vocab_size:
+        raise ValueError("score_items needs a language model; this one has a classifier head")
+    device = next(model.parameters()).device
+    max_length = model.config.context_length
+    encoded = [_encode_item(enc, it) for it in items]
+    rows: list[_Row] = []
+    truncated = []
+    skipped = set()
+    for i, (ctx, conts) in enumerate(encoded):
+        try:
+            item_rows, cut = _rows(i, ctx, conts, max_length)
+        except TooLongError as err:
+            if not skip_too_long:
+                raise TooLongError(f"{items[i].task} doc {items[i].doc_id}: {err}") from None
+            skipped.add(i)
+            item_rows, cut = [], False
+        rows += item_rows
+        truncated.append(cut)
+    order = sorted(range(len(rows)), key=lambda r: (-len(rows[r].tokens), rows[r].item))  # longest first
+
+    ll = [[0.0] * len(c) for _, c in encoded]
+    greedy = [[False] * len(c) for _, c in encoded]
+    was_training = model.training
+    model.eval()
+    try:
+        with tqdm(total=len(rows), desc="scoring", unit="row", disable=not progress, dynamic_ncols=True) as bar:
+            for start in range(0, len(order), batch_size):
+                batch = [rows[r] for r in order[start : start + batch_size]]
+                idx, pos, mask = _batch(batch, device)
+                hidden = model.hidden(idx, positions=pos, mask=mask)  # (B, T, C)
+                # Gather the scored positions of the whole batch, run the head on those alone.
+                where_b, where_t, targets, owners = [], [], [], []
+                for b, row in enumerate(batch):
+                    for j, at, toks in row.targets:
+                        where_b += [b] * len(at)
+                        where_t += at
+                        targets += toks
+                        owners.append((row.item, j, len(toks)))
+                h = hidden[torch.tensor(where_b, device=device), torch.tensor(where_t, device=device)]  # (N, C)
+                tgt = torch.tensor(targets, device=device)  # (N,)
+                logp, hit = [], []
+                for c in range(0, len(tgt), HEAD_CHUNK):
+                    logits = model.lm_head(h[c : c + HEAD_CHUNK]).float()  # (n, V)
+                    lp = F.log_softmax(logits, dim=-1)
+                    t = tgt[c : c + HEAD_CHUNK]
+                    logp.append(lp.gather(1, t[:, None])[:, 0])
+                    hit.append(lp.argmax(dim=-1) == t)
+                logp_all, hit_all = torch.cat(logp).cpu(), torch.cat(hit).cpu()
+                k = 0
+                for item, j, n in owners:
+                    ll[item][j] = float(logp_all[k : k + n].sum())
+                    greedy[item][j] = bool(hit_all[k : k + n].all())
+                    k += n
+                bar.update(len(batch))
+    finally:
+        model.train(was_training)
+    return [
+        None if i in skipped else Scores(tuple(ll[i]), tuple(greedy[i]), tuple(len(c) for c in encoded[i][1]), truncated[i])
+        for i in range(len(items))
+    ]
+
+
+def _encode_item(enc, item: Item) -> tuple[list[int], list[list[int]]]:
+    """The item's context ids and each choice's continuation ids (lm-eval's split of context + continuation)."""
+    pairs = [encode_pair(enc, item.context, cont) for cont in item.continuations]
+    contexts = {tuple(c) for c, _ in pairs}
+    if len(contexts) != 1:
+        # Only if a choice began by merging with the context's last characters; never for a delimiter of " ".
+        raise ValueError(f"{item.task} doc {item.doc_id}: choices split the context into different tokens")
+    return pairs[0][0], [cont for _, cont in pairs]

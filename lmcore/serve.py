@@ -1,0 +1,335 @@
+"""An OpenAI-compatible HTTP API for one lmcore model: chat completions from any OpenAI client.
+
+    lmcore serve --model models:/lmcore-instruct@dpo --port 8000       # or --model models/instruct
+    curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+        -d '{"model": "lmcore-instruct@dpo", "messages": [{"role": "user", "content": "Name three primary colors."}],
+             "temperature": 0, "max_tokens": 40}'
+
+In Python: `create_app(Path("models/instruct"), model_name="instruct")` is the FastAPI app;
+`serve(Path("models/instruct"), model_name="instruct")` runs it under uvicorn.
+
+Endpoints: POST /v1/chat/completions, GET /v1/models, GET /health. Errors come back in OpenAI's
+shape, {"error": {"message", "type", "param", "code"}}, with 400 for a bad request (validation
+errors included) and 404 for an unknown model name.
+
+The prompt: for an instruction model (its config.json names a "template") the last user message is
+the instruction, in that template, with any system messages before it (blank-line separated);
+earlier turns are not part of the prompt (the book's models are single-turn). For a plain LM the
+messages' contents are joined by newlines and the reply is their continuation. Text is encoded as
+ordinary text: a literal "<|endoftext|>" in a message is never the end-of-text token.
+
+Sampling: temperature (default 1.0; 0 is greedy), seed (default 0: identical requests give identical
+replies), max_tokens (default: the rest of the context), stop (the reply is cut before the first stop
+string), top_k (an extension, as in vLLM). top_p other than 1, n other than 1 and stream are refused.
+There is no sliding window: prompt and completion must fit in the model's context, as with OpenAI.
+usage.completion_tokens counts every generated token, the end-of-text token included.
+One request generates at a time; the others wait.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lmcore.checkpoint import HEAD_KEY, load_model, read_model_config
+from lmcore.finetune.data import TEMPLATES, format_prompt
+from lmcore.finetune.instruct import TEMPLATE_KEY
+from lmcore.generation import generate
+from lmcore.model import GPT
+from lmcore.paths import MODEL_CONFIG
+from lmcore.tokenizer import get_encoding
+from lmcore.training import resolve_device
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_KEY = "tokenizer"  # in config.json; gpt2 when absent
+MAX_STOP = 4  # stop strings per request, as OpenAI
+# OpenAI parameters this server cannot honour: refused unless they have one of these (no-op) values.
+UNSUPPORTED = {
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "logit_bias": (None, {}),
+    "best_of": (None, 1),
+    "tools": (None, []),
+    "functions": (None, []),
+    "response_format": (None, {"type": "text"}),
+}
+
+
+class APIError(Exception):
+    """A request that cannot be served; becomes an OpenAI error response."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # e.g. "name"
+
+    role: Literal["system", "developer", "user", "assistant"]  # "developer" is OpenAI's newer "system"
+    content: str
+
+
+class ChatRequest(BaseModel):
+    # Other OpenAI parameters (user, metadata, ...) are accepted and ignored, except those in UNSUPPORTED.
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    temperature: Annotated[float | None, Field(ge=0)] = 1.0
+    top_p: Annotated[float | None, Field(gt=0, le=1)] = 1.0
+    top_k: Annotated[int | None, Field(ge=1)] = None
+    max_tokens: Annotated[int | None, Field(ge=1)] = None
+    max_completion_tokens: Annotated[int | None, Field(ge=1)] = None  # OpenAI's newer name for max_tokens
+    stop: str | list[str] | None = None
+    seed: Annotated[int | None, Field(ge=-(2**63), le=2**64 - 1)] = 0  # the range torch.Generator takes
+    n: int | None = 1
+    stream: bool | None = False
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: Literal["stop", "length"]
+
+
+def build_prompt(messages: list[ChatMessage], template: str | None) -> str:
+    """The model's prompt for a chat.
+
+    Args:
+        messages: the request's messages; at least one must be a user message.
+        template: the instruction model's prompt template, or None for a plain LM.
+
+    Returns: the instruction in `template` (system messages first), or the contents joined by newlines.
+    """
+    users = [m for m in messages if m.role == "user"]
+    if not users:
+        raise APIError(400, "messages: there is no message with role 'user'", param="messages")
+    if template is None:
+        return "\n".join(m.content for m in messages)
+    system = [m.content for m in messages if m.role in ("system", "developer")]
+    return format_prompt({"instruction": "\n\n".join([*system, users[-1].content]), "input": ""}, template)
+
+
+def _decode(enc, ids: list[int]) -> str:
+    # A model vocabulary padded beyond the tokenizer's has ids that decode to nothing: show them as U+FFFD.
+    parts = [enc.decode_single_token_bytes(t) if t < enc.n_vocab else "\ufffd".encode() for t in ids]
+    return b"".join(parts).decode("utf-8", errors="replace")
+
+
+def _first_stop(text: str, stop: list[str]) -> int | None:
+    found = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return min(found) if found else None
+
+
+def complete(
+    model: GPT,
+    enc,
+    prompt_ids: list[int],
+    *,
+    max_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    seed: int,
+    stop: list[str],
+) -> Completion:
+    """Generate a reply token by token (lmcore.generation.generate, one step at a time).
+
+    Stepping one token per call draws from the generator exactly as one long call would, and lets
+    generation end as soon as a stop string appears.
+
+    Args:
+        prompt_ids: the encoded prompt; it and max_tokens must fit in the model's context.
+        seed: seeds a fresh torch.Generator, so the same request gives the same reply.
+        stop: the reply is cut before the first occurrence of any of these.
+
+    Returns: the reply text and the token counts; finish_reason "stop" for end-of-text or a stop string.
+    """
+    device = next(model.parameters()).device
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    ids: list[int] = []
+    finish: Literal["stop", "length"] = "length"
+    for _ in range(max_tokens):
+        idx = generate(model, idx, 1, temperature=temperature, top_k=top_k, generator=generator)  # (1, T + 1)
+        ids.append(int(idx[0, -1]))
+        if ids[-1] == enc.eot_token or (stop and _first_stop(_decode(enc, ids), stop) is not None):
+            finish = "stop"
+            break
+    text = _decode(enc, ids[:-1] if ids and ids[-1] == enc.eot_token else ids)
+    cut = _first_stop(text, stop)
+    return Completion(text if cut is None else text[:cut], len(prompt_ids), len(ids), finish)
+
+
+def _error_body(message: str, *, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """A readable message naming the field(s), and the first field as OpenAI's `param`."""
+    messages, params = [], []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        if err.get("type") == "json_invalid":
+            messages.append(f"malformed JSON body at position {loc[0] if loc else '?'}: {err.get('ctx', {}).get('error', err['msg'])}")
+            continue
+        if not loc:
+            messages.append("the request body must be a JSON object (Content-Type: application/json)")
+            continue
+        param = ".".join(loc)
+        params.append(param)
+        messages.append(f"{param}: {'field required' if err.get('type') == 'missing' else err['msg']}")
+    return "; ".join(messages) or "invalid request", (params[0] if params else None)
+
+
+def _check_options(req: ChatRequest) -> None:
+    """Refuse what this server cannot do, rather than silently doing something else."""
+    if req.stream:
+        raise APIError(400, "streaming is not supported yet (stream must be false)", param="stream")
+    if req.n not in (None, 1):
+        raise APIError(400, f"n: only n=1 is supported, got {req.n}", param="n")
+    if req.top_p not in (None, 1.0):
+        raise APIError(400, f"top_p: only 1.0 is supported, got {req.top_p}; top-p sampling arrives with the KV-cache generator (use top_k)", param="top_p")
+    for key, value in (req.model_extra or {}).items():
+        if key in UNSUPPORTED and value not in UNSUPPORTED[key]:
+            raise APIError(400, f"{key} is not supported by lmcore serve (got {value!r})", param=key)
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stops) > MAX_STOP or not all(stops):
+        raise APIError(400, f"stop: at most {MAX_STOP} non-empty strings, got {req.stop!r}", param="stop")
+
+
+def _load(model_dir: Path, device: str) -> tuple[GPT, str | None, str]:
+    """The model (eval mode), its prompt template (None for a plain LM) and its tokenizer's name."""
+    _, extra = read_model_config(model_dir)
+    if extra.get(HEAD_KEY) is not None:
+        raise ValueError(f"{model_dir / MODEL_CONFIG}: a classifier ({extra[HEAD_KEY].get('type')} head) cannot generate text; use `lmcore classify`")
+    template = extra.get(TEMPLATE_KEY)
+    if template is not None and template not in TEMPLATES:
+        raise ValueError(f"{model_dir / MODEL_CONFIG}: unknown '{TEMPLATE_KEY}' {template!r}; expected one of {list(TEMPLATES)}")
+    return load_model(model_dir, device=resolve_device(device)).eval(), template, extra.get(TOKENIZER_KEY, "gpt2")
+
+
+def create_app(model_dir: Path, *, model_name: str, enc=None, device: str = "cpu") -> FastAPI:
+    """The FastAPI app serving one model folder.
+
+    Args:
+        model_dir: an lmcore model folder (lmcore.checkpoint layout), loaded once here.
+        model_name: the name clients send as "model" and /v1/models lists.
+        enc: the tokenizer; by default the one config.json names (gpt2), via lmcore.tokenizer.get_encoding.
+        device: "cpu", "cuda", "mps" or "auto".
+
+    Returns: the app; run it with uvicorn (see `serve`).
+    """
+    model_dir = Path(model_dir)
+    model, template, tokenizer = _load(model_dir, device)
+    enc = enc if enc is not None else get_encoding(tokenizer)
+    context_length = model.config.context_length
+    if model.config.vocab_size < enc.n_vocab:
+        raise ValueError(f"{model_dir / MODEL_CONFIG}: vocab_size {model.config.vocab_size} is smaller than the tokenizer's {enc.n_vocab}")
+    created = int(time.time())
+    lock = threading.Lock()
+    kind = f"instruction model ({template} template)" if template else "language model"
+    log.info("serving %s as %r: %s, context %d tokens", model_dir, model_name, kind, context_length)
+
+    app = FastAPI(title="lmcore", description=f"OpenAI-compatible API for {model_name}")
+
+    @app.exception_handler(APIError)
+    def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(_error_body(exc.message, param=exc.param, code=exc.code), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return JSONResponse(_error_body(message, param=param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else None
+        return JSONResponse(_error_body(f"{request.method} {request.url.path}: {exc.detail}", code=code), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    def _server_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("%s %s failed", request.method, request.url.path)
+        return JSONResponse(_error_body(f"internal error: {type(exc).__name__}: {exc}", type_="server_error"), status_code=500)
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "model": model_name}
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "lmcore"}]}
+
+    @app.post("/v1/chat/completions")
+    def chat_completions(req: ChatRequest) -> dict[str, Any]:
+        # A plain `def`: FastAPI runs it in its threadpool, and the lock lets one request generate at a time.
+        if req.model != model_name:
+            raise APIError(404, f"The model `{req.model}` does not exist; this server serves `{model_name}`", param="model", code="model_not_found")
+        _check_options(req)
+        prompt_ids = enc.encode_ordinary(build_prompt(req.messages, template)) or [enc.eot_token]  # empty: a document start
+        room = context_length - len(prompt_ids)
+        max_tokens = req.max_completion_tokens or req.max_tokens or max(room, 1)
+        if max_tokens > room:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {context_length} tokens, but {len(prompt_ids) + max_tokens} were "
+                f"requested ({len(prompt_ids)} in the messages, {max_tokens} for the completion); shorten the messages"
+                + (" or lower max_tokens" if room > 0 else ""),
+                param="max_tokens" if room > 0 else "messages",
+                code="context_length_exceeded",
+            )
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        seed = 0 if req.seed is None else req.seed
+        temperature = 1.0 if req.temperature is None else req.temperature
+        with lock:
+            out = complete(model, enc, prompt_ids, max_tokens=max_tokens, temperature=temperature, top_k=req.top_k, seed=seed, stop=stop)
+        content = out.text.strip() if template else out.text  # as `lmcore chat` and test_responses.jsonl
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model_name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None, "finish_reason": out.finish_reason}],
+            "usage": {
+                "prompt_tokens": out.prompt_tokens,
+                "completion_tokens": out.completion_tokens,
+                "total_tokens": out.prompt_tokens + out.completion_tokens,
+            },
+        }
+
+    return app
+
+
+def serve(model_dir: Path, *, host: str = "127.0.0.1", port: int = 8000, model_name: str, device: str = "cpu") -> None:
+    """Load the model and serve it until interrupted (uvicorn, log level info).
+
+    Args:
+        model_dir: an lmcore model folder.
+        host: the address to bind; the loopback address keeps the server private to this machine.
+        port: the TCP port.
+        model_name: the name clients use as "model".
+        device: "cpu", "cuda", "mps" or "auto".
+    """
+    import uvicorn
+
+    app = create_app(Path(model_dir), model_name=model_name, device=device)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"lmcore serve: {model_name} at http://{shown}:{port}/v1 (POST /v1/chat/completions, GET /v1/models)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="info")

@@ -1,0 +1,296 @@
+"""lmcore.serve: the OpenAI-compatible API, started as `lmcore serve` in a real subprocess and called over HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import uvicorn
+from typer.testing import CliRunner
+
+from flows.cli import app as cli_app
+from lmcore.checkpoint import load_model, save_model
+from lmcore.config import ModelConfig
+from lmcore.finetune.data import format_prompt
+from lmcore.generation import generate
+from lmcore.model import GPT
+from lmcore.serve import APIError, ChatMessage, build_prompt, create_app
+from lmcore.tokenizer import get_encoding
+from tests.conftest import ROOT
+
+STARTUP_TIMEOUT_S = 60
+INSTRUCTION = "Name three primary colors."
+MICRO = dict(vocab_size=50257, context_length=128, n_embd=32, n_layer=2, n_head=2)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(base: str, alive, log: Path | None = None) -> None:
+    """Poll GET /health until it answers 200; fail with the server's log if it dies or takes too long."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if not alive():
+            break
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return
+        time.sleep(0.1)
+    tail = log.read_text(errors="replace")[-3000:] if log is not None and log.exists() else ""
+    pytest.fail(f"server at {base} did not come up within {STARTUP_TIMEOUT_S}s:\n{tail}")
+
+
+@contextlib.contextmanager
+def running_server(model_dir: Path, log_dir: Path, *args: str) -> Iterator[str]:
+    """`python -m flows.cli serve --model model_dir *args` on a free port; yields the base URL (ending in /v1)."""
+    port = free_port()
+    log = log_dir / f"serve-{port}.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # steady on shared cores, and the same numbers as one_thread here
+    cmd = [sys.executable, "-m", "flows.cli", "serve", "--model", str(model_dir), "--port", str(port), *args]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", lambda: proc.poll() is None, log)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def in_thread_server(app) -> Iterator[str]:
+    """A real uvicorn server for `app` on 127.0.0.1 in a thread of this process; yields the base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", thread.is_alive)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def enc():
+    return get_encoding("gpt2")
+
+
+@pytest.fixture(scope="module")
+def instruct_dir(tmp_path_factory) -> Path:
+    """A random-initialised micro instruction model (alpaca template) with the GPT-2 vocabulary."""
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("models") / "instruct"
+    save_model(GPT(ModelConfig(**MICRO)), out, extra={"template": "alpaca", "tokenizer": "gpt2"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(instruct_dir, tmp_path_factory) -> Iterator[str]:
+    # No --name: the served name is the folder's.
+    with running_server(instruct_dir, tmp_path_factory.mktemp("logs")) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(enc) -> list[int]:
+    return enc.encode_ordinary(format_prompt({"instruction": INSTRUCTION, "input": ""}, "alpaca"))
+
+
+def local_generate(model_dir: Path, ids: list[int], n: int, *, temperature: float = 0.0, seed: int = 0) -> list[int]:
+    """The library's own sampling of n tokens after `ids` (in this process, one thread)."""
+    model = load_model(model_dir)
+    out = generate(
+        model, torch.tensor([ids]), n, temperature=temperature, generator=torch.Generator().manual_seed(seed)
+    )
+    return out[0, len(ids) :].tolist()
+
+
+def chat(base: str, content: str = INSTRUCTION, **options) -> httpx.Response:
+    body = {"model": "instruct", "messages": [{"role": "user", "content": content}], **options}
+    return httpx.post(f"{base}/chat/completions", json=body, timeout=30)
+
+
+def test_build_prompt():
+    msgs = [
+        ChatMessage(role="system", content="Be brief."),
+        ChatMessage(role="user", content="first question"),
+        ChatMessage(role="assistant", content="first answer"),
+        ChatMessage(role="user", content=INSTRUCTION),
+    ]
+    # Instruction model: system text, a blank line, the last user message, in the template.
+    assert build_prompt(msgs, "alpaca") == format_prompt({"instruction": f"Be brief.\n\n{INSTRUCTION}"}, "alpaca")
+    assert build_prompt(msgs[3:], "phi3") == f"<|user|>\n{INSTRUCTION}\n<|assistant|>\n"
+    # Plain LM: every message's content, one per line.
+    assert build_prompt(msgs, None) == f"Be brief.\nfirst question\nfirst answer\n{INSTRUCTION}"
+    with pytest.raises(APIError, match="no message with role 'user'") as err:
+        build_prompt(msgs[:1], "alpaca")
+    assert err.value.status == 400 and err.value.param == "messages"
+
+
+def test_completion_shape_usage_and_greedy_parity(server, instruct_dir, prompt_ids, enc, one_thread):
+    expected = local_generate(instruct_dir, prompt_ids, 6)
+    assert enc.eot_token not in expected  # so the reply runs to max_tokens
+
+    t0 = time.time()
+    first, second = chat(server, temperature=0, max_tokens=6), chat(server, temperature=0, max_tokens=6)
+    assert first.status_code == 200, first.text
+    body = first.json()
+    assert body["id"].startswith("chatcmpl-") and len(body["id"]) == len("chatcmpl-") + 32
+    assert body["object"] == "chat.completion" and body["model"] == "instruct"
+    assert abs(body["created"] - t0) < 60
+    (choice,) = body["choices"]
+    assert choice["index"] == 0 and choice["message"]["role"] == "assistant"
+    assert choice["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": len(prompt_ids), "completion_tokens": 6, "total_tokens": len(prompt_ids) + 6}
+    # Greedy: the library's argmax tokens, stripped as `lmcore chat` strips a response.
+    assert choice["message"]["content"] == enc.decode(expected).strip()
+    assert second.json()["choices"][0]["message"]["content"] == choice["message"]["content"]
+    assert second.json()["id"] != body["id"]
+
+
+def test_seeded_sampling_is_reproducible(server, instruct_dir, prompt_ids, enc, one_thread):
+    replies = [chat(server, temperature=1.0, seed=seed, max_tokens=8).json() for seed in (7, 7, 8)]
+    texts = [r["choices"][0]["message"]["content"] for r in replies]
+    assert texts[0] == texts[1] and texts[0] != texts[2]
+    # The same draw as one lmcore.generation.generate call with a generator seeded the same.
+    assert texts[0] == enc.decode(local_generate(instruct_dir, prompt_ids, 8, temperature=1.0, seed=7)).strip()
+    # No seed given: seed 0, so still reproducible.
+    unseeded = [chat(server, temperature=1.0, max_tokens=8).json()["choices"][0]["message"]["content"] for _ in range(2)]
+    assert unseeded[0] == unseeded[1] == enc.decode(local_generate(instruct_dir, prompt_ids, 8, temperature=1.0, seed=0)).strip()
+
+
+def test_stop_strings(server, instruct_dir, prompt_ids, enc, one_thread):
+    # Sampled, not greedy: a random model's greedy reply repeats one token, which makes a poor stop test.
+    sampling = dict(temperature=1.0, seed=3)
+    ids = local_generate(instruct_dir, prompt_ids, 12, **sampling)
+    text = enc.decode(ids)
+    # A stop string from the middle of the reply: a later token's text.
+    stop = next(enc.decode(ids[j : j + 1]).strip() for j in range(5, 12) if enc.decode(ids[j : j + 1]).strip())
+    cut = text.index(stop)
+    assert text[:cut].strip()  # something comes before it
+    needed = next(m for m in range(1, len(ids) + 1) if stop in enc.decode(ids[:m]))  # tokens until it appears
+
+    for stop_param in (stop, ["no-such-stop", stop]):
+        body = chat(server, max_tokens=12, stop=stop_param, **sampling).json()
+        assert body["choices"][0]["finish_reason"] == "stop"
+        assert body["choices"][0]["message"]["content"] == text[:cut].strip()
+        assert body["usage"]["completion_tokens"] == needed < 12
+    # A stop string that never appears changes nothing.
+    body = chat(server, max_tokens=12, stop="no-such-stop", **sampling).json()
+    assert body["choices"][0]["finish_reason"] == "length" and body["usage"]["completion_tokens"] == 12
+    assert body["choices"][0]["message"]["content"] == text.strip()
+
+
+def test_default_max_tokens_fill_the_context(server, instruct_dir, prompt_ids, enc, one_thread):
+    room = MICRO["context_length"] - len(prompt_ids)
+    expected = local_generate(instruct_dir, prompt_ids, room)
+    assert enc.eot_token not in expected
+    body = chat(server, temperature=0).json()
+    assert body["usage"]["completion_tokens"] == room and body["usage"]["total_tokens"] == MICRO["context_length"]
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["choices"][0]["message"]["content"] == enc.decode(expected).strip()
+
+    too_long = chat(server, max_tokens=room + 1)
+    assert too_long.status_code == 400
+    err = too_long.json()["error"]
+    assert err["code"] == "context_length_exceeded" and err["param"] == "max_tokens"
+    assert f"maximum context length is {MICRO['context_length']} tokens" in err["message"]
+    assert f"{len(prompt_ids)} in the messages, {room + 1} for the completion" in err["message"]
+    assert chat(server, content="word " * 200).json()["error"]["param"] == "messages"
+
+
+def test_models_and_health(server):
+    models = httpx.get(f"{server}/models", timeout=10).json()
+    assert models["object"] == "list"
+    assert [(m["id"], m["object"], m["owned_by"]) for m in models["data"]] == [("instruct", "model", "lmcore")]
+    assert httpx.get(server.removesuffix("/v1") + "/health", timeout=10).json() == {"status": "ok", "model": "instruct"}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param", "code", "message"),
+    [
+        ({"model": "gpt-4o"}, 404, "model", "model_not_found", "The model `gpt-4o` does not exist; this server serves `instruct`"),
+        ({"stream": True}, 400, "stream", None, "streaming is not supported yet"),
+        ({"n": 2}, 400, "n", None, "only n=1 is supported"),
+        ({"top_p": 0.9}, 400, "top_p", None, "top-p sampling arrives with the KV-cache generator"),
+        ({"logprobs": True}, 400, "logprobs", None, "logprobs is not supported"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None, "at most 4 non-empty strings"),
+        ({"messages": None}, 400, "messages", None, "messages: field required"),
+        ({"messages": []}, 400, "messages", None, "messages: List should have at least 1 item"),
+        ({"messages": [{"role": "user", "content": ["a"]}]}, 400, "messages.0.content", None, "valid string"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages.0.role", None, "messages.0.role: Input should be"),
+        ({"messages": [{"role": "system", "content": "x"}]}, 400, "messages", None, "no message with role 'user'"),
+        ({"temperature": -1}, 400, "temperature", None, "temperature: Input should be greater than or equal to 0"),
+        ({"max_tokens": 0}, 400, "max_tokens", None, "max_tokens: Input should be greater than or equal to 1"),
+    ],
+)
+def test_errors_in_openai_shape(server, body, status, param, code, message):
+    request = {"model": "instruct", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **body}
+    request = {k: v for k, v in request.items() if v is not None}
+    r = httpx.post(f"{server}/chat/completions", json=request, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == "invalid_request_error" and err["param"] == param and err["code"] == code
+    assert message in err["message"]
+
+
+def test_malformed_requests(server):
+    bad_json = httpx.post(f"{server}/chat/completions", content=b'{"model": ', headers={"content-type": "application/json"}, timeout=10)
+    assert bad_json.status_code == 400 and "malformed JSON body" in bad_json.json()["error"]["message"]
+    not_json = httpx.post(f"{server}/chat/completions", content=b"hello", timeout=10)
+    assert not_json.status_code == 400 and "must be a JSON object" in not_json.json()["error"]["message"]
+    missing = httpx.post(f"{server}/chat/completions", json={"model": "instruct"}, timeout=10).json()["error"]
+    assert missing["param"] == "messages" and missing["message"] == "messages: field required"
+    unknown = httpx.get(f"{server}/completions", timeout=10)
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
+
+
+def test_plain_lm_continues_the_joined_messages(tmp_path, enc, one_thread):
+    torch.manual_seed(1)
+    save_model(GPT(ModelConfig(**{**MICRO, "context_length": 64})), tmp_path / "base", extra={"tokenizer": "gpt2"})
+    messages = [{"role": "system", "content": "Every effort"}, {"role": "user", "content": "moves you"}]
+    ids = enc.encode_ordinary("Every effort\nmoves you")
+    expected = local_generate(tmp_path / "base", ids, 5)
+    with in_thread_server(create_app(tmp_path / "base", model_name="base")) as base:
+        body = httpx.post(
+            f"{base}/chat/completions", json={"model": "base", "messages": messages, "temperature": 0, "max_tokens": 5}, timeout=30
+        ).json()
+    assert body["usage"]["prompt_tokens"] == len(ids)
+    assert body["choices"][0]["message"]["content"] == enc.decode(expected)  # a continuation: not stripped
+
+
+def test_create_app_refuses_a_classifier(tmp_path):
+    model = GPT(ModelConfig(**{**MICRO, "context_length": 16}))
+    model.replace_head(2)
+    save_model(model, tmp_path / "clf", extra={"head": {"type": "classifier", "labels": ["ham", "spam"]}})
+    with pytest.raises(ValueError, match=r"clf/config.json: a classifier .* cannot generate text"):
+        create_app(tmp_path / "clf", model_name="clf")
+
+
+def test_cli_warns_when_not_loopback(tmp_path):
+    # The model folder does not exist, so the command fails before anything binds.
+    result = CliRunner().invoke(cli_app, ["serve", "--model", str(tmp_path / "missing"), "--host", "0.0.0.0"])
+    assert result.exit_code == 2
+    assert "warning: binding 0.0.0.0" in result.stderr and "no such model folder" in result.stderr
+    quiet = CliRunner().invoke(cli_app, ["serve", "--model", str(tmp_path / "missing")])
+    assert quiet.exit_code == 2 and "warning" not in quiet.stderr
