@@ -111,3 +111,21 @@ def utf8_error(path: str | Path, data: bytes, err: UnicodeDecodeError) -> str:
     """"<path>: invalid UTF-8 at byte offset N (line L): b'..' (reason)" for a failed decode of `data`."""
     line = data.count(b"\n", 0, err.start) + 1
     return f"{path}: invalid UTF-8 at byte offset {err.start} (line {line}): {data[err.start:err.end]!r} ({err.reason})"
+
+
+def jsonl_objects(text: str, path: str | Path, error: type[Exception] = ValueError) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL text; blank lines are skipped.
+
+    Raises `error` naming the file and line for malformed JSON or a line that is not a JSON object.
+    Lines are split on "\n" only: other Unicode line separators can sit inside JSON strings.
+    """
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise error(f"{path}:{lineno}: malformed JSON at column {err.colno}: {err.msg}") from None
+        if not isinstance(record, dict):
+            raise error(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        yield lineno, record

@@ -31,12 +31,12 @@ from tqdm import tqdm
 
 from lmcore.config import JudgeConfig
 from lmcore.finetune.data import RESPONSE_MARKERS, DataError, format_prompt
-from lmcore.io import atomic_dir, utf8_error, write_json, write_text
+from lmcore.io import atomic_dir, jsonl_objects, utf8_error, write_json, write_text
+from lmcore.paths import JUDGE_SCORES
 from lmcore.paths import METRICS
 
 log = logging.getLogger(__name__)
 
-SCORES = "scores.jsonl"
 PROMPT_NAME = "book ch. 7 (0-100)"  # recorded in metrics.json: which prompt and scale made the scores
 RESPONSE_FIELDS = ("instruction", "output", "response")  # required in test_responses.jsonl; "input" is optional
 MAX_SCORE = 100
@@ -227,16 +227,8 @@ def read_responses(path: Path) -> list[dict]:
     except UnicodeDecodeError as err:
         raise DataError(utf8_error(path, data, err)) from None
     rows = []
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
+    for lineno, row in jsonl_objects(text, path, DataError):
         where = f"{path}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{where}: malformed JSON at column {err.colno}: {err.msg}") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
         missing = [name for name in RESPONSE_FIELDS if name not in row]
         if missing:
             raise DataError(f"{where}: missing {missing} (a row needs {list(RESPONSE_FIELDS)}, optionally 'input')")
@@ -265,7 +257,8 @@ def judge_responses(
     Returns: the metrics: mean_score (null when no reply could be parsed), stderr (sample std / sqrt(n);
         null for fewer than two scores), n_items, n_scored, n_unparsed and the judge's settings.
     Raises: ValueError when no endpoint is configured; DataError for a bad responses file;
-        JudgeError when the endpoint fails after its retries.
+        JudgeError when the endpoint fails after its retries, or more than cfg.max_unparsed_fraction of the
+        replies hold no score.
     """
     reason = judge_skip_reason(cfg)
     if reason is not None:
@@ -281,12 +274,19 @@ def judge_responses(
             scored_rows.append({**row, "judge_reply": reply, "score": score})
 
     scores = [r["score"] for r in scored_rows if r["score"] is not None]
+    unparsed = len(scored_rows) - len(scores)
+    if unparsed > cfg.max_unparsed_fraction * len(scored_rows):
+        first = next(r["judge_reply"] for r in scored_rows if r["score"] is None)
+        raise JudgeError(
+            f"{_public_url(cfg.url)}: {unparsed} of {len(scored_rows)} replies of judge {cfg.model!r} hold no score 0-{MAX_SCORE} "
+            f"(judge.max_unparsed_fraction is {cfg.max_unparsed_fraction}); e.g. {first[:80]!r}"
+        )
     metrics = {
         "mean_score": statistics.fmean(scores) if scores else None,
         "stderr": statistics.stdev(scores) / math.sqrt(len(scores)) if len(scores) >= 2 else None,
         "n_items": len(scored_rows),
         "n_scored": len(scores),
-        "n_unparsed": len(scored_rows) - len(scores),
+        "n_unparsed": unparsed,
         "judge": {
             "url": _public_url(cfg.url),
             "model": cfg.model,
@@ -297,7 +297,7 @@ def judge_responses(
         },
     }
     with atomic_dir(out_dir) as tmp:
-        write_text(tmp / SCORES, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in scored_rows))
+        write_text(tmp / JUDGE_SCORES, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in scored_rows))
         write_json(tmp / METRICS, metrics)
     log.info("judge %s: mean score %s over %d of %d responses", cfg.model, metrics["mean_score"], len(scores), len(scored_rows))
     return metrics

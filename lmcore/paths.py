@@ -25,6 +25,7 @@ TEST_RESPONSES = "test_responses.jsonl"
 ADAPTER = "adapter.safetensors"  # the LoRA adapter alone (the model folder holds the merged weights)
 ADAPTER_CONFIG = "adapter_config.json"
 FINETUNES = ("classifier", "instruct", "dpo")
+JUDGE_SCORES = "scores.jsonl"  # per judged response: the judge's reply and its score
 
 
 @dataclass(frozen=True)

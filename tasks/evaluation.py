@@ -24,8 +24,8 @@ from lmcore.config import CollectConfig
 from lmcore.data.collect import collect, mirror_from_env
 from lmcore.harness.run import PLOT, RESULTS, SAMPLES_DIR, TABLE, benchmark_model, flat_metrics, reported_scores, table_rows
 from lmcore.io import atomic_dir, sha256_file, write_json
-from lmcore.judge import SCORES, judge_responses, judge_skip_reason
-from lmcore.paths import MANIFEST, METRICS, SUMMARY, TEST_RESPONSES, WEIGHTS
+from lmcore.judge import judge_responses, judge_skip_reason
+from lmcore.paths import JUDGE_SCORES, MANIFEST, METRICS, SUMMARY, TEST_RESPONSES, WEIGHTS
 from lmcore.tokenizer import get_encoding
 from tasks.context import StageContext, logger, section
 from tasks.registry import TAG_BENCH_SAMPLE, champion_version, download_model_dir, find_version, promote, tag_scores
@@ -34,14 +34,16 @@ from tasks.tracking import TAG_WEIGHTS_SHA
 PROMOTION = "promotion.json"  # the decision, as an MLflow artifact of the benchmark run
 
 
+SCORE_KEYS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
+
+
 def _tagged_scores(results: dict, primary: str) -> dict[str, float]:
-    """What goes on a model version: the reported scores (not the 57 subjects) and the primary metric."""
-    flat = flat_metrics({"tasks": reported_scores(results), "groups": {}})
+    """What goes on a model version: the scores and standard errors of the reported tasks and groups (not the
+    57 subjects, unless one is the primary metric)."""
     everything = flat_metrics(results)
-    for key in (primary, f"{primary}_stderr"):
-        if key in everything:
-            flat[key] = everything[key]
-    return {k: v for k, v in flat.items() if not k.endswith(".chance")}
+    reported = {f"{name}.{key}" for name in reported_scores(results) for key in SCORE_KEYS}
+    keep = reported | {primary, f"{primary}_stderr"}
+    return {k: v for k, v in everything.items() if k in keep}
 
 
 @task(name="benchmark", cache_policy=NO_CACHE)
@@ -135,7 +137,7 @@ def judge_task(ctx: StageContext) -> dict:
         run.log_metrics({f"{name}.{k}": v for name, m in scored.items() for k, v in m.items() if isinstance(v, (int, float)) and v is not None})
         run.log_artifact(out / SUMMARY, "reports")
         for name in scored:
-            run.log_artifact(out / name / SCORES, f"reports/{name}")
+            run.log_artifact(out / name / JUDGE_SCORES, f"reports/{name}")
         _tag_judged_versions(ctx, scored)
         create_table_artifact(
             [{"model": name, "mean_score": m["mean_score"], "stderr": m["stderr"], "scored": m["n_scored"], "unparsed": m["n_unparsed"]}

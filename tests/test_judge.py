@@ -19,7 +19,6 @@ from lmcore.config import JudgeConfig, ModelConfig
 from lmcore.finetune.data import DataError, format_prompt
 from lmcore.generation import generate_text
 from lmcore.judge import (
-    SCORES,
     ChatClient,
     JudgeError,
     judge_prompt,
@@ -29,6 +28,7 @@ from lmcore.judge import (
     read_responses,
 )
 from lmcore.model import GPT
+from lmcore.paths import JUDGE_SCORES as SCORES
 from lmcore.paths import METRICS
 from lmcore.tokenizer import get_encoding
 from tests.conftest import SHARED
@@ -317,8 +317,12 @@ def test_unparsed_replies_are_counted_not_scored(tmp_path, responses_file, rows)
 def test_mean_is_null_when_nothing_parses(tmp_path, responses_file):
     with endpoint([(200, completion("no idea"))]) as (url, ep):
         cfg = JudgeConfig(url=url, model="judge", max_items=2, retries=0)
+        with pytest.raises(JudgeError, match=r"2 of 2 replies of judge 'judge' hold no score 0-100 .*'no idea'"):
+            judge_responses(cfg, responses_file, tmp_path / "judge", progress=False)
+        assert not (tmp_path / "judge").exists()
+        cfg = JudgeConfig(url=url, model="judge", max_items=2, retries=0, max_unparsed_fraction=1.0)
         metrics = judge_responses(cfg, responses_file, tmp_path / "judge", progress=False)
-    assert len(ep.requests) == 2
+    assert len(ep.requests) == 4
     assert (metrics["mean_score"], metrics["stderr"], metrics["n_items"], metrics["n_scored"], metrics["n_unparsed"]) == (None, None, 2, 0, 2)
     assert [s["score"] for s in read_scores(tmp_path / "judge")] == [None, None]
 

@@ -21,7 +21,7 @@ HellaSwag comes as `activity_label: ctx` lines with ctx_a and ctx_b already join
 capitalises it) and WikiHow markers already stripped; MMLU is read from the release CSVs, TruthfulQA from
 mc_task.json (the file the HF dataset is built from), ARC from the AI2 JSONL.
 
-This module imports nothing from lmcore, so lmcore.config can validate task names with it.
+This module does not import lmcore.config, so lmcore.config can validate task names with it.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-MANIFEST = "manifest.json"  # = lmcore.paths.MANIFEST (not imported: see the module docstring)
+from lmcore.io import jsonl_objects
+from lmcore.paths import MANIFEST
 
 
 class BenchmarkDataError(ValueError):
@@ -157,7 +158,7 @@ def read_hellaswag(path: Path) -> list[dict]:
     for start in range(0, len(lines), 6):
         ctx, label, *endings = lines[start : start + 6]
         if label not in ("0", "1", "2", "3"):
-            raise BenchmarkDataError(f"{path}: line {start + 2}: gold label {label!r} is not 0-3")
+            raise BenchmarkDataError(f"{path}:{start + 2}: gold label {label!r} is not 0-3")
         docs.append({"query": hellaswag_preprocess(ctx), "choices": [hellaswag_preprocess(e) for e in endings], "gold": int(label)})
     return docs
 
@@ -166,16 +167,7 @@ def _read_jsonl(path: Path) -> Iterable[tuple[int, dict]]:
     text = _open_text(path)
     if not text.strip():
         raise BenchmarkDataError(f"{path}: empty file")
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise BenchmarkDataError(f"{path}: line {lineno}: malformed JSON: {err.msg} (column {err.colno})") from None
-        if not isinstance(record, dict):
-            raise BenchmarkDataError(f"{path}: line {lineno}: expected a JSON object, got {type(record).__name__}")
-        yield lineno, record
+    return jsonl_objects(text, path, BenchmarkDataError)
 
 
 def read_arc(path: Path) -> list[dict]:
@@ -189,10 +181,10 @@ def read_arc(path: Path) -> list[dict]:
             gold = labels.index(record["answerKey"])
             docs.append({"id": record.get("id"), "question": question["stem"], "choices": texts, "gold": gold})
         except (KeyError, TypeError) as err:
-            raise BenchmarkDataError(f"{path}: line {lineno}: not an ARC record (missing {err})") from None
+            raise BenchmarkDataError(f"{path}:{lineno}: not an ARC record (missing {err})") from None
         except ValueError:
             raise BenchmarkDataError(
-                f"{path}: line {lineno}: answerKey {record.get('answerKey')!r} is not one of the labels {labels}"
+                f"{path}:{lineno}: answerKey {record.get('answerKey')!r} is not one of the labels {labels}"
             ) from None
     return docs
 

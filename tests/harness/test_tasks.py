@@ -112,7 +112,7 @@ def test_params_validate_the_benchmark_section():
 def test_bad_files_name_the_file_and_line(tmp_path):
     hs = tmp_path / "hs.txt"
     hs.write_text("ctx\n3\na\nb\nc\nd\nctx2\nx\na\nb\nc\nd\n")
-    with pytest.raises(BenchmarkDataError, match=r"hs.txt: line 8: gold label 'x'"):
+    with pytest.raises(BenchmarkDataError, match=r"hs.txt:8: gold label 'x'"):
         read_hellaswag(hs)
     hs.write_bytes(bz2.compress(b"ctx\n3\na\nb\nc\n"))
     with pytest.raises(BenchmarkDataError, match="5 lines is not a multiple of 6"):
@@ -124,10 +124,10 @@ def test_bad_files_name_the_file_and_line(tmp_path):
     arc = tmp_path / "arc.jsonl"
     good = {"id": "x", "question": {"stem": "Q?", "choices": [{"text": "a", "label": "A"}, {"text": "b", "label": "B"}]}, "answerKey": "B"}
     arc.write_text(json.dumps(good) + "\n{not json\n")
-    with pytest.raises(BenchmarkDataError, match=r"arc.jsonl: line 2: malformed JSON"):
+    with pytest.raises(BenchmarkDataError, match=r"arc.jsonl:2: malformed JSON"):
         read_arc(arc)
     arc.write_text(json.dumps({**good, "answerKey": "C"}) + "\n")
-    with pytest.raises(BenchmarkDataError, match=r"line 1: answerKey 'C' is not one of the labels \['A', 'B'\]"):
+    with pytest.raises(BenchmarkDataError, match=r"arc.jsonl:1: answerKey 'C' is not one of the labels \['A', 'B'\]"):
         read_arc(arc)
     assert read_arc(_write(arc, good))[0]["gold"] == 1
     arc.write_bytes(b"\xff\xfe{}")
