@@ -181,6 +181,21 @@ def test_mirror_entry_is_rehashed_before_use(tmp_path):
     assert (tmp_path / "raw" / "v.txt").read_bytes() == TEXT
 
 
+def test_a_source_pinned_by_sha256_alone_comes_only_from_the_mirror(tmp_path):
+    archive = b"\x1f\x8b pretend tarball"
+    mirror = make_mirror(tmp_path / "mirror", {"bench/mmlu_data.tar.gz": archive})
+    manifest = collect(cfg({"name": "mmlu", "sha256": sha(archive)}), tmp_path / "raw", mirror=mirror)
+    (entry,) = manifest["sources"]
+    assert entry["origin"] == "mirror" and entry["file"] == "mmlu.tar.gz" and entry["source"] == f"sha256:{sha(archive)}"
+    assert (tmp_path / "raw" / "mmlu.tar.gz").read_bytes() == archive
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["manifest.json", "mmlu.tar.gz"]
+    with pytest.raises(CollectError, match=r"source 'other' has no url or path and sha256 [0-9a-f]{64} is not in the mirror"):
+        collect(cfg({"name": "other", "sha256": sha(b"absent")}), tmp_path / "raw2", mirror=mirror)
+    with pytest.raises(CollectError, match="not in any mirror"):
+        collect(cfg({"name": "other", "sha256": sha(archive)}), tmp_path / "raw3", mirror=None)
+    assert not (tmp_path / "raw2").exists() and not (tmp_path / "raw3").exists()
+
+
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data (the offline mirror) is not beside the checkout")
 def test_shared_mirror_serves_the_verdict(tmp_path):
     # retries=0 and a short timeout: if the mirror lookup failed this would try the network and fail.
