@@ -65,7 +65,7 @@ def _promotion_note(decision: dict | None) -> str:
 def _judge_note(judge: dict) -> str:
     if judge["skipped"]:
         return f"skipped: {judge['reason']}"
-    return ", ".join(f"{k.removesuffix('_mean_score')} {v:.1f}" for k, v in judge.items() if k.endswith("_mean_score") and v is not None)
+    return ", ".join(f"{name} {score:.1f}" if score is not None else f"{name}: no score" for name, score in judge["mean_scores"].items())
 
 
 @flow(name="lmcore-lifecycle")
@@ -105,7 +105,7 @@ def lifecycle(
                 "instruct_final_val_loss": results["finetune_instruct"]["final_val_loss"],
                 "dpo_final_val_reward_margin": results["dpo"]["final_val_reward_margin"],
                 f"benchmark.{results['benchmark']['primary_metric']}": results["benchmark"]["primary_value"],
-                **{f"judge.{k}": v for k, v in results["judge"].items() if k.endswith("_mean_score") and v is not None},
+                **{f"judge.{name}_mean_score": v for name, v in results["judge"].get("mean_scores", {}).items() if v is not None},
             }
         )
         commit_note = dvc_commit(root_path, params_path, overrides) if commit_dvc else "skipped (commit_dvc=False)"

@@ -145,7 +145,7 @@ def judge_task(ctx: StageContext) -> dict:
             key="lmcore-judge",
             description=f"LLM-as-judge scores (0-100) by {cfg.model}",
         )
-    return {"skipped": False, **{f"{name}_mean_score": m["mean_score"] for name, m in scored.items()}}
+    return {"skipped": False, "mean_scores": {name: m["mean_score"] for name, m in scored.items()}}
 
 
 def _tag_judged_versions(ctx: StageContext, scored: dict[str, dict]) -> None:

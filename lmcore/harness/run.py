@@ -203,33 +203,27 @@ def _chance(rows: list[dict]) -> float:
     return _mean([1 / len(r["choices"]) for r in rows])
 
 
-def _metrics_of(scores: dict) -> list[str]:
-    return [m for m in ("acc", "acc_norm") if m in scores]
+def table_rows(reported: dict) -> list[dict]:
+    """One row per task (or group) and metric: what table.md, scores.png and the Prefect table artifact show."""
+    return [
+        {"task": name, "metric": m, "value": scores[m], "stderr": scores.get(f"{m}_stderr"), "n": scores["n"], "chance": scores["chance"]}
+        for name, scores in reported.items()
+        for m in ("acc", "acc_norm")
+        if m in scores
+    ]
 
 
 def markdown_table(reported: dict) -> str:
     lines = ["| task | metric | value | ± stderr | n | chance |", "|---|---|---:|---:|---:|---:|"]
-    notes = []
-    for name, scores in reported.items():
-        for m in _metrics_of(scores):
-            se = scores.get(f"{m}_stderr")
-            lines.append(
-                f"| {name} | {m} | {scores[m]:.4f} | {'' if se is None else f'{se:.4f}'} | {scores['n']} | {scores['chance']:.4f} |"
-            )
-        if scores.get("too_long"):
-            notes.append(f"{name}: {scores['too_long']} sampled items left out (a choice is longer than the model's context)")
+    for r in table_rows(reported):
+        se = "" if r["stderr"] is None else f"{r['stderr']:.4f}"
+        lines.append(f"| {r['task']} | {r['metric']} | {r['value']:.4f} | {se} | {r['n']} | {r['chance']:.4f} |")
+    notes = [
+        f"{name}: {scores['too_long']} sampled items left out (a choice is longer than the model's context)"
+        for name, scores in reported.items()
+        if scores.get("too_long")
+    ]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
-
-
-def table_rows(reported: dict) -> list[dict]:
-    """The same table as rows of dicts (for a Prefect table artifact)."""
-    rows = []
-    for name, scores in reported.items():
-        for m in _metrics_of(scores):
-            se = scores.get(f"{m}_stderr")
-            rows.append({"task": name, "metric": m, "value": round(scores[m], 4),
-                         "stderr": None if se is None else round(se, 4), "n": scores["n"], "chance": round(scores["chance"], 4)})
-    return rows
 
 
 def plot_scores(reported: dict, path: Path) -> None:
@@ -239,14 +233,11 @@ def plot_scores(reported: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels, values, errors, chance = [], [], [], []
-    for name, scores in reported.items():
-        for m in _metrics_of(scores):
-            labels.append(f"{name} {m}")
-            values.append(scores[m])
-            se = scores.get(f"{m}_stderr")
-            errors.append(1.96 * se if se is not None else 0.0)
-            chance.append(scores["chance"])
+    rows = table_rows(reported)
+    labels = [f"{r['task']} {r['metric']}" for r in rows]
+    values = [r["value"] for r in rows]
+    errors = [1.96 * r["stderr"] if r["stderr"] is not None else 0.0 for r in rows]
+    chance = [r["chance"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(labels) + 1.2))
     ys = list(range(len(labels)))[::-1]
     ax.barh(ys, values, xerr=errors, color="#4C72B0", capsize=3, label="score ± 95% CI")

@@ -4,8 +4,9 @@
     scores[0].loglikelihoods   # log P(continuation | context) for each choice, summed over its tokens
 
 What is computed is exactly what lm-eval's HFLM computes for each (context, continuation) request:
-- `encode_pair`: trailing whitespace of the context moves to the continuation; context + continuation is
-  tokenized whole and the continuation is what follows the context's tokens (an empty context is <|endoftext|>);
+- `encode_choices` (lm-eval's `_encode_pair`): trailing whitespace of the context moves to the continuation;
+  context + continuation is tokenized whole and the continuation is what follows the context's tokens (an empty
+  context is <|endoftext|>);
 - a sequence longer than the model's context is cut from the left: the input is (ctx + cont)[-(L + 1):][:-1];
 - the log-likelihood is the sum of log-softmax at the continuation's tokens; `is_greedy` says whether every
   one of them is the argmax.
@@ -50,18 +51,26 @@ class Scores:
     truncated: bool  # some choice's input was cut from the left to fit the model's context
 
 
-def encode_pair(enc, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) as lm-eval's `_encode_pair` makes them (empty context: <|endoftext|>)."""
+def encode_choices(enc, context: str, continuations: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+    """The context's ids and each continuation's, as lm-eval's `_encode_pair` makes them for every pair.
+
+    The context's trailing whitespace moves to the front of each continuation; context + continuation is
+    encoded whole and the continuation is what follows the context's token count. An empty context is
+    <|endoftext|> (encode_ordinary never yields that id, so a continuation cannot start with it). The
+    context is encoded once for all continuations.
+    """
     if context == "":
-        cont = enc.encode_ordinary(continuation)
-        return ([enc.eot_token], cont) if cont[:1] != [enc.eot_token] else (cont[:1], cont[1:])
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        continuation = context[-n_spaces:] + continuation
-        context = context[:-n_spaces]
-    ctx = enc.encode_ordinary(context)
-    whole = enc.encode_ordinary(context + continuation)
-    return ctx, whole[len(ctx) :]
+        return [enc.eot_token], [enc.encode_ordinary(cont) for cont in continuations]
+    stripped = context.rstrip()
+    ctx = enc.encode_ordinary(stripped)
+    wholes = [enc.encode_ordinary(context + cont) for cont in continuations]  # = stripped + (spaces + cont)
+    return ctx, [whole[len(ctx) :] for whole in wholes]
+
+
+def encode_pair(enc, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) of one request, as lm-eval's `_encode_pair` makes them."""
+    ctx, (cont,) = encode_choices(enc, context, [continuation])
+    return ctx, cont
 
 
 @dataclass
@@ -147,7 +156,7 @@ def score_items(
         raise ValueError("score_items needs a language model; this one has a classifier head")
     device = next(model.parameters()).device
     max_length = model.config.context_length
-    encoded = [_encode_item(enc, it) for it in items]
+    encoded = [encode_choices(enc, it.context, it.continuations) for it in items]
     rows: list[_Row] = []
     truncated = []
     skipped = set()
@@ -203,13 +212,3 @@ def score_items(
         None if i in skipped else Scores(tuple(ll[i]), tuple(greedy[i]), tuple(len(c) for c in encoded[i][1]), truncated[i])
         for i in range(len(items))
     ]
-
-
-def _encode_item(enc, item: Item) -> tuple[list[int], list[list[int]]]:
-    """The item's context ids and each choice's continuation ids (lm-eval's split of context + continuation)."""
-    pairs = [encode_pair(enc, item.context, cont) for cont in item.continuations]
-    contexts = {tuple(c) for c, _ in pairs}
-    if len(contexts) != 1:
-        # Only if a choice began by merging with the context's last characters; never for a delimiter of " ".
-        raise ValueError(f"{item.task} doc {item.doc_id}: choices split the context into different tokens")
-    return pairs[0][0], [cont for _, cont in pairs]
