@@ -1,19 +1,28 @@
 """Token shards: Arrow IPC files with one row per document and a `tokens` column of list<uint16>.
 
 uint32 is used when the vocabulary does not fit in 16 bits. Each document's tokens end with the
-end-of-text token, so the flattened column is the training stream. Reading memory-maps the file and
-hands out the flat token array without copying.
+end-of-text token, so the flattened column is the training stream.
+
+Shards live in a folder given as a local path or an fsspec URL (`file:///data/tokens`,
+`s3://bucket/tokens` with s3fs installed, `memory://...`). Local shards are memory-mapped and the flat
+token array is handed out without copying; remote shards are read into memory whole.
+
+    sha = write_shard("s3://bucket/tokens/train-00000.arrow", docs, np.dtype(np.uint16))
+    shard = Shard("data/tokens/train-00000.arrow"); shard.tokens[:10]
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
+import hashlib
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pyarrow as pa
+
+from lmcore.io import atomic_file
 
 TOKENS = "tokens"
 
@@ -22,10 +31,81 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-def write_shard(path: str | Path, docs: Sequence[np.ndarray], dtype: np.dtype) -> None:
-    """Write documents (1-D token arrays) to an Arrow IPC file, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def is_url(location: str | Path) -> bool:
+    return "://" in str(location)
+
+
+def local_path(location: str | Path) -> Path | None:
+    """The local path of a plain path or a file:// URL; None for any other URL."""
+    text = str(location)
+    if not is_url(text):
+        return Path(text)
+    fs, path = fsspec.core.url_to_fs(text)
+    return Path(path) if "file" in _protocols(fs) else None
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+
+
+def join(base: str | Path, name: str) -> str | Path:
+    """`base/name` for a local folder (a Path) or a URL (a string)."""
+    return f"{str(base).rstrip('/')}/{name}" if is_url(base) else Path(base) / name
+
+
+def write_bytes(location: str | Path, data: bytes) -> None:
+    """Write a whole file atomically: temp file + fsync + rename locally, temp object + move elsewhere."""
+    path = local_path(location)
+    if path is not None:
+        with atomic_file(path, "wb") as f:
+            f.write(data)
+        return
+    fs, target = fsspec.core.url_to_fs(str(location))
+    tmp = f"{target}.{uuid.uuid4().hex}.tmp"
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    fs.mv(tmp, target)  # object stores publish a whole object; the move keeps half-uploads out of sight
+
+
+def read_bytes(location: str | Path) -> bytes:
+    path = local_path(location)
+    if path is not None:
+        return path.read_bytes()
+    fs, target = fsspec.core.url_to_fs(str(location))
+    return fs.cat_file(target)
+
+
+def exists(location: str | Path) -> bool:
+    path = local_path(location)
+    if path is not None:
+        return path.is_file()
+    fs, target = fsspec.core.url_to_fs(str(location))
+    return fs.exists(target)
+
+
+def remove(location: str | Path) -> None:
+    path = local_path(location)
+    if path is not None:
+        path.unlink(missing_ok=True)
+        return
+    fs, target = fsspec.core.url_to_fs(str(location))
+    if fs.exists(target):
+        fs.rm(target)
+
+
+def list_dir(location: str | Path) -> list[str]:
+    """File names directly inside a folder (empty when it does not exist)."""
+    path = local_path(location)
+    if path is not None:
+        return sorted(p.name for p in path.iterdir() if p.is_file()) if path.is_dir() else []
+    fs, target = fsspec.core.url_to_fs(str(location))
+    if not fs.exists(target):
+        return []
+    return sorted(Path(p).name for p in fs.ls(target, detail=False) if fs.isfile(p))
+
+
+def shard_bytes(docs: Sequence[np.ndarray], dtype: np.dtype) -> bytes:
+    """The Arrow IPC file holding `docs` (1-D token arrays), one record batch, as bytes."""
     pa_type = pa.from_numpy_dtype(dtype)
     lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
     offsets = np.zeros(len(docs) + 1, dtype=np.int32 if lengths.sum() < 2**31 else np.int64)
@@ -34,33 +114,38 @@ def write_shard(path: str | Path, docs: Sequence[np.ndarray], dtype: np.dtype) -
     list_cls = pa.ListArray if offsets.dtype == np.int32 else pa.LargeListArray
     column = list_cls.from_arrays(pa.array(offsets), pa.array(flat, type=pa_type))
     table = pa.table({TOKENS: column})
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            with pa.ipc.new_file(f, table.schema) as writer:
-                writer.write_table(table, max_chunksize=max(1, len(docs)))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=max(1, len(docs)))
+    return sink.getvalue().to_pybytes()
+
+
+def write_shard(location: str | Path, docs: Sequence[np.ndarray], dtype: np.dtype) -> str:
+    """Write documents (1-D token arrays) to an Arrow IPC file, atomically. Returns its sha256."""
+    data = shard_bytes(docs, dtype)
+    write_bytes(location, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 class Shard:
-    """A memory-mapped shard. `tokens` is the flat stream (zero-copy); `offsets` cut it into documents."""
+    """A shard: `tokens` is the flat stream (zero-copy from a memory map when local); `offsets` cut it into documents."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self._source = pa.memory_map(str(self.path), "r")
-        table = pa.ipc.open_file(self._source).read_all()
+    def __init__(self, location: str | Path):
+        self.location = location
+        path = local_path(location)
+        if path is not None:
+            self.path = path
+            source = pa.memory_map(str(path), "r")
+        else:
+            self.path = None
+            source = pa.BufferReader(read_bytes(location))
+        table = pa.ipc.open_file(source).read_all()
         column = table.column(TOKENS)
         if column.num_chunks != 1:
             column = pa.chunked_array([column.combine_chunks()])  # only for shards not written here
         arr = column.chunk(0)
         self.offsets = arr.offsets.to_numpy()
-        values = arr.values
-        self.tokens: np.ndarray = values.to_numpy(zero_copy_only=True)[: self.offsets[-1]]
+        self.tokens: np.ndarray = arr.values.to_numpy(zero_copy_only=True)[: self.offsets[-1]]
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -71,3 +156,16 @@ class Shard:
 
 def open_shards(paths: Sequence[str | Path]) -> list[Shard]:
     return [Shard(p) for p in paths]
+
+
+def sha256_bytes_of(location: str | Path) -> str:
+    """sha256 of a shard file, local or remote."""
+    path = local_path(location)
+    if path is not None:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        return h.hexdigest()
+    return hashlib.sha256(read_bytes(location)).hexdigest()
+
