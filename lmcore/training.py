@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from lmcore.checkpoint import save_model
 from lmcore.config import FinetuneConfig, PretrainConfig
-from lmcore.data.loader import TokenDataset
+from lmcore.data.loader import RANDOM, TokenDataset, TokenLoader
 from lmcore.io import atomic_dir, write_json, write_text
 from lmcore.model import GPT
 from lmcore.paths import LOSS_PLOT, MANIFEST, SUMMARY, TRAIN_LOSS, VAL_LOSS
@@ -123,7 +123,8 @@ def pretrain(
         tokens_dir: a tokenize output folder (manifest.json with train and val shards).
         model_dir: replaced whole by model.safetensors, config.json and params.yaml.
         reports_dir: replaced whole by train_loss.csv, val_loss.csv, loss.png and summary.json.
-        seed: seeds python, numpy, torch and the batch sampling.
+        seed: seeds python, numpy, torch and the batch sampling (train batch k is a pure function of
+            (seed, k); summary["loader_state"] is the train loader's state_dict after the last step).
         params: the resolved params dict, saved beside the weights.
         tracker: receives train_loss, lr, grad_norm, tokens_per_s each step and val_loss at each eval.
 
@@ -150,10 +151,10 @@ def pretrain(
     model.train()
     optimizer = make_optimizer(model, cfg, device)
 
-    train_rng = np.random.default_rng(seed)
+    train_loader = TokenLoader(train, B, T, mode=RANDOM, seed=seed)
     # The same validation windows at every eval, so the val curve measures the model and not the sample.
-    val_rng = np.random.default_rng([seed, 1])
-    val_windows = [tuple(t.to(device) for t in val.random_batch(B, T, val_rng)) for _ in range(cfg.eval_batches)]
+    val_loader = TokenLoader(val, B, T, mode=RANDOM, seed=seed)
+    val_windows = [tuple(t.to(device) for t in val_loader.next_batch()) for _ in range(cfg.eval_batches)]
 
     train_rows: list[tuple[int, float, float]] = []  # (step 1.., train_loss, lr)
     val_rows: list[tuple[int, float]] = []  # (step, val_loss)
@@ -174,7 +175,7 @@ def pretrain(
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x, y = (t.to(device) for t in train.random_batch(B, T, train_rng))
+            x, y = (t.to(device) for t in train_loader.next_batch())
             _, loss = model(x, y)
             loss_value = loss.item()
             check_finite(loss_value, "pretrain: train loss", step + 1, lr)
@@ -205,6 +206,11 @@ def pretrain(
         "first_val_loss": val_rows[0][1],
         "final_val_loss": val_rows[-1][1],
         "final_train_loss": train_rows[-1][1],
+        "train_tokens": train.n_tokens,
+        "val_tokens": val.n_tokens,
+        # Train documents cut across windows (longer than context_length + 1 tokens).
+        "documents_longer_than_context": train_loader.documents_longer_than_context,
+        "loader_state": train_loader.state_dict(),  # resume: TokenLoader.from_state_dict(train, loader_state)
     }
 
     # Both folders are built aside and renamed into place only when everything was written.
