@@ -147,7 +147,9 @@ class TokenDataset:
         batch = self.gather(shard_ids, starts - (cum - counts)[shard_ids], context_length)
         return batch[:, :-1], batch[:, 1:]
 
-    def sequential_batches(self, batch_size: int, context_length: int, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def sequential_batches(
+        self, batch_size: int, context_length: int, max_batches: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Non-overlapping windows covering each shard in order; the last batch may be smaller."""
         loader = TokenLoader(self, batch_size, context_length, mode=SEQUENTIAL, shuffle=False)
         n = loader.batches_per_epoch if max_batches is None else min(max_batches, loader.batches_per_epoch)
@@ -197,7 +199,8 @@ class TokenLoader:
         self.epoch = 0  # sequential: epochs completed; random: always 0
         self.step = 0  # batches this rank has yielded (random: in all; sequential: in the current epoch)
 
-        counts = dataset.random_window_counts(context_length) if mode == RANDOM else dataset.sequential_window_counts(context_length)
+        window_counts = dataset.random_window_counts if mode == RANDOM else dataset.sequential_window_counts
+        counts = window_counts(context_length)
         self._cum = np.cumsum(counts)  # window (start) ids below _cum[i] live in shards 0..i
         self._first = self._cum - counts  # first window id of each shard
         self.n_windows = int(self._cum[-1])  # random: valid starts; sequential: windows per epoch
@@ -295,7 +298,11 @@ class TokenLoader:
                 f"{saved['tokens']} tokens (fingerprint {saved['fingerprint']}); {self.dataset.dir} has split "
                 f"{here['split']!r}, {here['shards']} shards, {here['tokens']} tokens (fingerprint {here['fingerprint']})"
             )
-        wrong = [f"{key}={state[key]!r} (saved) vs {getattr(self, key)!r} (this loader)" for key in _SETTINGS if state[key] != getattr(self, key)]
+        wrong = [
+            f"{key}={state[key]!r} (saved) vs {getattr(self, key)!r} (this loader)"
+            for key in _SETTINGS
+            if state[key] != getattr(self, key)
+        ]
         if wrong:
             raise ValueError(
                 "loader state does not match this loader: " + ", ".join(wrong)
@@ -303,7 +310,9 @@ class TokenLoader:
             )
         epoch, step = int(state["epoch"]), int(state["step"])
         if epoch < 0 or step < 0 or (self.mode == SEQUENTIAL and step >= self.batches_per_epoch):
-            raise ValueError(f"loader state position epoch={epoch}, step={step} is outside an epoch of {self.batches_per_epoch} batches")
+            raise ValueError(
+                f"loader state position epoch={epoch}, step={step} is outside an epoch of {self.batches_per_epoch} batches"
+            )
         self.epoch, self.step = epoch, step
 
     @classmethod
