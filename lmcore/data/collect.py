@@ -2,21 +2,31 @@
 
     manifest = collect(params.collect, Path("data/raw"), mirror=Path("../shared/data"))
 
-A URL source is first looked up by checksum in the offline mirror (`LMCORE_MIRROR`, e.g.
-../shared/data); only when the mirror lacks it is it downloaded, with retries, and verified. Local
-`path` sources are copied and, when a sha256 is given, verified too. The output folder is written
-atomically: a failure leaves no folder behind (or the previous one untouched).
+A source is one of:
+- a URL pinned by sha256: first looked up by checksum in the offline mirror (`LMCORE_MIRROR`, e.g.
+  ../shared/data), else downloaded with retries and resumed from `<cache_dir>/<sha256>.part`;
+- a local `path`: a file (verified when a sha256 is given), a folder (taken recursively) or a glob
+  (`*`, `?`, `[..]`, `**`);
+- a sha256 alone: found in the mirror or nowhere.
+With `extract: true` the single file is a zip or tar archive, checked member by member and unpacked
+into raw/<name>/ (see `lmcore.data.archives`); the archive itself is not kept.
+
+A single file lands at raw/<name><suffixes> (`.jsonl.gz` stays whole); the files of a folder, glob or
+archive at raw/<name>/<relative path>. Of those, only files of a known format are kept (every regular
+file when the source sets `format`); the others are listed under `skipped_files`. The output folder
+is written atomically: a failure leaves no folder behind (or the previous one untouched).
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import http.client
 import logging
 import os
 import re
+import shutil
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -26,6 +36,8 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from lmcore.config import CollectConfig, Source
+from lmcore.data import archives
+from lmcore.data.formats import FileFormat, compression_of, detect, is_archive
 from lmcore.io import atomic_dir, sha256_file, write_json
 from lmcore.paths import MANIFEST
 
@@ -36,6 +48,9 @@ BACKOFF_S = 0.5
 CHUNK = 1 << 16
 SHA256SUMS = "SHA256SUMS"
 DEFAULT_SUFFIX = ".txt"
+DEFAULT_FORMAT = "txt"  # how a single file of unknown suffix is read
+USER_AGENT = "lmcore-collect"
+PART_SUFFIX = ".part"  # a partial download: <cache_dir>/<sha256>.part
 
 # Values of a manifest entry's "origin".
 ORIGIN_MIRROR = "mirror"
@@ -43,6 +58,8 @@ ORIGIN_DOWNLOAD = "download"
 ORIGIN_LOCAL = "local"
 
 _SUFFIX_RE = re.compile(r"^\.[A-Za-z0-9]{1,10}$")
+_CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_SHOWN_SKIPS = 5  # skipped files named in a log line
 
 
 MIRROR_ENV = "LMCORE_MIRROR"
@@ -55,7 +72,7 @@ def mirror_from_env() -> Path | None:
 
 
 class CollectError(RuntimeError):
-    """A source that cannot be collected: missing, unreachable, or not matching its sha256."""
+    """A source that cannot be collected: missing, unreachable, unsafe, or not matching its sha256."""
 
 
 class _RetryableError(Exception):
@@ -68,6 +85,7 @@ def collect(
     mirror: Path | None = None,
     base_dir: Path | None = None,
     *,
+    cache_dir: Path | None = None,
     backoff_s: float = BACKOFF_S,
 ) -> dict:
     """Collect every source of `cfg` into `out_dir` and write its manifest.
@@ -77,24 +95,33 @@ def collect(
         out_dir: the stage folder; replaced whole on success, untouched on failure.
         mirror: an offline mirror folder searched by checksum before any download.
         base_dir: what relative `path` sources are resolved against (default: the current folder).
+        cache_dir: where partial downloads wait to be resumed (default: out_dir/../.cache/downloads).
         backoff_s: base of the exponential delay between download attempts.
 
     Returns:
-        The manifest written to `out_dir/manifest.json`: {"sources": [entry, ...]}.
+        The manifest written to `out_dir/manifest.json`: {"sources": [entry, ...]}, one entry per source
+        with its origin, files (path, sha256, bytes, format, compression) and skipped files.
     """
     out_dir = Path(out_dir)
-    base_dir = Path(base_dir) if base_dir is not None else Path.cwd()
-    index = _MirrorIndex(Path(mirror)) if mirror is not None else None
+    collector = _Collector(
+        cfg=cfg,
+        base_dir=Path(base_dir) if base_dir is not None else Path.cwd(),
+        index=_MirrorIndex(Path(mirror)) if mirror is not None else None,
+        cache_dir=Path(cache_dir) if cache_dir is not None else out_dir.parent / ".cache" / "downloads",
+        backoff_s=backoff_s,
+    )
     entries = []
     with atomic_dir(out_dir) as tmp:
         for src in cfg.sources:
-            entry = _collect_one(src, tmp, cfg, index, base_dir, backoff_s)
+            entry = collector.source(src, tmp)
             log.info(
-                "collected %s from %s (%s, %d bytes)",
+                "collected %s from %s (%s, %d file(s), %d bytes, %d skipped)",
                 src.name,
                 entry.get("mirror_path") or entry["source"],
                 entry["origin"],
+                len(entry["files"]),
                 entry["bytes"],
+                len(entry["skipped_files"]),
             )
             entries.append(entry)
         manifest = {"sources": entries}
@@ -102,64 +129,335 @@ def collect(
     return manifest
 
 
-def _collect_one(
-    src: Source, dest_dir: Path, cfg: CollectConfig, index: _MirrorIndex | None, base_dir: Path, backoff_s: float
-) -> dict:
-    location = src.url if src.url is not None else src.path
-    if location is None:  # pinned by sha256 alone: the mirror has it or nobody does
-        return _collect_from_mirror_only(src, dest_dir, index)
-    file_name = src.name + _suffix(location, is_url=src.url is not None)
-    dest = dest_dir / file_name
-    entry = {"name": src.name, "origin": None, "source": location}
+class _Collector:
+    """Collects one source at a time into the temporary output folder."""
 
-    if src.path is not None:
+    def __init__(
+        self, cfg: CollectConfig, base_dir: Path, index: _MirrorIndex | None, cache_dir: Path, backoff_s: float
+    ):
+        self.cfg = cfg
+        self.base_dir = base_dir
+        self.index = index
+        self.cache_dir = cache_dir
+        self.backoff_s = backoff_s
+
+    def source(self, src: Source, out: Path) -> dict:
+        """Collect `src` into `out` (the temporary output folder); returns its manifest entry."""
+        location = src.url if src.url is not None else src.path
+        entry = {
+            "name": src.name,
+            "origin": None,
+            "source": location if location is not None else f"sha256:{src.sha256}",
+            "license": src.license,
+            "format": src.format,
+            "text_field": src.text_field,
+        }
+        if src.path is not None:
+            return self._local(src, out, entry)
+
+        # A URL or a sha256 alone: the mirror first, then (for a URL) the network.
+        incoming = out / f".{src.name}.incoming"
+        hit = self.index.copy(src.sha256, incoming) if self.index is not None else None
+        if hit is not None:
+            mirror_path, digest, size = hit
+            entry["origin"] = ORIGIN_MIRROR
+            entry["mirror_path"] = str(mirror_path)
+            file_name = _url_file_name(src.url) if src.url is not None else mirror_path.name
+        elif src.url is None:
+            where = f"the mirror {self.index.root}" if self.index else "any mirror (LMCORE_MIRROR is not set)"
+            raise CollectError(
+                f"source {src.name!r} has no url or path and sha256 {src.sha256} is not in {where}; "
+                f"give it a 'url' (with that file's sha256) or a local 'path'"
+            )
+        else:
+            digest, size = self._download(src, incoming)
+            entry["origin"] = ORIGIN_DOWNLOAD
+            file_name = _url_file_name(src.url)
+        if src.extract:
+            try:
+                return self._extract(src, out, entry, incoming, file_name, digest, size)
+            finally:
+                incoming.unlink(missing_ok=True)
+        dest = _claim(out, src.name + _suffixes(file_name), src)
+        os.replace(incoming, dest)
+        return _single_file(entry, src, dest.name, digest, size)
+
+    # -- local paths -------------------------------------------------------------------------------------------
+
+    def _local(self, src: Source, out: Path, entry: dict) -> dict:
+        entry["origin"] = ORIGIN_LOCAL
         path = Path(src.path).expanduser()
-        path = path if path.is_absolute() else base_dir / path
+        path = path if path.is_absolute() else self.base_dir / path
+        is_glob = glob.has_magic(src.path)
+        if is_glob or path.is_dir():
+            what = "a glob" if is_glob else "a folder"
+            if src.extract:
+                raise CollectError(
+                    f"source {src.name!r}: 'extract: true' needs a single archive file, but path {src.path!r} is {what}"
+                )
+            if src.sha256 is not None:
+                raise CollectError(
+                    f"source {src.name!r}: 'sha256' pins a single file, but path {src.path!r} is {what}; "
+                    f"drop it (every file's sha256 is recorded in the manifest)"
+                )
+            root, found, skipped = _glob(src.path, self.base_dir) if is_glob else _walk(path)
+            return self._copy_tree(src, out, entry, root, found, skipped)
         if not path.is_file():
             raise CollectError(f"source {src.name!r}: file not found: {path} (path {src.path!r})")
+        if src.extract:
+            if archives.archive_kind(path) is None:
+                raise _not_an_archive(src, path.name)
+            digest, size = sha256_file(path), path.stat().st_size
+            _verify_local(src, path, digest)
+            return self._extract(src, out, entry, path, path.name, digest, size)
+        dest = _claim(out, src.name + _suffixes(path.name), src)
         digest, size = _copy_hashed(path, dest)
-        if src.sha256 is not None and digest != src.sha256:
-            raise CollectError(
-                f"source {src.name!r}: sha256 mismatch for {path}: expected {src.sha256}, got {digest}"
-            )
-        entry["origin"] = ORIGIN_LOCAL
-    else:
-        hit = index.copy(src.sha256, dest) if index is not None else None
-        if hit is not None:
-            entry["origin"] = ORIGIN_MIRROR
-            entry["mirror_path"] = str(hit[0])
-            digest, size = hit[1], hit[2]
-        else:
-            digest, size = _download(src, dest, cfg, backoff_s)
-            entry["origin"] = ORIGIN_DOWNLOAD
+        _verify_local(src, path, digest)
+        return _single_file(entry, src, dest.name, digest, size)
 
-    entry.update(file=file_name, sha256=digest, bytes=size, license=src.license)
+    def _copy_tree(
+        self, src: Source, out: Path, entry: dict, root: Path, found: list[tuple[str, Path]], skipped: list[dict]
+    ) -> dict:
+        """Copy the kept files of a folder or glob to out/<name>/<relative path>, hashing while copying."""
+        kept, skipped = _select(src, found, skipped)
+        if not kept:
+            raise _nothing_kept(src, f"path {src.path!r} (looked in {root})", skipped)
+        dest_root = _claim(out, src.name, src)
+        files = []
+        with tqdm(
+            total=len(kept), unit="file", desc=src.name, leave=False, disable=len(kept) < 2 or not sys.stderr.isatty()
+        ) as bar:
+            for rel, path, fmt in kept:
+                dest = dest_root / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                digest, size = _copy_hashed(path, dest)
+                files.append(_file_record(f"{src.name}/{rel}", digest, size, fmt))
+                bar.update(1)
+        return _tree_entry(entry, files, skipped)
+
+    # -- archives ------------------------------------------------------------------------------------------------
+
+    def _extract(
+        self, src: Source, out: Path, entry: dict, archive: Path, archive_name: str, digest: str, size: int
+    ) -> dict:
+        """Unpack `archive` into out/<name>/ and keep its files of a known format."""
+        if archives.archive_kind(archive, archive_name) is None:
+            raise _not_an_archive(src, archive_name)
+        dest_root = _claim(out, src.name, src)
+        try:
+            result = archives.extract(archive, dest_root, name=archive_name)
+        except archives.ArchiveError as err:
+            raise CollectError(f"source {src.name!r}: {err}") from err
+        _, found, skipped = _walk(dest_root)
+        skipped += [{"path": member, "reason": reason} for member, reason in result.skipped]
+        kept, skipped = _select(src, found, skipped)
+        if not kept:
+            raise _nothing_kept(src, f"archive {archive_name}", skipped)
+        _prune(dest_root, {path for _, path, _ in kept})
+        files = [
+            _file_record(f"{src.name}/{rel}", sha256_file(path), path.stat().st_size, fmt) for rel, path, fmt in kept
+        ]
+        entry = _tree_entry(entry, files, skipped)
+        entry["archive"] = {"name": archive_name, "sha256": digest, "bytes": size, "members": result.members}
+        return entry
+
+    # -- downloads -----------------------------------------------------------------------------------------------
+
+    def _download(self, src: Source, dest: Path) -> tuple[str, int]:
+        """Download `src.url` to `dest` with retries, resuming its partial file; verify its sha256."""
+        part = self.cache_dir / f"{src.sha256}{PART_SUFFIX}"
+        attempts = self.cfg.retries + 1
+        for attempt in range(attempts):
+            try:
+                digest, size = _fetch(src, part, self.cfg.timeout_s)
+                break
+            except _RetryableError as err:
+                if attempt + 1 == attempts:
+                    kept = f"; {part.stat().st_size} bytes kept in {part} for the next run" if part.exists() else ""
+                    raise CollectError(
+                        f"source {src.name!r}: download of {src.url} failed after {attempts} attempt(s): {err}{kept}"
+                    ) from err
+                delay = self.backoff_s * 2**attempt
+                log.warning(
+                    "source %s: %s; retrying in %.1f s (%d/%d)", src.name, err, delay, attempt + 1, self.cfg.retries
+                )
+                time.sleep(delay)
+        if digest != src.sha256:
+            part.unlink(missing_ok=True)
+            raise CollectError(
+                f"source {src.name!r}: sha256 mismatch for {src.url}: expected {src.sha256}, got {digest} "
+                f"(the partial file {part} was removed)"
+            )
+        shutil.move(part, dest)
+        return digest, size
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entries
+
+
+def _file_record(file: str, digest: str, size: int, fmt: FileFormat) -> dict:
+    return {"file": file, "sha256": digest, "bytes": size, "format": fmt.format, "compression": fmt.compression}
+
+
+def _single_file(entry: dict, src: Source, file_name: str, digest: str, size: int) -> dict:
+    """A single collected file: kept at the top level too (`file`, `sha256`), as readers of one file expect."""
+    entry.update(file=file_name, sha256=digest, bytes=size)
+    entry["files"] = [_file_record(file_name, digest, size, _single_format(file_name, src))]
+    entry["skipped_files"] = []
     return entry
 
 
-def _collect_from_mirror_only(src: Source, dest_dir: Path, index: _MirrorIndex | None) -> dict:
-    """A source with no URL or path: copied out of the mirror by its sha256, named after the mirror's file."""
-    tmp = dest_dir / f".{src.name}.part"
-    hit = index.copy(src.sha256, tmp) if index is not None else None
-    if hit is None:
-        where = f"the mirror {index.root}" if index is not None else "any mirror (LMCORE_MIRROR is not set)"
-        raise CollectError(
-            f"source {src.name!r} has no url or path and sha256 {src.sha256} is not in {where}; "
-            f"give it a 'url' (with that file's sha256) or a local 'path'"
-        )
-    mirror_path, digest, size = hit
-    name = mirror_path.name
-    suffixes = "".join(s for s in PurePosixPath(name).suffixes[-2:] if _SUFFIX_RE.match(s))
-    file_name = src.name + (suffixes or DEFAULT_SUFFIX)
-    os.replace(tmp, dest_dir / file_name)
-    return {"name": src.name, "origin": ORIGIN_MIRROR, "source": f"sha256:{src.sha256}", "mirror_path": str(mirror_path),
-            "file": file_name, "sha256": digest, "bytes": size, "license": src.license}
+def _tree_entry(entry: dict, files: list[dict], skipped: list[dict]) -> dict:
+    entry["bytes"] = sum(f["bytes"] for f in files)
+    entry["files"] = files
+    entry["skipped_files"] = skipped
+    return entry
 
 
-def _suffix(location: str, is_url: bool) -> str:
-    name = PurePosixPath(urllib.parse.urlparse(location).path).name if is_url else Path(location).name
+def _single_format(name: str, src: Source) -> FileFormat:
+    """A single file is always kept: the source's format, else its suffix's, else plain text."""
+    detected = detect(name)
+    compression = detected.compression if detected else (None if is_archive(name) else compression_of(name))
+    if src.format is not None:
+        return FileFormat(src.format, compression)
+    return detected or FileFormat(DEFAULT_FORMAT, compression)
+
+
+def _select(
+    src: Source, found: list[tuple[str, Path]], skipped: list[dict]
+) -> tuple[list[tuple[str, Path, FileFormat]], list[dict]]:
+    """Split the files of a folder, glob or archive into kept (with their format) and skipped (with a reason)."""
+    kept = []
+    skipped = list(skipped)
+    for rel, path in found:
+        if is_archive(rel):
+            skipped.append({"path": rel, "reason": "an archive: give it a source of its own with 'extract: true'"})
+        elif src.format is not None:
+            kept.append((rel, path, FileFormat(src.format, compression_of(rel))))
+        elif (fmt := detect(rel)) is not None:
+            kept.append((rel, path, fmt))
+        else:
+            suffix = "".join(PurePosixPath(rel).suffixes) or "no suffix"
+            skipped.append({"path": rel, "reason": f"unknown format ({suffix}); set the source's 'format' to keep it"})
+    skipped.sort(key=lambda s: s["path"])
+    if skipped:
+        shown = ", ".join(f"{s['path']} ({s['reason']})" for s in skipped[:_SHOWN_SKIPS])
+        more = f" and {len(skipped) - _SHOWN_SKIPS} more" if len(skipped) > _SHOWN_SKIPS else ""
+        log.warning("source %s: skipped %d file(s): %s%s", src.name, len(skipped), shown, more)
+    return kept, skipped
+
+
+def _nothing_kept(src: Source, where: str, skipped: list[dict]) -> CollectError:
+    if not skipped:
+        return CollectError(f"source {src.name!r}: no files found for {where}")
+    names = ", ".join(s["path"] for s in skipped[:_SHOWN_SKIPS]) + (" ..." if len(skipped) > _SHOWN_SKIPS else "")
+    return CollectError(
+        f"source {src.name!r}: none of the {len(skipped)} file(s) found for {where} can be read ({names}); "
+        f"set the source's 'format' to read them all as one format"
+    )
+
+
+def _not_an_archive(src: Source, name: str) -> CollectError:
+    return CollectError(
+        f"source {src.name!r}: 'extract: true' but {name} is not a zip or tar archive "
+        f"({', '.join(archives.ARCHIVE_SUFFIXES)}); drop 'extract' to collect it as a file"
+    )
+
+
+def _verify_local(src: Source, path: Path, digest: str) -> None:
+    if src.sha256 is not None and digest != src.sha256:
+        raise CollectError(f"source {src.name!r}: sha256 mismatch for {path}: expected {src.sha256}, got {digest}")
+
+
+def _claim(out: Path, rel: str, src: Source) -> Path:
+    """out/rel, refused when the manifest or another source already took that name."""
+    dest = out / rel
+    if rel == MANIFEST or dest.exists() or dest.is_symlink():
+        raise CollectError(f"source {src.name!r}: {rel} is already taken in the output folder; rename the source")
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Names and listings
+
+
+def _url_file_name(url: str) -> str:
+    return PurePosixPath(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name
+
+
+def _suffixes(name: str) -> str:
+    """The suffixes a single collected file keeps: `.jsonl.gz`, `.tar.zst`, `.md`; `.txt` when it has none."""
+    lower = name.lower()
+    for suffix in archives.ARCHIVE_SUFFIXES:
+        if lower.endswith(suffix):
+            return name[len(name) - len(suffix):]
+    if detect(name) is not None:
+        count = 2 if compression_of(name) else 1  # the format's suffix and the compression's
+        return "".join(PurePosixPath(name).suffixes[-count:])
     suffix = PurePosixPath(name).suffix
     return suffix if _SUFFIX_RE.match(suffix) else DEFAULT_SUFFIX
+
+
+def _walk(root: Path) -> tuple[Path, list[tuple[str, Path]], list[dict]]:
+    """Every file under `root` as (relative posix path, path), sorted; hidden files and folders left out."""
+    found, skipped, hidden = [], [], 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        folder = Path(dirpath)
+        keep = []
+        for name in sorted(dirnames):
+            if name.startswith("."):
+                hidden += 1
+            elif (folder / name).is_symlink():  # os.walk does not follow it; say so
+                skipped.append({"path": (folder / name).relative_to(root).as_posix(),
+                                "reason": "symbolic link to a folder (not followed)"})
+            else:
+                keep.append(name)
+        dirnames[:] = keep
+        for name in filenames:
+            path = folder / name
+            if name.startswith("."):
+                hidden += 1
+            elif path.is_file():
+                found.append((path.relative_to(root).as_posix(), path))
+            else:
+                skipped.append({"path": path.relative_to(root).as_posix(), "reason": "not a regular file"})
+    if hidden:
+        log.info("%s: left out %d hidden file(s) or folder(s)", root, hidden)
+    return root, sorted(found), skipped
+
+
+def _glob(pattern: str, base_dir: Path) -> tuple[Path, list[tuple[str, Path]], list[dict]]:
+    """The files a glob matches, relative to its non-magic prefix (`data/**/*.jsonl` -> data/)."""
+    parts = Path(pattern).expanduser().parts
+    first_magic = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    root = Path(*parts[:first_magic]) if first_magic else Path()
+    root = root if root.is_absolute() else base_dir / root
+    # Wildcards skip hidden names, as in a shell.
+    matches = set(glob.glob(os.path.join(*parts[first_magic:]), root_dir=root, recursive=True))
+    found, skipped = [], []
+    for rel in sorted(matches):
+        path = root / rel
+        if path.is_file():
+            found.append((PurePosixPath(Path(rel)).as_posix(), path))
+        elif not path.is_dir():  # folders matched by `*` or `**` are walked through by the pattern itself
+            skipped.append({"path": Path(rel).as_posix(), "reason": "not a regular file"})
+    return root, found, skipped
+
+
+def _prune(root: Path, keep: set[Path]) -> None:
+    """Remove from an extracted folder everything not kept, so raw/ holds exactly what the manifest lists."""
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        folder = Path(dirpath)
+        for name in filenames:
+            if folder / name not in keep:
+                (folder / name).unlink()
+        for name in dirnames:
+            path = folder / name
+            if path.is_symlink():
+                path.unlink()
+            elif not any(path.iterdir()):
+                path.rmdir()
 
 
 def _copy_hashed(src: Path, dest: Path) -> tuple[str, int]:
@@ -232,51 +530,29 @@ class _MirrorIndex:
         return None
 
 
-def _download(src: Source, dest: Path, cfg: CollectConfig, backoff_s: float) -> tuple[str, int]:
-    """Download `src.url` to `dest` with retries; verify its sha256. Returns (sha256, bytes)."""
-    attempts = cfg.retries + 1
-    for attempt in range(attempts):
-        try:
-            digest, size = _fetch(src, dest, cfg.timeout_s)
-            break
-        except _RetryableError as err:
-            if attempt + 1 == attempts:
-                raise CollectError(
-                    f"source {src.name!r}: download of {src.url} failed after {attempts} attempt(s): {err}"
-                ) from err
-            delay = backoff_s * 2**attempt
-            log.warning("source %s: %s; retrying in %.1f s (%d/%d)", src.name, err, delay, attempt + 1, cfg.retries)
-            time.sleep(delay)
-    if digest != src.sha256:
-        dest.unlink(missing_ok=True)
-        raise CollectError(
-            f"source {src.name!r}: sha256 mismatch for {src.url}: expected {src.sha256}, got {digest}"
-        )
-    return digest, size
+# ---------------------------------------------------------------------------------------------------------------
+# HTTP(S): one attempt, resuming the partial file
 
 
-def _fetch(src: Source, dest: Path, timeout_s: float) -> tuple[str, int]:
-    """One download attempt, streamed into a temporary file beside `dest` and renamed on completion."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+def _hash_prefix(part: Path) -> tuple[hashlib._Hash, int]:
+    """The sha256 state and size of what a partial file already holds (fresh when there is none)."""
+    h = hashlib.sha256()
+    size = 0
+    if part.is_file():
+        with open(part, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+                size += len(block)
+    return h, size
+
+
+def _fetch(src: Source, part: Path, timeout_s: float) -> tuple[str, int]:
+    """One download attempt into `part`, resuming it with a Range request. Returns (sha256, bytes) of the part.
+
+    What arrived stays in `part` when the attempt fails, for the next attempt or the next run.
+    """
     try:
-        h = hashlib.sha256()
-        size = 0
-        request = urllib.request.Request(src.url, headers={"User-Agent": "lmcore-collect"})
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(request, timeout=timeout_s) as resp:
-            length = resp.headers.get("Content-Length")
-            total = int(length) if length and length.isdigit() else None
-            with tqdm(
-                total=total, unit="B", unit_scale=True, desc=src.name, leave=False, disable=not sys.stderr.isatty()
-            ) as bar:
-                while block := resp.read(CHUNK):
-                    h.update(block)
-                    f.write(block)
-                    size += len(block)
-                    bar.update(len(block))
-            if total is not None and size != total:
-                raise _RetryableError(f"short read: {size} of {total} bytes")
-        os.replace(tmp, dest)
-        return h.hexdigest(), size
+        return _fetch_once(src, part, timeout_s)
     except urllib.error.HTTPError as err:
         if err.code >= 500 or err.code == 429:
             raise _RetryableError(f"HTTP {err.code} {err.reason}") from err
@@ -284,6 +560,54 @@ def _fetch(src: Source, dest: Path, timeout_s: float) -> tuple[str, int]:
     except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
         # URLError wraps DNS and connection failures; TimeoutError and resets are OSErrors.
         raise _RetryableError(f"{type(err).__name__}: {getattr(err, 'reason', err)}") from err
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
+
+def _fetch_once(src: Source, part: Path, timeout_s: float) -> tuple[str, int]:
+    h, offset = _hash_prefix(part)
+    if offset and h.hexdigest() == src.sha256:
+        log.info("source %s: %s is already complete (%d bytes)", src.name, part, offset)
+        return src.sha256, offset
+    headers = {"User-Agent": USER_AGENT}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    try:
+        resp = urllib.request.urlopen(urllib.request.Request(src.url, headers=headers), timeout=timeout_s)
+    except urllib.error.HTTPError as err:
+        if err.code != 416 or not offset:
+            raise
+        # Range Not Satisfiable: the part is not a prefix the server knows (or is longer than the file).
+        log.warning("source %s: the server refused to resume at byte %d (HTTP 416); restarting", src.name, offset)
+        part.unlink()
+        return _fetch_once(src, part, timeout_s)
+    with resp:
+        length = resp.headers.get("Content-Length")
+        length = int(length) if length and length.isdigit() else None
+        if resp.status == 206:
+            match = _CONTENT_RANGE_RE.match(resp.headers.get("Content-Range", "").strip())
+            if match is None or int(match.group(1)) != offset:
+                got = resp.headers.get("Content-Range")
+                log.warning("source %s: asked for bytes=%d-, got Content-Range %r; restarting", src.name, offset, got)
+                resp.close()
+                part.unlink()
+                return _fetch_once(src, part, timeout_s)
+            total = int(match.group(3)) if match.group(3) != "*" else (offset + length if length is not None else None)
+            mode = "ab"
+            log.info("source %s: resuming %s at byte %d", src.name, src.url, offset)
+        else:  # 200: the whole file, also from a server that ignores Range
+            if offset:
+                log.info("source %s: the server sent the whole file, not a range; restarting from zero", src.name)
+            h, offset, total, mode = hashlib.sha256(), 0, length, "wb"
+        part.parent.mkdir(parents=True, exist_ok=True)
+        size = offset
+        with open(part, mode) as f, tqdm(
+            total=total, initial=offset, unit="B", unit_scale=True, desc=src.name, leave=False,
+            disable=not sys.stderr.isatty(),
+        ) as bar:
+            while block := resp.read(CHUNK):
+                h.update(block)
+                f.write(block)
+                size += len(block)
+                bar.update(len(block))
+    if total is not None and size != total:
+        raise _RetryableError(f"short read: {size} of {total} bytes")
+    return h.hexdigest(), size

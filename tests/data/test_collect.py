@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import http.server
+import json
+import re
 import socket
 import threading
 import urllib.parse
@@ -33,34 +36,93 @@ def cfg(*sources: dict, retries: int = 0, timeout_s: float = 5.0) -> CollectConf
 
 
 def leftovers(parent: Path) -> list[str]:
-    """Everything in `parent` that a failed collect could have left (temp folders are hidden)."""
-    return sorted(p.name for p in parent.iterdir())
+    """Everything in `parent` that a failed collect could have left (temp folders are hidden).
+
+    The download cache (.cache/, where partial downloads wait to be resumed) is checked apart: see `parts`.
+    """
+    return sorted(p.name for p in parent.iterdir() if p.name != ".cache")
+
+
+def parts(parent: Path) -> dict[str, int]:
+    """The partial downloads in the default cache beside `parent`/raw: file name -> bytes."""
+    cache = parent / ".cache" / "downloads"
+    return {p.name: p.stat().st_size for p in sorted(cache.glob("*.part"))} if cache.is_dir() else {}
+
+
+def single(name: str, origin: str, source: str, file: str, data: bytes, license: str = "unknown",
+           fmt: str = "txt", compression: str | None = None, **extra) -> dict:
+    """The manifest entry of a single collected file."""
+    return {"name": name, "origin": origin, "source": source, **extra, "license": license, "format": None,
+            "text_field": "text", "file": file, "sha256": sha(data), "bytes": len(data),
+            "files": [{"file": file, "sha256": sha(data), "bytes": len(data), "format": fmt,
+                       "compression": compression}],
+            "skipped_files": []}
 
 
 class Server:
-    """A real HTTP server on 127.0.0.1: serves `files`, failing the first `fail_first` requests with 503."""
+    """A real HTTP server on 127.0.0.1 serving `files`.
 
-    def __init__(self, files: dict[str, bytes], fail_first: int = 0, status: int = 503):
+    It fails the first `fail_first` requests with `status`, honours `Range: bytes=N-` (206 with a
+    Content-Range; 416 past the end) unless `ranges=False`, and on the requests numbered in `cut`
+    (1-based) sends only that many body bytes before dropping the connection. `requests` records each
+    path, `ranges` each Range header (None when absent) and `served` the body bytes sent.
+    """
+
+    def __init__(
+        self,
+        files: dict[str, bytes],
+        fail_first: int = 0,
+        status: int = 503,
+        ranges: bool = True,
+        cut: dict[int, int] | None = None,
+    ):
         self.files = files
         self.fail_first = fail_first
         self.status = status
+        self.honour_ranges = ranges
+        self.cut = cut or {}
         self.requests: list[str] = []
+        self.ranges: list[str | None] = []
+        self.served = 0
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 server.requests.append(self.path)
-                if len(server.requests) <= server.fail_first:
+                server.ranges.append(self.headers.get("Range"))
+                number = len(server.requests)
+                if number <= server.fail_first:
                     self.send_error(server.status)
                     return
                 body = server.files.get(urllib.parse.urlsplit(self.path).path)
                 if body is None:
                     self.send_error(404)
                     return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
+                start = 0
+                match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+                if match and server.honour_ranges:
+                    start = int(match.group(1))
+                    if start >= len(body):
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(body)}")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(body) - start))
                 self.end_headers()
-                self.wfile.write(body)
+                payload = body[start:]
+                if number in server.cut:  # a dropped connection mid-body
+                    payload = payload[: server.cut[number]]
+                    self.close_connection = True
+                self.wfile.write(payload)
+                self.wfile.flush()
+                server.served += len(payload)
+                if number in server.cut:
+                    self.connection.shutdown(socket.SHUT_RDWR)
 
             def log_message(self, *args) -> None:
                 pass
@@ -97,10 +159,8 @@ def test_local_copy_and_manifest(tmp_path):
     )
     assert manifest == read_json(out / MANIFEST)
     assert manifest["sources"] == [
-        {"name": "verdict", "origin": "local", "source": "src/verdict.txt", "file": "verdict.txt",
-         "sha256": TEXT_SHA, "bytes": len(TEXT), "license": "public domain"},
-        {"name": "notes", "origin": "local", "source": str(tmp_path / "src" / "notes"), "file": "notes.txt",
-         "sha256": sha(b"no suffix\n"), "bytes": 10, "license": "unknown"},
+        single("verdict", "local", "src/verdict.txt", "verdict.txt", TEXT, license="public domain"),
+        single("notes", "local", str(tmp_path / "src" / "notes"), "notes.txt", b"no suffix\n"),
     ]
     assert (out / "verdict.txt").read_bytes() == TEXT
     assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "notes.txt", "verdict.txt"]
@@ -224,10 +284,7 @@ def test_download_verifies_checksum(tmp_path):
             cfg({"name": "book", "url": url, "sha256": sha(body), "license": "CC0"}), tmp_path / "raw", mirror=mirror
         )
         assert srv.requests == ["/data/book.md?raw=1"]
-    assert manifest["sources"] == [
-        {"name": "book", "origin": "download", "source": url, "file": "book.md",
-         "sha256": sha(body), "bytes": len(body), "license": "CC0"},
-    ]
+    assert manifest["sources"] == [single("book", "download", url, "book.md", body, license="CC0", fmt="md")]
     assert (tmp_path / "raw" / "book.md").read_bytes() == body
     assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["book.md", MANIFEST]
 
@@ -277,6 +334,7 @@ def test_download_checksum_mismatch_fails_and_leaves_nothing(tmp_path):
     msg = str(exc.value)
     assert "'t'" in msg and srv.url("/t.txt") in msg and wrong in msg and TEXT_SHA in msg
     assert leftovers(tmp_path) == ["local.txt"]
+    assert parts(tmp_path) == {}  # a part that hashes wrong is not kept to be resumed
 
 
 def test_connection_errors_are_retried(tmp_path):
@@ -287,3 +345,253 @@ def test_connection_errors_are_retried(tmp_path):
         collect(cfg({"name": "t", "url": f"http://127.0.0.1:{port}/t.txt", "sha256": TEXT_SHA}, retries=1),
                 tmp_path / "raw", backoff_s=0.01)
     assert leftovers(tmp_path) == []
+
+
+# folders and globs
+
+
+def zst(data: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdCompressor().compress(data)
+
+
+def make_tree(root: Path) -> dict[str, bytes]:
+    """A corpus folder with nested folders, mixed formats, hidden files and files collect cannot read."""
+    files = {
+        "a.txt": b"plain text\n",
+        "b.md": b"# markdown\n",
+        "sub/c.jsonl.gz": gzip.compress(b'{"text": "gzipped"}\n', mtime=0),
+        "sub/deep/d.txt.zst": zst(b"zstd text\n"),
+        "sub/e.csv": b"text\nrow\n",
+        "notes.bin": b"\x00\x01",
+        "books.zip": b"PK\x05\x06" + b"\x00" * 18,  # an empty zip
+        ".hidden.txt": b"hidden\n",
+        ".git/config.txt": b"hidden folder\n",
+    }
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return files
+
+
+def record(file: str, data: bytes, fmt: str, compression: str | None = None) -> dict:
+    return {"file": file, "sha256": sha(data), "bytes": len(data), "format": fmt, "compression": compression}
+
+
+def test_folder_source_keeps_known_formats_and_lists_the_rest(tmp_path):
+    files = make_tree(tmp_path / "corpus")
+    out = tmp_path / "raw"
+    manifest = collect(cfg({"name": "web", "path": "corpus", "license": "CC-BY"}), out, base_dir=tmp_path)
+    (entry,) = manifest["sources"]
+    kept = ["a.txt", "b.md", "sub/c.jsonl.gz", "sub/deep/d.txt.zst", "sub/e.csv"]
+    assert entry == {
+        "name": "web", "origin": "local", "source": "corpus", "license": "CC-BY", "format": None, "text_field": "text",
+        "bytes": sum(len(files[k]) for k in kept),
+        "files": [
+            record("web/a.txt", files["a.txt"], "txt"),
+            record("web/b.md", files["b.md"], "md"),
+            record("web/sub/c.jsonl.gz", files["sub/c.jsonl.gz"], "jsonl", "gzip"),
+            record("web/sub/deep/d.txt.zst", files["sub/deep/d.txt.zst"], "txt", "zstd"),
+            record("web/sub/e.csv", files["sub/e.csv"], "csv"),
+        ],
+        "skipped_files": [
+            {"path": "books.zip", "reason": "an archive: give it a source of its own with 'extract: true'"},
+            {"path": "notes.bin", "reason": "unknown format (.bin); set the source's 'format' to keep it"},
+        ],
+    }
+    assert "file" not in entry and "sha256" not in entry  # only a single file has them at the top level
+    on_disk = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert on_disk == sorted([MANIFEST] + [f"web/{k}" for k in kept])
+    for k in kept:
+        assert (out / "web" / k).read_bytes() == files[k]
+
+
+def test_folder_source_with_a_format_keeps_every_regular_file(tmp_path):
+    make_tree(tmp_path / "corpus")
+    manifest = collect(cfg({"name": "web", "path": "corpus", "format": "txt"}), tmp_path / "raw", base_dir=tmp_path)
+    (entry,) = manifest["sources"]
+    assert [(f["file"], f["format"], f["compression"]) for f in entry["files"]] == [
+        ("web/a.txt", "txt", None), ("web/b.md", "txt", None), ("web/notes.bin", "txt", None),
+        ("web/sub/c.jsonl.gz", "txt", "gzip"), ("web/sub/deep/d.txt.zst", "txt", "zstd"), ("web/sub/e.csv", "txt", None),
+    ]
+    assert [s["path"] for s in entry["skipped_files"]] == ["books.zip"]  # an archive is never read as text
+
+
+@pytest.mark.parametrize(
+    ("pattern", "expected"),
+    [
+        ("corpus/**/*.txt*", {"g/a.txt": "a.txt", "g/sub/deep/d.txt.zst": "sub/deep/d.txt.zst"}),
+        ("corpus/sub/[cd]*", {"g/c.jsonl.gz": "sub/c.jsonl.gz"}),  # the folder deep/ matches but is no file
+        ("corpus/?.md", {"g/b.md": "b.md"}),
+        ("corpus/*", {"g/a.txt": "a.txt", "g/b.md": "b.md"}),  # `*` does not descend; hidden names are not matched
+    ],
+)
+def test_glob_source_is_relative_to_its_non_magic_prefix(tmp_path, pattern, expected):
+    files = make_tree(tmp_path / "corpus")
+    out = tmp_path / "raw"
+    manifest = collect(cfg({"name": "g", "path": pattern}), out, base_dir=tmp_path)
+    (entry,) = manifest["sources"]
+    assert entry["source"] == pattern
+    assert [f["file"] for f in entry["files"]] == sorted(expected)
+    for file, rel in expected.items():
+        assert (out / file).read_bytes() == files[rel]
+        assert next(f for f in entry["files"] if f["file"] == file)["sha256"] == sha(files[rel])
+
+
+def test_absolute_glob(tmp_path):
+    make_tree(tmp_path / "corpus")
+    pattern = str(tmp_path / "corpus" / "sub" / "*.csv")
+    manifest = collect(cfg({"name": "g", "path": pattern}), tmp_path / "raw")
+    assert [f["file"] for f in manifest["sources"][0]["files"]] == ["g/e.csv"]
+
+
+def test_empty_or_unreadable_matches_fail_naming_source_and_pattern(tmp_path):
+    make_tree(tmp_path / "corpus")
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "raw"
+    with pytest.raises(CollectError, match=r"source 'g': no files found for path 'corpus/\*\.nothing'"):
+        collect(cfg({"name": "ok", "path": "corpus"}, {"name": "g", "path": "corpus/*.nothing"}), out, base_dir=tmp_path)
+    with pytest.raises(CollectError, match=r"source 'e': no files found for path 'empty'"):
+        collect(cfg({"name": "e", "path": "empty"}), out, base_dir=tmp_path)
+    with pytest.raises(CollectError, match=r"source 'b': none of the 1 file\(s\) found for path 'corpus/\*\.bin'.*notes\.bin"):
+        collect(cfg({"name": "b", "path": "corpus/*.bin"}), out, base_dir=tmp_path)
+    assert leftovers(tmp_path) == ["corpus", "empty"]
+
+
+def test_folder_refuses_sha256_and_extract(tmp_path):
+    make_tree(tmp_path / "corpus")
+    with pytest.raises(CollectError, match=r"source 'f': 'sha256' pins a single file, but path 'corpus' is a folder"):
+        collect(cfg({"name": "f", "path": "corpus", "sha256": TEXT_SHA}), tmp_path / "raw", base_dir=tmp_path)
+    with pytest.raises(CollectError, match=r"source 'f': 'extract: true' needs a single archive file.*is a glob"):
+        collect(cfg({"name": "f", "path": "corpus/*.zip", "extract": True}), tmp_path / "raw", base_dir=tmp_path)
+
+
+def test_single_file_keeps_compound_suffixes(tmp_path):
+    files = make_tree(tmp_path / "corpus")
+    out = tmp_path / "raw"
+    manifest = collect(
+        cfg({"name": "c", "path": "corpus/sub/c.jsonl.gz"}, {"name": "d", "path": "corpus/sub/deep/d.txt.zst"},
+            {"name": "n", "path": "corpus/notes.bin", "format": "csv"}),
+        out,
+        base_dir=tmp_path,
+    )
+    c, d, n = manifest["sources"]
+    assert c["file"] == "c.jsonl.gz" and c["files"] == [record("c.jsonl.gz", files["sub/c.jsonl.gz"], "jsonl", "gzip")]
+    assert d["file"] == "d.txt.zst" and d["files"] == [record("d.txt.zst", files["sub/deep/d.txt.zst"], "txt", "zstd")]
+    assert n["file"] == "n.bin" and n["format"] == "csv" and n["files"][0]["format"] == "csv"
+    assert (out / "c.jsonl.gz").read_bytes() == files["sub/c.jsonl.gz"]
+
+
+def test_two_sources_cannot_claim_one_name(tmp_path):
+    (tmp_path / "a.txt").write_bytes(TEXT)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "x.md").write_bytes(TEXT)
+    (tmp_path / "m.json").write_bytes(b"{}")
+    with pytest.raises(CollectError, match=r"source 'a\.txt': a\.txt is already taken"):
+        collect(cfg({"name": "a", "path": "a.txt"}, {"name": "a.txt", "path": "docs"}), tmp_path / "raw",
+                base_dir=tmp_path)
+    with pytest.raises(CollectError, match=r"source 'manifest': manifest\.json is already taken"):
+        collect(cfg({"name": "manifest", "path": "m.json"}), tmp_path / "raw", base_dir=tmp_path)
+
+
+def test_manifest_is_identical_run_to_run(tmp_path):
+    make_tree(tmp_path / "corpus")
+    sources = cfg({"name": "web", "path": "corpus"}, {"name": "g", "path": "corpus/**/*.csv"})
+    collect(sources, tmp_path / "raw", base_dir=tmp_path)
+    first = (tmp_path / "raw" / MANIFEST).read_bytes()
+    collect(sources, tmp_path / "raw", base_dir=tmp_path)
+    assert (tmp_path / "raw" / MANIFEST).read_bytes() == first
+    assert json.loads(first)["sources"][1]["files"][0]["file"] == "g/sub/e.csv"
+
+
+# resumed downloads
+
+BIG = bytes(range(256)) * 400  # 100 KiB: several read chunks
+BIG_SHA = sha(BIG)
+CUT = 30_000
+
+
+def test_cut_download_resumes_with_a_range_request(tmp_path):
+    with Server({"/big.txt": BIG}, cut={1: CUT}) as srv:
+        manifest = collect(cfg({"name": "big", "url": srv.url("/big.txt"), "sha256": BIG_SHA}, retries=1),
+                           tmp_path / "raw", backoff_s=0.01)
+        assert srv.ranges == [None, f"bytes={CUT}-"]
+        assert srv.served == len(BIG) < len(BIG) + CUT  # the prefix was not sent twice
+    assert manifest["sources"][0]["sha256"] == BIG_SHA
+    assert (tmp_path / "raw" / "big.txt").read_bytes() == BIG
+    assert parts(tmp_path) == {}  # moved into place
+
+
+def test_server_ignoring_range_restarts_from_zero(tmp_path):
+    with Server({"/big.txt": BIG}, cut={1: CUT}, ranges=False) as srv:
+        collect(cfg({"name": "big", "url": srv.url("/big.txt"), "sha256": BIG_SHA}, retries=1), tmp_path / "raw",
+                backoff_s=0.01)
+        assert srv.ranges == [None, f"bytes={CUT}-"]  # asked, but got a 200 with the whole file
+        assert srv.served == CUT + len(BIG)
+    assert (tmp_path / "raw" / "big.txt").read_bytes() == BIG
+
+
+def test_failed_run_keeps_its_part_and_the_next_run_resumes_it(tmp_path):
+    source = {"name": "big", "sha256": BIG_SHA}
+    with Server({"/big.txt": BIG}, cut={1: CUT, 2: 10_000}) as srv:
+        source["url"] = srv.url("/big.txt")
+        with pytest.raises(CollectError, match=rf"after 2 attempt.*{CUT + 10_000} bytes kept in .*{BIG_SHA}\.part"):
+            collect(cfg(source, retries=1), tmp_path / "raw", backoff_s=0.01)
+        assert parts(tmp_path) == {f"{BIG_SHA}.part": CUT + 10_000}
+        assert leftovers(tmp_path) == []
+        collect(cfg(source), tmp_path / "raw")  # the next run
+        assert srv.ranges == [None, f"bytes={CUT}-", f"bytes={CUT + 10_000}-"]
+        assert srv.served == len(BIG)
+    assert (tmp_path / "raw" / "big.txt").read_bytes() == BIG
+    assert parts(tmp_path) == {}
+
+
+def test_killed_run_leftover_part_is_resumed(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / f"{BIG_SHA}.part").write_bytes(BIG[:CUT])  # what a killed run leaves
+    with Server({"/big.txt": BIG}) as srv:
+        collect(cfg({"name": "big", "url": srv.url("/big.txt"), "sha256": BIG_SHA}), tmp_path / "raw",
+                cache_dir=cache)
+        assert srv.ranges == [f"bytes={CUT}-"]
+        assert srv.served == len(BIG) - CUT
+    assert (tmp_path / "raw" / "big.txt").read_bytes() == BIG
+    assert list(cache.iterdir()) == []
+
+
+def test_complete_leftover_part_needs_no_request(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / f"{BIG_SHA}.part").write_bytes(BIG)  # killed after the last byte, before the move
+    with Server({"/big.txt": BIG}) as srv:
+        collect(cfg({"name": "big", "url": srv.url("/big.txt"), "sha256": BIG_SHA}), tmp_path / "raw",
+                cache_dir=cache)
+        assert srv.requests == []
+    assert (tmp_path / "raw" / "big.txt").read_bytes() == BIG
+
+
+def test_part_longer_than_the_file_restarts_after_416(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / f"{BIG_SHA}.part").write_bytes(b"x" * (len(BIG) + 5))
+    with Server({"/big.txt": BIG}) as srv:
+        collect(cfg({"name": "big", "url": srv.url("/big.txt"), "sha256": BIG_SHA}), tmp_path / "raw",
+                cache_dir=cache)
+        assert srv.ranges == [f"bytes={len(BIG) + 5}-", None]
+    assert (tmp_path / "raw" / "big.txt").read_bytes() == BIG
+
+
+def test_corrupt_part_fails_the_checksum_and_is_removed(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / f"{BIG_SHA}.part").write_bytes(b"\xff" * CUT)  # not BIG's prefix
+    with Server({"/big.txt": BIG}) as srv:
+        url = srv.url("/big.txt")
+        with pytest.raises(CollectError) as exc:
+            collect(cfg({"name": "big", "url": url, "sha256": BIG_SHA}), tmp_path / "raw", cache_dir=cache)
+    msg = str(exc.value)
+    wrong = sha(b"\xff" * CUT + BIG[CUT:])
+    assert "'big'" in msg and url in msg and BIG_SHA in msg and wrong in msg
+    assert list(cache.iterdir()) == []
+    assert leftovers(tmp_path) == ["cache"]
