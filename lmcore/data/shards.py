@@ -104,25 +104,36 @@ def list_dir(location: str | Path) -> list[str]:
     return sorted(Path(p).name for p in fs.ls(target, detail=False) if fs.isfile(p))
 
 
-def shard_bytes(docs: Sequence[np.ndarray], dtype: np.dtype) -> bytes:
-    """The Arrow IPC file holding `docs` (1-D token arrays), one record batch, as bytes."""
-    pa_type = pa.from_numpy_dtype(dtype)
-    lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
-    offsets = np.zeros(len(docs) + 1, dtype=np.int32 if lengths.sum() < 2**31 else np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    flat = np.concatenate([np.asarray(d, dtype=dtype) for d in docs]) if docs else np.empty(0, dtype)
+def ipc_bytes(tokens: np.ndarray, offsets: np.ndarray, dtype: np.dtype) -> bytes:
+    """The Arrow IPC file of a flat token array cut into documents at `offsets` (len = documents + 1)."""
+    offsets = np.asarray(offsets, dtype=np.int32 if offsets[-1] < 2**31 else np.int64)
     list_cls = pa.ListArray if offsets.dtype == np.int32 else pa.LargeListArray
-    column = list_cls.from_arrays(pa.array(offsets), pa.array(flat, type=pa_type))
+    column = list_cls.from_arrays(pa.array(offsets), pa.array(np.asarray(tokens, dtype=dtype), type=pa.from_numpy_dtype(dtype)))
     table = pa.table({TOKENS: column})
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table, max_chunksize=max(1, len(docs)))
+        writer.write_table(table, max_chunksize=max(1, len(offsets) - 1))
     return sink.getvalue().to_pybytes()
+
+
+def shard_bytes(docs: Sequence[np.ndarray], dtype: np.dtype) -> bytes:
+    """The Arrow IPC file holding `docs` (1-D token arrays), one record batch, as bytes."""
+    offsets = np.zeros(len(docs) + 1, dtype=np.int64)
+    np.cumsum([len(d) for d in docs], out=offsets[1:])
+    flat = np.concatenate([np.asarray(d, dtype=dtype) for d in docs]) if docs else np.empty(0, dtype)
+    return ipc_bytes(flat, offsets, dtype)
 
 
 def write_shard(location: str | Path, docs: Sequence[np.ndarray], dtype: np.dtype) -> str:
     """Write documents (1-D token arrays) to an Arrow IPC file, atomically. Returns its sha256."""
     data = shard_bytes(docs, dtype)
+    write_bytes(location, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_shard_flat(location: str | Path, tokens: np.ndarray, offsets: np.ndarray, dtype: np.dtype) -> str:
+    """`write_shard` for documents already laid out flat (tokens, offsets). Returns the file's sha256."""
+    data = ipc_bytes(tokens, offsets, dtype)
     write_bytes(location, data)
     return hashlib.sha256(data).hexdigest()
 

@@ -1,168 +1,500 @@
-"""The tokenize stage: clean documents -> train/val token shards and a manifest.
+"""The tokenize stage: clean documents -> train/val token shards and a manifest, streamed and in parallel.
 
-    manifest = tokenize(params.tokenize, Path("data/clean"), Path("data/tokens"), seed=params.seed)
+    manifest = tokenize(params.tokenize, "data/clean", "data/tokens", seed=params.seed)
+    manifest = tokenize(cfg, "data/clean", "s3://bucket/tokens", seed=1337)   # any fsspec URL
 
-Reads `documents.jsonl` (one `{"id", "source", "text"}` object per line), splits it by document
-into train and val with a seeded permutation, encodes each document with the end-of-text token
-appended, and writes Arrow shards (`train-00000.arrow`, `val-00000.arrow`, ...) plus
-`manifest.json`. The same input and seed give byte-identical output.
+`documents.jsonl` (one `{"id", "source", "text"}` object per line) is cut into slices of about
+`shard_bytes` at line boundaries; slice k becomes `train-0000k.arrow` and `val-0000k.arrow`. A document
+goes to val when a seeded hash of its text falls below `val_fraction`, so the split needs no pass over
+the data and duplicates never straddle it. Slices depend on the input bytes and the config alone, so
+the output is byte-identical whatever the number of workers or the runner (a process pool here,
+Dask through `tasks/`).
+
+Memory stays bounded: a worker holds one slice's tokens, encodes its text a megabyte at a time and
+reads the input line by line; the planner reads the input once, in blocks, to hash it.
+
+Resuming: a local output is built in a hidden sibling (`.tokens.partial/`) and renamed over the old
+folder only when complete, so a failure leaves the previous output as it was. Every finished slice
+leaves a record there (`_progress/<k>.json`: its fingerprint and the sha256 of its shards) beside
+shards written atomically. A re-run after a kill re-uses every slice whose record matches and whose
+shards still hash to the recorded sha256, encodes the rest, and ends with the same bytes as an
+uninterrupted run. A URL output (s3://...) is written in place, `manifest.json` last: a folder
+without it is unfinished.
+
+The three steps are public so that an orchestrator can run the middle one anywhere:
+
+    plan = plan_tokenize(cfg, clean_dir, out_dir, seed)
+    records = [encode_shard(job) for job in plan.pending]   # any executor: a pool, Dask workers
+    manifest = finish_tokenize(plan, records)
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import hashlib
+import itertools
 import json
 import logging
+import multiprocessing
 import os
-from collections.abc import Iterator, Sequence
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
 import tiktoken
 from tqdm import tqdm
 
 from lmcore.config import TokenizeConfig
-from lmcore.data.shards import Shard, token_dtype, write_shard
-from lmcore.io import atomic_dir, sha256_file, write_json
+from lmcore.data.shards import (
+    Shard,
+    exists,
+    join,
+    list_dir,
+    local_path,
+    read_bytes,
+    remove,
+    sha256_bytes_of,
+    token_dtype,
+    write_bytes,
+    write_shard_flat,
+)
+from lmcore.io import fsync_dir, fsync_tree
 from lmcore.paths import DOCUMENTS, MANIFEST
 from lmcore.tokenizer import eot_token, get_encoding
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
-# Characters handed to one encode_ordinary_batch call: enough to keep every thread busy, since
-# tiktoken's threads pay off on long texts, not on many tiny ones.
-BATCH_CHARS = 1 << 20
+PROGRESS = "_progress"
+# Bumped when the shard layout changes, so old progress records are never re-used.
+FORMAT_VERSION = 2
+# Text handed to one encode call: tiktoken returns Python lists of ints (~36 bytes a token), so
+# encoding a slice a megabyte at a time keeps that transient cost small.
+ENCODE_BATCH_BYTES = 1 << 20
+READ_BLOCK = 1 << 22
 
 
-def read_documents(path: Path) -> list[str]:
-    """The `text` of every document in a documents.jsonl file, in file order.
+class TokenizeError(ValueError):
+    """Input that cannot be tokenized; the message names the file and line."""
 
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: a line that is not a JSON object with string `id`, `source` and `text`
-            (the message names the file and line number), or a file without documents.
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One slice of documents.jsonl (bytes [start, end), lines from `first_line`) and where its shards go."""
+
+    index: int
+    start: int
+    end: int
+    first_line: int
+    documents: str
+    out_dir: str
+    fingerprint: str
+    encoding: str
+    ranks_file: str | None
+    val_fraction: float
+    seed: int
+    threads: int = 1
+
+    def shard_name(self, split: str) -> str:
+        return f"{split}-{self.index:05d}.arrow"
+
+
+@dataclass
+class TokenizePlan:
+    jobs: list[ShardJob]
+    pending: list[ShardJob]
+    reused: dict[int, dict]  # slice index -> its progress record, verified
+    out_dir: str
+    work_dir: str  # where shards are written: a hidden sibling of a local out_dir, else out_dir itself
+    header: dict[str, Any] = field(default_factory=dict)  # the manifest's fields that describe the run
+
+
+def _fs_open(location: str | Path, mode: str = "rb"):
+    path = local_path(location)
+    if path is not None:
+        return open(path, mode)
+    return fsspec.open(str(location), mode).open()
+
+
+def _file_info(location: str | Path) -> int:
+    path = local_path(location)
+    if path is not None:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no documents file (run the preprocess stage first)")
+        return path.stat().st_size
+    fs, target = fsspec.core.url_to_fs(str(location))
+    if not fs.exists(target):
+        raise FileNotFoundError(f"{location}: no documents file (run the preprocess stage first)")
+    return int(fs.size(target))
+
+
+def _scan(location: str | Path, size: int, shard_bytes: int) -> tuple[str, list[tuple[int, int, int]]]:
+    """One pass in blocks: the file's sha256 and its slices (start, end, first line number).
+
+    A slice ends at the first line end that makes it at least `shard_bytes` long; the last takes the rest.
     """
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no documents file (run the preprocess stage first)")
-    texts: list[str] = []
-    with open(path, "rb") as f:  # binary: lines split on b"\n" only, and bad UTF-8 names its line
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                doc = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(doc, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(doc).__name__}")
-            for key in ("id", "source", "text"):
-                if not isinstance(doc.get(key), str):
-                    raise ValueError(f"{path}:{lineno}: key {key!r} missing or not a string")
-            texts.append(doc["text"])
-    if not texts:
-        raise ValueError(f"{path}: no documents to tokenize")
-    return texts
+    h = hashlib.sha256()
+    cuts, first_lines = [0], [1]
+    lines = 0  # newlines before the current block
+    pos = 0  # offset of the current block
+    next_cut = shard_bytes
+    with _fs_open(location) as f:
+        while block := f.read(READ_BLOCK):
+            h.update(block)
+            counted, lines_at = 0, lines
+            search = max(next_cut - 1 - pos, 0)
+            while search < len(block):
+                nl = block.find(b"\n", search)
+                if nl < 0:
+                    break
+                lines_at += block.count(b"\n", counted, nl + 1)
+                counted = nl + 1
+                if pos + nl + 1 < size:
+                    cuts.append(pos + nl + 1)
+                    first_lines.append(lines_at + 1)
+                next_cut = pos + nl + 1 + shard_bytes
+                search = next_cut - 1 - pos
+            lines = lines_at + block.count(b"\n", counted)
+            pos += len(block)
+    cuts.append(size)
+    return h.hexdigest(), [(cuts[i], cuts[i + 1], first_lines[i]) for i in range(len(cuts) - 1)]
 
 
-def split_documents(n_docs: int, val_fraction: float, seed: int) -> dict[str, np.ndarray]:
-    """Document indices per split, each in original order; val is round(val_fraction * n), at least 1.
-
-    Raises:
-        ValueError: fewer than 2 documents (each split needs one).
-    """
-    if n_docs < 2:
-        raise ValueError(f"{n_docs} document(s): need at least 2 to make both a train and a val split")
-    n_val = min(max(round(val_fraction * n_docs), 1), n_docs - 1)
-    perm = np.random.default_rng(seed).permutation(n_docs)
-    return {"train": np.sort(perm[n_val:]), "val": np.sort(perm[:n_val])}
+def _ranks_digest(ranks_file: str | None, encoding: str) -> str:
+    if ranks_file:
+        return hashlib.sha256(Path(ranks_file).read_bytes()).hexdigest()
+    return f"tiktoken:{encoding}"
 
 
-def _encoded(enc: tiktoken.Encoding, texts: Sequence[str], dtype: np.dtype, eot: int) -> Iterator[np.ndarray]:
-    """Each text's tokens followed by `eot`, in order, encoded in multi-threaded batches."""
-    threads = os.cpu_count() or 1
-    start = 0
-    while start < len(texts):
-        end, chars = start, 0
-        while end < len(texts) and (end == start or chars + len(texts[end]) <= BATCH_CHARS):
-            chars += len(texts[end])
-            end += 1
-        for ids in enc.encode_ordinary_batch(list(texts[start:end]), num_threads=threads):
-            doc = np.empty(len(ids) + 1, dtype=dtype)
-            doc[:-1] = ids
-            doc[-1] = eot
-            yield doc
-        start = end
-
-
-def tokenize(cfg: TokenizeConfig, clean_dir: Path, out_dir: Path, seed: int) -> dict[str, Any]:
-    """Tokenize `clean_dir/documents.jsonl` into train/val shards under `out_dir`, atomically.
+def plan_tokenize(
+    cfg: TokenizeConfig, clean_dir: str | Path, out_dir: str | Path, seed: int, ranks_file: str | None = None
+) -> TokenizePlan:
+    """Slice the input, and find which slices a previous (killed or finished) run already wrote.
 
     Args:
-        cfg: encoding, ranks file, validation fraction and shard size.
-        clean_dir: the preprocess stage's output folder.
-        out_dir: replaced whole on success; untouched on failure.
+        cfg: encoding, ranks file, val fraction, shard size.
+        clean_dir: the preprocess output (path or URL) holding documents.jsonl.
+        out_dir: the shard folder (path or URL); an unfinished run's shards there are re-used when they
+            match, anything else is replaced.
         seed: seeds the train/val split.
+        ranks_file: overrides cfg.ranks_file (the stage resolves it against the project root).
+    """
+    ranks_file = ranks_file or cfg.ranks_file
+    enc = get_encoding(cfg.encoding, ranks_file)
+    documents = str(join(clean_dir, DOCUMENTS))
+    size = _file_info(documents)
+    if size == 0:
+        raise TokenizeError(f"{documents}: no documents to tokenize (the file is empty)")
+    digest, slices = _scan(documents, size, cfg.shard_bytes)
+    config = {
+        "format_version": FORMAT_VERSION,
+        "documents_sha256": digest,
+        "encoding": cfg.encoding,
+        "ranks_sha256": _ranks_digest(ranks_file, cfg.encoding),
+        "val_fraction": cfg.val_fraction,
+        "seed": seed,
+        "shard_bytes": cfg.shard_bytes,
+    }
+    config_fp = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    out = str(out_dir)
+    work = _work_dir(out)
+    jobs = [
+        ShardJob(
+            index=k, start=s, end=e, first_line=line, documents=documents, out_dir=work,
+            fingerprint=hashlib.sha256(f"{config_fp}:{k}:{s}:{e}".encode()).hexdigest(),
+            encoding=cfg.encoding, ranks_file=ranks_file, val_fraction=cfg.val_fraction, seed=seed,
+        )
+        for k, (s, e, line) in enumerate(slices)
+    ]
+    # The manifest goes first: from here until finish_tokenize the folder is visibly unfinished.
+    remove(join(work, MANIFEST))
+    reused = _verified_records(jobs, work)
+    pending = [j for j in jobs if j.index not in reused]
+    header = {
+        "encoding": cfg.encoding,
+        "vocab_size": enc.n_vocab,
+        "eot_token": eot_token(enc),
+        "dtype": token_dtype(enc.n_vocab).name,
+        "seed": seed,
+        "val_fraction": cfg.val_fraction,
+        "shard_bytes": cfg.shard_bytes,
+        "documents_sha256": digest,
+        "documents_bytes": size,
+        "config_fingerprint": config_fp,
+    }
+    log.info(
+        "tokenize plan: %s (%d bytes) in %d slice(s); %d re-used from an earlier run, %d to encode",
+        documents, size, len(jobs), len(reused), len(pending),
+    )
+    return TokenizePlan(jobs=jobs, pending=pending, reused=reused, out_dir=out, work_dir=work, header=header)
+
+
+def _work_dir(out_dir: str) -> str:
+    path = local_path(out_dir)
+    if path is None:
+        return out_dir
+    work = path.parent / f".{path.name}.partial"
+    work.mkdir(parents=True, exist_ok=True)
+    return str(work)
+
+
+def _verified_records(jobs: list[ShardJob], out_dir: str) -> dict[int, dict]:
+    """Progress records of slices already done: same fingerprint, shards present with the recorded sha256."""
+    done: dict[int, dict] = {}
+    names = set(list_dir(join(out_dir, PROGRESS)))
+    for job in jobs:
+        name = f"{job.index:05d}.json"
+        if name not in names:
+            continue
+        try:
+            record = json.loads(read_bytes(join(join(out_dir, PROGRESS), name)))
+        except (OSError, ValueError):
+            continue
+        if record.get("fingerprint") != job.fingerprint:
+            continue
+        shards = [s for s in record.get("shards", [])]
+        if all(exists(join(out_dir, s["file"])) and sha256_bytes_of(join(out_dir, s["file"])) == s["sha256"] for s in shards):
+            done[job.index] = record
+        else:
+            log.warning("slice %d: a shard is missing or does not match its recorded sha256; encoding it again", job.index)
+    return done
+
+
+def _in_val(text: bytes, seed: int, val_fraction: float) -> bool:
+    h = hashlib.blake2b(text, digest_size=8, key=str(seed).encode()).digest()
+    return int.from_bytes(h, "little") < val_fraction * 2.0**64
+
+
+def _lines(job: ShardJob):
+    """(line number, raw line) for the slice, read line by line."""
+    with _fs_open(job.documents) as f:
+        f.seek(job.start)
+        pos, lineno = job.start, job.first_line
+        while pos < job.end:
+            raw = f.readline()
+            if not raw:
+                break
+            pos += len(raw)
+            yield lineno, raw
+            lineno += 1
+
+
+def _parse(raw: bytes, where: str) -> str:
+    try:
+        doc = json.loads(raw)
+    except UnicodeDecodeError as err:
+        raise TokenizeError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise TokenizeError(f"{where}: not valid JSON ({err.msg})") from None
+    if not isinstance(doc, dict):
+        raise TokenizeError(f"{where}: expected a JSON object, got {type(doc).__name__}")
+    for key in ("id", "source", "text"):
+        if not isinstance(doc.get(key), str):
+            raise TokenizeError(f"{where}: key {key!r} missing or not a string")
+    return doc["text"]
+
+
+class _SplitBuffer:
+    """Tokens of one split as a growing flat array plus document lengths (with the end-of-text token)."""
+
+    def __init__(self, dtype: np.dtype):
+        self.dtype = dtype
+        self.parts: list[np.ndarray] = []
+        self.lengths: list[int] = []
+
+    def add(self, batch: list[list[int]], eot: int) -> None:
+        if not batch:
+            return
+        n = [len(ids) for ids in batch]
+        flat = np.fromiter(itertools.chain.from_iterable(batch), dtype=self.dtype, count=sum(n))
+        self.parts.append(np.insert(flat, np.cumsum(n), eot))  # eot after each document
+        self.lengths.extend(k + 1 for k in n)
+
+    def flat(self) -> tuple[np.ndarray, np.ndarray]:
+        tokens = np.concatenate(self.parts) if self.parts else np.empty(0, self.dtype)
+        offsets = np.zeros(len(self.lengths) + 1, dtype=np.int64)
+        np.cumsum(self.lengths, out=offsets[1:])
+        return tokens, offsets
+
+
+def encode_shard(job: ShardJob) -> dict:
+    """Encode one slice into its train and val shards (atomic writes) and record it as done.
 
     Returns:
-        The manifest, as written to `out_dir/manifest.json`.
+        The slice's record: {"index", "fingerprint", "shards": [{"file", "split", "documents", "tokens",
+        "sha256"}], "longest_document": tokens}.
     """
-    clean_dir, out_dir = Path(clean_dir), Path(out_dir)
-    docs_path = clean_dir / DOCUMENTS
-    texts = read_documents(docs_path)
-    splits = split_documents(len(texts), cfg.val_fraction, seed)
-    enc = get_encoding(cfg.encoding, cfg.ranks_file)
+    enc = get_encoding(job.encoding, job.ranks_file)
     eot = eot_token(enc)
     dtype = token_dtype(enc.n_vocab)
+    buffers = {s: _SplitBuffer(dtype) for s in SPLITS}
+    pending: dict[str, list[str]] = {s: [] for s in SPLITS}
+    pending_bytes = 0
 
-    shards: list[dict[str, Any]] = []
-    totals = {name: {"documents": 0, "tokens": 0} for name in SPLITS}
-    with atomic_dir(out_dir) as tmp, tqdm(total=len(texts), desc="tokenize", unit="doc", disable=None) as bar:
+    def flush() -> None:
+        for split, texts in pending.items():
+            if texts:
+                buffers[split].add(enc.encode_ordinary_batch(texts, num_threads=job.threads), eot)
+                texts.clear()
 
-        def flush(split: str, buf: list[np.ndarray]) -> None:
-            name = f"{split}-{sum(s['split'] == split for s in shards):05d}.arrow"
-            write_shard(tmp / name, buf, dtype)
-            n_tokens = int(sum(len(d) for d in buf))
-            shards.append(
-                {"file": name, "split": split, "documents": len(buf), "tokens": n_tokens, "sha256": sha256_file(tmp / name)}
+    for lineno, raw in _lines(job):
+        text = _parse(raw, f"{job.documents}:{lineno}")
+        split = "val" if _in_val(text.encode("utf-8", "surrogatepass"), job.seed, job.val_fraction) else "train"
+        pending[split].append(text)
+        pending_bytes += len(raw)
+        if pending_bytes >= ENCODE_BATCH_BYTES:
+            flush()
+            pending_bytes = 0
+    flush()
+
+    shards, longest = [], 0
+    for split in SPLITS:
+        tokens, offsets = buffers[split].flat()
+        if len(offsets) == 1:
+            continue  # no document of this split in the slice
+        name = job.shard_name(split)
+        sha = write_shard_flat(join(job.out_dir, name), tokens, offsets, dtype)
+        longest = max(longest, int(np.diff(offsets).max()))
+        shards.append({"file": name, "split": split, "documents": len(offsets) - 1, "tokens": int(len(tokens)), "sha256": sha})
+    record = {"index": job.index, "fingerprint": job.fingerprint, "shards": shards, "longest_document": longest}
+    write_bytes(join(join(job.out_dir, PROGRESS), f"{job.index:05d}.json"), json.dumps(record).encode())
+    return record
+
+
+def finish_tokenize(plan: TokenizePlan, records: list[dict]) -> dict[str, Any]:
+    """Check every slice is done, write manifest.json (last), and remove progress records and stale files."""
+    by_index = {**plan.reused, **{r["index"]: r for r in records}}
+    missing = [j.index for j in plan.jobs if j.index not in by_index]
+    if missing:
+        raise RuntimeError(f"tokenize: slices {missing[:10]} have no result; run again to finish them")
+    shards: list[dict] = []
+    totals = {s: {"documents": 0, "tokens": 0} for s in SPLITS}
+    longest = 0
+    for job in plan.jobs:
+        record = by_index[job.index]
+        longest = max(longest, record["longest_document"])
+        for s in record["shards"]:
+            shards.append({**s, "slice": job.index, "input_bytes": [job.start, job.end]})
+            totals[s["split"]]["documents"] += s["documents"]
+            totals[s["split"]]["tokens"] += s["tokens"]
+    shards.sort(key=lambda s: (SPLITS.index(s["split"]), s["slice"]))
+    for split in SPLITS:
+        if totals[split]["documents"] == 0:
+            n = sum(t["documents"] for t in totals.values())
+            raise TokenizeError(
+                f"{plan.jobs[0].documents}: no document fell in the {split} split ({n} documents, "
+                f"val_fraction={plan.header['val_fraction']}); add documents or change val_fraction"
             )
-            totals[split]["documents"] += len(buf)
-            totals[split]["tokens"] += n_tokens
-
-        for split in SPLITS:
-            buf: list[np.ndarray] = []
-            buf_tokens = 0
-            for doc in _encoded(enc, [texts[i] for i in splits[split]], dtype, eot):
-                if buf and buf_tokens + len(doc) > cfg.shard_tokens:
-                    flush(split, buf)
-                    buf, buf_tokens = [], 0
-                buf.append(doc)
-                buf_tokens += len(doc)
-                if buf_tokens >= cfg.shard_tokens:  # full, or one document larger than a shard
-                    flush(split, buf)
-                    buf, buf_tokens = [], 0
-                bar.update(1)
-            if buf:
-                flush(split, buf)
-
-        manifest = {
-            "encoding": cfg.encoding,
-            "vocab_size": enc.n_vocab,
-            "eot_token": eot,
-            "dtype": dtype.name,
-            "seed": seed,
-            "val_fraction": cfg.val_fraction,
-            "shard_tokens": cfg.shard_tokens,
-            "documents_sha256": sha256_file(docs_path),
-            "splits": totals,
-            "shards": shards,
-        }
-        write_json(tmp / MANIFEST, manifest)
-    log.info(
-        "tokenized %d documents: train %d tokens, val %d tokens, %d shards -> %s",
-        len(texts), totals["train"]["tokens"], totals["val"]["tokens"], len(shards), out_dir,
-    )
+    manifest = {
+        **plan.header,
+        "splits": totals,
+        "longest_document_tokens": longest,
+        "slices": len(plan.jobs),
+        "shards": shards,
+    }
+    work = plan.work_dir
+    keep = {s["file"] for s in shards}
+    for name in list_dir(work):
+        if name != MANIFEST and name not in keep and (name.endswith(".arrow") or name.endswith(".tmp")):
+            remove(join(work, name))
+    progress = join(work, PROGRESS)
+    for name in list_dir(progress):
+        remove(join(progress, name))
+    if local_path(progress) is not None and local_path(progress).is_dir():
+        local_path(progress).rmdir()
+    write_bytes(join(work, MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode())
+    if work != plan.out_dir:
+        _swap_into_place(Path(work), Path(local_path(plan.out_dir)))
     return manifest
+
+
+def _swap_into_place(work: Path, out: Path) -> None:
+    """Rename the finished folder over `out`; the old one is moved aside first and removed after."""
+    fsync_tree(work)
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(work, out)
+    fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def tokenize(
+    cfg: TokenizeConfig,
+    clean_dir: str | Path,
+    out_dir: str | Path,
+    seed: int,
+    *,
+    ranks_file: str | None = None,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """Tokenize `clean_dir/documents.jsonl` into train/val shards under `out_dir` (a path or fsspec URL).
+
+    Args:
+        cfg: encoding, ranks file, val fraction, shard size, workers.
+        clean_dir: the preprocess stage's output folder.
+        out_dir: the shard folder; slices an earlier, unfinished run completed are re-used.
+        seed: seeds the train/val split.
+        ranks_file: overrides cfg.ranks_file.
+        workers: overrides cfg.workers (0: one process per core).
+
+    Returns:
+        The manifest, as written to `out_dir/manifest.json`, plus a "run" entry (slices encoded and re-used,
+        workers, seconds) that is not written, since it differs between a resumed and a fresh run.
+    """
+    t0 = time.perf_counter()
+    plan = plan_tokenize(cfg, clean_dir, out_dir, seed, ranks_file)
+    n_workers = workers if workers is not None else cfg.workers
+    n_workers = n_workers or os.cpu_count() or 1
+    records = run_jobs(plan.pending, n_workers, total_bytes=sum(j.end - j.start for j in plan.pending))
+    manifest = finish_tokenize(plan, records)
+    seconds = time.perf_counter() - t0
+    log.info(
+        "tokenized %d documents: train %d tokens, val %d tokens, %d shards (%d slices encoded, %d re-used) in %.1f s -> %s",
+        sum(s["documents"] for s in manifest["splits"].values()), manifest["splits"]["train"]["tokens"],
+        manifest["splits"]["val"]["tokens"], len(manifest["shards"]), len(plan.pending), len(plan.reused), seconds, out_dir,
+    )
+    return {**manifest, "run": {"encoded_slices": len(plan.pending), "reused_slices": len(plan.reused), "workers": n_workers, "seconds": round(seconds, 3)}}
+
+
+def run_jobs(jobs: list[ShardJob], workers: int, total_bytes: int | None = None) -> list[dict]:
+    """Encode `jobs` in a pool of `workers` processes (in this process when one would do)."""
+    bar = tqdm(total=total_bytes, desc="tokenize", unit="B", unit_scale=True, disable=None)
+    try:
+        if workers <= 1 or len(jobs) <= 1:
+            # One process: let tiktoken's threads use the cores instead.
+            threads = 1 if workers <= 1 else workers
+            records = []
+            for job in jobs:
+                records.append(encode_shard(_with_threads(job, threads)))
+                bar.update(job.end - job.start)
+            return records
+        # spawn, not fork: the caller may be a threaded Prefect worker, where fork can deadlock.
+        ctx = multiprocessing.get_context("spawn")
+        with cf.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
+            futures = {pool.submit(encode_shard, job): job for job in jobs}
+            records = []
+            try:
+                for fut in cf.as_completed(futures):
+                    records.append(fut.result())
+                    bar.update(futures[fut].end - futures[fut].start)
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+            return records
+    finally:
+        bar.close()
+
+
+def _with_threads(job: ShardJob, threads: int) -> ShardJob:
+    return ShardJob(**{**asdict(job), "threads": threads})
 
 
 def decode_shard(path: str | Path, enc: tiktoken.Encoding) -> list[str]:
@@ -180,3 +512,8 @@ def decode_shard(path: str | Path, enc: tiktoken.Encoding) -> list[str]:
             raise ValueError(f"{path}: document {i} does not end with the end-of-text token {eot}")
         texts.append(enc.decode(doc[:-1].tolist()))
     return texts
+
+
+def in_val_split(text: str, seed: int, val_fraction: float) -> bool:
+    """Whether `tokenize` puts a document with this text in the val split."""
+    return _in_val(text.encode("utf-8", "surrogatepass"), seed, val_fraction)

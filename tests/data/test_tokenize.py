@@ -13,7 +13,7 @@ import pytest
 from lmcore.config import TokenizeConfig
 from lmcore.data.loader import TokenDataset
 from lmcore.data.shards import TOKENS, Shard
-from lmcore.data.tokenize import decode_shard, split_documents, tokenize
+from lmcore.data.tokenize import TokenizeError, decode_shard, in_val_split, tokenize
 from lmcore.io import read_json, sha256_file
 from lmcore.paths import DOCUMENTS, MANIFEST
 from lmcore.tokenizer import RANKS_ENV, get_encoding
@@ -50,7 +50,7 @@ def write_docs(clean_dir: Path, texts: list[str]) -> Path:
 
 
 def cfg(ranks_file: str, **kw) -> TokenizeConfig:
-    return TokenizeConfig(ranks_file=ranks_file, **{"val_fraction": 0.1, "shard_tokens": 1024, **kw})
+    return TokenizeConfig(ranks_file=ranks_file, **{"val_fraction": 0.1, "shard_bytes": 8192, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -61,21 +61,30 @@ def tokenized(tmp_path_factory, ranks_file, texts) -> tuple[Path, dict]:
     return root / "tokens", manifest
 
 
+def written(manifest: dict) -> dict:
+    """The manifest as written to disk: without the run's own counts and timings."""
+    return {k: v for k, v in manifest.items() if k != "run"}
+
+
+def val_indices(texts: list[str], seed: int, fraction: float = 0.1) -> list[int]:
+    return [i for i, t in enumerate(texts) if in_val_split(t, seed, fraction)]
+
+
 def test_round_trip_every_document_once(tokenized, texts, enc):
     out, manifest = tokenized
     got = {
         split: [t for s in manifest["shards"] if s["split"] == split for t in decode_shard(out / s["file"], enc)]
         for split in ("train", "val")
     }
-    val_idx = split_documents(len(texts), 0.1, seed=7)["val"]
+    val_idx = val_indices(texts, seed=7)
     assert got["val"] == [texts[i] for i in val_idx]
     assert got["train"] == [t for i, t in enumerate(texts) if i not in set(val_idx)]
-    assert len(got["val"]) == round(0.1 * len(texts))
+    assert 0.05 < len(got["val"]) / len(texts) < 0.15  # a hash split: close to val_fraction
 
 
 def test_eot_between_documents(tokenized, texts, enc):
     out, manifest = tokenized
-    val_docs = [texts[i] for i in split_documents(len(texts), 0.1, seed=7)["val"]]
+    val_docs = [texts[i] for i in val_indices(texts, seed=7)]
     stream = np.concatenate([Shard(out / s["file"]).tokens for s in manifest["shards"] if s["split"] == "val"])
     expected = [t for text in val_docs for t in enc.encode_ordinary(text) + [50256]]
     assert stream.tolist() == expected
@@ -87,14 +96,14 @@ def test_eot_between_documents(tokenized, texts, enc):
 
 def test_manifest_counts_and_hashes(tokenized, texts):
     out, manifest = tokenized
-    assert read_json(out / MANIFEST) == manifest
+    assert read_json(out / MANIFEST) == written(manifest)
+    assert manifest["run"]["encoded_slices"] == manifest["slices"] and manifest["run"]["reused_slices"] == 0
     head = (manifest["encoding"], manifest["vocab_size"], manifest["eot_token"], manifest["dtype"])
     assert head == ("gpt2", 50257, 50256, "uint16")
     assert (manifest["seed"], manifest["val_fraction"]) == (7, 0.1)
     assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST] + [s["file"] for s in manifest["shards"]])
     for split in ("train", "val"):
         shards = [s for s in manifest["shards"] if s["split"] == split]
-        assert [s["file"] for s in shards] == [f"{split}-{i:05d}.arrow" for i in range(len(shards))]
         docs = tokens = 0
         for s in shards:
             shard = Shard(out / s["file"])
@@ -105,18 +114,19 @@ def test_manifest_counts_and_hashes(tokenized, texts):
     assert sum(v["documents"] for v in manifest["splits"].values()) == len(texts)
 
 
-def test_shard_size_limit(tokenized):
+def test_slices_follow_input_bytes(tokenized):
     out, manifest = tokenized
-    train = [s for s in manifest["shards"] if s["split"] == "train"]
-    assert len(train) > 5
+    slices = sorted({tuple(s["input_bytes"]) for s in manifest["shards"]})
+    assert len(slices) == manifest["slices"] > 5
+    assert slices[0][0] == 0 and slices[-1][1] == manifest["documents_bytes"]
+    data = (out.parent / "clean" / DOCUMENTS).read_bytes()
+    for (a, b), (c, _) in zip(slices, slices[1:]):
+        assert b == c  # contiguous
+        assert b - a >= 8192 and data[b - 1 : b] == b"\n"  # at least shard_bytes, cut after a line
     for s in manifest["shards"]:
-        # At most shard_tokens, unless the shard is one oversized document; never a mix with one.
-        assert s["tokens"] <= 1024 or s["documents"] == 1, s
-    assert any(s["tokens"] > 1024 and s["documents"] == 1 for s in manifest["shards"])
-    # Packing is greedy: a shard closes only when the next document would not fit.
-    for a, b in zip(train, train[1:]):
-        first_of_b = len(Shard(out / b["file"]).document(0))
-        assert a["tokens"] + first_of_b > 1024
+        assert s["file"] == f"{s['split']}-{s['slice']:05d}.arrow"
+    # The long document (the last text) sits whole in one shard.
+    assert manifest["longest_document_tokens"] > 1024
 
 
 def test_uint16_arrow_schema(tokenized):
@@ -134,29 +144,32 @@ def test_loader_reads_the_output(tokenized):
         assert data.vocab_size == 50257
 
 
-def test_byte_identical_reruns_and_seeded_split(tmp_path, ranks_file, texts):
-    clean = write_docs(tmp_path / "clean", texts[:120])
-    a = tokenize(cfg(ranks_file), clean, tmp_path / "a", seed=1)
-    b = tokenize(cfg(ranks_file), clean, tmp_path / "b", seed=1)
-    c = tokenize(cfg(ranks_file), clean, tmp_path / "c", seed=2)
-    assert a == b
-    assert (tmp_path / "a" / MANIFEST).read_bytes() == (tmp_path / "b" / MANIFEST).read_bytes()
-    assert [s["sha256"] for s in a["shards"]] == [sha256_file(tmp_path / "b" / s["file"]) for s in a["shards"]]
+def folder_bytes(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+def test_identical_bytes_for_any_worker_count_and_seeded_split(tmp_path, ranks_file, texts):
+    clean = write_docs(tmp_path / "clean", texts[:200])
+    a = tokenize(cfg(ranks_file), clean, tmp_path / "a", seed=1, workers=1)
+    b = tokenize(cfg(ranks_file), clean, tmp_path / "b", seed=1, workers=2)
+    c = tokenize(cfg(ranks_file), clean, tmp_path / "c", seed=2, workers=3)
+    assert a["slices"] >= 3 and (a["run"]["workers"], b["run"]["workers"]) == (1, 2)
+    assert folder_bytes(tmp_path / "a") == folder_bytes(tmp_path / "b")
+    assert written(a) == written(b)
     assert a["shards"] != c["shards"]
-    # Rerunning into an existing folder replaces it whole.
+    # Rerunning into an existing folder replaces it whole; nothing is left beside it.
     again = tokenize(cfg(ranks_file), clean, tmp_path / "a", seed=2)
-    assert again == c
+    assert folder_bytes(tmp_path / "a") == folder_bytes(tmp_path / "c") and written(again) == written(c)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c", "clean"]
 
 
-def test_split_is_by_document_and_seeded():
-    s1, s1b, s2 = split_documents(50, 0.2, 3), split_documents(50, 0.2, 3), split_documents(50, 0.2, 4)
-    assert np.array_equal(s1["val"], s1b["val"]) and not np.array_equal(s1["val"], s2["val"])
-    assert len(s1["val"]) == 10 and sorted(np.concatenate([s1["train"], s1["val"]])) == list(range(50))
-    assert list(s1["val"]) == sorted(s1["val"])
-    assert [len(split_documents(n, 0.01, 0)["val"]) for n in (2, 3, 10)] == [1, 1, 1]
-    assert len(split_documents(2, 0.99, 0)["train"]) == 1
-    with pytest.raises(ValueError, match="at least 2"):
-        split_documents(1, 0.1, 0)
+def test_split_is_by_document_seeded_and_stable():
+    texts = [f"document number {i}" for i in range(2000)]
+    a, b, c = val_indices(texts, 3, 0.2), val_indices(texts, 3, 0.2), val_indices(texts, 4, 0.2)
+    assert a == b and a != c
+    assert abs(len(a) - 400) < 60
+    # A document's split depends on its text alone: adding documents moves no one.
+    assert val_indices(["new one", *texts], 3, 0.2) == [i + 1 for i in a] or in_val_split("new one", 3, 0.2)
 
 
 @pytest.mark.parametrize(
@@ -193,21 +206,16 @@ def test_empty_or_missing_input_leaves_no_output(tmp_path, ranks_file):
     with pytest.raises(FileNotFoundError, match=DOCUMENTS):
         tokenize(cfg(ranks_file), tmp_path / "nowhere", tmp_path / "tokens", seed=0)
     write_docs(clean, ["only one"])
-    with pytest.raises(ValueError, match="at least 2"):
+    with pytest.raises(TokenizeError, match="no document fell in the (val|train) split"):
         tokenize(cfg(ranks_file), clean, tmp_path / "tokens", seed=0)
     assert not (tmp_path / "tokens").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["clean"]  # no temporary folders left either
 
 
-def test_failure_keeps_previous_output(tmp_path, ranks_file, monkeypatch):
-    clean = write_docs(tmp_path / "clean", ["one document", "another document"])
+def test_failure_keeps_previous_output(tmp_path, ranks_file):
+    clean = write_docs(tmp_path / "clean", [f"document {i}" for i in range(40)])
     first = tokenize(cfg(ranks_file), clean, tmp_path / "tokens", seed=0)
-
-    def boom(*args, **kwargs):
-        raise OSError("disk full")
-
-    monkeypatch.setattr("lmcore.data.tokenize.write_shard", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with open(clean / DOCUMENTS, "a", encoding="utf-8") as f:
+        f.write("{broken\n")
+    with pytest.raises(TokenizeError, match=rf"{DOCUMENTS}:41: not valid JSON"):
         tokenize(cfg(ranks_file), clean, tmp_path / "tokens", seed=1)
-    assert read_json(tmp_path / "tokens" / MANIFEST) == first
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean", "tokens"]
+    assert read_json(tmp_path / "tokens" / MANIFEST) == written(first)
