@@ -241,32 +241,35 @@ class TokenLoader:
         for _ in range(self.batches_per_epoch - self.step):
             yield self.next_batch()
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next batch (x, y), (B, T) int64 each, views of one (B, T+1) tensor; advances the state."""
+    def windows(self, epoch: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """Where this rank's batch `step` of `epoch` (random mode: epoch 0) reads: (shard index, token offset) per row."""
         B, T = self.batch_size, self.context_length
         if self.mode == RANDOM:
-            k = self.step * self.world_size + self.rank  # global batch index
+            k = step * self.world_size + self.rank  # global batch index
             starts = np.random.default_rng([self.seed, k]).integers(0, self.n_windows, size=B)
             shard_ids = np.searchsorted(self._cum, starts, side="right")
-            offsets = starts - self._first[shard_ids]
-        else:
-            windows = self._epoch_order()[self.step * B : (self.step + 1) * B]
-            shard_ids = np.searchsorted(self._cum, windows, side="right")
-            offsets = (windows - self._first[shard_ids]) * T
-        batch = self.dataset.gather(shard_ids, offsets, T)  # (B, T+1)
+            return shard_ids, starts - self._first[shard_ids]
+        ids = self._epoch_order(epoch)[step * B : (step + 1) * B]
+        shard_ids = np.searchsorted(self._cum, ids, side="right")
+        return shard_ids, (ids - self._first[shard_ids]) * T
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next batch (x, y), (B, T) int64 each, views of one (B, T+1) tensor; advances the state."""
+        shard_ids, offsets = self.windows(self.epoch, self.step)
+        batch = self.dataset.gather(shard_ids, offsets, self.context_length)  # (B, T+1)
         self.step += 1
         if self.mode == SEQUENTIAL and self.step == self.batches_per_epoch:
             self.epoch, self.step = self.epoch + 1, 0
         return batch[:, :-1], batch[:, 1:]
 
-    def _epoch_order(self) -> np.ndarray:
-        """This rank's window ids for the current epoch, in order (drawn once per epoch)."""
-        if self._order is None or self._order[0] != self.epoch:
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        """This rank's window ids for an epoch, in order (drawn once per epoch)."""
+        if self._order is None or self._order[0] != epoch:
             if self.shuffle:
-                order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n_windows)
+                order = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
             else:
                 order = np.arange(self.n_windows)
-            self._order = (self.epoch, order[self.rank :: self.world_size][: self._per_rank])
+            self._order = (epoch, order[self.rank :: self.world_size][: self._per_rank])
         return self._order[1]
 
     def state_dict(self) -> dict[str, Any]:
