@@ -165,6 +165,8 @@ def test_random_mode_is_a_pure_function_of_seed_and_batch_index(data_dir):
     shard = np.searchsorted(np.cumsum(counts), flat, side="right")
     expected = flat - (np.cumsum(counts) - counts)[shard] + np.array([0, 1000, 3000])[shard]
     np.testing.assert_array_equal(a[3][0][:, 0].numpy(), expected)
+    shard_ids, offsets = TokenLoader(data, 8, T, seed=5).windows(0, 3)  # where batch 3 reads, without reading it
+    np.testing.assert_array_equal(np.array([0, 1000, 3000])[shard_ids] + offsets, expected)
 
 
 def test_random_mode_is_uniform_over_window_starts(data_dir):
