@@ -16,7 +16,6 @@ from prefect.cache_policies import NO_CACHE
 from lmcore.config import CollectConfig, Source
 from lmcore.data.collect import collect, mirror_from_env
 from lmcore.data.preprocess import preprocess
-from lmcore.data.tokenize import tokenize
 from lmcore.evaluation import evaluate
 from lmcore.finetune.classifier import PREDICTIONS, finetune_classifier, prepare_classification
 from lmcore.finetune.dpo import PREFERENCE_FIELDS, train_dpo
@@ -44,6 +43,7 @@ from lmcore.tokenizer import get_encoding
 from lmcore.training import pretrain
 from tasks.context import StageContext, logger, section
 from tasks.evaluation import benchmark_task, judge_task
+from tasks.tokenize import tokenize_stage
 from tasks.registry import find_version, log_and_register
 from tasks.tracking import (
     TAG_PARAMS_SHA,
@@ -87,22 +87,6 @@ def preprocess_task(ctx: StageContext) -> dict:
         run.log_artifact(out / STATS)
     logger().info("preprocess kept %d documents", total["documents_out"])
     return {"documents": total["documents_out"], "chars": total["chars_out"]}
-
-
-@task(name="tokenize", cache_policy=NO_CACHE)
-def tokenize_task(ctx: StageContext) -> dict:
-    out = ctx.layout.tokens
-    tok_cfg = ctx.params.tokenize.model_copy(update={"ranks_file": ctx.ranks_file()})
-    with ctx.tracking.run("tokenize") as run:
-        run.log_params(section(ctx.params, "tokenize"))
-        manifest = tokenize(tok_cfg, ctx.layout.clean, out, seed=ctx.params.seed)
-        sha = sha256_file(out / MANIFEST)
-        run.set_tags({TAG_TOKENS_MANIFEST_SHA: sha})
-        metrics = {f"{split}_{k}": v for split, d in manifest["splits"].items() for k, v in d.items()}
-        run.log_metrics({**metrics, "shards": len(manifest["shards"])})
-        run.log_artifact(out / MANIFEST)
-    logger().info("tokenized: %s", metrics)
-    return {**metrics, "tokens_manifest_sha256": sha}
 
 
 @task(name="pretrain", cache_policy=NO_CACHE)
@@ -339,7 +323,7 @@ def dpo_task(ctx: StageContext) -> dict:
 TASKS = {
     "collect": collect_task,
     "preprocess": preprocess_task,
-    "tokenize": tokenize_task,
+    "tokenize": tokenize_stage,
     "pretrain": pretrain_task,
     "evaluate": evaluate_task,
     "finetune_classifier": finetune_classifier_task,
