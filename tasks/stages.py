@@ -67,13 +67,22 @@ def collect_task(ctx: StageContext) -> dict:
         run.log_params(section(ctx.params, "collect"))
         manifest = collect(ctx.params.collect, out, mirror=mirror_from_env(), base_dir=ctx.root)
         sha = sha256_file(out / MANIFEST)
-        total = sum(s["bytes"] for s in manifest["sources"])
+        sources = manifest["sources"]
+        metrics = {
+            "sources": len(sources),
+            "files": sum(len(s["files"]) for s in sources),
+            "bytes": sum(s["bytes"] for s in sources),
+            "skipped_files": sum(len(s["skipped_files"]) for s in sources),
+        }
         run.set_tags({TAG_RAW_MANIFEST_SHA: sha})
-        run.log_metrics({"sources": len(manifest["sources"]), "bytes": total})
+        run.log_metrics(metrics)
         run.log_artifact(out / MANIFEST)
-    origins = ", ".join(f"{s['name']} ({s['origin']})" for s in manifest["sources"])
-    logger().info("collected %d bytes: %s", total, origins)
-    return {"sources": len(manifest["sources"]), "bytes": total, "raw_manifest_sha256": sha}
+    origins = ", ".join(f"{s['name']} ({s['origin']}, {len(s['files'])} file(s))" for s in sources)
+    logger().info("collected %d bytes: %s", metrics["bytes"], origins)
+    if metrics["skipped_files"]:
+        logger().warning("skipped %d file(s); the reasons are in %s", metrics["skipped_files"], out / MANIFEST)
+    return {"sources": metrics["sources"], "files": metrics["files"], "bytes": metrics["bytes"],
+            "raw_manifest_sha256": sha}
 
 
 @task(name="preprocess", cache_policy=NO_CACHE)
