@@ -188,7 +188,7 @@ class _Collector:
         entry["origin"] = ORIGIN_LOCAL
         path = Path(src.path).expanduser()
         path = path if path.is_absolute() else self.base_dir / path
-        is_glob = glob.has_magic(src.path)
+        is_glob = glob.has_magic(src.path) and not path.exists()  # a file may well be named "notes[1].txt"
         if is_glob or path.is_dir():
             what = "a glob" if is_glob else "a folder"
             if src.extract:

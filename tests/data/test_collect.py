@@ -483,6 +483,13 @@ def test_single_file_keeps_compound_suffixes(tmp_path):
     assert (out / "c.jsonl.gz").read_bytes() == files["sub/c.jsonl.gz"]
 
 
+def test_an_existing_path_with_glob_characters_is_taken_literally(tmp_path):
+    (tmp_path / "notes[1].md").write_bytes(TEXT)
+    (tmp_path / "notes1.md").write_bytes(b"not this one\n")
+    manifest = collect(cfg({"name": "n", "path": "notes[1].md"}), tmp_path / "raw", base_dir=tmp_path)
+    assert manifest["sources"][0]["file"] == "n.md" and manifest["sources"][0]["sha256"] == TEXT_SHA
+
+
 def test_two_sources_cannot_claim_one_name(tmp_path):
     (tmp_path / "a.txt").write_bytes(TEXT)
     (tmp_path / "docs").mkdir()
