@@ -102,10 +102,21 @@ class RepetitionConfig(_Section):
     max_duplicate_paragraph_fraction: float | None = Field(default=0.3, ge=0, le=1)
     max_duplicate_line_char_fraction: float | None = Field(default=0.2, ge=0, le=1)
     max_duplicate_paragraph_char_fraction: float | None = Field(default=0.2, ge=0, le=1)
-    # Characters in the most frequent n-gram, as a fraction of all characters, for n = 2, 3, 4.
+    # Characters in the most frequent n-gram (when it occurs more than once), as a fraction of all
+    # characters, for n = 2, 3, 4. Leave an n out to switch its rule off; {} switches all off.
     max_top_ngram_char_fraction: dict[int, float] = {2: 0.20, 3: 0.18, 4: 0.16}
-    # Characters in n-grams that occur more than once, for n = 5..10.
+    # Characters of the words covered by n-grams that occur more than once, for n = 5..10.
     max_duplicate_ngram_char_fraction: dict[int, float] = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
+
+    @model_validator(mode="after")
+    def _ngram_limits(self) -> RepetitionConfig:
+        for key in ("max_top_ngram_char_fraction", "max_duplicate_ngram_char_fraction"):
+            for n, limit in getattr(self, key).items():
+                if not 1 <= n <= 64:
+                    raise ValueError(f"{key}: n-gram size {n} is not in 1..64")
+                if not 0 <= limit <= 1:
+                    raise ValueError(f"{key}: the limit for n={n} ({limit}) is not a fraction in [0, 1]")
+        return self
 
 
 class PiiConfig(_Section):
@@ -133,8 +144,8 @@ class PreprocessConfig(_Section):
     """The cleaning chain, in order: decode, normalise, whitespace, lowercase, Gutenberg boilerplate, split,
     PII scrubbing, length and Gopher filters, exact dedup, near dedup."""
 
-    # Non-UTF-8 bytes: "error" stops naming the file and byte offset; "replace" substitutes U+FFFD and counts;
-    # "skip" drops the document (or record) holding them and counts it.
+    # Non-UTF-8 bytes: "error" stops naming the file, byte offset and line; "replace" substitutes U+FFFD and
+    # counts; "skip" drops the document (or record) holding them and counts it.
     decode_errors: Literal["error", "replace", "skip"] = "error"
     # Malformed records (bad JSON, a missing or non-string text field): "error" stops naming the file and line;
     # "skip" drops and counts them, and fails when more than max_bad_fraction of a file's records are bad.
@@ -147,14 +158,14 @@ class PreprocessConfig(_Section):
     # How a text file is cut into documents: whole files, or blank-line separated paragraphs.
     # jsonl/json/csv/parquet records are one document each.
     split: Literal["file", "paragraph"] = "paragraph"
-    min_chars: int = Field(default=32, ge=0)
+    min_chars: int = Field(default=32, ge=0)  # empty documents are always dropped
     max_chars: int | None = Field(default=None, ge=1)
     # A document with a line longer than this (minified code, a table dumped on one line) is dropped.
     max_line_chars: int | None = Field(default=100_000, ge=1)
     pii: PiiConfig = PiiConfig()
     gopher: GopherQualityConfig = GopherQualityConfig()
     repetition: RepetitionConfig = RepetitionConfig()
-    dedup: bool = True  # exact duplicates by sha256 of the cleaned text
+    dedup: bool = True  # exact duplicates by sha256 of the cleaned text (after PII scrubbing)
     near_dedup: NearDedupConfig = NearDedupConfig()
 
 

@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 
 from lmcore.config import CollectConfig, Source
 from lmcore.data.collect import collect, mirror_from_env
-from lmcore.data.preprocess import preprocess
+from lmcore.data.preprocess import FILTERS_PLOT, preprocess
 from lmcore.evaluation import evaluate
 from lmcore.finetune.classifier import PREDICTIONS, finetune_classifier, prepare_classification
 from lmcore.finetune.dpo import PREFERENCE_FIELDS, train_dpo
@@ -92,10 +92,14 @@ def preprocess_task(ctx: StageContext) -> dict:
         run.log_params(section(ctx.params, "preprocess"))
         stats = preprocess(ctx.params.preprocess, ctx.layout.raw, out)
         total = stats["total"]
-        run.log_metrics({k: v for k, v in total.items() if isinstance(v, (int, float))})
+        run.log_metrics(stats["metrics"])
         run.log_artifact(out / STATS)
-    logger().info("preprocess kept %d documents", total["documents_out"])
-    return {"documents": total["documents_out"], "chars": total["chars_out"]}
+        run.log_artifact(out / FILTERS_PLOT)
+    logger().info(
+        "preprocess kept %d of %d documents (%d of %d bytes)",
+        total["documents_out"], total["documents_split"], total["bytes_out"], total["bytes_split"],
+    )
+    return {"documents": total["documents_out"], "bytes": total["bytes_out"]}
 
 
 @task(name="pretrain", cache_policy=NO_CACHE)
