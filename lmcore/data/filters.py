@@ -105,15 +105,18 @@ _PHONE = re.compile(
     r")(?![\w\-/]|[.,]\d)"
 )
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
-_IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?![\w]|\.\d)")
+_IPV4_ADDRESS = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
+_IPV4 = re.compile(rf"(?<![\w.]){_IPV4_ADDRESS}(?![\w]|\.\d)")
 _H = r"[0-9A-Fa-f]{1,4}"
 _IPV6 = re.compile(
     r"(?<![\w:.])(?:"
-    rf"(?:{_H}:){{7}}{_H}"
+    # an IPv4 address in its last 32 bits (::ffff:192.0.2.128, 64:ff9b::192.0.2.33): first, to take it whole
+    rf"(?:(?:{_H}:){{6}}|::(?:{_H}:){{0,5}}|(?:{_H}:){{1,5}}:(?:{_H}:){{0,4}}){_IPV4_ADDRESS}"
+    rf"|(?:{_H}:){{7}}{_H}"
     rf"|(?:{_H}:){{1,6}}:{_H}(?::{_H}){{0,5}}"  # compressed: "::" somewhere inside
     rf"|(?:{_H}:){{2,7}}:"  # trailing "::"
     rf"|::{_H}(?::{_H}){{0,6}}"  # leading "::"
-    r")(?![\w:])"
+    r")(?![\w:]|\.\d)"
 )
 
 

@@ -120,6 +120,7 @@ PII_POSITIVES = [
     ("server 192.168.0.1 and 8.8.8.8, gateway 255.255.255.0", "server <IP> and <IP>, gateway <IP>", "ip"),
     ("v6 2001:0db8:85a3:0000:0000:8a2e:0370:7334 ok", "v6 <IP> ok", "ip"),
     ("short fe80::1ff:fe23:4567:890a and ::1 and 2001:db8::", "short <IP> and <IP> and <IP>", "ip"),
+    ("mapped ::ffff:192.0.2.128 and 64:ff9b::192.0.2.33; link fe80::1.", "mapped <IP> and <IP>; link <IP>.", "ip"),
 ]
 
 PII_NEGATIVES = [

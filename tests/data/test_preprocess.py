@@ -380,3 +380,12 @@ def test_shipped_params_files_validate():
     for path in (ROOT / "params.yaml", MICRO):
         cfg = load_params(path).preprocess
         assert cfg.gopher.min_words == 5 and cfg.gopher.min_stop_words == 1, path
+
+
+def test_same_input_gives_byte_identical_output(tmp_path):
+    raw = make_raw(tmp_path / "raw", {"the-verdict": (CORPUS / "the-verdict.txt").read_bytes()})
+    cfg = load_params(MICRO).preprocess
+    preprocess(cfg, raw, tmp_path / "one")
+    preprocess(cfg, raw, tmp_path / "two")
+    for name in (DOCUMENTS, STATS, FILTERS_PLOT):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
