@@ -36,7 +36,7 @@ import re
 import sys
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -92,9 +92,6 @@ class FileReport:
     def empty(self) -> bool:
         """Nothing in the file: no document, record or skipped text."""
         return self.documents == 0 and self.records == 0 and self.skipped_non_utf8 == 0
-
-    def as_dict(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 # ------------------------------------------------------------------------------------------- file access
@@ -288,7 +285,7 @@ def _text_lines(stream: BinaryIO, decode: _Decoder, report: FileReport) -> Itera
             yield line
 
 
-def _read_text(stream, spec, options, report, display, prepare_lines) -> Iterator[str]:
+def _read_text(stream, options, report, display, prepare_lines) -> Iterator[str]:
     decode = _Decoder(display, options.decode_errors, report)
     lines = _text_lines(stream, decode, report)
     if prepare_lines is not None:
@@ -500,7 +497,7 @@ def read_documents(
     try:
         with _Stream(path, spec.compression, display, spec.sha256) as stream:
             if spec.format in ("txt", "md"):
-                yield from _read_text(stream, spec, options, report, display, prepare_lines)
+                yield from _read_text(stream, options, report, display, prepare_lines)
             else:
                 yield from readers[spec.format](stream, spec, options, report, display)
     except (OSError, EOFError, zlib.error) as err:  # gzip: BadGzipFile is an OSError, a truncated file EOFError
