@@ -80,7 +80,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=float, default=100.0, help="megabytes of text (default 100)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--shard-mb", type=float, default=8.0, help="tokenize.shard_bytes in MB (default 8)")
+    ap.add_argument("--shard-mb", type=float, default=4.0, help="tokenize.shard_bytes in MB (default 4)")
     args = ap.parse_args()
     cores = os.cpu_count() or 1
     enc = get_encoding("gpt2", RANKS)
