@@ -65,16 +65,26 @@ def compression_of(path: str | Path) -> str | None:
     return next((kind for suffix, kind in COMPRESSION_SUFFIXES.items() if name.endswith(suffix)), None)
 
 
-def open_binary(path: str | Path, compression: str | None = None) -> BinaryIO:
-    """Open `path` for reading, decompressing gzip or zstd as a stream (constant memory)."""
-    if compression is None:
-        return open(path, "rb")
-    if compression == "gzip":
-        return gzip.open(path, "rb")
-    if compression == "zstd":
-        import zstandard
+def open_binary(source: str | Path | BinaryIO, compression: str | None = None) -> BinaryIO:
+    """A buffered, decompressed (gzip or zstd) stream of a path or of an open binary file, in constant memory.
 
-        raw = open(path, "rb")
-        # read_across_frames: files made by concatenating zstd frames (as `zstd` and pzstd write) read whole.
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True))
-    raise ValueError(f"{path}: unknown compression {compression!r}")
+    Closing the result closes a file it opened; an open file passed in is left for the caller to close.
+    """
+    if compression not in (None, "gzip", "zstd"):
+        raise ValueError(f"{source}: unknown compression {compression!r}")
+    if isinstance(source, (str, Path)):
+        if compression is None:
+            return open(source, "rb")
+        if compression == "gzip":
+            return gzip.open(source, "rb")
+        raw, owned = open(source, "rb"), True
+    else:
+        raw, owned = source, False
+        if compression is None:
+            return io.BufferedReader(raw, 1 << 20)
+        if compression == "gzip":
+            return gzip.GzipFile(fileobj=io.BufferedReader(raw, 1 << 20), mode="rb")
+    import zstandard
+
+    # read_across_frames: files made by concatenating zstd frames (as `zstd` and pzstd write) read whole.
+    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=owned), 1 << 20)

@@ -27,7 +27,6 @@ the stage once it is read (the stage's output is written atomically, so nothing 
 from __future__ import annotations
 
 import csv
-import gzip
 import hashlib
 import io
 import json
@@ -40,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from lmcore.data.formats import open_binary
 from lmcore.io import sha256_file
 
 log = logging.getLogger(__name__)
@@ -139,18 +139,11 @@ class _Stream:
     def __init__(self, path: Path, compression: str | None, display: str, sha256: str | None):
         self.display, self.expected = display, sha256
         self.hashing = _HashingReader(open(path, "rb"))
-        if compression is None:
-            self.stream: BinaryIO = io.BufferedReader(self.hashing, 1 << 20)
-        elif compression == "gzip":
-            self.stream = gzip.GzipFile(fileobj=io.BufferedReader(self.hashing, 1 << 20), mode="rb")
-        elif compression == "zstd":
-            import zstandard
-
-            reader = zstandard.ZstdDecompressor().stream_reader(self.hashing, read_across_frames=True, closefd=False)
-            self.stream = io.BufferedReader(reader, 1 << 20)
-        else:
+        try:
+            self.stream: BinaryIO = open_binary(self.hashing, compression)
+        except ValueError:
             self.hashing.close()
-            raise PreprocessError(f"{display}: unknown compression {compression!r}")
+            raise PreprocessError(f"{display}: unknown compression {compression!r}") from None
 
     def __enter__(self) -> BinaryIO:
         return self.stream
