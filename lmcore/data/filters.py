@@ -326,22 +326,22 @@ def gopher_repetition(text: str, cfg: RepetitionConfig, words: list[str] | None 
     size = len(text)
     if size == 0:
         return None
-    if cfg.max_duplicate_paragraph_fraction is not None or cfg.max_duplicate_paragraph_char_fraction is not None:
-        paragraphs = _PARAGRAPH_BREAK.split(text.strip())
-        if len(paragraphs) > 1:
-            count, chars = _duplicates(paragraphs)
-            if cfg.max_duplicate_paragraph_fraction is not None and count / len(paragraphs) > cfg.max_duplicate_paragraph_fraction:
-                return "max_duplicate_paragraph_fraction"
-            if cfg.max_duplicate_paragraph_char_fraction is not None and chars / size > cfg.max_duplicate_paragraph_char_fraction:
-                return "max_duplicate_paragraph_char_fraction"
-    if cfg.max_duplicate_line_fraction is not None or cfg.max_duplicate_line_char_fraction is not None:
-        lines = [line for line in text.split("\n") if line.strip()]
-        if len(lines) > 1:
-            count, chars = _duplicates(lines)
-            if cfg.max_duplicate_line_fraction is not None and count / len(lines) > cfg.max_duplicate_line_fraction:
-                return "max_duplicate_line_fraction"
-            if cfg.max_duplicate_line_char_fraction is not None and chars / size > cfg.max_duplicate_line_char_fraction:
-                return "max_duplicate_line_char_fraction"
+    units = (
+        ("paragraph", lambda: _PARAGRAPH_BREAK.split(text.strip())),
+        ("line", lambda: [line for line in text.split("\n") if line.strip()]),
+    )
+    for unit, split in units:
+        max_count = getattr(cfg, f"max_duplicate_{unit}_fraction")
+        max_chars = getattr(cfg, f"max_duplicate_{unit}_char_fraction")
+        if max_count is None and max_chars is None:
+            continue
+        parts = split()
+        if len(parts) > 1:
+            count, chars = _duplicates(parts)
+            if max_count is not None and count / len(parts) > max_count:
+                return f"max_duplicate_{unit}_fraction"
+            if max_chars is not None and chars / size > max_chars:
+                return f"max_duplicate_{unit}_char_fraction"
     if not cfg.max_top_ngram_char_fraction and not cfg.max_duplicate_ngram_char_fraction:
         return None
     if words is None:

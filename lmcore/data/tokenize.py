@@ -37,7 +37,6 @@ import json
 import logging
 import multiprocessing
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -62,7 +61,7 @@ from lmcore.data.shards import (
     write_bytes,
     write_shard_flat,
 )
-from lmcore.io import fsync_dir, fsync_tree
+from lmcore.io import replace_dir
 from lmcore.paths import DOCUMENTS, MANIFEST
 from lmcore.tokenizer import eot_token, get_encoding
 
@@ -408,21 +407,8 @@ def finish_tokenize(plan: TokenizePlan, records: list[dict]) -> dict[str, Any]:
         local_path(progress).rmdir()
     write_bytes(join(work, MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode())
     if work != plan.out_dir:
-        _swap_into_place(Path(work), Path(local_path(plan.out_dir)))
+        replace_dir(Path(work), Path(local_path(plan.out_dir)))
     return manifest
-
-
-def _swap_into_place(work: Path, out: Path) -> None:
-    """Rename the finished folder over `out`; the old one is moved aside first and removed after."""
-    fsync_tree(work)
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(work, out)
-    fsync_dir(out.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def tokenize(
