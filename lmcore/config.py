@@ -186,21 +186,85 @@ class TokenizeConfig(_Section):
     dask_address: str | None = None
 
 
+# Named architectures: `pretrain.model.preset: gpt2-124m`, any field set beside it overrides the preset's.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # GPT-2 (Radford et al. 2019): LayerNorm, GELU, learned positions, biases, tied head.
+    "gpt2-124m": dict(vocab_size=50257, context_length=1024, n_embd=768, n_layer=12, n_head=12),
+    "gpt2-355m": dict(vocab_size=50257, context_length=1024, n_embd=1024, n_layer=24, n_head=16),
+    "gpt2-774m": dict(vocab_size=50257, context_length=1024, n_embd=1280, n_layer=36, n_head=20),
+    "gpt2-1558m": dict(vocab_size=50257, context_length=1024, n_embd=1600, n_layer=48, n_head=25),
+    # CPU profiles of the GPT-2 shape (params.yaml and profiles/micro.yaml).
+    "gpt2-tiny": dict(vocab_size=50257, context_length=128, n_embd=128, n_layer=4, n_head=4),
+    "gpt2-micro": dict(vocab_size=50257, context_length=32, n_embd=32, n_layer=2, n_head=2),
+}
+_LLAMA = dict(norm="rmsnorm", mlp="swiglu", positions="rope", bias=False, tie_weights=False, norm_eps=1e-5)
+MODEL_PRESETS.update({
+    # Llama-style (Touvron et al. 2023): RMSNorm, SwiGLU, RoPE, grouped-query attention, no biases, untied head.
+    "llama-micro": dict(_LLAMA, vocab_size=50257, context_length=32, n_embd=32, n_layer=2, n_head=4, n_kv_head=2, intermediate_size=96),
+    "llama-tiny": dict(_LLAMA, vocab_size=50257, context_length=256, n_embd=256, n_layer=4, n_head=8, n_kv_head=2, intermediate_size=688),
+    "llama-125m": dict(_LLAMA, vocab_size=50257, context_length=1024, n_embd=768, n_layer=12, n_head=12, n_kv_head=4, intermediate_size=2048),
+    "llama-350m": dict(_LLAMA, vocab_size=50257, context_length=2048, n_embd=1024, n_layer=24, n_head=16, n_kv_head=8, intermediate_size=2816),
+})
+
+
 class ModelConfig(_Section):
+    """The decoder's shape and its architecture options (GPT-2 by default; see MODEL_PRESETS for Llama-style)."""
+
+    preset: str | None = None  # a MODEL_PRESETS name; fields given beside it override the preset's
     vocab_size: int = Field(default=50257, ge=1)
     context_length: int = Field(default=128, ge=1)
     n_embd: int = Field(default=128, ge=1)
     n_layer: int = Field(default=2, ge=1)
     n_head: int = Field(default=4, ge=1)
+    n_kv_head: int | None = Field(default=None, ge=1)  # grouped-query attention; null: n_head (multi-head)
+    intermediate_size: int | None = Field(default=None, ge=1)  # MLP width; null: 4C (gelu) or 8C/3 rounded up to 64 (swiglu)
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = Field(default=1e-5, gt=0)
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    positions: Literal["learned", "rope"] = "learned"
+    rope_base: float = Field(default=10000.0, gt=0)
     dropout: float = Field(default=0.0, ge=0, lt=1)
     bias: bool = True
     tie_weights: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") is not None:
+            name = data["preset"]
+            if name not in MODEL_PRESETS:
+                hint = difflib.get_close_matches(str(name), list(MODEL_PRESETS), n=1)
+                raise ValueError(
+                    f"unknown preset {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "") + f"; presets: {sorted(MODEL_PRESETS)}"
+                )
+            return {**MODEL_PRESETS[name], **data}
+        return data
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.kv_heads})")
+        if self.positions == "rope" and self.head_size % 2:
+            raise ValueError(f"RoPE needs an even head size, got n_embd / n_head = {self.head_size}")
         return self
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def mlp_size(self) -> int:
+        if self.intermediate_size is not None:
+            return self.intermediate_size
+        if self.mlp == "gelu":
+            return 4 * self.n_embd
+        return -(-8 * self.n_embd // 3 // 64) * 64
 
 
 class PretrainConfig(_Section):

@@ -1,20 +1,29 @@
-"""A GPT-2-style decoder-only transformer, in one file.
+"""A decoder-only transformer in one file: GPT-2 or Llama-style, by config.
 
     model = GPT(ModelConfig(vocab_size=50257, context_length=128, n_embd=128, n_layer=2, n_head=4))
+    model = GPT(ModelConfig(preset="llama-tiny"))
     logits, loss = model(idx, targets)  # idx, targets: (B, T) int64 -> logits (B, T, vocab_size)
 
-Follows Raschka's "Build a Large Language Model (From Scratch)" ch. 4 and nanoGPT: learned position
-embeddings, pre-LayerNorm blocks, causal multi-head self-attention, a 4x GELU MLP, a final LayerNorm
-and a linear LM head whose weight is tied to the token embedding when `tie_weights` is set.
+GPT-2 (Raschka's book ch. 4, nanoGPT): learned position embeddings, pre-LayerNorm blocks, a 4x GELU MLP,
+biases, the LM head tied to the token embedding. Llama-style options, each on its own switch:
+`norm: rmsnorm`, `mlp: swiglu`, `positions: rope` (rotary embeddings, rotate-half layout as in Hugging
+Face's Llama), `n_kv_head` < `n_head` (grouped-query attention), `bias: false`, `tie_weights: false`.
+Attention is `F.scaled_dot_product_attention` throughout.
 
-Shape letters: B batch, T sequence length, C n_embd, V vocab_size, nh n_head, hs head size (C // nh).
+Generation keeps keys and values in a preallocated cache (`set_kv_cache`); each call then passes the
+positions of its new tokens: `model(idx, positions=torch.arange(t0, t0 + T))`.
+
+Shape letters: B batch, T sequence length, C n_embd, V vocab_size, nh n_head, nkv n_kv_head, hs head size.
 
 Parameter names (the keys in model.safetensors):
-    wte.weight, wpe.weight
+    wte.weight, wpe.weight (learned positions only)
     blocks.{i}.norm_1.{weight,bias}   blocks.{i}.attn.qkv.{weight,bias}  blocks.{i}.attn.proj.{weight,bias}
     blocks.{i}.norm_2.{weight,bias}   blocks.{i}.mlp.fc.{weight,bias}    blocks.{i}.mlp.proj.{weight,bias}
+        (swiglu: blocks.{i}.mlp.fc_1 (gate), mlp.fc_2 (up), mlp.proj (down))
     norm_f.{weight,bias}, lm_head.weight (the same tensor as wte.weight when tied)
     lm_head.{weight,bias} of shape (n_classes, C) and (n_classes,) after `replace_head` (a classifier)
+qkv holds the nh query heads, then the nkv key heads, then the nkv value heads. Without biases (or with
+RMSNorm) the `.bias` entries are absent.
 """
 
 from __future__ import annotations
@@ -28,33 +37,110 @@ import torch.nn.functional as F
 from lmcore.config import ModelConfig
 
 
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 (Zhang & Sennrich 2019; Llama)."""
+
+    def __init__(self, size: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+def rope_cache(config: ModelConfig, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (context_length, hs) for rotary embeddings, in the rotate-half layout."""
+    hs = config.head_size
+    inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, hs, 2, device=device, dtype=torch.float32) / hs))  # (hs/2,)
+    t = torch.arange(config.context_length, device=device, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)  # (T, hs/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, hs)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, n, T, hs) by the angles of its positions; cos, sin: (T, hs) or (B, 1, T, hs)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Keys and values of every position seen so far, preallocated to `max_len` (B, nkv, max_len, hs)."""
+
+    def __init__(self, batch_size: int, n_kv_head: int, max_len: int, head_size: int, device=None, dtype=None):
+        super().__init__()
+        shape = (batch_size, n_kv_head, max_len, head_size)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nkv, T, hs) at `positions` (T,); return keys and values up to the last one."""
+        self.k.index_copy_(2, positions, k.to(self.k.dtype))
+        self.v.index_copy_(2, positions, v.to(self.v.dtype))
+        end = int(positions[-1]) + 1
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.n_head = config.n_head
+        self.n_head, self.n_kv_head, self.head_size = config.n_head, config.kv_heads, config.head_size
         self.dropout = config.dropout
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads at once
+        # q for nh heads, k and v for nkv heads, in one matmul
+        self.qkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_size, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)  # residual projection
         self.resid_drop = nn.Dropout(config.dropout)
+        self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)  # each (B, T, C)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        nh, nkv, hs = self.n_head, self.n_kv_head, self.head_size
+        q, k, v = self.qkv(x).split((nh * hs, nkv * hs, nkv * hs), dim=2)
+        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        is_causal = mask is None
+        if self.kv_cache is not None:
+            if positions is None or positions.dim() != 1:
+                raise ValueError("with a KV cache, pass the (T,) positions of the new tokens")
+            k, v = self.kv_cache.update(positions, k, v)  # (B, nkv, L, hs), L = last position + 1
+            if mask is None:
+                # Each new token sees every cached position up to its own.
+                mask = positions[:, None] >= torch.arange(k.shape[2], device=x.device)[None, :] if T > 1 else None
+            is_causal = False
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=mask is None
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal,
+            enable_gqa=nkv != nh,
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
         return self.resid_drop(self.proj(y))  # (B, T, C)
 
 
 class MLP(nn.Module):
+    """GPT-2's 4x GELU MLP."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)  # residual projection
+        self.fc = nn.Linear(config.n_embd, config.mlp_size, bias=config.bias)
+        self.proj = nn.Linear(config.mlp_size, config.n_embd, bias=config.bias)  # residual projection
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,18 +148,38 @@ class MLP(nn.Module):
         return self.drop(self.proj(x))  # (B, T, C)
 
 
-class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+class SwiGLU(nn.Module):
+    """Llama's MLP: proj(silu(fc_1(x)) * fc_2(x)) (Shazeer 2020)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.norm_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
-        self.norm_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config)
+        self.fc_1 = nn.Linear(config.n_embd, config.mlp_size, bias=config.bias)  # gate
+        self.fc_2 = nn.Linear(config.n_embd, config.mlp_size, bias=config.bias)  # up
+        self.proj = nn.Linear(config.mlp_size, config.n_embd, bias=config.bias)  # down, residual projection
+        self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm_1(x), mask)  # (B, T, C)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(F.silu(self.fc_1(x)) * self.fc_2(x)))  # (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config)
+        self.norm_2 = make_norm(config)
+        self.mlp = SwiGLU(config) if config.mlp == "swiglu" else MLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm_1(x), mask, rope, positions)  # (B, T, C)
         x = x + self.mlp(self.norm_2(x))  # (B, T, C)
         return x
 
@@ -83,10 +189,15 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embedding
-        self.wpe = nn.Embedding(config.context_length, config.n_embd)  # learned position embedding
+        if config.positions == "learned":
+            self.wpe = nn.Embedding(config.context_length, config.n_embd)  # learned position embedding
+        else:
+            cos, sin = rope_cache(config)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (context_length, hs)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.norm_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.norm_f = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             self.lm_head.weight = self.wte.weight  # one tensor, two roles (GPT-2)
@@ -143,11 +254,30 @@ class GPT(nn.Module):
             positions = torch.arange(T, device=idx.device)  # (T,)
         elif int(positions.max()) >= self.config.context_length:
             raise ValueError(f"position {int(positions.max())} exceeds the model's context_length {self.config.context_length}")
-        x = self.wte(idx) + self.wpe(positions)  # (B, T, C) + (T, C) or (B, T, C) -> (B, T, C)
+        x = self.wte(idx)  # (B, T, C)
+        rope = None
+        if self.config.positions == "learned":
+            x = x + self.wpe(positions)  # + (T, C) or (B, T, C)
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, hs) or (B, T, hs)
+            rope = (cos, sin) if positions.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))
         x = self.drop(x)
+        cache_positions = positions if self.blocks[0].attn.kv_cache is not None else None
         for block in self.blocks:
-            x = block(x, mask)  # (B, T, C)
+            x = block(x, mask, rope, cache_positions)  # (B, T, C)
         return self.norm_f(x)  # (B, T, C)
+
+    def set_kv_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> None:
+        """Give every attention layer a key/value cache for `batch_size` sequences of up to `max_len` tokens."""
+        max_len = max_len or self.config.context_length
+        device = self.wte.weight.device
+        dtype = dtype or self.wte.weight.dtype
+        for block in self.blocks:
+            block.attn.kv_cache = KVCache(batch_size, self.config.kv_heads, max_len, self.config.head_size, device, dtype)
+
+    def clear_kv_cache(self) -> None:
+        for block in self.blocks:
+            block.attn.kv_cache = None
 
     def replace_head(self, n_out: int) -> None:
         """Swap the LM head for a fresh `n_out`-way linear head with a bias (classification, book ch. 6).
@@ -161,12 +291,13 @@ class GPT(nn.Module):
     def num_params(self, non_embedding: bool = False) -> int:
         """Number of parameters, each shared tensor counted once.
 
-        non_embedding=True leaves out the lookup-only tables: the position embedding always, the token
+        non_embedding=True leaves out the lookup-only tables: the learned position embedding, the token
         embedding only when it is not tied (a tied one is also the LM head's matmul weight), as nanoGPT.
         """
         n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied tensor once
         if non_embedding:
-            n -= self.wpe.weight.numel()
+            if self.config.positions == "learned":
+                n -= self.wpe.weight.numel()
             if not self.config.tie_weights:
                 n -= self.wte.weight.numel()
         return n
