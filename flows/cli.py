@@ -10,6 +10,8 @@
     lmcore classify "WINNER! Claim your prize now"   # label and probability from models/classifier
     lmcore eval --model models:/lmcore-base@champion --tasks hellaswag,mmlu --limit 100 --output reports/eval
     lmcore serve --model models:/lmcore-instruct@dpo --port 8000   # an OpenAI-compatible chat API on 127.0.0.1
+    lmcore import-hf hf/llama models/llama           # a Hugging Face GPT-2 or Llama folder -> an lmcore model folder
+    lmcore export-hf models/base hf/base             # an lmcore model folder -> config.json + model.safetensors for transformers
 
 It lives beside the flows, not in `lmcore/`, because it drives Prefect and MLflow.
 """
@@ -258,6 +260,42 @@ def serve(
         run_server(_model_dir(model), host=host, port=port, model_name=name, device=device)
     except (ValueError, FileNotFoundError) as err:  # not a servable model folder
         _fail(str(err))
+
+
+@app.command("import-hf")
+def import_hf(
+    src_dir: Annotated[str, typer.Argument(help="Hugging Face folder: config.json and model.safetensors (or sharded)")],
+    dst_dir: Annotated[str, typer.Argument(help="the lmcore model folder to write")],
+) -> None:
+    """Convert a Hugging Face GPT-2 or Llama folder into an lmcore model folder.
+
+        lmcore import-hf hf/llama models/llama
+    """
+    from lmcore.hf import import_hf as convert
+
+    try:
+        done = convert(src_dir, dst_dir)
+    except (ValueError, OSError) as err:  # lmcore.hf.HFError names the file and what is refused
+        _fail(str(err))
+    typer.echo(f"imported {done['model_type']} ({done['params']:,} parameters) from {src_dir} to {done['path']}")
+
+
+@app.command("export-hf")
+def export_hf(
+    src_dir: Annotated[str, typer.Argument(help="an lmcore model folder")],
+    dst_dir: Annotated[str, typer.Argument(help="the Hugging Face folder to write (config.json, model.safetensors)")],
+) -> None:
+    """Write an lmcore model folder as a Hugging Face GPT-2 or Llama folder that transformers loads.
+
+        lmcore export-hf models/base hf/base
+    """
+    from lmcore.hf import export_hf as convert
+
+    try:
+        done = convert(src_dir, dst_dir)
+    except (ValueError, OSError) as err:  # HFError, or CheckpointError for a broken model folder
+        _fail(str(err))
+    typer.echo(f"exported {done['model_type']} ({done['params']:,} parameters) from {src_dir} to {done['path']}")
 
 
 def _model_dir(model: str) -> Path:
