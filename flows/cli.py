@@ -6,7 +6,8 @@
     lmcore params --set pretrain.max_steps=10        # validate and print the resolved params
     lmcore generate "ROMEO:" --model models/base     # sample from a model folder or models:/name@alias
     lmcore generate "Name three primary colors." --model models/instruct   # an instruction model: its template
-    lmcore chat --model models:/lmcore-instruct@dpo  # instructions from stdin, one response each
+    lmcore generate "ROMEO:" --top-p 0.9 --stop $'\\n\\n' --no-stream   # nucleus sampling, stop at a blank line, no streaming
+    lmcore chat --model models:/lmcore-instruct@dpo  # instructions from stdin, one streamed response each
     lmcore classify "WINNER! Claim your prize now"   # label and probability from models/classifier
     lmcore eval --model models:/lmcore-base@champion --tasks hellaswag,mmlu --limit 100 --output reports/eval
     lmcore serve --model models:/lmcore-instruct@dpo --port 8000   # an OpenAI-compatible chat API on 127.0.0.1
@@ -90,24 +91,44 @@ ModelOpt = Annotated[str, typer.Option(help="model folder, models:/name@alias or
 
 
 def _load_generator(model: str):
-    """The model, its prompt template (None for a plain LM) and the tokenizer."""
+    """The model, its prompt template (None for a plain LM) and the tokenizer its config.json names (gpt2)."""
     from lmcore.checkpoint import load_model, read_model_config
     from lmcore.finetune.instruct import TEMPLATE_KEY
     from lmcore.tokenizer import get_encoding
 
     model_dir = _model_dir(model)
-    template = read_model_config(model_dir)[1].get(TEMPLATE_KEY)
-    return load_model(model_dir).eval(), template, get_encoding("gpt2")
+    extra = read_model_config(model_dir)[1]
+    return load_model(model_dir).eval(), extra.get(TEMPLATE_KEY), get_encoding(extra.get("tokenizer", "gpt2"))
 
 
-def _respond(lm, template: str | None, enc, text: str, **sampling) -> str:
+TemperatureOpt = Annotated[float, typer.Option(min=0.0, help="0 is greedy")]
+TopKOpt = Annotated[int | None, typer.Option(min=1, help="sample among the k most likely tokens")]
+TopPOpt = Annotated[float, typer.Option(min=0.0, max=1.0, help="nucleus sampling: the most likely tokens up to this mass; 1: all")]
+StopOpt = Annotated[list[str] | None, typer.Option("--stop", help="end the text before this string (repeatable)")]
+StreamOpt = Annotated[bool, typer.Option(help="print the text as it is generated")]
+CacheOpt = Annotated[bool, typer.Option("--cache/--no-cache", help="decode with the KV cache")]
+
+
+def _respond(lm, template: str | None, enc, text: str, *, input_: str = "", stream: bool = True, **sampling) -> None:
+    """Print the completion of `text` (a plain LM, after the prompt) or the response to it (an instruction model,
+    in its template, stripped), piece by piece as it is generated when `stream`."""
     from lmcore.finetune.data import format_prompt
-    from lmcore.generation import generate_text
+    from lmcore.generation import stream_text, strip_pieces
 
+    if sampling["top_p"] == 0:
+        _fail("--top-p must be greater than 0")
     if template is None:
-        return text + generate_text(lm, enc, text, **sampling)
-    prompt = format_prompt({"instruction": text, "input": sampling.pop("input", "")}, template)
-    return generate_text(lm, enc, prompt, **sampling).strip()
+        typer.echo(text, nl=False)
+        pieces = stream_text(lm, enc, text, **sampling)
+    else:
+        prompt = format_prompt({"instruction": text, "input": input_}, template)
+        pieces = strip_pieces(stream_text(lm, enc, prompt, **sampling))
+    if stream:
+        for piece in pieces:
+            typer.echo(piece, nl=False)  # click flushes after each write
+        typer.echo()
+    else:
+        typer.echo("".join(pieces))
 
 
 @app.command()
@@ -115,26 +136,32 @@ def generate(
     prompt: str,
     model: ModelOpt = "models/base",
     max_new_tokens: int = 50,
-    temperature: float = 0.8,
-    top_k: Annotated[int | None, typer.Option()] = 40,
+    temperature: TemperatureOpt = 0.8,
+    top_k: TopKOpt = 40,
+    top_p: TopPOpt = 1.0,
+    stop: StopOpt = None,
     seed: int = 0,
     input_: Annotated[str, typer.Option("--input", help="instruction models: the optional input field")] = "",
+    stream: StreamOpt = True,
+    cache: CacheOpt = True,
 ) -> None:
     """Sample a completion (a plain LM) or a response (an instruction model, in its own template)."""
     lm, template, enc = _load_generator(model)
-    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
-    if template is not None:
-        sampling["input"] = input_
-    typer.echo(_respond(lm, template, enc, prompt, **sampling))
+    _respond(lm, template, enc, prompt, input_=input_, stream=stream, max_new_tokens=max_new_tokens, temperature=temperature,
+             top_k=top_k, top_p=top_p, stop=stop or [], seed=seed, use_cache=cache)
 
 
 @app.command()
 def chat(
     model: ModelOpt = "models/instruct",
     max_new_tokens: int = 100,
-    temperature: float = 0.0,
-    top_k: Annotated[int | None, typer.Option()] = None,
+    temperature: TemperatureOpt = 0.0,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = 1.0,
+    stop: StopOpt = None,
     seed: int = 0,
+    stream: StreamOpt = True,
+    cache: CacheOpt = True,
 ) -> None:
     """Talk to an instruction model: each line you type is an instruction; an empty line or EOF ends."""
     lm, template, enc = _load_generator(model)
@@ -148,7 +175,8 @@ def chat(
             break
         if not line.strip():
             break
-        typer.echo(_respond(lm, template, enc, line, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed))
+        _respond(lm, template, enc, line, stream=stream, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                 top_p=top_p, stop=stop or [], seed=seed, use_cache=cache)
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""Sampling (lmcore.generation) and evaluation (lmcore.evaluation) with micro models."""
+"""Evaluation (lmcore.evaluation) with micro models; sampling is tested in test_generation.py."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from lmcore.config import EvaluateConfig, ModelConfig
 from lmcore.data.loader import TokenDataset
 from lmcore.data.shards import token_dtype, write_shard
 from lmcore.evaluation import evaluate, perplexity
-from lmcore.generation import generate, generate_text
 from lmcore.model import GPT
 from lmcore.paths import MANIFEST, METRICS, SAMPLES
 from lmcore.tokenizer import get_encoding
@@ -70,97 +69,6 @@ def setup(tmp_path, val_streams) -> tuple[GPT, Path, Path]:
     train = [np.random.default_rng(1).integers(0, GPT2_VOCAB, 100)]
     tokens_dir = write_tokens(tmp_path / "tokens", {"train": [train], "val": [[s[:60], s[60:]] for s in val_streams]}, GPT2_VOCAB)
     return model, tmp_path / "model", tokens_dir
-
-
-# --- generation --------------------------------------------------------------------------------
-
-
-def test_greedy_is_argmax_step_by_step():
-    model = micro()
-    idx = torch.tensor([[1, 2, 3], [4, 5, 6]])
-    out = generate(model, idx, 6, temperature=0)
-    assert out.shape == (2, 9) and torch.equal(out[:, :3], idx)
-
-    expected = idx
-    for _ in range(6):
-        logits, _ = model(expected)
-        expected = torch.cat([expected, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(out, expected)
-    assert torch.equal(generate(model, idx, 6, temperature=0), out)  # deterministic
-
-
-def test_top_k_1_equals_greedy():
-    model = micro()
-    idx = torch.tensor([[7, 8, 9]])
-    greedy = generate(model, idx, 8, temperature=0)
-    sampled = generate(model, idx, 8, temperature=1.5, top_k=1, generator=torch.Generator().manual_seed(3))
-    assert torch.equal(sampled, greedy)
-
-
-def test_sampling_is_reproducible_with_a_seeded_generator():
-    model = micro()
-    idx = torch.tensor([[1, 2]])
-    a = generate(model, idx, 12, temperature=1.0, generator=torch.Generator().manual_seed(0))
-    b = generate(model, idx, 12, temperature=1.0, generator=torch.Generator().manual_seed(0))
-    c = generate(model, idx, 12, temperature=1.0, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(a, b) and not torch.equal(a, c)
-
-
-def test_top_k_restricts_the_candidates():
-    model = micro()
-    idx = torch.tensor([[5, 6, 7]])
-    top3 = set(torch.topk(model(idx)[0][0, -1], 3).indices.tolist())
-    firsts = {
-        generate(model, idx, 1, temperature=5.0, top_k=3, generator=torch.Generator().manual_seed(s))[0, -1].item()
-        for s in range(40)
-    }
-    assert firsts <= top3 and len(firsts) > 1
-
-
-def test_eos_stops_generation():
-    model = micro()
-    idx = torch.tensor([[1, 2, 3]])
-    first = generate(model, idx, 1, temperature=0)[0, -1].item()
-    out = generate(model, idx, 10, temperature=0, eos_token=first)
-    assert out.shape == (1, 4)  # stopped right after the end-of-text token
-
-    # two rows: the finished row is padded with eos while the other continues
-    idx2 = torch.tensor([[1, 2, 3], [9, 9, 9]])
-    greedy = generate(model, idx2, 10, temperature=0)
-    eos = greedy[0, 3].item()
-    out2 = generate(model, idx2, 10, temperature=0, eos_token=eos)
-    assert torch.all(out2[0, 3:] == eos)
-    row1 = greedy[1, 3:].tolist()
-    n = row1.index(eos) + 1 if eos in row1 else 10
-    assert out2.shape[1] == 3 + n
-    assert torch.equal(out2[1], greedy[1, : 3 + n])
-
-
-def test_prompt_longer_than_context_is_cropped():
-    model = micro()
-    idx = torch.randint(0, 64, (1, 40), generator=torch.Generator().manual_seed(0))
-    out = generate(model, idx, 5, temperature=0)
-    cropped = generate(model, idx[:, -T:], 5, temperature=0)
-    assert out.shape == (1, 45) and torch.equal(out[:, -5:], cropped[:, -5:])
-
-
-def test_generate_restores_the_training_mode():
-    model = micro(dropout=0.5).train()
-    generate(model, torch.tensor([[1]]), 2)
-    assert model.training
-
-
-def test_generate_text_returns_the_completion_only(enc):
-    model = micro(GPT2_VOCAB)
-    a = generate_text(model, enc, "Every effort moves you", 10, temperature=1.0, top_k=50, seed=0)
-    b = generate_text(model, enc, "Every effort moves you", 10, temperature=1.0, top_k=50, seed=0)
-    assert isinstance(a, str) and a == b
-    assert not a.startswith("Every effort")
-
-    ids = enc.encode("Every effort moves you")
-    greedy = generate(model, torch.tensor([ids]), 10, temperature=0)[0, len(ids) :].tolist()
-    expected = greedy[: greedy.index(enc.eot_token)] if enc.eot_token in greedy else greedy
-    assert generate_text(model, enc, "Every effort moves you", 10, temperature=0, seed=5) == enc.decode(expected)
 
 
 # --- evaluation --------------------------------------------------------------------------------
