@@ -18,35 +18,43 @@ earlier turns are not part of the prompt (the book's models are single-turn). Fo
 messages' contents are joined by newlines and the reply is their continuation. Text is encoded as
 ordinary text: a literal "<|endoftext|>" in a message is never the end-of-text token.
 
-Sampling: temperature (default 1.0; 0 is greedy), seed (default 0: identical requests give identical
-replies), max_tokens (default: the rest of the context), stop (the reply is cut before the first stop
-string), top_k (an extension, as in vLLM). top_p other than 1, n other than 1 and stream are refused.
+Sampling (lmcore.generation, with the KV cache): temperature (default 1.0; 0 is greedy), top_p (nucleus),
+seed (default 0: identical requests give identical replies), max_tokens (default: the rest of the context),
+stop (the reply is cut before the first stop string), top_k (an extension, as in vLLM). n other than 1 is refused.
 There is no sliding window: prompt and completion must fit in the model's context, as with OpenAI.
 usage.completion_tokens counts every generated token, the end-of-text token included.
-One request generates at a time; the others wait.
+
+Streaming: `"stream": true` answers with server-sent events in OpenAI's chunk format: a first chunk with
+delta {"role": "assistant", "content": ""}, one chunk per text piece as it is generated (whole characters;
+text that might start a stop string is held back until it does not), a last chunk with an empty delta and
+the finish_reason, then `data: [DONE]`. With `"stream_options": {"include_usage": true}` a chunk with the
+usage and no choices comes before [DONE]. An error after the first chunk arrives as `data: {"error": ...}`.
+One request generates at a time; the others wait (a stream holds the model until it ends).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmcore.checkpoint import HEAD_KEY, load_model, read_model_config
 from lmcore.finetune.data import TEMPLATES, format_prompt
 from lmcore.finetune.instruct import TEMPLATE_KEY
-from lmcore.generation import generate
+from lmcore.generation import TextStream, strip_pieces, stream_text
 from lmcore.model import GPT
 from lmcore.paths import MODEL_CONFIG
 from lmcore.tokenizer import get_encoding
@@ -85,6 +93,12 @@ class ChatMessage(BaseModel):
     content: str
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
 class ChatRequest(BaseModel):
     # Other OpenAI parameters (user, metadata, ...) are accepted and ignored, except those in UNSUPPORTED.
     model_config = ConfigDict(extra="allow")
@@ -100,6 +114,7 @@ class ChatRequest(BaseModel):
     seed: Annotated[int | None, Field(ge=-(2**63), le=2**64 - 1)] = 0  # the range torch.Generator takes
     n: int | None = 1
     stream: bool | None = False
+    stream_options: StreamOptions | None = None  # with stream: include_usage
 
 
 @dataclass
@@ -128,18 +143,7 @@ def build_prompt(messages: list[ChatMessage], template: str | None) -> str:
     return format_prompt({"instruction": "\n\n".join([*system, users[-1].content]), "input": ""}, template)
 
 
-def _decode(enc, ids: list[int]) -> str:
-    # A model vocabulary padded beyond the tokenizer's has ids that decode to nothing: show them as U+FFFD.
-    parts = [enc.decode_single_token_bytes(t) if t < enc.n_vocab else "\ufffd".encode() for t in ids]
-    return b"".join(parts).decode("utf-8", errors="replace")
-
-
-def _first_stop(text: str, stop: list[str]) -> int | None:
-    found = [i for i in (text.find(s) for s in stop) if i >= 0]
-    return min(found) if found else None
-
-
-def complete(
+def start(
     model: GPT,
     enc,
     prompt_ids: list[int],
@@ -149,33 +153,25 @@ def complete(
     top_k: int | None,
     seed: int,
     stop: list[str],
-) -> Completion:
-    """Generate a reply token by token (lmcore.generation.generate, one step at a time).
-
-    Stepping one token per call draws from the generator exactly as one long call would, and lets
-    generation end as soon as a stop string appears.
+    top_p: float | None = None,
+) -> TextStream:
+    """Start generating a reply (lmcore.generation.stream_text); iterate the result for its text pieces.
 
     Args:
         prompt_ids: the encoded prompt; it and max_tokens must fit in the model's context.
         seed: seeds a fresh torch.Generator, so the same request gives the same reply.
-        stop: the reply is cut before the first occurrence of any of these.
+        stop: the reply is cut before the first occurrence of any of these; generation ends there.
 
-    Returns: the reply text and the token counts; finish_reason "stop" for end-of-text or a stop string.
+    Returns: the TextStream; once exhausted, its finish_reason is "stop" for end-of-text or a stop string.
     """
-    device = next(model.parameters()).device
-    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    ids: list[int] = []
-    finish: Literal["stop", "length"] = "length"
-    for _ in range(max_tokens):
-        idx = generate(model, idx, 1, temperature=temperature, top_k=top_k, generator=generator)  # (1, T + 1)
-        ids.append(int(idx[0, -1]))
-        if ids[-1] == enc.eot_token or (stop and _first_stop(_decode(enc, ids), stop) is not None):
-            finish = "stop"
-            break
-    text = _decode(enc, ids[:-1] if ids and ids[-1] == enc.eot_token else ids)
-    cut = _first_stop(text, stop)
-    return Completion(text if cut is None else text[:cut], len(prompt_ids), len(ids), finish)
+    return stream_text(model, enc, prompt_ids, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, stop=stop, seed=seed)
+
+
+def complete(model: GPT, enc, prompt_ids: list[int], **options) -> Completion:
+    """The whole reply at once (see `start` for the options)."""
+    reply = start(model, enc, prompt_ids, **options)
+    text = "".join(reply)
+    return Completion(text, reply.prompt_tokens, len(reply.token_ids), reply.finish_reason)
 
 
 def _error_body(message: str, *, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict:
@@ -201,12 +197,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 def _check_options(req: ChatRequest) -> None:
     """Refuse what this server cannot do, rather than silently doing something else."""
-    if req.stream:
-        raise APIError(400, "streaming is not supported yet (stream must be false)", param="stream")
     if req.n not in (None, 1):
         raise APIError(400, f"n: only n=1 is supported, got {req.n}", param="n")
-    if req.top_p not in (None, 1.0):
-        raise APIError(400, f"top_p: only 1.0 is supported, got {req.top_p}; top-p sampling arrives with the KV-cache generator (use top_k)", param="top_p")
     for key, value in (req.model_extra or {}).items():
         if key in UNSUPPORTED and value not in UNSUPPORTED[key]:
             raise APIError(400, f"{key} is not supported by lmcore serve (got {value!r})", param=key)
@@ -277,8 +269,8 @@ def create_app(model_dir: Path, *, model_name: str, enc=None, device: str = "cpu
     def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "lmcore"}]}
 
-    @app.post("/v1/chat/completions")
-    def chat_completions(req: ChatRequest) -> dict[str, Any]:
+    @app.post("/v1/chat/completions", response_model=None)
+    def chat_completions(req: ChatRequest) -> dict[str, Any] | StreamingResponse:
         # A plain `def`: FastAPI runs it in its threadpool, and the lock lets one request generate at a time.
         if req.model != model_name:
             raise APIError(404, f"The model `{req.model}` does not exist; this server serves `{model_name}`", param="model", code="model_not_found")
@@ -298,11 +290,19 @@ def create_app(model_dir: Path, *, model_name: str, enc=None, device: str = "cpu
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         seed = 0 if req.seed is None else req.seed
         temperature = 1.0 if req.temperature is None else req.temperature
+        options = dict(max_tokens=max_tokens, temperature=temperature, top_k=req.top_k, top_p=req.top_p, seed=seed, stop=stop)
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if req.stream:
+            usage = req.stream_options is not None and req.stream_options.include_usage
+            events = _events(completion_id, prompt_ids, options, usage)
+            # Closing the events after the response (also after a client hangs up, when Starlette stops iterating
+            # them) ends generation there and releases the lock, without waiting for garbage collection.
+            return StreamingResponse(events, media_type="text/event-stream", background=BackgroundTask(events.close))
         with lock:
-            out = complete(model, enc, prompt_ids, max_tokens=max_tokens, temperature=temperature, top_k=req.top_k, seed=seed, stop=stop)
+            out = complete(model, enc, prompt_ids, **options)
         content = out.text.strip() if template else out.text  # as `lmcore chat` and test_responses.jsonl
         return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "id": completion_id,
             "object": "chat.completion",
             "created": int(time.time()),
             "model": model_name,
@@ -313,6 +313,36 @@ def create_app(model_dir: Path, *, model_name: str, enc=None, device: str = "cpu
                 "total_tokens": out.prompt_tokens + out.completion_tokens,
             },
         }
+
+    def _events(completion_id: str, prompt_ids: list[int], options: dict, include_usage: bool) -> Iterator[str]:
+        """The server-sent events of one streamed reply; holds the lock from the first event to the last."""
+        created = int(time.time())
+
+        def chunk(delta: dict | None, finish_reason: str | None = None, usage: dict | None = None) -> str:
+            body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                    "choices": [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+            if usage is not None:
+                body["usage"] = usage
+            return f"data: {json.dumps(body)}\n\n"
+
+        reply = None
+        with lock:
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                reply = start(model, enc, prompt_ids, **options)
+                for piece in strip_pieces(reply) if template else reply:  # stripped as the whole reply is
+                    yield chunk({"content": piece})
+                yield chunk({}, reply.finish_reason)
+                if include_usage:
+                    n = len(reply.token_ids)
+                    yield chunk(None, usage={"prompt_tokens": reply.prompt_tokens, "completion_tokens": n, "total_tokens": reply.prompt_tokens + n})
+            except Exception as exc:  # the status line is sent: report in the stream
+                log.exception("streaming %s failed", completion_id)
+                yield f"data: {json.dumps(_error_body(f'internal error: {type(exc).__name__}: {exc}', type_='server_error'))}\n\n"
+            finally:
+                if reply is not None:
+                    reply.close()  # a client that hung up: free the model's cache now
+        yield "data: [DONE]\n\n"
 
     return app
 

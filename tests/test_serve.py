@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -115,11 +116,11 @@ def prompt_ids(enc) -> list[int]:
     return enc.encode_ordinary(format_prompt({"instruction": INSTRUCTION, "input": ""}, "alpaca"))
 
 
-def local_generate(model_dir: Path, ids: list[int], n: int, *, temperature: float = 0.0, seed: int = 0) -> list[int]:
+def local_generate(model_dir: Path, ids: list[int], n: int, *, temperature: float = 0.0, seed: int = 0, top_p: float | None = None) -> list[int]:
     """The library's own sampling of n tokens after `ids` (in this process, one thread)."""
     model = load_model(model_dir)
     out = generate(
-        model, torch.tensor([ids]), n, temperature=temperature, generator=torch.Generator().manual_seed(seed)
+        model, torch.tensor([ids]), n, temperature=temperature, top_p=top_p, generator=torch.Generator().manual_seed(seed)
     )
     return out[0, len(ids) :].tolist()
 
@@ -200,6 +201,82 @@ def test_stop_strings(server, instruct_dir, prompt_ids, enc, one_thread):
     assert body["choices"][0]["message"]["content"] == text.strip()
 
 
+def test_top_p(server, instruct_dir, prompt_ids, enc, one_thread):
+    greedy = chat(server, temperature=0, max_tokens=6).json()["choices"][0]["message"]["content"]
+    # a nucleus of one token is greedy, whatever the temperature and seed
+    assert chat(server, temperature=1.5, top_p=1e-6, seed=5, max_tokens=6).json()["choices"][0]["message"]["content"] == greedy
+    sampled = chat(server, temperature=1.0, top_p=0.9, seed=5, max_tokens=8).json()["choices"][0]["message"]["content"]
+    expected = enc.decode(local_generate(instruct_dir, prompt_ids, 8, temperature=1.0, seed=5, top_p=0.9)).strip()
+    assert sampled == expected
+
+
+def sse(base: str, **options) -> list:
+    """The events of a streamed chat completion: parsed JSON bodies, and the final "[DONE]"."""
+    body = {"model": "instruct", "messages": [{"role": "user", "content": INSTRUCTION}], "stream": True, **options}
+    events = []
+    with httpx.stream("POST", f"{base}/chat/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line:
+                assert line.startswith("data: ")
+                data = line.removeprefix("data: ")
+                events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def test_streaming_sends_the_reply_in_chunks(server, enc, one_thread):
+    for options in (dict(temperature=1.0, seed=3, max_tokens=12), dict(temperature=0, max_tokens=12, stop="zzz")):
+        whole = chat(server, **options).json()
+        events = sse(server, **options)
+        assert events[-1] == "[DONE]"
+        chunks = events[:-1]
+        assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] and c["model"] == "instruct" for c in chunks)
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        pieces = [c["choices"][0]["delta"]["content"] for c in chunks[1:-1]]
+        assert len(pieces) > 1 and "".join(pieces) == whole["choices"][0]["message"]["content"]
+        assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+        assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": whole["choices"][0]["finish_reason"]}
+
+    # a stop string; usage at the end when asked for
+    full = chat(server, temperature=1.0, seed=3, max_tokens=12).json()["choices"][0]["message"]["content"]
+    stop = full.split()[2]
+    expected = chat(server, temperature=1.0, seed=3, max_tokens=12, stop=stop).json()
+    events = sse(server, temperature=1.0, seed=3, max_tokens=12, stop=stop, stream_options={"include_usage": True})
+    usage = events[-2]
+    assert usage["choices"] == [] and usage["usage"] == expected["usage"]
+    assert events[-3]["choices"][0]["finish_reason"] == "stop"
+    assert "".join(e["choices"][0]["delta"]["content"] for e in events[1:-3]) == expected["choices"][0]["message"]["content"]
+
+
+def test_a_client_that_hangs_up_ends_its_stream(tmp_path, monkeypatch, one_thread):
+    import lmcore.generation
+    import lmcore.serve
+
+    torch.manual_seed(0)
+    save_model(GPT(ModelConfig(**{**MICRO, "context_length": 1024})), tmp_path / "long", extra={"tokenizer": "gpt2"})
+    real_sample, real_stream_text, replies = lmcore.generation.sample_next, lmcore.serve.stream_text, []
+
+    def slow_sample(*args, **kwargs):  # 1000 tokens would take 20 s
+        time.sleep(0.02)
+        return real_sample(*args, **kwargs)
+
+    def recorded(*args, **kwargs):
+        replies.append(real_stream_text(*args, **kwargs))
+        return replies[-1]
+
+    monkeypatch.setattr(lmcore.generation, "sample_next", slow_sample)
+    monkeypatch.setattr(lmcore.serve, "stream_text", recorded)
+    body = {"model": "long", "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 1000}
+    with in_thread_server(create_app(tmp_path / "long", model_name="long")) as base:
+        with httpx.stream("POST", f"{base}/chat/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")  # the first chunk; then hang up
+        t0 = time.monotonic()
+        after = httpx.post(f"{base}/chat/completions", json={**body, "stream": False, "max_tokens": 2}, timeout=30)
+        assert after.status_code == 200 and time.monotonic() - t0 < 10  # the lock was released at once
+    assert replies[0].finish_reason is not None and len(replies[0].token_ids) < 200
+
+
 def test_default_max_tokens_fill_the_context(server, instruct_dir, prompt_ids, enc, one_thread):
     room = MICRO["context_length"] - len(prompt_ids)
     expected = local_generate(instruct_dir, prompt_ids, room)
@@ -229,9 +306,8 @@ def test_models_and_health(server):
     ("body", "status", "param", "code", "message"),
     [
         ({"model": "gpt-4o"}, 404, "model", "model_not_found", "The model `gpt-4o` does not exist; this server serves `instruct`"),
-        ({"stream": True}, 400, "stream", None, "streaming is not supported yet"),
         ({"n": 2}, 400, "n", None, "only n=1 is supported"),
-        ({"top_p": 0.9}, 400, "top_p", None, "top-p sampling arrives with the KV-cache generator"),
+        ({"top_p": 0}, 400, "top_p", None, "top_p: Input should be greater than 0"),
         ({"logprobs": True}, 400, "logprobs", None, "logprobs is not supported"),
         ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None, "at most 4 non-empty strings"),
         ({"messages": None}, 400, "messages", None, "messages: field required"),
