@@ -45,6 +45,11 @@ def get_encoding(name: str = "gpt2", ranks_file: str | Path | None = None) -> ti
     Returns:
         The encoding; the same object for the same name and resolved ranks path.
     """
+    if not name:
+        raise ValueError(
+            "no tokenizer named (a model folder's config.json says \"tokenizer\": null, e.g. a Hugging Face import "
+            "whose vocabulary is not GPT-2's); lmcore encodes text with tiktoken encodings only, such as 'gpt2'"
+        )
     if ranks_file is None or str(ranks_file) == "":
         ranks_file = os.environ.get(RANKS_ENV) or None
     if ranks_file is None:

@@ -96,3 +96,9 @@ def test_truncated_ranks_file_is_rejected(ranks_file, tmp_path, isolated_tiktoke
 def test_other_encodings_need_tiktoken_download(ranks_file):
     with pytest.raises(ValueError, match="only 'gpt2'"):
         get_encoding("cl100k_base", ranks_file)
+
+
+def test_no_tokenizer_named_is_a_clear_error():
+    """A Hugging Face import with another vocabulary saves "tokenizer": null; using it says why."""
+    with pytest.raises(ValueError, match='"tokenizer": null'):
+        get_encoding(None)
