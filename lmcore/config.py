@@ -268,20 +268,64 @@ class ModelConfig(_Section):
 
 
 class PretrainConfig(_Section):
+    """Pretraining (lmcore.training.pretrain); docs/models.md "## Training" explains each option.
+
+    One optimizer step consumes batch_size x grad_accum_steps windows per process, and world_size times
+    that under torchrun: the global batch.
+    """
+
     model: ModelConfig = ModelConfig()
-    batch_size: int = Field(default=16, ge=1)
+    batch_size: int = Field(default=16, ge=1)  # windows per forward pass (micro-batch), per process
+    grad_accum_steps: int = Field(default=1, ge=1)  # micro-batches per optimizer step
     max_steps: int = Field(default=300, ge=1)
     lr: float = Field(default=1e-3, gt=0)
     min_lr: float = Field(default=1e-4, ge=0)
     warmup_steps: int = Field(default=20, ge=0)
-    weight_decay: float = Field(default=0.1, ge=0)
+    weight_decay: float = Field(default=0.1, ge=0)  # matmul weights only: never norms, biases, embeddings
     beta1: float = Field(default=0.9, ge=0, lt=1)
     beta2: float = Field(default=0.95, ge=0, lt=1)
     grad_clip: float = Field(default=1.0, ge=0)  # 0 disables clipping
     eval_interval: int = Field(default=25, ge=1)
     eval_batches: int = Field(default=8, ge=1)
+    # Stop when val_loss has not improved on its best by more than min_delta for `patience` evaluations
+    # in a row; null trains to max_steps.
+    early_stopping_patience: int | None = Field(default=None, ge=1)
+    early_stopping_min_delta: float = Field(default=0.0, ge=0)
+    # fp32; bf16 autocast; fp16 autocast with a gradient scaler; auto: bf16 where the device computes it
+    # natively (a GPU with bf16, a CPU with avx512_bf16 or AMX), else fp16 on a GPU and fp32 on a CPU.
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
+    compile: bool = False  # torch.compile the training forward and backward (needs a C++ compiler on CPU)
+    # AdamW implementation: auto is fused on CPU and CUDA (one kernel over all tensors), foreach elsewhere.
+    optimizer_impl: Literal["auto", "fused", "foreach", "for-loop"] = "auto"
+    # Device peak FLOP/s for MFU in the precision used; null measures it once with a short matmul benchmark.
+    peak_flops: float | None = Field(default=None, gt=0)
+    # Training checkpoints every N optimizer steps (in the checkpoint folder the caller names; the pipeline's
+    # is models/checkpoints/pretrain); null writes none. The last `keep_checkpoints` are kept.
+    checkpoint_interval: int | None = Field(default=None, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    # Continue from the latest complete checkpoint (refused when it was written under other settings);
+    # false starts afresh and removes the folder's old checkpoints.
+    resume: bool = False
+    # Under torchrun (world size > 1): ddp replicates the model; fsdp shards parameters, gradients and
+    # optimizer state (FSDP2 fully_shard, one group per block).
+    distributed: Literal["ddp", "fsdp"] = "ddp"
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     threads: int = Field(default=0, ge=0)  # torch intra-op threads; 0 keeps torch's default
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PretrainConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        return self
+
+    def resume_key(self) -> dict[str, Any]:
+        """The settings a checkpoint must share with the run resuming it: all but how it runs and saves."""
+        return self.model_dump(mode="json", exclude=set(RESUME_FREE_KEYS))
+
+
+# PretrainConfig keys a run may change when it resumes: they change how fast it runs or what it saves,
+# not which numbers it computes.
+RESUME_FREE_KEYS = ("threads", "checkpoint_interval", "keep_checkpoints", "resume", "peak_flops")
 
 
 class EvaluateConfig(_Section):

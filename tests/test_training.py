@@ -85,7 +85,7 @@ def test_val_loss_falls_on_a_learnable_stream(tmp_path, pattern_tokens):
 
     train_steps = [s for s, m in tracker.records if "train_loss" in m]
     assert train_steps == list(range(1, 51))
-    assert all(m.keys() == {"train_loss", "lr", "grad_norm", "tokens_per_s"} for _, m in tracker.records if "train_loss" in m)
+    assert all(m.keys() == {"train_loss", "lr", "grad_norm", "tokens_per_s", "mfu"} for _, m in tracker.records if "train_loss" in m)
     assert [s for s, m in tracker.records if "val_loss" in m] == [0, 10, 20, 30, 40, 50]
 
 
@@ -112,7 +112,8 @@ def test_outputs(tmp_path, pattern_tokens):
     assert (reports_dir / LOSS_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((reports_dir / SUMMARY).read_text()) == summary
     assert summary.keys() == {
-        "n_params", "steps", "tokens_seen", "train_time_s", "tokens_per_s", "first_val_loss", "final_val_loss", "final_train_loss",
+        "n_params", "steps", "tokens_seen", "train_time_s", "tokens_per_s", "mfu", "peak_flops", "precision", "world_size",
+        "first_val_loss", "final_val_loss", "best_val_loss", "best_step", "stopped_early", "final_train_loss",
         "train_tokens", "val_tokens", "documents_longer_than_context", "loader_state",
     }
     assert (summary["train_tokens"], summary["val_tokens"], summary["documents_longer_than_context"]) == (900, 124, 2)
@@ -164,12 +165,149 @@ def test_lr_schedule():
     assert lr_at(0, micro_cfg(warmup_steps=0, max_steps=1)) == pytest.approx(1e-2)
 
 
-def test_weight_decay_groups():
-    model = training.GPT(micro_cfg().model)
+@pytest.mark.parametrize("preset", ["gpt2-micro", "llama-micro"])
+def test_weight_decay_groups(preset):
+    model = training.GPT(ModelConfig(preset=preset, vocab_size=VOCAB))
     opt = training.make_optimizer(model, micro_cfg(weight_decay=0.1), torch.device("cpu"))
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
-    assert {names[id(p)] for p in decay["params"]} == {n for n, p in model.named_parameters() if p.dim() == 2}
-    assert "wte.weight" in {names[id(p)] for p in decay["params"]}
+    decayed = {names[id(p)] for p in decay["params"]}
+    # matmul weights only: never embeddings (the tied head is wte), norms or biases
+    assert decayed == {n for n, p in model.named_parameters() if p.dim() == 2 and n not in ("wte.weight", "wpe.weight")}
+    assert all(".norm" not in n and not n.endswith(".bias") for n in decayed)
+    assert ("lm_head.weight" in decayed) == (preset == "llama-micro")  # untied in Llama: a matmul weight
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params()  # tied tensor once
+
+
+def test_grad_accumulation_equals_one_batch_of_the_same_windows():
+    torch.manual_seed(0)
+    model = training.GPT(micro_cfg().model)
+    x = torch.randint(0, VOCAB, (8, 16))
+    y = torch.randint(0, VOCAB, (8, 16))
+    fp32 = training.resolve_precision("fp32", torch.device("cpu"))
+    whole = training.accumulate_gradients(model, [(x, y)], precision=fp32)
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    parts = training.accumulate_gradients(model, [(x[:4], y[:4]), (x[4:], y[4:])], precision=fp32)
+    assert parts.item() == pytest.approx(whole.item(), abs=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_grad_accumulation_in_pretrain(tmp_path, pattern_tokens):
+    tracker = ListTracker()
+    summary, _, _ = run(tmp_path, pattern_tokens, cfg=micro_cfg(batch_size=4, grad_accum_steps=2, max_steps=20), tracker=tracker)
+    assert summary["tokens_seen"] == 20 * 4 * 2 * 16
+    assert summary["loader_state"]["step"] == 40  # two micro-batches per update
+    assert summary["final_val_loss"] < 0.6 * summary["first_val_loss"]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_like_fp32(tmp_path, pattern_tokens, precision):
+    ref, _, _ = run(tmp_path, pattern_tokens, "fp32", cfg=micro_cfg(max_steps=30))
+    mixed, _, _ = run(tmp_path, pattern_tokens, precision, cfg=micro_cfg(max_steps=30, precision=precision, peak_flops=1e12))
+    assert mixed["precision"] == precision and ref["precision"] == "fp32"
+    assert mixed["final_val_loss"] != ref["final_val_loss"]  # it did compute in another dtype
+    # 30 updates on the bigram stream take the loss from log(16) = 2.77 to about 0.1; rounding in bf16/fp16
+    # matmuls moves that by a few hundredths
+    assert mixed["final_val_loss"] == pytest.approx(ref["final_val_loss"], abs=0.1)
+
+
+def test_auto_precision(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: True)
+    assert training.resolve_precision("auto", cpu).name == "bf16"
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: False)
+    assert training.resolve_precision("auto", cpu).name == "fp32"
+    assert training.resolve_precision("fp16", cpu).scaled and not training.resolve_precision("bf16", cpu).scaled
+
+
+def test_early_stopping(tmp_path, pattern_tokens):
+    # min_delta larger than any possible gain: the first eval after step 0 is "no improvement"
+    cfg = micro_cfg(early_stopping_patience=1, early_stopping_min_delta=100.0)
+    tracker = ListTracker()
+    summary, model_dir, reports_dir = run(tmp_path, pattern_tokens, cfg=cfg, tracker=tracker)
+    assert summary["stopped_early"] and summary["steps"] == 10 and summary["best_step"] == 0
+    assert summary["best_val_loss"] == summary["first_val_loss"]
+    assert [s for s, m in tracker.records if "val_loss" in m] == [0, 10]
+    assert (reports_dir / TRAIN_LOSS).read_text().count("\n") == 11  # header + 10 updates
+    assert load_model(model_dir).num_params() == summary["n_params"]
+
+    patient, _, _ = run(tmp_path, pattern_tokens, "patient", cfg=micro_cfg(early_stopping_patience=2))
+    assert not patient["stopped_early"] and patient["steps"] == 50  # the loss falls at every eval
+
+
+def test_mfu_and_tokens_per_s(tmp_path, pattern_tokens):
+    tracker = ListTracker()
+    cfg = micro_cfg(max_steps=5, peak_flops=1e12)
+    summary, _, _ = run(tmp_path, pattern_tokens, cfg=cfg, tracker=tracker)
+    model = training.GPT(cfg.model)
+    n = model.num_params(non_embedding=True)
+    fpt = 6 * n + 12 * 2 * 2 * 16 * 16  # 6N + 12 L H Q T
+    assert training.flops_per_token(cfg.model, n) == fpt
+    for _, m in (r for r in tracker.records if "train_loss" in r[1]):
+        assert m["mfu"] == pytest.approx(fpt * m["tokens_per_s"] / 1e12, rel=1e-9)
+    assert summary["peak_flops"] == 1e12 and 0 < summary["mfu"] < 1
+
+
+def test_flops_per_token_gpt2_124m():
+    # nanoGPT's estimate_mfu for GPT-2 124M: N = 124,337,664 params less the 786,432 of wpe
+    cfg = ModelConfig(preset="gpt2-124m")
+    n = 124_337_664 - 1024 * 768
+    assert training.flops_per_token(cfg, n) == 6 * n + 12 * 12 * 12 * 64 * 1024
+
+
+def test_measured_peak_is_positive_and_cached():
+    cpu = torch.device("cpu")
+    first = training.measure_peak_flops(cpu, torch.float32)
+    assert first > 1e8 and training.measure_peak_flops(cpu, torch.float32) == first
+
+
+def test_invalid_options_name_the_key():
+    from lmcore.config import ParamsError, params_from_dict
+    from tests.conftest import MICRO
+
+    data = yaml.safe_load(MICRO.read_text())
+    with pytest.raises(ParamsError, match=r"pretrain\.precision"):
+        params_from_dict(data, overrides=["pretrain.precision=fp8"])
+    with pytest.raises(ParamsError, match=r"pretrain\.grad_accum_steps"):
+        params_from_dict(data, overrides=["pretrain.grad_accum_steps=0"])
+    with pytest.raises(ParamsError, match=r"min_lr \(0\.1\) must not exceed lr"):
+        params_from_dict(data, overrides=["pretrain.min_lr=0.1"])
+    with pytest.raises(ParamsError, match=r"pretrain\.early_stopping_patience"):
+        params_from_dict(data, overrides=["pretrain.early_stopping_patience=0"])
+    with pytest.raises(ValueError, match="resume needs a checkpoint_dir"):
+        pretrain(micro_cfg(resume=True), Path("unused"), Path("m"), Path("r"), seed=0)
+
+
+def test_compile_needs_a_compiler(monkeypatch):
+    monkeypatch.setattr(training.shutil, "which", lambda name: None)
+    with pytest.raises(ValueError, match=r"pretrain\.compile=true: .* C\+\+ compiler"):
+        training.check_compile(torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_compiled_run_matches_eager(tmp_path, pattern_tokens):
+    eager, _, _ = run(tmp_path, pattern_tokens, "eager", cfg=micro_cfg(max_steps=10))
+    compiled, _, _ = run(tmp_path, pattern_tokens, "compiled", cfg=micro_cfg(max_steps=10, compile=True))
+    # the same math; inductor fuses and reorders float sums
+    assert compiled["final_val_loss"] == pytest.approx(eager["final_val_loss"], abs=1e-3)
+
+
+def test_nan_guard_keeps_the_last_good_checkpoint(tmp_path, pattern_tokens, monkeypatch):
+    from lmcore.checkpoint import latest_checkpoint, load_training_checkpoint
+
+    real_lr_at = training.lr_at
+    monkeypatch.setattr(training, "lr_at", lambda step, cfg: math.nan if step >= 4 else real_lr_at(step, cfg))
+    ckpts = tmp_path / "ckpt"
+    with pytest.raises(FloatingPointError, match=r"train loss is nan at step 6 .* last good checkpoint is .*step-00000004 \(step 4\)"):
+        run(tmp_path, pattern_tokens, cfg=micro_cfg(checkpoint_interval=2), checkpoint_dir=ckpts)
+    assert latest_checkpoint(ckpts).name == "step-00000004"
+    # with a checkpoint due after the NaN update, the guard refuses to write it
+    with pytest.raises(FloatingPointError, match=r"weights are not finite after step 5; no checkpoint written"):
+        run(tmp_path, pattern_tokens, cfg=micro_cfg(checkpoint_interval=1, keep_checkpoints=3), checkpoint_dir=ckpts)
+    assert latest_checkpoint(ckpts).name == "step-00000004"
+    good = load_training_checkpoint(latest_checkpoint(ckpts))
+    assert all(torch.isfinite(t).all() for t in good.model.values())
+    assert not (tmp_path / "run").exists()
