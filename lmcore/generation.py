@@ -113,6 +113,7 @@ def stream(
     eos = [eos_token] if isinstance(eos_token, int) else list(eos_token or [])
     eos_ids = torch.tensor(eos, dtype=torch.long, device=idx.device)  # (E,)
     ctx = model.config.context_length
+    max_new_tokens = max(0, max_new_tokens)
     buf = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)  # prompt, then new tokens
     buf[:, :T] = idx
     n = T  # tokens in buf
