@@ -102,6 +102,12 @@ def preprocess_task(ctx: StageContext) -> dict:
     return {"documents": total["documents_out"], "bytes": total["bytes_out"]}
 
 
+def pretrain_checkpoints(ctx: StageContext) -> Path:
+    """Training checkpoints of the pretrain stage (`pretrain.checkpoint_interval`, `pretrain.resume`): beside
+    the model folders, outside the stage's DVC outputs (models/ is git-ignored)."""
+    return ctx.layout.root / "models" / "checkpoints" / "pretrain"
+
+
 @task(name="pretrain", cache_policy=NO_CACHE)
 def pretrain_task(ctx: StageContext) -> dict:
     layout = ctx.layout
@@ -117,6 +123,7 @@ def pretrain_task(ctx: StageContext) -> dict:
             seed=ctx.params.seed,
             params=ctx.params.to_dict(),
             tracker=run,
+            checkpoint_dir=pretrain_checkpoints(ctx),
         )
         weights_sha = sha256_file(layout.base_model / WEIGHTS)
         run.set_tags({TAG_WEIGHTS_SHA: weights_sha})
