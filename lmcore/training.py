@@ -72,6 +72,8 @@ from lmcore.tracking import NullTracker, Tracker
 log = logging.getLogger(__name__)
 
 FP32, BF16, FP16, AUTO = "fp32", "bf16", "fp16", "auto"
+# The pretrain stage's training checkpoints, relative to the project root (beside the model folders).
+PRETRAIN_CHECKPOINTS = Path("models") / "checkpoints" / "pretrain"
 # Keys of trainer_state.json in a training checkpoint, besides lmcore.checkpoint's own.
 LOADER_KEY = "loader"
 TRAIN_ROWS_KEY = "train_rows"
@@ -425,7 +427,8 @@ def pretrain(
         else:
             ckpt = load_training_checkpoint(path, expect_config=run_config)  # also restores the RNG states
             model.load_state_dict({**ckpt.model, **{a: ckpt.model[f] for a, f in aliases.items()}})
-            train_loader.load_state_dict(ckpt.state[LOADER_KEY])
+            # Rank 0's loader state; every rank is at the same position of its own share.
+            train_loader.load_state_dict({**ckpt.state[LOADER_KEY], "rank": info.rank})
             log.info("pretrain: resuming from %s (step %d)", path, ckpt.step)
     elif checkpoint_dir is not None and info.is_main:
         removed = remove_checkpoints(checkpoint_dir)

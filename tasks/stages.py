@@ -40,7 +40,7 @@ from lmcore.paths import (
     Layout,
 )
 from lmcore.tokenizer import get_encoding
-from lmcore.training import pretrain
+from lmcore.training import PRETRAIN_CHECKPOINTS, pretrain
 from tasks.context import StageContext, logger, section
 from tasks.evaluation import benchmark_task, judge_task
 from tasks.tokenize import tokenize_stage
@@ -105,7 +105,7 @@ def preprocess_task(ctx: StageContext) -> dict:
 def pretrain_checkpoints(ctx: StageContext) -> Path:
     """Training checkpoints of the pretrain stage (`pretrain.checkpoint_interval`, `pretrain.resume`): beside
     the model folders, outside the stage's DVC outputs (models/ is git-ignored)."""
-    return ctx.layout.root / "models" / "checkpoints" / "pretrain"
+    return ctx.layout.root / PRETRAIN_CHECKPOINTS
 
 
 @task(name="pretrain", cache_policy=NO_CACHE)
