@@ -165,6 +165,21 @@ def test_several_stop_ids_pad_with_the_first():
     assert out[0, 3].item() == stop_b and torch.all(out[0, 4:] == stop_a)
 
 
+def test_the_lm_head_follows_weight_updates():
+    # generation multiplies by a cached transposed copy of the head on CPU: a new weight version replaces it
+    model = micro(seed=3)
+    idx = torch.tensor([[1, 2, 3]])
+    before = generate(model, idx, 4, temperature=0)
+    other = micro(seed=4)
+    model.load_state_dict(other.state_dict())  # in place: the same tensors, new versions
+    assert torch.equal(generate(model, idx, 4, temperature=0), generate(other, idx, 4, temperature=0, use_cache=False))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1)
+    expected = model(idx)[0][0, -1].argmax().item()
+    assert generate(model, idx, 1, temperature=0)[0, -1].item() == expected
+    assert not torch.equal(generate(model, idx, 4, temperature=0), before)
+
+
 def test_generate_restores_the_training_mode():
     model = micro(dropout=0.5).train()
     generate(model, torch.tensor([[1]]), 2)
