@@ -477,7 +477,8 @@ def pretrain(
 
     def save_checkpoint(step: int) -> None:
         nonlocal last_saved
-        finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+        # this rank's values: under fsdp its shards
+        finite = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in model.parameters())
         if not distributed.all_ranks_true(finite, device):
             raise FloatingPointError(f"pretrain: weights are not finite after step {step}; no checkpoint written. {kept()}")
         model_sd, optim_sd = _full_state(model, optimizer, set(aliases))
