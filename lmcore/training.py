@@ -61,6 +61,7 @@ from lmcore.checkpoint import (
     remove_checkpoints,
     save_model,
     save_training_checkpoint,
+    step_dir,
 )
 from lmcore.config import FinetuneConfig, ModelConfig, PretrainConfig
 from lmcore.data.loader import RANDOM, TokenDataset, TokenLoader
@@ -420,6 +421,7 @@ def pretrain(
     val_windows = _batches(val_loader, cfg.eval_batches, device)
 
     ckpt = None
+    last_saved: tuple[int, Path] | None = None  # (step, folder) of the latest checkpoint on disk
     if resume:
         path = latest_checkpoint(checkpoint_dir)
         if path is None:
@@ -430,6 +432,7 @@ def pretrain(
             # Rank 0's loader state; every rank is at the same position of its own share.
             train_loader.load_state_dict({**ckpt.state[LOADER_KEY], "rank": info.rank})
             log.info("pretrain: resuming from %s (step %d)", path, ckpt.step)
+            last_saved = (ckpt.step, path)
     elif checkpoint_dir is not None and info.is_main:
         removed = remove_checkpoints(checkpoint_dir)
         if removed:
@@ -468,7 +471,6 @@ def pretrain(
 
     fpt = flops_per_token(cfg.model, model.num_params(non_embedding=True))
     peak = cfg.peak_flops or measure_peak_flops(device, precision.dtype)
-    last_saved: tuple[int, Path] | None = None
 
     def kept() -> str:
         if last_saved is None:
@@ -494,11 +496,9 @@ def pretrain(
                 SCALER_KEY: scaler.state_dict() if scaler is not None else None,
                 EARLY_STOP_KEY: early.state(),
             }
-            path = save_training_checkpoint(
-                checkpoint_dir, TrainingCheckpoint(model_sd, optim_sd, state), keep=cfg.keep_checkpoints
-            )
-            last_saved = (step, path)
+            save_training_checkpoint(checkpoint_dir, TrainingCheckpoint(model_sd, optim_sd, state), keep=cfg.keep_checkpoints)
         distributed.barrier()
+        last_saved = (step, step_dir(checkpoint_dir, step))
 
     log_metrics = tracker.log_metrics if info.is_main else NullTracker().log_metrics
     step = start
