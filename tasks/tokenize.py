@@ -10,6 +10,7 @@ shards are byte-identical whichever runs them; a re-run after a failure re-uses 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from prefect import flow, task
@@ -49,8 +50,6 @@ def dask_task_runner(cfg: TokenizeConfig):
 
     if cfg.dask_address:
         return DaskTaskRunner(address=cfg.dask_address)
-    import os
-
     n_workers = cfg.workers or os.cpu_count() or 1
     # One thread per worker process: tiktoken's encoding holds the GIL for part of its work.
     return DaskTaskRunner(cluster_kwargs={"n_workers": n_workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None})

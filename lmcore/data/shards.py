@@ -17,6 +17,7 @@ import hashlib
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import fsspec
 import numpy as np
@@ -73,6 +74,25 @@ def read_bytes(location: str | Path) -> bytes:
         return path.read_bytes()
     fs, target = fsspec.core.url_to_fs(str(location))
     return fs.cat_file(target)
+
+
+def open_binary(location: str | Path) -> BinaryIO:
+    """A file opened for binary reading, local or remote (seekable either way)."""
+    path = local_path(location)
+    return open(path, "rb") if path is not None else fsspec.open(str(location), "rb").open()
+
+
+def file_size(location: str | Path) -> int:
+    """Size in bytes; FileNotFoundError naming the location when it is absent."""
+    path = local_path(location)
+    if path is not None:
+        if not path.is_file():
+            raise FileNotFoundError(f"{location}: no such file")
+        return path.stat().st_size
+    fs, target = fsspec.core.url_to_fs(str(location))
+    if not fs.exists(target):
+        raise FileNotFoundError(f"{location}: no such file")
+    return int(fs.size(target))
 
 
 def exists(location: str | Path) -> bool:

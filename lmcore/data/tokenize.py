@@ -31,6 +31,7 @@ The three steps are public so that an orchestrator can run the middle one anywhe
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -38,11 +39,10 @@ import logging
 import multiprocessing
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import numpy as np
 import tiktoken
 from tqdm import tqdm
@@ -51,9 +51,11 @@ from lmcore.config import TokenizeConfig
 from lmcore.data.shards import (
     Shard,
     exists,
+    file_size,
     join,
     list_dir,
     local_path,
+    open_binary,
     read_bytes,
     remove,
     sha256_bytes_of,
@@ -112,25 +114,6 @@ class TokenizePlan:
     header: dict[str, Any] = field(default_factory=dict)  # the manifest's fields that describe the run
 
 
-def _fs_open(location: str | Path, mode: str = "rb"):
-    path = local_path(location)
-    if path is not None:
-        return open(path, mode)
-    return fsspec.open(str(location), mode).open()
-
-
-def _file_info(location: str | Path) -> int:
-    path = local_path(location)
-    if path is not None:
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no documents file (run the preprocess stage first)")
-        return path.stat().st_size
-    fs, target = fsspec.core.url_to_fs(str(location))
-    if not fs.exists(target):
-        raise FileNotFoundError(f"{location}: no documents file (run the preprocess stage first)")
-    return int(fs.size(target))
-
-
 def _scan(location: str | Path, size: int, shard_bytes: int) -> tuple[str, list[tuple[int, int, int]]]:
     """One pass in blocks: the file's sha256 and its slices (start, end, first line number).
 
@@ -141,7 +124,7 @@ def _scan(location: str | Path, size: int, shard_bytes: int) -> tuple[str, list[
     lines = 0  # newlines before the current block
     pos = 0  # offset of the current block
     next_cut = shard_bytes
-    with _fs_open(location) as f:
+    with open_binary(location) as f:
         while block := f.read(READ_BLOCK):
             h.update(block)
             counted, lines_at = 0, lines
@@ -185,7 +168,10 @@ def plan_tokenize(
     ranks_file = ranks_file or cfg.ranks_file
     enc = get_encoding(cfg.encoding, ranks_file)
     documents = str(join(clean_dir, DOCUMENTS))
-    size = _file_info(documents)
+    try:
+        size = file_size(documents)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{documents}: no documents file (run the preprocess stage first)") from None
     if size == 0:
         raise TokenizeError(f"{documents}: no documents to tokenize (the file is empty)")
     digest, slices = _scan(documents, size, cfg.shard_bytes)
@@ -270,7 +256,7 @@ def _in_val(text: bytes, seed: int, val_fraction: float) -> bool:
 
 def _lines(job: ShardJob):
     """(line number, raw line) for the slice, read line by line."""
-    with _fs_open(job.documents) as f:
+    with open_binary(job.documents) as f:
         f.seek(job.start)
         pos, lineno = job.start, job.first_line
         while pos < job.end:
@@ -458,7 +444,7 @@ def run_jobs(jobs: list[ShardJob], workers: int, total_bytes: int | None = None)
             threads = 1 if workers <= 1 else workers
             records = []
             for job in jobs:
-                records.append(encode_shard(_with_threads(job, threads)))
+                records.append(encode_shard(dataclasses.replace(job, threads=threads)))
                 bar.update(job.end - job.start)
             return records
         # spawn, not fork: the caller may be a threaded Prefect worker, where fork can deadlock.
@@ -477,10 +463,6 @@ def run_jobs(jobs: list[ShardJob], workers: int, total_bytes: int | None = None)
             return records
     finally:
         bar.close()
-
-
-def _with_threads(job: ShardJob, threads: int) -> ShardJob:
-    return ShardJob(**{**asdict(job), "threads": threads})
 
 
 def decode_shard(path: str | Path, enc: tiktoken.Encoding) -> list[str]:
