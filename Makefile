@@ -19,7 +19,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= 1
 export DVC_NO_ANALYTICS ?= 1
 
-.PHONY: setup pipeline repro test test-fast ui lock clean
+.PHONY: setup pipeline repro test test-fast ui mlflow-server serve push pull lock clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
@@ -41,6 +41,21 @@ test-fast: setup
 
 ui: setup  ## MLflow UI on http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+MLFLOW_PORT ?= 5000
+mlflow-server: setup  ## mlflow server on http://127.0.0.1:$(MLFLOW_PORT) over the project's store; export MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT)
+	$(BIN)/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 2 \
+	  --backend-store-uri sqlite:///$(abspath mlflow.db) --artifacts-destination $(abspath mlartifacts)
+
+PREFECT_PORT ?= 4200
+serve: setup  ## a Prefect server on 127.0.0.1:$(PREFECT_PORT) and the scheduled lifecycle deployment (Ctrl-C stops both)
+	$(BIN)/python -m flows.deploy --start-server --port $(PREFECT_PORT) --params $(PARAMS)
+
+push: setup  ## data and weights to the DVC remote
+	$(BIN)/dvc push
+
+pull: setup  ## data and weights from the DVC remote
+	$(BIN)/dvc pull
 
 lock:  ## re-resolve constraints.txt in a scratch venv
 	rm -rf /tmp/lmcore-lock && $(PYTHON) -m venv /tmp/lmcore-lock
