@@ -562,6 +562,7 @@ def pretrain(
     summary = {
         "n_params": model.num_params(),
         "steps": steps,
+        "resumed_from_step": resumed_at,  # None for a fresh start
         "tokens_seen": tokens_seen,
         "train_time_s": round(train_time, 3),
         "tokens_per_s": round(tokens_seen / train_time, 1) if train_time > 0 else None,

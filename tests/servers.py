@@ -122,8 +122,11 @@ class PrefectServer:
 
 
 @contextlib.contextmanager
-def prefect_server(workdir: Path) -> Iterator[PrefectServer]:
-    """`prefect server start` on 127.0.0.1 with its own PREFECT_HOME (SQLite database inside), scheduler on."""
+def prefect_server(workdir: Path, env: dict | None = None) -> Iterator[PrefectServer]:
+    """`prefect server start` on 127.0.0.1 with its own PREFECT_HOME (SQLite database inside), scheduler on.
+
+    env: extra server settings, e.g. {"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2"}.
+    """
     home = workdir / "prefect-home"
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -133,6 +136,7 @@ def prefect_server(workdir: Path) -> Iterator[PrefectServer]:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_UI_ENABLED": "false",
         "PREFECT_API_URL": "",
+        **(env or {}),
     }
     cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"]
     log = workdir / "prefect-server.log"

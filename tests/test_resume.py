@@ -36,7 +36,8 @@ from tests.conftest import ROOT
 from tests.test_training import VOCAB, micro_cfg, write_tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-TIMING = ("train_time_s", "tokens_per_s", "mfu", "peak_flops")  # summary keys that measure the machine
+# summary keys that measure the machine, or say where the run started
+TIMING = ("train_time_s", "tokens_per_s", "mfu", "peak_flops", "resumed_from_step")
 
 
 @pytest.fixture
@@ -95,6 +96,7 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_weights(tmp_path, t
     assert 10 <= killed_at < 40 and not (out / "model").exists()
 
     resumed = train(cfg, tokens, out, ckpt, resume=True)
+    assert resumed["resumed_from_step"] == killed_at and reference["resumed_from_step"] is None
     assert_same_run(tmp_path / "reference", out, reference, resumed)
 
 

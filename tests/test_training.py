@@ -112,13 +112,13 @@ def test_outputs(tmp_path, pattern_tokens):
     assert (reports_dir / LOSS_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((reports_dir / SUMMARY).read_text()) == summary
     assert summary.keys() == {
-        "n_params", "steps", "tokens_seen", "train_time_s", "tokens_per_s", "mfu", "peak_flops", "precision", "world_size",
+        "n_params", "steps", "resumed_from_step", "tokens_seen", "train_time_s", "tokens_per_s", "mfu", "peak_flops", "precision", "world_size",
         "first_val_loss", "final_val_loss", "best_val_loss", "best_step", "stopped_early", "final_train_loss",
         "train_tokens", "val_tokens", "documents_longer_than_context", "loader_state",
     }
     assert (summary["train_tokens"], summary["val_tokens"], summary["documents_longer_than_context"]) == (900, 124, 2)
     assert summary["loader_state"]["mode"] == "random" and summary["loader_state"]["step"] == 23
-    assert summary["steps"] == 23 and summary["tokens_seen"] == 23 * 8 * 16
+    assert summary["steps"] == 23 and summary["tokens_seen"] == 23 * 8 * 16 and summary["resumed_from_step"] is None
     assert summary["n_params"] == load_model(model_dir).num_params()
 
 
