@@ -13,6 +13,7 @@
     lmcore serve --model models:/lmcore-instruct@dpo --port 8000   # an OpenAI-compatible chat API on 127.0.0.1
     lmcore import-hf hf/llama models/llama           # a Hugging Face GPT-2 or Llama folder -> an lmcore model folder
     lmcore export-hf models/base hf/base             # an lmcore model folder -> config.json + model.safetensors for transformers
+    lmcore lineage models:/lmcore-base@champion      # model version -> run -> tokens -> preprocess -> collect -> raw sources
 
 It lives beside the flows, not in `lmcore/`, because it drives Prefect and MLflow.
 """
@@ -324,6 +325,30 @@ def export_hf(
     except (ValueError, OSError) as err:  # HFError, or CheckpointError for a broken model folder
         _fail(str(err))
     typer.echo(f"exported {done['model_type']} ({done['params']:,} parameters) from {src_dir} to {done['path']}")
+
+
+@app.command()
+def lineage(
+    model: Annotated[str, typer.Argument(help="models:/name/version or models:/name@alias")],
+    json_: Annotated[bool, typer.Option("--json", help="print the chain as JSON")] = False,
+    root: RootOpt = ".",
+) -> None:
+    """Print where a registered model came from: its run (git commit, params, Prefect flow run, DVC input hashes),
+    the base model of a fine-tune, the tokens, preprocess and collect runs, and the raw sources.
+
+        lmcore lineage models:/lmcore-instruct@dpo --json
+    """
+    from tasks.lineage import LineageError, model_lineage, render
+    from tasks.tracking import tracking_uri
+
+    try:
+        chain = model_lineage(model, tracking_uri(Path(root)))
+    except LineageError as err:
+        _fail(str(err))
+    if json_:
+        typer.echo(json.dumps(chain, indent=2))
+    else:
+        render(chain)
 
 
 def _model_dir(model: str) -> Path:

@@ -24,6 +24,8 @@ def resolve(root: str | Path, params_file: str | Path) -> tuple[Path, Path]:
 
 
 def make_context(root: Path, params: Params, launcher: str) -> StageContext:
+    """Lineage on every run: git commit, params sha256, launcher, the Prefect flow run (inside one), and for
+    stage runs the DVC hashes of their inputs and outputs (`tasks.lineage`)."""
     tags = {
         TAG_GIT_COMMIT: git_commit(root),
         TAG_PARAMS_SHA: params.fingerprint(),
@@ -32,7 +34,8 @@ def make_context(root: Path, params: Params, launcher: str) -> StageContext:
     run_id = flow_run.get_id()
     if run_id:
         tags[TAG_FLOW_RUN] = str(run_id)
-    tracking = Tracking(uri=tracking_uri(root), experiment=params.tracking.experiment, tags=tags)
+    # lineage_root: each stage's run is tagged with the DVC hashes of its deps and outs under the root
+    tracking = Tracking(uri=tracking_uri(root), experiment=params.tracking.experiment, tags=tags, lineage_root=root)
     return StageContext(root=root, params=params, tracking=tracking)
 
 

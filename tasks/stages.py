@@ -43,9 +43,13 @@ from lmcore.tokenizer import get_encoding
 from lmcore.training import PRETRAIN_CHECKPOINTS, pretrain
 from tasks.context import StageContext, logger, section
 from tasks.evaluation import benchmark_task, judge_task
+from tasks.lineage import FINETUNE_MANIFEST_DIR, RAW_MANIFEST_DIR, TOKENS_MANIFEST_DIR
 from tasks.tokenize import tokenize_stage
 from tasks.registry import find_version, log_and_register
 from tasks.tracking import (
+    TAG_BASE_WEIGHTS_SHA,
+    TAG_FINETUNE,
+    TAG_FINETUNE_MANIFEST_SHA,
     TAG_PARAMS_SHA,
     TAG_RAW_MANIFEST_SHA,
     TAG_TOKENS_MANIFEST_SHA,
@@ -56,8 +60,6 @@ STAGES = (
     "collect", "preprocess", "tokenize", "pretrain", "evaluate", "benchmark",
     "finetune_classifier", "finetune_instruct", "dpo", "judge",
 )
-TAG_BASE_WEIGHTS_SHA = "lmcore.base_weights_sha256"  # the model a fine-tune started from
-TAG_FINETUNE = "lmcore.finetune"  # classifier | instruct | dpo
 
 
 @task(name="collect", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
@@ -90,6 +92,8 @@ def preprocess_task(ctx: StageContext) -> dict:
     out = ctx.layout.clean
     with ctx.tracking.run("preprocess") as run:
         run.log_params(section(ctx.params, "preprocess"))
+        if (ctx.layout.raw / MANIFEST).is_file():  # lineage: the collected data this run cleans
+            run.set_tags({TAG_RAW_MANIFEST_SHA: sha256_file(ctx.layout.raw / MANIFEST)})
         stats = preprocess(ctx.params.preprocess, ctx.layout.raw, out)
         total = stats["total"]
         run.log_metrics(stats["metrics"])
@@ -100,6 +104,18 @@ def preprocess_task(ctx: StageContext) -> dict:
         total["documents_out"], total["documents_split"], total["bytes_out"], total["bytes_split"],
     )
     return {"documents": total["documents_out"], "bytes": total["bytes_out"]}
+
+
+def _manifest_tags(run, manifests: dict[str, tuple[Path, str]]) -> dict[str, str]:
+    """{tag: (data folder, artifact folder)} -> {tag: sha256 of the folder's manifest.json}, each manifest logged
+    to the run under its artifact folder; a folder without a manifest is left out."""
+    tags = {}
+    for tag, (folder, artifact_dir) in manifests.items():
+        if (folder / MANIFEST).is_file():
+            tags[tag] = sha256_file(folder / MANIFEST)
+            run.log_artifact(folder / MANIFEST, artifact_dir)
+    run.set_tags(tags)
+    return tags
 
 
 def pretrain_checkpoints(ctx: StageContext) -> Path:
@@ -113,8 +129,11 @@ def pretrain_task(ctx: StageContext) -> dict:
     layout = ctx.layout
     with ctx.tracking.run("pretrain") as run:
         run.log_params(section(ctx.params, "pretrain"))
-        tokens_sha = sha256_file(layout.tokens / MANIFEST)
-        run.set_tags({TAG_TOKENS_MANIFEST_SHA: tokens_sha, TAG_PARAMS_SHA: ctx.params.fingerprint()})
+        # Lineage: the manifests of the data it trains on, as tags and artifacts (data/tokens/manifest.json,
+        # data/raw/manifest.json), so a model version leads to its data from MLflow alone.
+        data_tags = _manifest_tags(run, {TAG_TOKENS_MANIFEST_SHA: (layout.tokens, TOKENS_MANIFEST_DIR),
+                                         TAG_RAW_MANIFEST_SHA: (layout.raw, RAW_MANIFEST_DIR)})
+        run.set_tags({TAG_PARAMS_SHA: ctx.params.fingerprint()})
         summary = pretrain(
             ctx.params.pretrain,
             layout.tokens,
@@ -140,8 +159,8 @@ def pretrain_task(ctx: StageContext) -> dict:
             ranks_file=ctx.ranks_file(),
             tags={
                 TAG_WEIGHTS_SHA: weights_sha,
-                TAG_TOKENS_MANIFEST_SHA: tokens_sha,
                 TAG_PARAMS_SHA: ctx.params.fingerprint(),
+                **data_tags,
             },
         )
     logger().info(
@@ -205,6 +224,7 @@ def _finetune(
         run.set_tags({TAG_BASE_WEIGHTS_SHA: base_sha, TAG_PARAMS_SHA: ctx.params.fingerprint()})
         cfg = CollectConfig(sources=sources, retries=ctx.params.collect.retries, timeout_s=ctx.params.collect.timeout_s)
         collect(cfg, data_dir / "raw", mirror=mirror_from_env(), base_dir=ctx.root)
+        data_tags = _manifest_tags(run, {TAG_FINETUNE_MANIFEST_SHA: (data_dir / "raw", FINETUNE_MANIFEST_DIR)})
         stats = prepare(data_dir / "raw", data_dir / "splits")
         _log_data_stats(run, stats, data_dir / "splits")
         summary = train(data_dir / "splits", model_dir, reports_dir, enc, run)
@@ -221,6 +241,7 @@ def _finetune(
             TAG_BASE_WEIGHTS_SHA: base_sha,
             TAG_PARAMS_SHA: ctx.params.fingerprint(),
             TAG_FINETUNE: name,
+            **data_tags,
             **eval_tags(summary),
         }
         version = log_and_register(

@@ -25,8 +25,16 @@ TAG_PARAMS_SHA = "lmcore.params_sha256"
 TAG_RAW_MANIFEST_SHA = "lmcore.raw_manifest_sha256"
 TAG_TOKENS_MANIFEST_SHA = "lmcore.tokens_manifest_sha256"
 TAG_WEIGHTS_SHA = "lmcore.weights_sha256"
+TAG_BASE_WEIGHTS_SHA = "lmcore.base_weights_sha256"  # the model a fine-tune started from
+TAG_FINETUNE = "lmcore.finetune"  # classifier | instruct | dpo
+TAG_FINETUNE_MANIFEST_SHA = "lmcore.finetune_manifest_sha256"  # the data a fine-tune collected
 TAG_FLOW_RUN = "lmcore.prefect_flow_run_id"
 TAG_LAUNCHER = "lmcore.launcher"
+# DVC hashes (md5, as dvc.lock records them) of a stage run's inputs and outputs: one tag per path.
+TAG_DVC_DEP = "lmcore.dvc.dep."  # + the path as dvc.yaml writes it
+TAG_DVC_OUT = "lmcore.dvc.out."
+TAG_DVC_DEPS_MD5 = "lmcore.dvc.deps_md5"  # md5 of all the deps' hashes: runs with equal inputs share it
+TAG_DVC_HASHED_BY = "lmcore.dvc.hashed_by"  # DVC on the project at the root, or dvc_data without one
 PARENT_RUN = "mlflow.parentRunId"
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
@@ -97,6 +105,9 @@ class Tracking:
     experiment: str
     parent_run_id: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
+    # A run named after a dvc.yaml stage gets the DVC hashes of its deps (at the start) and outs (at the end)
+    # under this project root; None: no DVC tags.
+    lineage_root: Path | None = None
 
     def client(self) -> MlflowClient:
         return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
@@ -115,15 +126,24 @@ class Tracking:
 
     @contextlib.contextmanager
     def run(self, name: str, tags: dict[str, str] | None = None) -> Iterator[MlflowTracker]:
-        """A run (nested under the parent when there is one), FINISHED on success, FAILED on error."""
+        """A run (nested under the parent when there is one), FINISHED on success, FAILED on error.
+
+        With `lineage_root`, a stage's run starts with its inputs' DVC hashes and ends with its outputs'.
+        """
+        from tasks import lineage  # it imports this module's tag names
+
         client = self.client()
         all_tags = {TAG_STAGE: name, **self.tags, **(tags or {})}
         if self.parent_run_id:
             all_tags[PARENT_RUN] = self.parent_run_id
+        if self.lineage_root is not None:
+            all_tags.update(lineage.input_tags(self.lineage_root, name))
         run = client.create_run(self.experiment_id(client), run_name=name, tags=all_tags)
         tracker = MlflowTracker(client, run.info.run_id)
         try:
             yield tracker
+            if self.lineage_root is not None:
+                tracker.set_tags(lineage.output_tags(self.lineage_root, name))
         except BaseException:
             client.set_terminated(run.info.run_id, "FAILED")
             raise

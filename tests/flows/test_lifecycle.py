@@ -17,20 +17,6 @@ from lmcore.io import sha256_file
 from lmcore.paths import MANIFEST, METRICS, SAMPLES, WEIGHTS, Layout
 from lmcore.tokenizer import get_encoding
 from tasks.stages import STAGES
-from tests.conftest import MICRO
-
-
-@pytest.fixture(scope="module")
-def lifecycle_run(tmp_path_factory, prefect_harness):
-    root = tmp_path_factory.mktemp("project")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    from flows.lifecycle import lifecycle
-
-    result = lifecycle(params_file=str(MICRO), root=str(root))
-    yield root, uri, result
-    mp.undo()
 
 
 def test_outputs_land_where_the_layout_says(lifecycle_run):
