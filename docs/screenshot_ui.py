@@ -1,0 +1,103 @@
+"""A picture of a registered model's page in the MLflow UI, for the README: docs/images/mlflow-registry.png.
+
+    .venv/bin/python docs/screenshot_ui.py                       # lmcore-base from ./mlflow.db
+    .venv/bin/python docs/screenshot_ui.py --model lmcore-instruct --out /tmp/instruct.png
+
+Starts `mlflow server` on a copy of the project's store (the store itself is only read, through SQLite's
+backup API), opens the model's page in headless Chromium (Debian's package, driven by Playwright, as in
+tests/test_mlflow_ui.py) and saves a PNG once the versions and their aliases are rendered.
+
+A version of a pipeline-run model carries some forty tags (hashes, eval and benchmark scores, the
+promotion decision), so the UI draws each version row some thousand pixels tall. To show every version in
+one picture, each row's tag list is cut to its first --tag-lines lines, faded out at the cut; the UI
+itself shows them all. --tag-lines 0 keeps the page as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sqlite3
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.servers import BIN, background, free_port, wait_http  # noqa: E402
+from tests.test_mlflow_ui import CHROMIUM_FLAGS, QUIET_SERVER, QUIET_UI, find_chromium, model_page  # noqa: E402
+
+TAG_LINE_PX = 24  # one key-value tag chip in the versions table
+# The versions table's tag cells; each tag is a chip rendered by MLflow's KeyValueTag component.
+CLIP_TAGS = """
+div[role="cell"]:has([data-component-id*="keyvaluetag"]) {
+    max-height: %dpx; overflow: hidden;
+    -webkit-mask-image: linear-gradient(to bottom, black 70%%, transparent);
+}
+"""
+
+
+def copy_store(src: Path, dst: Path) -> None:
+    """A consistent copy of a SQLite store that another process may be writing."""
+    with sqlite3.connect(f"file:{src}?mode=ro", uri=True) as source, sqlite3.connect(dst) as target:
+        source.backup(target)
+
+
+def screenshot(base_url: str, model: str, out: Path, *, width: int, height: int, tag_lines: int) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    chromium = find_chromium()
+    if chromium is None:
+        raise SystemExit("no chromium found (apt-get install chromium, or set LMCORE_CHROMIUM)")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        try:
+            context = browser.new_context(viewport={"width": width, "height": height}, locale="en-US", timezone_id="UTC")
+            context.add_init_script(QUIET_UI)
+            context.set_default_timeout(60_000)
+            page = context.new_page()
+            page.goto(model_page(base_url, model))
+            expect(page.get_by_role("heading", name=model)).to_be_visible()
+            expect(page.get_by_role("link", name="Version 1", exact=True)).to_be_visible()
+            expect(page.get_by_role("columnheader", name="Aliases")).to_be_visible()
+            page.wait_for_timeout(1000)  # the alias chips arrive with the versions; the app polls, never idles
+            if tag_lines:
+                page.add_style_tag(content=CLIP_TAGS % (tag_lines * TAG_LINE_PX))
+            page.wait_for_timeout(500)  # let the table settle after the style change
+            out.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(out))
+        finally:
+            browser.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--db", type=Path, default=ROOT / "mlflow.db", help="the MLflow SQLite store (only read)")
+    parser.add_argument("--model", default="lmcore-base")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "images" / "mlflow-registry.png")
+    parser.add_argument("--width", type=int, default=1280)
+    parser.add_argument("--height", type=int, default=800)
+    parser.add_argument("--tag-lines", type=int, default=5, help="tags shown per version row; 0: all")
+    args = parser.parse_args(argv)
+    if not args.db.is_file():
+        raise SystemExit(f"{args.db}: no such store (make pipeline writes one)")
+
+    with tempfile.TemporaryDirectory(prefix="lmcore-ui-") as tmp:
+        work = Path(tmp)
+        copy_store(args.db, work / "mlflow.db")
+        port, log = free_port(), work / "mlflow-server.log"
+        cmd = [
+            str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}", "--artifacts-destination", str(work / "artifacts"),
+        ]
+        env = {**os.environ, **QUIET_SERVER, "MLFLOW_DISABLE_TELEMETRY": "true"}
+        with background(cmd, log, env=env) as proc:
+            url = f"http://127.0.0.1:{port}"
+            wait_http(f"{url}/health", proc, log, timeout=120)
+            screenshot(url, args.model, args.out, width=args.width, height=args.height, tag_lines=args.tag_lines)
+    print(f"wrote {args.out} ({args.out.stat().st_size // 1024} KiB)")
+
+
+if __name__ == "__main__":
+    main()
