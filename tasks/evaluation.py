@@ -28,7 +28,15 @@ from lmcore.judge import judge_responses, judge_skip_reason
 from lmcore.paths import JUDGE_SCORES, MANIFEST, METRICS, SUMMARY, TEST_RESPONSES, WEIGHTS
 from lmcore.tokenizer import get_encoding
 from tasks.context import StageContext, logger, section
-from tasks.registry import TAG_BENCH_SAMPLE, champion_version, download_model_dir, find_version, promote, tag_scores
+from tasks.registry import (
+    TAG_BENCH_SAMPLE,
+    champion_version,
+    download_model_dir,
+    find_version,
+    promote,
+    registry_lock,
+    tag_scores,
+)
 from tasks.tracking import TAG_WEIGHTS_SHA
 
 PROMOTION = "promotion.json"  # the decision, as an MLflow artifact of the benchmark run
@@ -72,8 +80,9 @@ def benchmark_task(ctx: StageContext) -> dict:
             logger().warning("models/base (sha256 %s) is not registered as %s: no promotion", weights_sha[:12], name)
         else:
             tag_scores(ctx.tracking, name, version, _tagged_scores(results, cfg.primary_metric), results["sample_sha256"])
-            _rescore_champion_if_needed(ctx, name, version, results["sample_sha256"], enc)
-            decision = promote(ctx.tracking, name, version, cfg.primary_metric)
+            with registry_lock(name):  # another run may be promoting a version of `name` right now
+                _rescore_champion_if_needed(ctx, name, version, results["sample_sha256"], enc)
+                decision = promote(ctx.tracking, name, version, cfg.primary_metric)
             run.set_tags({f"promotion.{k}": str(v) for k, v in decision.items() if isinstance(v, str)})
             run.log_metrics({f"promotion.{k}": v for k, v in decision.items() if isinstance(v, float)})
             run.client.log_text(run.run_id, json.dumps(decision, indent=2), PROMOTION)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import math
+import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -12,7 +15,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 import lmcore
-from tasks.tracking import TAG_TOKENS_MANIFEST_SHA, TAG_WEIGHTS_SHA, Tracking
+from tasks.tracking import PARENT_RUN, TAG_TOKENS_MANIFEST_SHA, TAG_WEIGHTS_SHA, Tracking
 
 LMCORE_SRC = Path(lmcore.__file__).parent
 MODEL_ARTIFACT = "model"
@@ -113,16 +116,22 @@ def download_model_dir(uri: str, tracking_uri: str, dst: Path | None = None) -> 
 
 
 def find_version(tracking: Tracking, name: str, weights_sha256: str) -> str | None:
-    """The newest registered version of `name` whose weights have this sha256, if any."""
+    """The registered version of `name` whose weights have this sha256: the one registered under the same
+    lifecycle run (`tracking.parent_run_id`) when there is one, else the newest. Two runs with the same params
+    and seed make identical weights; each must still score and promote its own version."""
     client = tracking.client()
     try:
         versions = client.search_model_versions(f"name = '{name}'")
     except mlflow.exceptions.MlflowException:
         return None
-    matches = [v for v in versions if v.tags.get(TAG_WEIGHTS_SHA) == weights_sha256]
+    matches = sorted((v for v in versions if v.tags.get(TAG_WEIGHTS_SHA) == weights_sha256), key=lambda v: -int(v.version))
     if not matches:
         return None
-    return str(max(int(v.version) for v in matches))
+    if tracking.parent_run_id and len(matches) > 1:
+        for v in matches:
+            if v.run_id and client.get_run(v.run_id).data.tags.get(PARENT_RUN) == tracking.parent_run_id:
+                return str(v.version)
+    return str(matches[0].version)
 
 
 CHAMPION = "champion"
@@ -145,6 +154,27 @@ def tag_scores(tracking: Tracking, name: str, version: str, scores: dict[str, fl
     for key, value in scores.items():
         client.set_model_version_tag(name, version, f"{BENCH_PREFIX}{key}", repr(float(value)))
     client.set_model_version_tag(name, version, TAG_BENCH_SAMPLE, sample_sha256)
+
+
+@contextlib.contextmanager
+def registry_lock(name: str, timeout_s: float = 900) -> Iterator[None]:
+    """Hold the lock on registered model `name` for a read-modify-write of its aliases (score the champion,
+    compare, move `champion`), so that two pipelines finishing at once cannot both crown their version.
+
+    The lock is a Prefect global concurrency limit of 1 slot, `lmcore-registry-<name>`, created on first use:
+    it holds across processes and machines that share a Prefect server (or, without one, the local
+    ephemeral server's database). MLflow itself has no transactions across calls.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists
+
+    limit = "lmcore-registry-" + re.sub(r"[^a-z0-9-]+", "-", name.lower())
+    with get_client(sync_client=True) as client:
+        with contextlib.suppress(ObjectAlreadyExists):  # another process made it first
+            client.upsert_global_concurrency_limit_by_name(limit, 1)
+    with concurrency(limit, occupy=1, timeout_seconds=timeout_s, strict=True):
+        yield
 
 
 def promote(tracking: Tracking, name: str, version: str, metric: str) -> dict:

@@ -55,3 +55,31 @@ def test_scores_on_other_items_are_not_compared(tmp_path):
     other = scored(tracking, v2, 0.90, 0.01, sample="s2")  # far better, but on another sample
     assert other["alias"] == "challenger" and "scored on other items" in other["reason"]
     assert str(client.get_model_version_by_alias("m", "champion").version) == v1
+
+
+def test_registry_lock_serialises_promotions_across_processes(tmp_path, prefect_harness):
+    """Two processes that hold the lock of one registered model for 1.5 s each run one after the other."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
+    script = (
+        "import json, sys, time\n"
+        "from tasks.registry import registry_lock\n"
+        "with registry_lock(sys.argv[1]):\n"
+        "    start = time.time(); time.sleep(1.5); end = time.time()\n"
+        "print(json.dumps([start, end]))\n"
+    )
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    procs = [subprocess.Popen([sys.executable, "-c", script, name], env=env, stdout=subprocess.PIPE, text=True)
+             for name in ("lmcore-base", "lmcore-base")]
+    spans = []
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0
+        spans.append(json.loads(out.strip().splitlines()[-1]))
+    (a0, a1), (b0, b1) = spans
+    assert a1 <= b0 or b1 <= a0  # one after the other
