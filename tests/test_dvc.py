@@ -1,14 +1,19 @@
 """`dvc repro` in a temporary git repo: runs every stage, then nothing, then only what a param change touches;
-and a Prefect lifecycle run leaves DVC with nothing to do."""
+a Prefect lifecycle run leaves DVC with nothing to do, and makes the same bytes as `dvc repro`; after `dvc push`
+to the default remote, a fresh clone plus `dvc pull` restores every output and `dvc repro` runs nothing.
+
+Two micro pipeline runs serve every test here (module fixtures): one by `dvc repro`, one by `lmcore pipeline`."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,11 +27,11 @@ STAGES = [
 ]
 DOWNSTREAM_OF_PRETRAIN = ["pretrain", "evaluate", "benchmark", "finetune_classifier", "finetune_instruct", "dpo"]
 RESPONSES = ["reports/instruct/test_responses.jsonl", "reports/dpo/test_responses.jsonl"]  # the judge stage's inputs
-COPY = ["lmcore", "tasks", "flows", "dvc.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore"]
+COPY = ["lmcore", "tasks", "flows", "dvc.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore", ".gitignore"]
 
 
 def make_repo(tmp_path: Path) -> tuple[Path, dict]:
-    repo = tmp_path / "repo"
+    repo = tmp_path / "repo"  # the default remote (../../lmcore-dvc-remote from .dvc/) is tmp_path/lmcore-dvc-remote
     repo.mkdir()
     for name in COPY:
         src, dst = ROOT / name, repo / name
@@ -36,7 +41,7 @@ def make_repo(tmp_path: Path) -> tuple[Path, dict]:
         else:
             shutil.copy2(src, dst)
     shutil.copy2(MICRO, repo / "params.yaml")
-    (repo / ".gitignore").write_text("/mlflow.db\n/mlartifacts/\n/dvc_plots/\n__pycache__/\n")
+    # the checkout's .gitignore: DVC outs (/data/, /models/, /reports/), mlflow.db, mlruns/, dvc_plots/ stay out of git
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env["PYTHONPATH"] = str(repo)  # the copied code, not the checkout's
@@ -66,9 +71,69 @@ def dvc(repo, env, *args):
     return sh(repo, env, sys.executable, "-m", "dvc", *args)
 
 
-def test_repro_runs_all_then_nothing_then_only_what_changed(tmp_path, prefect_harness):
-    repo, env = make_repo(tmp_path)
-    assert ran(dvc(repo, env, "repro")) == STAGES
+def tracked_outputs(repo: Path) -> list[str]:
+    """Every out and metrics file the stages of dvc.yaml declare."""
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    return [entry if isinstance(entry, str) else next(iter(entry))
+            for stage in stages.values() for key in ("outs", "metrics") for entry in stage.get(key, [])]
+
+
+def digests(repo: Path) -> dict[str, str]:
+    """sha256 of every file under the tracked outputs, by path relative to the repo."""
+    files = []
+    for out in tracked_outputs(repo):
+        path = repo / out
+        files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return {p.relative_to(repo).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+# What a run measures about itself, not what it computes: wall-clock seconds, throughput, measured peak FLOP/s.
+TIMINGS = {"train_time_s", "tokens_per_s", "mfu", "peak_flops", "elapsed_s", "items_per_s"}
+
+
+def comparable(repo: Path, rel: str):
+    """A JSON output with the repo's absolute path replaced by a placeholder and the timings left out."""
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in TIMINGS}
+        return [strip(v) for v in value] if isinstance(value, list) else value
+
+    return strip(json.loads((repo / rel).read_text(encoding="utf-8").replace(str(repo), "<root>")))
+
+
+@dataclass
+class Run:
+    """A micro pipeline run in its own repo, and what it left right after (tests may go on changing the repo)."""
+
+    repo: Path
+    env: dict
+    output: str
+    files: dict[str, str]  # digests(repo)
+    json: dict[str, object]  # every .json output, parsed, with the repo's path replaced and the timings left out
+
+
+def finished(repo: Path, env: dict, output: str) -> Run:
+    files = digests(repo)
+    return Run(repo, env, output, files, {f: comparable(repo, f) for f in files if f.endswith(".json")})
+
+
+@pytest.fixture(scope="module")
+def repro_run(tmp_path_factory, prefect_harness) -> Run:
+    """A micro pipeline run by `dvc repro`."""
+    repo, env = make_repo(tmp_path_factory.mktemp("repro"))
+    return finished(repo, env, dvc(repo, env, "repro"))
+
+
+@pytest.fixture(scope="module")
+def prefect_run(tmp_path_factory, prefect_harness) -> Run:
+    """The same micro pipeline run by the Prefect lifecycle flow (which ends with `dvc commit`)."""
+    repo, env = make_repo(tmp_path_factory.mktemp("prefect"))
+    return finished(repo, env, sh(repo, env, "lmcore", "pipeline"))
+
+
+def test_repro_runs_all_then_nothing_then_only_what_changed(repro_run):
+    repo, env = repro_run.repo, repro_run.env
+    assert ran(repro_run.output) == STAGES
     assert ran(dvc(repo, env, "repro")) == []
     assert "up to date" in dvc(repo, env, "status")
 
@@ -111,9 +176,49 @@ def test_repro_runs_all_then_nothing_then_only_what_changed(tmp_path, prefect_ha
     assert stages == sorted(STAGES + DOWNSTREAM_OF_PRETRAIN + judged + ["dpo"] + judged_again)
 
 
-def test_prefect_run_leaves_dvc_nothing_to_do(tmp_path, prefect_harness):
-    repo, env = make_repo(tmp_path)
-    out = sh(repo, env, "lmcore", "pipeline")
-    assert "committed to dvc.lock" in out
+def test_prefect_run_leaves_dvc_nothing_to_do(prefect_run):
+    repo, env = prefect_run.repo, prefect_run.env
+    assert "committed to dvc.lock" in prefect_run.output
     assert "up to date" in dvc(repo, env, "status")
     assert ran(dvc(repo, env, "repro")) == []
+
+
+def test_prefect_flow_and_dvc_repro_make_the_same_bytes(repro_run, prefect_run):
+    """Same params, seed and machine: the lifecycle flow (one process, stages in Prefect worker threads) and
+    `dvc repro` (a process per stage) write byte-identical token shards, manifest and weights, and the same
+    everything else but for timings and the checkout's absolute path (in the fine-tuning splits' stats.json)."""
+    by_repro, by_prefect = repro_run.files, prefect_run.files
+    assert by_repro.keys() == by_prefect.keys()
+    tokens = [f for f in by_repro if f.startswith("data/tokens/")]
+    assert "data/tokens/manifest.json" in tokens and any(f.endswith(".arrow") for f in tokens)
+    weights = [f for f in by_repro if f.startswith("models/") and f.endswith(".safetensors")]
+    assert {f.split("/")[1] for f in weights} == {"base", "classifier", "instruct", "dpo"}
+    differ = sorted(f for f in by_repro if by_repro[f] != by_prefect[f])
+    assert not set(differ) & set(tokens + weights), f"differ: {differ}"
+    assert all(f.endswith(".json") for f in differ), f"differ: {differ}"
+    for f in differ:
+        assert repro_run.json[f] == prefect_run.json[f], f"{f} differs beyond timings and paths"
+
+
+def test_push_then_fresh_clone_pull_restores_every_output(prefect_run):
+    """The documented workflow: run, `git add dvc.lock`, commit, `dvc push`; elsewhere clone and `dvc pull`."""
+    repo, env, before = prefect_run.repo, prefect_run.env, prefect_run.files
+    remote = repo.parent / "lmcore-dvc-remote"  # the default remote: ../../lmcore-dvc-remote from repo/.dvc
+    assert not any(part in ("mlruns", "mlartifacts", "mlflow.db") for f in before for part in f.split("/"))
+    assert sh(repo, env, "git", "status", "--porcelain").splitlines() == ["?? dvc.lock"]  # all git needs
+    sh(repo, env, "git", "add", "dvc.lock")
+    sh(repo, env, "git", "commit", "-qm", "pipeline run")
+    dvc(repo, env, "push")
+    assert (remote / "files" / "md5").is_dir()
+    assert "in sync" in dvc(repo, env, "status", "--cloud")
+
+    clone = repo.parent / "clone"
+    sh(repo.parent, env, "git", "clone", "-q", str(repo), str(clone))
+    clone_env = {**env, "PYTHONPATH": str(clone), "MLFLOW_TRACKING_URI": f"sqlite:///{clone / 'mlflow.db'}"}
+    assert not (clone / "models").exists()
+    dvc(clone, clone_env, "pull")
+    assert digests(clone) == before  # every file of every out, byte for byte
+    assert "up to date" in dvc(clone, clone_env, "status")
+    assert ran(dvc(clone, clone_env, "repro")) == []
+    assert not (clone / "mlflow.db").exists()  # no stage ran, nothing was tracked
+    assert sh(clone, clone_env, "git", "status", "--porcelain") == ""
