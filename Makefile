@@ -19,7 +19,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= 1
 export DVC_NO_ANALYTICS ?= 1
 
-.PHONY: setup pipeline repro test test-fast ui mlflow-server serve push pull lock clean
+.PHONY: setup pipeline repro test test-all ui mlflow-server serve push pull lock clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
@@ -33,11 +33,11 @@ pipeline: setup  ## the lifecycle flow on $(PARAMS)
 repro: setup  ## the same stages through DVC
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc repro
 
-test: setup  ## the default test suite (slow tests included; CI runs this)
-	$(BIN)/python -m pytest
-
-test-fast: setup
+test: setup  ## the default test suite: everything but the slow end-to-end tests (a few minutes)
 	$(BIN)/python -m pytest -m 'not slow'
+
+test-all: setup  ## every test, the slow ones on real servers included (CI runs this)
+	$(BIN)/python -m pytest
 
 ui: setup  ## MLflow UI on http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

@@ -28,6 +28,7 @@ from lmcore.finetune.common import (
     log_trainable,
     raw_files,
     read_split,
+    relative_read_stats,
     save_and_merge_lora,
     setup,
     write_splits,
@@ -55,6 +56,7 @@ def prepare_classification(cfg: ClassifierConfig, raw_dir: Path, out_dir: Path, 
         on_bad=cfg.on_bad,
         max_bad_fraction=cfg.max_bad_fraction,
     )
+    read_stats = relative_read_stats(read_stats, raw_dir)
     if cfg.balance:
         records = balance(records, seed)
     parts = split(records, (cfg.train_fraction, cfg.val_fraction), seed, stratify="label" if cfg.stratify else None)

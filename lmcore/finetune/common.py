@@ -7,6 +7,7 @@ A stage's data folder holds raw/ (the collect output: manifest.json and the file
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -27,6 +28,16 @@ def raw_files(raw_dir: Path) -> list[Path]:
     if not manifest_path.is_file():
         raise DataError(f"{manifest_path}: no collect manifest (the stage collects its data first)")
     return [Path(raw_dir) / entry["file"] for entry in read_json(manifest_path)["sources"]]
+
+
+def relative_read_stats(stats: dict, raw_dir: Path) -> dict:
+    """A reader's stats with each file's path relative to raw_dir: the splits' stats.json is a DVC output, and its
+    bytes must not depend on where the project lives."""
+
+    def rel(entry: dict) -> dict:
+        return {**entry, "path": os.path.relpath(entry["path"], raw_dir)}
+
+    return {**stats, "files": [rel(f) for f in stats["files"]]} if "files" in stats else rel(stats)
 
 
 def write_splits(out_dir: Path, parts: dict[str, list[dict]], stats: dict) -> None:

@@ -29,6 +29,7 @@ from lmcore.finetune.common import (
     log_trainable,
     raw_files,
     read_split,
+    relative_read_stats,
     save_and_merge_lora,
     setup,
     write_splits,
@@ -60,6 +61,7 @@ def prepare_instructions(
     """
     (path,) = raw_files(raw_dir)
     records, read_stats = read_instruction_json(path, fields=fields, on_bad=cfg.on_bad, max_bad_fraction=cfg.max_bad_fraction)
+    read_stats = relative_read_stats(read_stats, raw_dir)
     parts = dict(zip(("train", "val", "test"), split(records, (cfg.train_fraction, cfg.val_fraction), seed)))
     for name, rows in parts.items():
         if not rows:
