@@ -67,7 +67,8 @@ def local_server(port: int, timeout: float = 180) -> Iterator[str]:
         return
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    proc = subprocess.Popen(cmd, env=env)
+    # Its own session: Ctrl-C reaches only this process, which pauses the schedule while the server is still up.
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + timeout
         while not _healthy(api_url):
