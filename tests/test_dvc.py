@@ -92,13 +92,13 @@ TIMINGS = {"train_time_s", "tokens_per_s", "mfu", "peak_flops", "elapsed_s", "it
 
 
 def comparable(repo: Path, rel: str):
-    """A JSON output with the repo's absolute path replaced by a placeholder and the timings left out."""
+    """A JSON output with the timings left out."""
     def strip(value):
         if isinstance(value, dict):
             return {k: strip(v) for k, v in value.items() if k not in TIMINGS}
         return [strip(v) for v in value] if isinstance(value, list) else value
 
-    return strip(json.loads((repo / rel).read_text(encoding="utf-8").replace(str(repo), "<root>")))
+    return strip(json.loads((repo / rel).read_text(encoding="utf-8")))
 
 
 @dataclass
@@ -109,7 +109,7 @@ class Run:
     env: dict
     output: str
     files: dict[str, str]  # digests(repo)
-    json: dict[str, object]  # every .json output, parsed, with the repo's path replaced and the timings left out
+    json: dict[str, object]  # every .json output, parsed, with the timings left out
 
 
 def finished(repo: Path, env: dict, output: str) -> Run:
@@ -186,7 +186,7 @@ def test_prefect_run_leaves_dvc_nothing_to_do(prefect_run):
 def test_prefect_flow_and_dvc_repro_make_the_same_bytes(repro_run, prefect_run):
     """Same params, seed and machine: the lifecycle flow (one process, stages in Prefect worker threads) and
     `dvc repro` (a process per stage) write byte-identical token shards, manifest and weights, and the same
-    everything else but for timings and the checkout's absolute path (in the fine-tuning splits' stats.json)."""
+    everything else but for timings (no output holds the checkout's absolute path)."""
     by_repro, by_prefect = repro_run.files, prefect_run.files
     assert by_repro.keys() == by_prefect.keys()
     tokens = [f for f in by_repro if f.startswith("data/tokens/")]
@@ -197,7 +197,8 @@ def test_prefect_flow_and_dvc_repro_make_the_same_bytes(repro_run, prefect_run):
     assert not set(differ) & set(tokens + weights), f"differ: {differ}"
     assert all(f.endswith(".json") for f in differ), f"differ: {differ}"
     for f in differ:
-        assert repro_run.json[f] == prefect_run.json[f], f"{f} differs beyond timings and paths"
+        assert repro_run.json[f] == prefect_run.json[f], f"{f} differs beyond timings"
+    assert not any(str(repro_run.repo) in (repro_run.repo / f).read_text(errors="replace") for f in differ)
 
 
 def test_push_then_fresh_clone_pull_restores_every_output(prefect_run):
@@ -222,3 +223,26 @@ def test_push_then_fresh_clone_pull_restores_every_output(prefect_run):
     assert ran(dvc(clone, clone_env, "repro")) == []
     assert not (clone / "mlflow.db").exists()  # no stage ran, nothing was tracked
     assert sh(clone, clone_env, "git", "status", "--porcelain") == ""
+
+
+def test_repro_stage_runs_carry_lineage(repro_run):
+    """Every `lmcore run <stage>` that `dvc repro` starts tags its MLflow run: commit, params, flow run, launcher,
+    and the md5s of its deps and outs as dvc.lock records them (the newest run of each stage made the current lock)."""
+    from mlflow.tracking import MlflowClient
+
+    repo, env = repro_run.repo, repro_run.env
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("lmcore-micro")
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+    newest = {r.data.tags["lmcore.stage"]: r for r in runs}
+    assert sorted(newest) == sorted(STAGES)
+    for stage, run in newest.items():
+        tags = run.data.tags
+        assert tags["lmcore.launcher"] == "stage" and tags["lmcore.prefect_flow_run_id"] and tags["lmcore.params_sha256"]
+        assert tags["lmcore.git_commit"] != "unknown"
+        assert tags["lmcore.dvc.hashed_by"] == f"dvc: the DVC project at {repo.resolve()}"
+        deps = {k.removeprefix("lmcore.dvc.dep."): v for k, v in tags.items() if k.startswith("lmcore.dvc.dep.")}
+        outs = {k.removeprefix("lmcore.dvc.out."): v for k, v in tags.items() if k.startswith("lmcore.dvc.out.")}
+        assert deps == {d["path"]: d["md5"] for d in lock[stage]["deps"]}, stage
+        assert outs == {o["path"]: o["md5"] for o in lock[stage]["outs"]}, stage
