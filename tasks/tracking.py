@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
@@ -97,6 +98,21 @@ class MlflowTracker:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
 
+_READY_STORES: set[str] = set()  # SQLite stores this process has seen with their tables in place
+
+
+def _create_sqlite_store(uri: str) -> None:
+    """Open (and on first use create) a SQLite store while holding `<db>.lock`: MLflow creates a new store's tables
+    on first access without a lock of its own, so two runs starting together on a fresh store would both try
+    ("table ... already exists")."""
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{db}.lock", timeout=300):
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.search_experiments(max_results=1)  # the tracking store: creates or migrates the tables
+        client.search_registered_models(max_results=1)  # the registry store, on the same database
+
+
 @dataclass
 class Tracking:
     """Where runs go: the tracking URI, the experiment, and the parent run (if any)."""
@@ -110,6 +126,9 @@ class Tracking:
     lineage_root: Path | None = None
 
     def client(self) -> MlflowClient:
+        if self.uri.startswith("sqlite:///") and self.uri not in _READY_STORES:
+            _create_sqlite_store(self.uri)
+            _READY_STORES.add(self.uri)
         return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
 
     def experiment_id(self, client: MlflowClient) -> str:
