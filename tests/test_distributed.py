@@ -16,42 +16,27 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
 
 from lmcore.checkpoint import list_checkpoints, load_model
-from lmcore.config import ModelConfig, PretrainConfig
 from lmcore.paths import TRAIN_LOSS, VAL_LOSS, WEIGHTS, Layout
 from lmcore.training import PRETRAIN_CHECKPOINTS, pretrain
 from tests.conftest import MICRO, ROOT
-from tests.test_training import VOCAB, write_tokens
+from tests.test_training import micro_cfg, write_pattern_tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TOL = 1e-5
-PRETRAIN = dict(
-    model=dict(vocab_size=VOCAB, context_length=16, n_embd=32, n_layer=2, n_head=2),
-    batch_size=4,
-    max_steps=30,
-    lr=1e-2,
-    min_lr=1e-3,
-    warmup_steps=5,
-    eval_interval=10,
-    eval_batches=2,
-    device="cpu",
-    peak_flops=1e12,
-)
+SETTINGS = dict(batch_size=4, max_steps=30, peak_flops=1e12)  # on top of test_training's micro_cfg
 
 
 @pytest.fixture
 def project(tmp_path) -> Path:
     """A project root with data/tokens (a learnable token cycle) and a params file with a micro pretrain section."""
-    cycle = np.random.default_rng(0).permutation(VOCAB)
-    stream = np.tile(cycle, 64)
-    write_tokens(Layout(tmp_path).tokens, {"train": [stream[:700], stream[700:900]], "val": [stream[900:]]})
+    write_pattern_tokens(Layout(tmp_path).tokens)
     params = yaml.safe_load(MICRO.read_text())
-    params["pretrain"] = PRETRAIN
+    params["pretrain"] = micro_cfg(**SETTINGS).model_dump(mode="json")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     return tmp_path
 
@@ -76,7 +61,7 @@ def max_gap(a: list[tuple[int, float]], b: list[tuple[int, float]]) -> float:
 
 
 def single_process(root: Path, name: str, **overrides) -> Path:
-    cfg = PretrainConfig(**{**PRETRAIN, "model": ModelConfig(**PRETRAIN["model"]), **overrides})
+    cfg = micro_cfg(**{**SETTINGS, **overrides})
     out = root / name
     pretrain(cfg, Layout(root).tokens, out / "model", out / "reports", seed=1337)  # the micro profile's seed
     return out

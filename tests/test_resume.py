@@ -33,7 +33,7 @@ from lmcore.config import ModelConfig, PretrainConfig
 from lmcore.paths import SUMMARY, TRAIN_LOSS, VAL_LOSS, WEIGHTS
 from lmcore.training import pretrain
 from tests.conftest import ROOT
-from tests.test_training import VOCAB, micro_cfg, write_tokens
+from tests.test_training import VOCAB, micro_cfg, write_pattern_tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 # summary keys that measure the machine, or say where the run started
@@ -42,9 +42,7 @@ TIMING = ("train_time_s", "tokens_per_s", "mfu", "peak_flops", "resumed_from_ste
 
 @pytest.fixture
 def tokens(tmp_path) -> Path:
-    cycle = np.random.default_rng(0).permutation(VOCAB)
-    stream = np.tile(cycle, 64)
-    return write_tokens(tmp_path / "tokens", {"train": [stream[:700], stream[700:900]], "val": [stream[900:]]})
+    return write_pattern_tokens(tmp_path / "tokens")
 
 
 def resume_cfg(**overrides) -> PretrainConfig:

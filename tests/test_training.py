@@ -37,13 +37,17 @@ def write_tokens(tokens_dir: Path, splits: dict[str, list[np.ndarray]], vocab_si
     return tokens_dir
 
 
-@pytest.fixture
-def pattern_tokens(tmp_path) -> Path:
-    """A fixed permutation of the vocabulary repeated: every token has one successor (a bigram a
-    micro model learns in a few dozen steps)."""
+def write_pattern_tokens(out: Path) -> Path:
+    """A fixed permutation of the vocabulary repeated, as train (two shards) and val: every token has one
+    successor (a bigram a micro model learns in a few dozen steps)."""
     cycle = np.random.default_rng(0).permutation(VOCAB)
     stream = np.tile(cycle, 64)  # 1024 tokens
-    return write_tokens(tmp_path / "tokens", {"train": [stream[:700], stream[700:900]], "val": [stream[900:]]})
+    return write_tokens(out, {"train": [stream[:700], stream[700:900]], "val": [stream[900:]]})
+
+
+@pytest.fixture
+def pattern_tokens(tmp_path) -> Path:
+    return write_pattern_tokens(tmp_path / "tokens")
 
 
 def micro_cfg(**overrides) -> PretrainConfig:
