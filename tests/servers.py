@@ -77,20 +77,19 @@ class MlflowServer:
     proc: subprocess.Popen
 
 
-_MIGRATED: dict[str, Path] = {}
+_migrated: Path | None = None
 
 
 def _migrated_db(workdir: Path) -> Path:
     """An empty MLflow database with the schema already created (creating it takes seconds), made once
     per test session and copied for each server."""
-    template = _MIGRATED.get("db")
-    if template is None or not template.is_file():
+    global _migrated
+    if _migrated is None or not _migrated.is_file():
         from mlflow.tracking import MlflowClient
 
-        template = workdir / "template-mlflow.db"
-        MlflowClient(f"sqlite:///{template}").search_experiments()  # runs the migrations
-        _MIGRATED["db"] = template
-    return template
+        _migrated = workdir / "template-mlflow.db"
+        MlflowClient(f"sqlite:///{_migrated}").search_experiments()  # runs the migrations
+    return _migrated
 
 
 @contextlib.contextmanager
