@@ -19,7 +19,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= 1
 export DVC_NO_ANALYTICS ?= 1
 
-.PHONY: setup pipeline repro test test-all ui mlflow-server serve push pull lock clean
+.PHONY: setup pipeline repro dvc-yaml test test-all ui mlflow-server serve push pull lock clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
@@ -32,6 +32,9 @@ pipeline: setup  ## the lifecycle flow on $(PARAMS)
 
 repro: setup  ## the same stages through DVC
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc repro
+
+dvc-yaml: setup  ## write dvc.yaml from the stage declarations in lmcore/pipeline.py (code deps computed)
+	$(BIN)/lmcore dvc-yaml
 
 test: setup  ## the default test suite: everything but the slow end-to-end tests (a few minutes)
 	$(BIN)/python -m pytest -m 'not slow'
@@ -62,5 +65,5 @@ lock:  ## re-resolve constraints.txt in a scratch venv
 	/tmp/lmcore-lock/bin/pip install -c constraints.txt -e '.[dev]'
 	/tmp/lmcore-lock/bin/pip freeze --exclude-editable | grep -v -E '^(pip|setuptools|wheel)==' > constraints.new && echo 'review constraints.new'
 
-clean:  ## remove pipeline outputs (not the venv, not mlflow.db)
-	rm -rf data/raw data/clean data/tokens models reports
+clean:  ## remove pipeline outputs and stage logs (not the venv, not mlflow.db)
+	rm -rf data/raw data/clean data/tokens models reports logs

@@ -10,7 +10,7 @@ clipping and betas:
 - nanoGPT: its train.py on CPU: fp32 (nanoGPT's autocast context is a nullcontext on CPU), AdamW with
   torch's default foreach implementation (nanoGPT fuses only on CUDA), decay on every 2-D+ tensor, one
   batch per step, no compile (nanoGPT's --compile=False, its CPU recipe);
-- lmcore: `lmcore.training.pretrain` with its best settings here: precision auto (bf16 autocast on a CPU
+- lmcore: `lmcore.pretrain.pretrain` with its best settings here: precision auto (bf16 autocast on a CPU
   with avx512_bf16 or AMX), torch.compile, fused AdamW; more `--set key=value` overrides change them.
 `--ablation` adds lmcore rows with fewer of those settings (fp32 eager; bf16 eager). The loops alternate
 `--repeats` times. Per loop: tokens/s from the median step time (steady state; robust to
@@ -39,7 +39,8 @@ from lmcore.data.shards import write_shard
 from lmcore.model import GPT
 from lmcore.paths import MANIFEST
 from lmcore.tracking import ListTracker
-from lmcore.training import lr_at, pretrain
+from lmcore.pretrain import pretrain
+from lmcore.training import lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
 BEST = ["pretrain.precision=auto", "pretrain.compile=true", "pretrain.optimizer_impl=fused"]

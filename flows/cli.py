@@ -3,6 +3,7 @@
     lmcore pipeline                                  # the lifecycle flow on params.yaml
     lmcore pipeline --params profiles/micro.yaml     # another profile (not recorded in dvc.lock)
     lmcore run pretrain --set pretrain.lr=3e-4       # one stage as its own Prefect flow
+    lmcore dvc-yaml                                  # write dvc.yaml from the stage declarations (lmcore.pipeline)
     lmcore params --set pretrain.max_steps=10        # validate and print the resolved params
     lmcore generate "ROMEO:" --model models/base     # sample from a model folder or models:/name@alias
     lmcore generate "Name three primary colors." --model models/instruct   # an instruction model: its template
@@ -16,22 +17,94 @@
     lmcore lineage models:/lmcore-base@champion      # model version -> run -> tokens -> preprocess -> collect -> raw sources
 
 It lives beside the flows, not in `lmcore/`, because it drives Prefect and MLflow.
+
+Failures: bad input (lmcore.errors.InputError: a params key, a data file, an archive member, a model file) ends
+the command with one line naming it and exit status 2, a transient failure that outlasted its retries with one
+line and status 1; the traceback is in logs/<stage>.log and the stage's MLflow run, and on the terminal with
+`lmcore --verbose ...`. Anything else is a bug and shows its traceback.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 import yaml
+from typer.core import TyperGroup
 
-from lmcore.config import ParamsError, load_params
+from lmcore import pipeline as stages
+from lmcore.config import load_params
+from lmcore.errors import is_input_error, is_transient
+from tasks import failures
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="lmcore: raw text to an evaluated, registered LM.")
+VERBOSE = False  # --verbose: tracebacks of expected failures on the terminal too
+
+
+def _expected(err: BaseException) -> bool:
+    return is_input_error(err) or is_transient(err)
+
+
+class _OneLineErrors(TyperGroup):
+    """Bad input and transient failures end a command with one line (exit 2 and 1); bugs keep their traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except Exception as err:
+            if not _expected(err):
+                raise
+            if VERBOSE:
+                traceback.print_exception(err, file=sys.stderr)
+            recorded = failures.RECORDED.get(str(err))
+            detail = f"  [traceback: {recorded.log}]" if recorded and not VERBOSE else ""
+            typer.secho(f"{err}{detail}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2 if is_input_error(err) else 1) from None
+
+
+app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="lmcore: raw text to an evaluated, registered LM.")
+
+
+@app.callback()
+def _options(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show tracebacks of failures caused by "
+                                                    "bad input or the network (always in logs/<stage>.log)")] = False) -> None:
+    global VERBOSE
+    VERBOSE = verbose
+
+
+class _HideExpectedFailures(logging.Filter):
+    """Keeps Prefect's reports of an expected failure (its traceback, its "Finished in state Failed" lines) off
+    the terminal: the command prints the failure once, as one line. Bugs pass untouched."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None and _expected(record.exc_info[1]):
+            return False
+        message = record.getMessage()
+        return not any(m in message or repr(m)[1:-1] in message for m, f in failures.RECORDED.items() if f.bad_input and m)
+
+
+def _quiet_terminal() -> None:
+    """Install _HideExpectedFailures on the terminal's log handlers (after Prefect configured logging)."""
+    if VERBOSE:
+        return
+    from prefect.logging.configuration import ensure_logging_setup
+
+    ensure_logging_setup()  # Prefect's handlers now; later set-ups are incremental and keep them
+    for logger in (logging.getLogger(), logging.getLogger("prefect")):
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                if not any(isinstance(f, _HideExpectedFailures) for f in handler.filters):
+                    handler.addFilter(_HideExpectedFailures())
+
 
 ParamsOpt = Annotated[str, typer.Option("--params", "-p", help="params file (relative to --root)")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="override: dotted key=value (repeatable)")]
@@ -50,35 +123,56 @@ def pipeline(
     root: RootOpt = ".",
     commit_dvc: Annotated[bool, typer.Option(help="record outputs in dvc.lock (params.yaml runs only)")] = True,
 ) -> None:
-    """Run the whole lifecycle as one Prefect flow."""
+    """Run the whole lifecycle as one Prefect flow; prints the run's summary."""
     _check_params(root, params, set_)
+    _quiet_terminal()
     from flows.lifecycle import lifecycle
 
     result = lifecycle(params_file=params, overrides=set_ or [], root=root, commit_dvc=commit_dvc)
-    ev, pre = result["evaluate"], result["pretrain"]
-    typer.echo(
-        f"val loss {pre['first_val_loss']:.4f} -> {pre['final_val_loss']:.4f}; perplexity {ev['perplexity']:.2f}; "
-        f"registered lmcore model v{pre['model_version']}; MLflow run {result['mlflow_run_id']}; dvc: {result['dvc']}"
-    )
+    width = max(len(label) for label, _ in result["summary"])
+    for label, value in result["summary"] + [("MLflow run", result["mlflow_run_id"]), ("DVC", result["dvc"])]:
+        typer.echo(f"{label.ljust(width)}  {value}")
 
 
 @app.command()
 def run(
-    stage: Annotated[str, typer.Argument(help="collect | preprocess | tokenize | pretrain | evaluate | benchmark | finetune_classifier | finetune_instruct | dpo | judge")],
+    stage: Annotated[str, typer.Argument(help=" | ".join(stages.NAMES))],
     params: ParamsOpt = "params.yaml",
     set_: SetOpt = None,
     root: RootOpt = ".",
 ) -> None:
-    """Run one stage as its own Prefect flow (dvc.yaml calls this)."""
-    from tasks.stages import STAGES
-
-    if stage not in STAGES:
-        _fail(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    """Run one stage as its own Prefect flow (dvc.yaml calls this); prints its summary as JSON."""
+    if stage not in stages.NAMES:
+        _fail(f"unknown stage {stage!r}; stages: {', '.join(stages.NAMES)}")
     _check_params(root, params, set_)
+    _quiet_terminal()
     from flows.stage import stage_flow
 
     result = stage_flow(stage, params_file=params, overrides=set_ or [], root=root)
     typer.echo(json.dumps(result, indent=2, default=str))
+
+
+@app.command("dvc-yaml")
+def dvc_yaml(
+    root: RootOpt = ".",
+    check: Annotated[bool, typer.Option("--check", help="only compare: exit 1 when <root>/dvc.yaml differs")] = False,
+) -> None:
+    """Write dvc.yaml from the stage declarations (lmcore.pipeline); code deps are each stage's import closure."""
+    from flows.dvc_yaml import render
+    from lmcore.io import write_text
+
+    path = Path(root) / "dvc.yaml"
+    text = render()
+    current = path.read_text(encoding="utf-8") if path.is_file() else None
+    if check:
+        if current != text:
+            typer.secho(f"{path} differs from what the stage declarations produce: run `lmcore dvc-yaml`", fg=typer.colors.RED, err=True)
+            raise typer.Exit(1)
+        typer.echo(f"{path} is up to date")
+        return
+    if current != text:
+        write_text(path, text)
+    typer.echo(f"{path}: {len(stages.STAGES)} stages" + ("" if current != text else " (unchanged)"))
 
 
 @app.command("params")
@@ -244,7 +338,7 @@ def eval_(
 def _collected_benchmarks(root: Path, cfg) -> Path:
     """data/benchmarks under the root, collected from the configured sources (mirror first) unless already there."""
     from lmcore.config import CollectConfig
-    from lmcore.data.collect import CollectError, collect, mirror_from_env
+    from lmcore.data.collect import collect, mirror_from_env
     from lmcore.paths import MANIFEST, Layout
 
     out = Layout(root).benchmark_data
@@ -252,10 +346,7 @@ def _collected_benchmarks(root: Path, cfg) -> Path:
         collected = {e["name"]: e["sha256"] for e in json.loads((out / MANIFEST).read_text())["sources"]}
         if all(collected.get(s.name) == s.sha256 for s in cfg.sources):
             return out
-    try:
-        collect(CollectConfig(sources=cfg.sources), out, mirror=mirror_from_env(), base_dir=root)
-    except CollectError as err:
-        _fail(str(err))
+    collect(CollectConfig(sources=cfg.sources), out, mirror=mirror_from_env(), base_dir=root)  # errors: one line
     return out
 
 
@@ -338,7 +429,8 @@ def lineage(
 
         lmcore lineage models:/lmcore-instruct@dpo --json
     """
-    from tasks.lineage import LineageError, model_lineage, render
+    from tasks.lineage import LineageError, model_lineage
+    from tasks.lineage_print import render
     from tasks.tracking import tracking_uri
 
     try:
@@ -369,10 +461,7 @@ def _model_dir(model: str) -> Path:
 
 def _check_params(root: str, params: str, overrides: list[str] | None):
     path = Path(params) if Path(params).is_absolute() else Path(root) / params
-    try:
-        return load_params(path, overrides=overrides or [])
-    except ParamsError as err:
-        _fail(str(err))
+    return load_params(path, overrides=overrides or [])  # a ParamsError is bad input: one line, exit 2
 
 
 def main() -> None:

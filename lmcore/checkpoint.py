@@ -11,7 +11,8 @@ Layout of the folder (names from lmcore.paths):
 
 Weights are never unpickled: no torch.load anywhere.
 
-Training checkpoints (resumable pretraining) live apart from model folders, one folder per step:
+Training checkpoints (resumable pretraining and fine-tuning, written by lmcore.training.save_checkpoint) live
+apart from model folders, one folder per step:
     <checkpoint_dir>/step-00000100/
         model.safetensors      the model's tensors (a tied tensor once, under its first name)
         optimizer.safetensors  AdamW state, one tensor per "<parameter name>/<exp_avg|exp_avg_sq|step>"
@@ -46,6 +47,7 @@ from safetensors.torch import load_file, save_file
 from safetensors.torch import load_model as st_load_model
 
 from lmcore.config import ModelConfig
+from lmcore.errors import InputError, MissingInputError, one_line, validation_summary
 from lmcore.io import fsync_dir, read_json, write_json, write_text
 from lmcore.model import GPT
 from lmcore.paths import MODEL_CONFIG, RESOLVED_PARAMS, WEIGHTS
@@ -59,7 +61,7 @@ HEAD_KEY = "head"
 HEAD_CLASSIFIER = "classifier"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A model folder that cannot be loaded; the message names the file."""
 
 
@@ -129,15 +131,32 @@ def read_model_config(model_dir: str | Path) -> tuple[ModelConfig, dict[str, Any
     """Returns: the ModelConfig in model_dir/config.json and the file's other (extra) keys."""
     path = Path(model_dir) / MODEL_CONFIG
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no model config (is {model_dir} a model folder?)")
-    meta = read_json(path)
-    version = meta.get(FORMAT_KEY)
+        raise MissingInputError(f"{path}: no model config (is {model_dir} a model folder?)")
+    try:
+        meta = read_json(path)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{path}: not UTF-8 text ({err.reason} at byte offset {err.start})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    if FORMAT_KEY not in meta:
+        if "model_type" in meta:  # a Hugging Face config.json
+            raise CheckpointError(
+                f"{path}: not an lmcore model folder (no {FORMAT_KEY}; a Hugging Face config with model_type "
+                f"{meta['model_type']!r}): convert it with `lmcore import-hf {model_dir} <new folder>`"
+            )
+        raise CheckpointError(
+            f"{path}: not an lmcore model folder (no {FORMAT_KEY}; lmcore writes {FORMAT_KEY} {FORMAT_VERSION} "
+            f"and a '{MODEL_KEY}' section)"
+        )
+    version = meta[FORMAT_KEY]
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {version!r} is not supported (this code reads {FORMAT_VERSION})")
     try:
         config = ModelConfig.model_validate(meta.get(MODEL_KEY))
     except ValidationError as err:
-        raise CheckpointError(f"{path}: invalid '{MODEL_KEY}' section:\n{err}") from None
+        raise CheckpointError(f"{path}: invalid '{MODEL_KEY}' section: {validation_summary(err)}") from None
     extra = {k: v for k, v in meta.items() if k not in (FORMAT_KEY, MODEL_KEY)}
     return config, extra
 
@@ -146,22 +165,31 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> GPT
     """Build the model described by model_dir/config.json and load its weights strictly.
 
     Returns: the model on `device`, in eval mode.
-    Raises: FileNotFoundError or CheckpointError naming the file when something is missing or does not match.
+    Raises: MissingInputError (also a FileNotFoundError) when config.json or the weights are not there;
+        CheckpointError naming the file when one is malformed, truncated or does not match the other.
     """
     config, extra = read_model_config(model_dir)
     path = Path(model_dir) / WEIGHTS
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no weights file")
+        raise MissingInputError(f"{path}: no weights file")
     model = GPT(config)
     head = extra.get(HEAD_KEY)
     if head is not None:
-        if head.get("type") != HEAD_CLASSIFIER or len(head.get("labels") or []) < 2:
+        if not isinstance(head, dict) or head.get("type") != HEAD_CLASSIFIER or len(head.get("labels") or []) < 2:
             raise CheckpointError(f"{Path(model_dir) / MODEL_CONFIG}: unsupported '{HEAD_KEY}': {head!r}")
         model.replace_head(len(head["labels"]))
     try:
         missing, unexpected = st_load_model(model, path, strict=False)
-    except (SafetensorError, RuntimeError, OSError) as err:  # corrupt file, shape mismatch
-        raise CheckpointError(f"{path}: cannot load weights: {err}") from None
+    except SafetensorError as err:  # empty, cut short, or another kind of file
+        raise CheckpointError(
+            f"{path}: is truncated or not a safetensors file ({one_line(err)}); save or copy the model folder again"
+        ) from None
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot be read: {err.strerror or one_line(err)}") from None
+    except RuntimeError as err:  # load_state_dict: "size mismatch for <name>: ..." lines
+        lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()] or [one_line(err)]
+        more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+        raise CheckpointError(f"{path}: weights do not match {MODEL_CONFIG}: {' '.join(lines[:2])}{more}") from None
     if missing or unexpected:
         raise CheckpointError(
             f"{path}: weights do not match {MODEL_CONFIG}: missing keys {sorted(missing)}, unexpected keys {sorted(unexpected)}"

@@ -18,8 +18,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from lmcore.errors import InputError, one_line
 
-class ParamsError(ValueError):
+
+class ParamsError(InputError):
     """A params file or override that does not validate; the message names the file and key."""
 
 
@@ -268,7 +270,7 @@ class ModelConfig(_Section):
 
 
 class PretrainConfig(_Section):
-    """Pretraining (lmcore.training.pretrain); docs/models.md "## Training" explains each option.
+    """Pretraining (lmcore.pretrain.pretrain); docs/models.md "## Training" explains each option.
 
     One optimizer step consumes batch_size x grad_accum_steps windows per process, and world_size times
     that under torchrun: the global batch.
@@ -395,6 +397,15 @@ class FinetuneConfig(_Section):
     eval_batches: int | None = Field(default=4, ge=1)  # val batches per periodic eval; null: the whole split
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     threads: int = Field(default=0, ge=0)
+    # fp32; bf16 autocast; fp16 autocast with a gradient scaler; auto as pretrain.precision.
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
+    grad_accum_steps: int = Field(default=1, ge=1)  # batches per optimizer step, from one stream over the epochs
+    # Training checkpoints every N optimizer steps (in the checkpoint folder the caller names); null writes none.
+    checkpoint_interval: int | None = Field(default=None, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    # Continue from the latest complete checkpoint (refused when it was written under other settings);
+    # false starts afresh and removes the folder's old checkpoints.
+    resume: bool = False
     lora: LoraConfig = LoraConfig()
 
     @model_validator(mode="after")
@@ -516,7 +527,7 @@ class BenchmarkConfig(_Section):
 
     @model_validator(mode="after")
     def _known_tasks(self) -> BenchmarkConfig:
-        from lmcore.harness.tasks import check_tasks, headline_metric
+        from lmcore.harness.benchmarks import check_tasks, headline_metric
 
         metrics = check_tasks(self.tasks, self.num_fewshot, {s.name for s in self.sources})
         if self.primary_metric is None:
@@ -620,8 +631,8 @@ def _format_errors(err: ValidationError, origin: str) -> str:
         else:
             got = e.get("input")
             msg = f"key '{key}': {e['msg']} (got {got!r})" if not isinstance(got, dict) else f"key '{key}': {e['msg']}"
-        lines.append(f"{origin}: {msg}")
-    return "\n".join(lines)
+        lines.append(msg)
+    return one_line(f"{origin}: " + "; ".join(lines))  # one line, every bad key named
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -666,7 +677,7 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+        raise ParamsError(f"{path}: not valid YAML: {one_line(err)}") from None
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at the top level")
     return params_from_dict(data, origin=str(path), overrides=overrides)

@@ -1,10 +1,10 @@
 """Data-parallel training under torchrun: process group, model wrapping, reductions. Single-process by default.
 
-    torchrun --standalone --nproc_per_node 2 -m lmcore.train --params params.yaml
+    torchrun --standalone --nproc_per_node 2 -m lmcore.pretrain --params params.yaml
 
 torchrun starts one process per device and sets RANK, LOCAL_RANK and WORLD_SIZE; `init_from_env` joins the
 group (gloo on CPU, NCCL on CUDA). `current()` then tells the trainer its rank; without a process group it
-is rank 0 of 1 and every helper here is a no-op, so `lmcore.training.pretrain` runs unchanged alone.
+is rank 0 of 1 and every helper here is a no-op, so `lmcore.pretrain.pretrain` runs unchanged alone.
 
 - ddp: `DistributedDataParallel` replicates the model and averages gradients in buckets during backward.
 - fsdp: FSDP2 `fully_shard`, one group per transformer block and one for the rest: parameters, gradients

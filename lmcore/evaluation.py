@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from lmcore.checkpoint import load_model
 from lmcore.config import EvaluateConfig
 from lmcore.data.loader import TokenDataset
+from lmcore.errors import InputError
 from lmcore.generation import generate_text
 from lmcore.io import atomic_dir, write_json, write_text
 from lmcore.model import GPT
@@ -80,7 +81,7 @@ def evaluate(
     model = load_model(model_dir, device=device)
     val = TokenDataset(tokens_dir, "val")
     if model.config.vocab_size < val.vocab_size:
-        raise ValueError(
+        raise InputError(
             f"{model_dir}: model vocab_size ({model.config.vocab_size}) is smaller than the data's "
             f"({val.vocab_size}) in {tokens_dir / MANIFEST}"
         )

@@ -36,6 +36,7 @@ from safetensors.torch import load_file
 
 from lmcore.checkpoint import HEAD_KEY, load_model, read_model_config, save_model, save_tensors
 from lmcore.config import ModelConfig
+from lmcore.errors import InputError, one_line, validation_summary
 from lmcore.io import atomic_dir, read_json, write_json
 from lmcore.model import GPT
 from lmcore.paths import MODEL_CONFIG
@@ -92,7 +93,7 @@ _PREFIX = {GPT2: "transformer.", LLAMA: "model."}
 _LAYERS = {GPT2: "h.", LLAMA: "layers."}
 
 
-class HFError(ValueError):
+class HFError(InputError):
     """A Hugging Face folder or an lmcore model that cannot be converted; the message names the file or option."""
 
 
@@ -199,7 +200,7 @@ def model_config_from_hf(config: dict, origin: str = HF_CONFIG) -> ModelConfig:
     try:
         return ModelConfig(**fields)
     except ValidationError as err:
-        raise HFError(f"{origin}: not a valid lmcore model:\n{err}") from None
+        raise HFError(f"{origin}: not a valid lmcore model: {validation_summary(err)}") from None
 
 
 def _require(config: dict, origin: str, *keys: str) -> None:
@@ -418,7 +419,7 @@ def read_hf_weights(src_dir: str | Path) -> dict[str, torch.Tensor]:
     try:
         weight_map = read_json(index).get("weight_map")
     except (ValueError, AttributeError) as err:
-        raise HFError(f"{index}: not a JSON object: {err}") from None
+        raise HFError(f"{index}: not a JSON object: {one_line(err)}") from None
     if not isinstance(weight_map, dict) or not weight_map:
         raise HFError(f"{index}: no 'weight_map' of tensor name -> shard file")
     tensors: dict[str, torch.Tensor] = {}
@@ -438,8 +439,10 @@ def read_hf_weights(src_dir: str | Path) -> dict[str, torch.Tensor]:
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
-    except (SafetensorError, OSError) as err:
-        raise HFError(f"{path}: cannot read safetensors: {err}") from None
+    except SafetensorError as err:
+        raise HFError(f"{path}: is truncated or not a safetensors file ({one_line(err)})") from None
+    except OSError as err:
+        raise HFError(f"{path}: cannot be read: {err.strerror or one_line(err)}") from None
 
 
 def read_hf_config(src_dir: str | Path) -> dict:
@@ -451,7 +454,7 @@ def read_hf_config(src_dir: str | Path) -> dict:
     try:
         config = read_json(path)
     except ValueError as err:
-        raise HFError(f"{path}: not valid JSON: {err}") from None
+        raise HFError(f"{path}: not valid JSON: {one_line(err)}") from None
     if not isinstance(config, dict):
         raise HFError(f"{path}: expected a JSON object")
     return config

@@ -30,6 +30,7 @@ import httpx
 from tqdm import tqdm
 
 from lmcore.config import JudgeConfig
+from lmcore.errors import InputError, TransientError, one_line
 from lmcore.finetune.data import RESPONSE_MARKERS, DataError, format_prompt
 from lmcore.io import atomic_dir, jsonl_objects, utf8_error, write_json, write_text
 from lmcore.paths import JUDGE_SCORES
@@ -48,8 +49,12 @@ _NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?!\w)")
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
 
 
-class JudgeError(RuntimeError):
-    """The judge endpoint failed or answered something unusable; the message names the URL."""
+class JudgeError(InputError):
+    """The judge endpoint refused the request (HTTP 4xx) or answered something unusable; the message names the URL."""
+
+
+class JudgeUnavailable(TransientError):
+    """The judge endpoint still failed after its retries (connection refused, timeout, HTTP 429 or 5xx)."""
 
 
 def format_input(entry: dict) -> str:
@@ -111,12 +116,12 @@ def _server_message(response: httpx.Response) -> str:
     try:
         body = response.json()
     except ValueError:
-        return response.text[:MAX_ERROR_TEXT].strip() or "(empty body)"
+        return one_line(response.text[:MAX_ERROR_TEXT]) or "(empty body)"
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict) and error.get("message"):
-        return str(error["message"])[:MAX_ERROR_TEXT]
+        return one_line(str(error["message"])[:MAX_ERROR_TEXT])
     if isinstance(error, str):
-        return error[:MAX_ERROR_TEXT]
+        return one_line(error[:MAX_ERROR_TEXT])
     return json.dumps(body)[:MAX_ERROR_TEXT]
 
 
@@ -169,7 +174,8 @@ class ChatClient:
     def complete(self, prompt: str, *, temperature: float = 0.0, seed: int | None = None, max_tokens: int | None = None) -> str:
         """Send `prompt` as one user message; returns the reply text ("" when the reply has no content).
 
-        Raises: JudgeError naming the URL when the endpoint fails for good or answers malformed JSON.
+        Raises: JudgeUnavailable naming the URL when the endpoint still fails after the retries; JudgeError when
+        it refuses the request (HTTP 4xx other than 429) or answers malformed JSON.
         """
         body: dict[str, Any] = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "temperature": temperature}
         if seed is not None:
@@ -184,7 +190,7 @@ class ChatClient:
             try:
                 response = self._http.post(self._url, json=body)
             except httpx.TransportError as err:  # connection refused or reset, timeouts
-                problem = f"{type(err).__name__}: {err}"
+                problem = f"{type(err).__name__}: {one_line(err)}"
             else:
                 if response.status_code < 400:
                     return response
@@ -192,7 +198,7 @@ class ChatClient:
                 if response.status_code != 429 and response.status_code < 500:
                     raise JudgeError(f"{self.endpoint}: {problem}")
             if attempt == attempts:
-                raise JudgeError(f"{self.endpoint}: failed after {attempts} attempt(s); last error: {problem}")
+                raise JudgeUnavailable(f"{self.endpoint}: failed after {attempts} attempt(s); last error: {problem}")
             delay = self.backoff_s * 2 ** (attempt - 1)
             log.warning("%s: %s; retry %d/%d in %.1fs", self.endpoint, problem, attempt, self.retries, delay)
             time.sleep(delay)
@@ -256,13 +262,13 @@ def judge_responses(
 
     Returns: the metrics: mean_score (null when no reply could be parsed), stderr (sample std / sqrt(n);
         null for fewer than two scores), n_items, n_scored, n_unparsed and the judge's settings.
-    Raises: ValueError when no endpoint is configured; DataError for a bad responses file;
-        JudgeError when the endpoint fails after its retries, or more than cfg.max_unparsed_fraction of the
-        replies hold no score.
+    Raises: JudgeError when no endpoint is configured, the endpoint refuses the request (HTTP 4xx), a reply is
+        malformed or more than cfg.max_unparsed_fraction of the replies hold no score; DataError for a bad
+        responses file; JudgeUnavailable (a TransientError) when the endpoint still fails after its retries.
     """
     reason = judge_skip_reason(cfg)
     if reason is not None:
-        raise ValueError(reason)
+        raise JudgeError(reason)
     rows = read_responses(responses_file)[: cfg.max_items]
     scored_rows = []
     with ChatClient(cfg.url, cfg.model, api_key=api_key, timeout_s=cfg.timeout_s, retries=cfg.retries) as client:

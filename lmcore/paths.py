@@ -28,6 +28,31 @@ FINETUNES = ("classifier", "instruct", "dpo")
 JUDGE_SCORES = "scores.jsonl"  # per judged response: the judge's reply and its score
 
 
+# Stage folders relative to the project root: the stage declarations (lmcore.pipeline), dvc.yaml and Layout
+# all name these.
+RAW = "data/raw"
+CLEAN = "data/clean"
+TOKENS = "data/tokens"
+BENCHMARK_DATA = "data/benchmarks"
+FINETUNE_DATA = "data/finetune"  # + /<name>: raw/ (collected) and splits/
+MODELS = "models"  # + /<name>: base, classifier, instruct, dpo
+REPORTS = "reports"  # + /<stage>
+CHECKPOINTS = "models/checkpoints"  # + /<stage>: training checkpoints; outside every stage's outputs
+LOGS = "logs"  # <stage>.log: each stage run's log, tracebacks included; outside every stage's outputs
+
+
+def model_path(name: str) -> str:
+    return f"{MODELS}/{name}"
+
+
+def reports_path(name: str) -> str:
+    return f"{REPORTS}/{name}"
+
+
+def finetune_data_path(name: str) -> str:
+    return f"{FINETUNE_DATA}/{name}"
+
+
 @dataclass(frozen=True)
 class Layout:
     root: Path
@@ -35,42 +60,52 @@ class Layout:
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root).resolve())
 
+    def path(self, relative: str) -> Path:
+        return self.root / relative
+
     @property
     def raw(self) -> Path:
-        return self.root / "data" / "raw"
+        return self.root / RAW
 
     @property
     def clean(self) -> Path:
-        return self.root / "data" / "clean"
+        return self.root / CLEAN
 
     @property
     def tokens(self) -> Path:
-        return self.root / "data" / "tokens"
+        return self.root / TOKENS
 
     @property
     def base_model(self) -> Path:
-        return self.root / "models" / "base"
+        return self.model("base")
 
     @property
     def pretrain_reports(self) -> Path:
-        return self.root / "reports" / "pretrain"
+        return self.reports("pretrain")
 
     @property
     def evaluate_reports(self) -> Path:
-        return self.root / "reports" / "evaluate"
+        return self.reports("evaluate")
 
     @property
     def benchmark_data(self) -> Path:
         """data/benchmarks: the benchmark files, collected (manifest.json names each source's file)."""
-        return self.root / "data" / "benchmarks"
+        return self.root / BENCHMARK_DATA
 
     def finetune_data(self, name: str) -> Path:
         """data/finetune/<name>: raw/ (collected, with manifest) and splits/ (train/val/test.jsonl, stats.json)."""
-        return self.root / "data" / "finetune" / name
+        return self.root / finetune_data_path(name)
 
     def model(self, name: str) -> Path:
         """models/<name>: base, classifier, instruct, dpo."""
-        return self.root / "models" / name
+        return self.root / model_path(name)
 
     def reports(self, name: str) -> Path:
-        return self.root / "reports" / name
+        return self.root / reports_path(name)
+
+    def checkpoints(self, stage: str) -> Path:
+        """models/checkpoints/<stage>: a training stage's checkpoints (beside the model folders, not a DVC output)."""
+        return self.root / CHECKPOINTS / stage
+
+    def log_file(self, stage: str) -> Path:
+        return self.root / LOGS / f"{stage}.log"

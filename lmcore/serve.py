@@ -51,7 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lmcore.checkpoint import HEAD_KEY, load_model, read_model_config
+from lmcore.checkpoint import HEAD_KEY, CheckpointError, load_model, read_model_config
 from lmcore.finetune.data import TEMPLATES, format_prompt
 from lmcore.finetune.instruct import TEMPLATE_KEY
 from lmcore.generation import TextStream, strip_pieces, stream_text
@@ -211,10 +211,10 @@ def _load(model_dir: Path, device: str) -> tuple[GPT, str | None, str]:
     """The model (eval mode), its prompt template (None for a plain LM) and its tokenizer's name."""
     _, extra = read_model_config(model_dir)
     if extra.get(HEAD_KEY) is not None:
-        raise ValueError(f"{model_dir / MODEL_CONFIG}: a classifier ({extra[HEAD_KEY].get('type')} head) cannot generate text; use `lmcore classify`")
+        raise CheckpointError(f"{model_dir / MODEL_CONFIG}: a classifier ({extra[HEAD_KEY].get('type')} head) cannot generate text; use `lmcore classify`")
     template = extra.get(TEMPLATE_KEY)
     if template is not None and template not in TEMPLATES:
-        raise ValueError(f"{model_dir / MODEL_CONFIG}: unknown '{TEMPLATE_KEY}' {template!r}; expected one of {list(TEMPLATES)}")
+        raise CheckpointError(f"{model_dir / MODEL_CONFIG}: unknown '{TEMPLATE_KEY}' {template!r}; expected one of {list(TEMPLATES)}")
     return load_model(model_dir, device=resolve_device(device)).eval(), template, extra.get(TOKENIZER_KEY, "gpt2")
 
 
@@ -234,7 +234,7 @@ def create_app(model_dir: Path, *, model_name: str, enc=None, device: str = "cpu
     enc = enc if enc is not None else get_encoding(tokenizer)
     context_length = model.config.context_length
     if model.config.vocab_size < enc.n_vocab:
-        raise ValueError(f"{model_dir / MODEL_CONFIG}: vocab_size {model.config.vocab_size} is smaller than the tokenizer's {enc.n_vocab}")
+        raise CheckpointError(f"{model_dir / MODEL_CONFIG}: vocab_size {model.config.vocab_size} is smaller than the tokenizer's {enc.n_vocab}")
     created = int(time.time())
     lock = threading.Lock()
     kind = f"instruction model ({template} template)" if template else "language model"

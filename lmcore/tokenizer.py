@@ -14,12 +14,17 @@ import functools
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import tiktoken
 import tiktoken.load
 from tiktoken_ext.openai_public import r50k_pat_str
 
+from lmcore.errors import InputError, MissingInputError
 from lmcore.io import sha256_file
+
+if TYPE_CHECKING:
+    from lmcore.config import TokenizeConfig
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +51,7 @@ def get_encoding(name: str = "gpt2", ranks_file: str | Path | None = None) -> ti
         The encoding; the same object for the same name and resolved ranks path.
     """
     if not name:
-        raise ValueError(
+        raise InputError(
             "no tokenizer named (a model folder's config.json says \"tokenizer\": null, e.g. a Hugging Face import "
             "whose vocabulary is not GPT-2's); lmcore encodes text with tiktoken encodings only, such as 'gpt2'"
         )
@@ -55,10 +60,10 @@ def get_encoding(name: str = "gpt2", ranks_file: str | Path | None = None) -> ti
     if ranks_file is None:
         return tiktoken.get_encoding(name)
     if name != "gpt2":
-        raise ValueError(f"encoding {name!r} cannot be built from a local ranks file; only 'gpt2' can")
+        raise InputError(f"encoding {name!r} cannot be built from a local ranks file; only 'gpt2' can")
     path = Path(ranks_file).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"tiktoken ranks file not found: {path} (given as ranks_file or ${RANKS_ENV}; "
             f"point it at a gpt2.tiktoken file, or unset both to let tiktoken download)"
         )
@@ -73,9 +78,9 @@ def _local_gpt2(name: str, path: str) -> tiktoken.Encoding:
     # Passing the file's own hash makes it check the cached copy against the file.
     ranks = tiktoken.load.load_tiktoken_bpe(path, expected_hash=digest)
     if len(ranks) != GPT2_N_RANKS:
-        raise ValueError(f"{path}: {len(ranks)} BPE ranks, expected {GPT2_N_RANKS} for gpt2; not a GPT-2 ranks file")
+        raise InputError(f"{path}: {len(ranks)} BPE ranks, expected {GPT2_N_RANKS} for gpt2; not a GPT-2 ranks file")
     if set(ranks.values()) != set(range(GPT2_N_RANKS)):
-        raise ValueError(f"{path}: BPE ranks are not exactly 0..{GPT2_N_RANKS - 1}; not a GPT-2 ranks file")
+        raise InputError(f"{path}: BPE ranks are not exactly 0..{GPT2_N_RANKS - 1}; not a GPT-2 ranks file")
     if digest != GPT2_RANKS_SHA256:
         # Same number of ranks but other bytes (reordered lines, other line endings, other merges).
         log.warning("%s: sha256 %s differs from the canonical GPT-2 ranks file (%s)", path, digest, GPT2_RANKS_SHA256)
@@ -87,6 +92,20 @@ def _local_gpt2(name: str, path: str) -> tiktoken.Encoding:
         special_tokens={EOT: GPT2_EOT_ID},
         explicit_n_vocab=GPT2_N_VOCAB,
     )
+
+
+def configured_ranks_file(ranks_file: str | None, root: str | Path) -> str | None:
+    """The local ranks file a run uses: `tokenize.ranks_file` (relative to the project root), else
+    $LMCORE_TIKTOKEN_FILE, else None (tiktoken's own loader)."""
+    if ranks_file:
+        path = Path(ranks_file)
+        return str(path if path.is_absolute() else Path(root) / path)
+    return os.environ.get(RANKS_ENV) or None
+
+
+def encoding_for(cfg: TokenizeConfig, root: str | Path) -> tiktoken.Encoding:
+    """The encoding a run's `tokenize` section names, from its local ranks file when there is one."""
+    return get_encoding(cfg.encoding, configured_ranks_file(cfg.ranks_file, root))
 
 
 def eot_token(enc: tiktoken.Encoding) -> int:

@@ -1,34 +1,33 @@
-"""Pretraining: next-token prediction on the tokenized corpus with AdamW and a warmup-cosine schedule.
+"""What every trainer shares: device and precision, AdamW and its schedule, the optimizer step, the training
+state, checkpoint save and restore, the loss plot.
 
-    summary = pretrain(params.pretrain, Path("data/tokens"), Path("models/base"), Path("reports/pretrain"),
-                       seed=params.seed, params=params.to_dict(), checkpoint_dir=Path("models/checkpoints/pretrain"))
+    state = TrainState(loader=loader, scaler=scaler)
+    resumed_at = start_or_resume(checkpoint_dir, resume, model, optimizer, state, run_config, what="pretrain")
+    for step in range(state.step, max_steps):
+        result = train_step(model, optimizer, loss_fn, micro_batches, step=step + 1, lr=lr_at(step, cfg),
+                            precision=precision, grad_clip=cfg.grad_clip, scaler=state.scaler)
+        state.step = step + 1
+        save_checkpoint(checkpoint_dir, model, optimizer, state, run_config, keep=cfg.keep_checkpoints)
 
-Step numbering: the train metrics of the k-th optimizer update (its batch loss, lr and gradient norm)
-are logged at step k = 1 .. max_steps, as litgpt and the HF Trainer count; "val_loss at step k" is
-the model after k updates: step 0 (the initial model), every `eval_interval` steps and at the last step
-(max_steps, or where early stopping ended the run).
+Used by lmcore.pretrain (pretraining) and lmcore.finetune.trainer (classifier, instruct, DPO).
 
-One update: `grad_accum_steps` micro-batches of `batch_size` windows, forward and backward under the
-configured precision (fp32, or bf16/fp16 autocast; fp16 with a gradient scaler), gradients clipped to
-`grad_clip`, then AdamW. Under torchrun every rank does the same on its own batches and gradients are
-averaged (lmcore.distributed); rank r's micro-batch j of step s is the loader's global batch
-(s * grad_accum_steps + j) * world_size + r, so one process with grad_accum_steps = A * W sees the very
-windows that W processes with A micro-batches each see.
+One update (`train_step`): the micro-batches forward and backward under the configured precision (fp32, or
+bf16/fp16 autocast; fp16 with a gradient scaler), each micro-batch's loss divided by their number so that the
+summed gradients are those of their mean; under DDP only the last backward all-reduces. Then the NaN/inf guard
+on the loss, gradients clipped to `grad_clip`, the guard on the gradient norm, AdamW, zero_grad.
 
 Weight decay: only on the matmul weights (Linear layers). Biases, norm gains and the embedding tables
 (the tied LM head is the token embedding) never decay.
 
-Checkpoints and resume: every `checkpoint_interval` steps the model, the optimizer, the python/numpy/torch
-RNG states, the loader position, the loss history and a hash of the config are written to `checkpoint_dir`
-(lmcore.checkpoint: atomic, COMPLETE marker last, the last `keep_checkpoints` kept). With `resume` the run
-continues from the latest complete one and ends with the weights an uninterrupted run ends with, bit for bit
-on CPU. A NaN/inf loss or gradient norm stops the run with FloatingPointError; checkpoints are only written
-from finite weights, so the last one on disk is the last good state.
+Checkpoints (`save_checkpoint` / `restore_checkpoint`, on top of lmcore.checkpoint's step folders): the model,
+the optimizer, the python/numpy/torch RNG states, the `TrainState` (step, loss history, train time,
+early-stopping state, the data loader's position, the gradient scaler) and the run's config with its hash. A
+resumed run ends with the weights an uninterrupted run ends with, bit for bit on CPU. Checkpoints are only
+written from finite weights, so the last one on disk is the last good state.
 
-Throughput: `tokens_per_s` (all ranks) and `mfu` are logged every step. MFU = FLOPs per token x tokens
-per second per device / peak FLOP/s of the device in the precision used, with FLOPs per token = 6N +
-12 L H Q T (PaLM, appendix B; N the non-embedding parameters, L layers, H heads, Q head size, T context);
-the peak is `peak_flops` or measured once by `measure_peak_flops`.
+MFU = FLOPs per token x tokens per second per device / peak FLOP/s of the device in the precision used, with
+FLOPs per token = 6N + 12 L H Q T (PaLM, appendix B; N the non-embedding parameters, L layers, H heads, Q head
+size, T context); the peak is `peak_flops` or measured once by `measure_peak_flops`.
 """
 
 from __future__ import annotations
@@ -42,46 +41,43 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from lmcore import distributed
 from lmcore.checkpoint import (
     CONFIG_HASH_KEY,
     CONFIG_KEY,
     STEP_KEY,
+    CheckpointError,
     TrainingCheckpoint,
     config_hash,
     latest_checkpoint,
+    list_checkpoints,
     load_training_checkpoint,
     remove_checkpoints,
-    save_model,
     save_training_checkpoint,
     step_dir,
 )
 from lmcore.config import FinetuneConfig, ModelConfig, PretrainConfig
-from lmcore.data.loader import RANDOM, TokenDataset, TokenLoader
-from lmcore.io import atomic_dir, write_json, write_text
-from lmcore.model import GPT
-from lmcore.paths import LOSS_PLOT, MANIFEST, SUMMARY, TRAIN_LOSS, VAL_LOSS
-from lmcore.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
 
 FP32, BF16, FP16, AUTO = "fp32", "bf16", "fp16", "auto"
-# The pretrain stage's training checkpoints, relative to the project root (beside the model folders).
-PRETRAIN_CHECKPOINTS = Path("models") / "checkpoints" / "pretrain"
-# Keys of trainer_state.json in a training checkpoint, besides lmcore.checkpoint's own.
+# Keys of trainer_state.json in a training checkpoint (TrainState.state_dict), besides lmcore.checkpoint's own.
 LOADER_KEY = "loader"
 TRAIN_ROWS_KEY = "train_rows"
 VAL_ROWS_KEY = "val_rows"
 TRAIN_TIME_KEY = "train_time_s"
 SCALER_KEY = "grad_scaler"
 EARLY_STOP_KEY = "early_stopping"
+
+# loss_fn(batch) -> (the batch's mean loss to backpropagate, metrics to log: {"loss": ..., ...} or {}).
+LossFn = Callable[[Any], tuple[torch.Tensor, dict[str, float]]]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -173,11 +169,15 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype)
 
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        """A fresh gradient scaler for fp16; None otherwise."""
+        return torch.amp.GradScaler(self.device_type) if self.scaled else None
 
-def resolve_precision(name: str, device: torch.device) -> Precision:
+
+def resolve_precision(name: str, device: torch.device, key: str = "pretrain.precision") -> Precision:
     """The precision to train in; "auto" is bf16 where the device has it natively, else fp16 on GPUs, fp32 on CPU.
 
-    Raises: ValueError naming `pretrain.precision` when bf16 is asked of a CUDA device without it.
+    Raises: ValueError naming `key` (the params key) when bf16 is asked of a CUDA device without it.
     """
     if name == AUTO:
         if device.type == "cuda":
@@ -187,9 +187,9 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
         else:
             name = FP32
     if name == BF16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"pretrain.precision=bf16: {torch.cuda.get_device_name(device)} has no bf16; use fp16 or auto")
+        raise ValueError(f"{key}=bf16: {torch.cuda.get_device_name(device)} has no bf16; use fp16 or auto")
     if name not in (FP32, BF16, FP16):
-        raise ValueError(f"pretrain.precision {name!r}: expected fp32, bf16, fp16 or auto")
+        raise ValueError(f"{key} {name!r}: expected fp32, bf16, fp16 or auto")
     return Precision(name, device.type)
 
 
@@ -232,39 +232,291 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     return _measured_peak(device, dtype, torch.get_num_threads())
 
 
-def accumulate_gradients(
-    forward: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-    micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-    *,
-    precision: Precision,
-    scaler: torch.amp.GradScaler | None = None,
-    sync: Callable[[bool], contextlib.AbstractContextManager] = lambda last: contextlib.nullcontext(),
-) -> torch.Tensor:
-    """Forward and backward over the micro-batches, gradients summed as if they were one batch.
-
-    Each micro-batch's mean loss is divided by their number, so the gradient is that of the mean over all
-    windows. `sync(is_last)` wraps each backward (under DDP only the last one all-reduces).
-
-    Returns: the mean loss over the micro-batches (a detached scalar tensor; no host sync).
-    """
-    n = len(micro_batches)
-    total = torch.zeros((), device=micro_batches[0][0].device)
-    for i, (x, y) in enumerate(micro_batches):
-        with sync(i == n - 1):
-            with precision.autocast():
-                _, loss = forward(x, y)
-            loss = loss / n
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-        total += loss.detach().float()
-    return total
+def kept_message(checkpoint_dir: Path | None) -> str:
+    """What is left after a failed run: the last good checkpoint in `checkpoint_dir`, if any."""
+    found = list_checkpoints(checkpoint_dir) if checkpoint_dir is not None else []
+    if not found:
+        return "No checkpoint was written; model_dir and reports_dir are untouched."
+    step, path = found[-1]
+    return f"The last good checkpoint is {path} (step {step}); model_dir and reports_dir are untouched."
 
 
-def check_finite(value: float, what: str, step: int, lr: float, kept: str = "Nothing was written.") -> None:
+def check_finite(value: float, what: str, step: int, lr: float, checkpoint_dir: Path | None = None) -> None:
+    """Raises: FloatingPointError naming `what`, the step, the lr and the last good checkpoint when `value` is NaN/inf."""
     if not math.isfinite(value):
         raise FloatingPointError(
             f"{what} is {value} at step {step} (lr {lr:.3g}); training diverged, "
-            f"try a lower lr, more warmup_steps or grad_clip > 0. {kept}"
+            f"try a lower lr, more warmup_steps or grad_clip > 0. {kept_message(checkpoint_dir)}"
         )
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step measured."""
+
+    loss: float  # the mean loss over the micro-batches (and, under torchrun, the ranks)
+    grad_norm: float  # before clipping; NaN/inf when the fp16 scaler skipped the update
+    metrics: dict[str, float]  # loss_fn's metrics (this rank's), averaged over the micro-batches
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: LossFn,
+    micro_batches: Sequence[Any],
+    *,
+    step: int,
+    lr: float,
+    precision: Precision,
+    grad_clip: float,
+    scaler: torch.amp.GradScaler | None = None,
+    what: str = "train",
+    checkpoint_dir: Path | None = None,
+) -> StepResult:
+    """One optimizer update over `micro_batches`: gradients accumulated as if they were one batch, then AdamW.
+
+    Args:
+        model: the module being trained (a DDP wrapper or an FSDP-sharded model under torchrun: its gradients
+            are all-reduced on the last micro-batch only); its parameters are clipped.
+        loss_fn: batch -> (mean loss, metrics); it runs under `precision`'s autocast.
+        step: this update's number (1 for the first), for error messages.
+        lr: set on every parameter group before the update.
+        grad_clip: max gradient norm; 0 computes the norm without clipping.
+        scaler: fp16's gradient scaler (an overflowing step is skipped and the scale lowered).
+        what, checkpoint_dir: name the run and its last good checkpoint in error messages.
+
+    Raises: FloatingPointError on a NaN/inf loss, or gradient norm without a scaler, naming the step.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    n = len(micro_batches)
+    total, metrics = None, []
+    for i, batch in enumerate(micro_batches):
+        with distributed.gradient_sync(model, i == n - 1):
+            with precision.autocast():
+                loss, batch_metrics = loss_fn(batch)
+            loss = loss / n
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        total = loss.detach().float() if total is None else total + loss.detach().float()
+        metrics.append(batch_metrics)
+    loss_value = distributed.all_reduce_mean(total).item()
+    check_finite(loss_value, f"{what}: train loss", step, lr, checkpoint_dir)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    # max_norm=inf computes the norm without clipping
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    if scaler is None:  # with fp16 an inf norm is an overflow: the scaler skips that update
+        check_finite(grad_norm, f"{what}: gradient norm", step, lr, checkpoint_dir)
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    # one micro-batch: its metrics as they are (a mean of one could turn -0.0 into 0.0 in the CSVs)
+    mean = metrics[0] if n == 1 else {k: sum(m[k] for m in metrics) / n for k in metrics[0]}
+    return StepResult(loss_value, grad_norm, mean)
+
+
+@dataclass
+class EarlyStopping:
+    """Stop when the val loss has not improved on its best by more than `min_delta` for `patience` evaluations."""
+
+    patience: int | None = None  # None: never stop
+    min_delta: float = 0.0
+    best_loss: float = math.inf
+    best_step: int = 0
+    bad_evals: int = 0
+
+    def update(self, step: int, val_loss: float) -> bool:
+        """Record an evaluation; True when the run should stop."""
+        if val_loss < self.best_loss - self.min_delta:
+            self.best_loss, self.best_step, self.bad_evals = val_loss, step, 0
+        else:
+            self.bad_evals += 1
+        return self.stopped
+
+    @property
+    def stopped(self) -> bool:
+        return self.patience is not None and self.bad_evals >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_loss": self.best_loss, "best_step": self.best_step, "bad_evals": self.bad_evals}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_loss, self.best_step, self.bad_evals = state["best_loss"], state["best_step"], state["bad_evals"]
+
+
+@dataclass
+class TrainState:
+    """A run's progress besides the model and the optimizer: what a checkpoint's trainer_state.json holds.
+
+    loader: the train batches (any object with state_dict / load_state_dict); scaler: fp16's GradScaler.
+    train_rows / val_rows: what the trainer logged, as (step, ...) tuples.
+    """
+
+    loader: Any = None
+    scaler: torch.amp.GradScaler | None = None
+    early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
+    step: int = 0  # optimizer updates done
+    train_rows: list[tuple] = field(default_factory=list)
+    val_rows: list[tuple] = field(default_factory=list)
+    train_time_s: float = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able: the keys of a pretraining checkpoint's trainer_state.json (besides config and its hash)."""
+        return {
+            STEP_KEY: self.step,
+            LOADER_KEY: self.loader.state_dict() if self.loader is not None else None,
+            TRAIN_ROWS_KEY: list(self.train_rows),
+            VAL_ROWS_KEY: list(self.val_rows),
+            TRAIN_TIME_KEY: self.train_time_s,
+            SCALER_KEY: self.scaler.state_dict() if self.scaler is not None else None,
+            EARLY_STOP_KEY: self.early_stopping.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state[STEP_KEY])
+        self.train_rows = [tuple(r) for r in state[TRAIN_ROWS_KEY]]  # JSON made them lists
+        self.val_rows = [tuple(r) for r in state[VAL_ROWS_KEY]]
+        self.train_time_s = state[TRAIN_TIME_KEY]
+        self.early_stopping.load_state_dict(state[EARLY_STOP_KEY])
+        if self.loader is not None:
+            loader_state = state[LOADER_KEY]
+            if "rank" in loader_state and hasattr(self.loader, "rank"):
+                # a checkpoint holds rank 0's loader; every rank is at the same position of its own share
+                loader_state = {**loader_state, "rank": self.loader.rank}
+            self.loader.load_state_dict(loader_state)
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state[SCALER_KEY])
+
+
+def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
+    """Second names of shared tensors -> their first name (lm_head.weight -> wte.weight when tied)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None):
+    """Full (unsharded) model and optimizer state dicts keyed by parameter name, on CPU; each tied tensor once.
+
+    Collective under fsdp: every rank calls it.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    aliases = tied_aliases(model)
+    model_sd = {k: v for k, v in get_model_state_dict(model, options=options).items() if k not in aliases}
+    optim_sd = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
+    return model_sd, optim_sd
+
+
+def save_checkpoint(
+    checkpoint_dir: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    run_config: dict[str, Any],
+    keep: int,
+    *,
+    what: str = "train",
+) -> Path:
+    """Write <checkpoint_dir>/step-<state.step>/: model, optimizer, RNG states, `state`, `run_config` and its hash.
+
+    Every rank calls it (the state is gathered collectively under fsdp); rank 0 writes, atomically, and keeps
+    the `keep` latest checkpoints.
+
+    Returns: the step folder.
+    Raises: FloatingPointError when the weights are not finite: nothing is written, and the message names the
+        last good checkpoint.
+    """
+    # this rank's values: under fsdp its shards
+    finite = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in model.parameters())
+    if not distributed.all_ranks_true(finite, next(model.parameters()).device):
+        raise FloatingPointError(
+            f"{what}: weights are not finite after step {state.step}; no checkpoint written. {kept_message(checkpoint_dir)}"
+        )
+    model_sd, optim_sd = full_state(model, optimizer)
+    if distributed.current().is_main:
+        meta = {CONFIG_KEY: run_config, CONFIG_HASH_KEY: config_hash(run_config), **state.state_dict()}
+        save_training_checkpoint(checkpoint_dir, TrainingCheckpoint(model_sd, optim_sd, meta), keep=keep)
+    distributed.barrier()
+    return step_dir(checkpoint_dir, state.step)
+
+
+def restore_checkpoint(
+    checkpoint_dir: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    run_config: dict[str, Any],
+) -> Path | None:
+    """Load the latest complete checkpoint in `checkpoint_dir` into `model`, `optimizer` and `state`, and restore
+    the python, numpy and torch RNG states it holds. Every rank calls it, after wrapping the model (fsdp shards
+    the full tensors) and building the optimizer.
+
+    Returns: the checkpoint folder; None when there is none (then nothing changed).
+    Raises: CheckpointError when it was written under another `run_config` (naming the keys that differ) or holds
+        other parameters than `model`.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    path = latest_checkpoint(checkpoint_dir)
+    if path is None:
+        return None
+    ckpt = load_training_checkpoint(path, expect_config=run_config)  # also restores the RNG states
+    model_sd = {**ckpt.model, **{a: ckpt.model[f] for a, f in tied_aliases(model).items() if f in ckpt.model}}
+    expected = model.state_dict().keys()
+    missing, unexpected = expected - model_sd.keys(), model_sd.keys() - expected
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: the model's tensors differ: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_sd, options=options)
+    set_optimizer_state_dict(model, optimizer, ckpt.optimizer, options=options)
+    state.load_state_dict(ckpt.state)
+    return path
+
+
+def start_or_resume(
+    checkpoint_dir: Path | None,
+    resume: bool,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    run_config: dict[str, Any],
+    *,
+    what: str = "train",
+) -> int | None:
+    """With `resume`, continue from the latest checkpoint (`restore_checkpoint`); without, remove the old
+    checkpoints in `checkpoint_dir` (rank 0), so that the folder only ever holds this run's.
+
+    Returns: the step the run resumes at; None for a fresh start (also when there is no checkpoint to resume).
+    """
+    if checkpoint_dir is None:
+        return None
+    if resume:
+        path = restore_checkpoint(checkpoint_dir, model, optimizer, state, run_config)
+        if path is None:
+            log.info("%s: no complete checkpoint in %s; starting afresh", what, checkpoint_dir)
+            return None
+        log.info("%s: resuming from %s (step %d)", what, path, state.step)
+        return state.step
+    if distributed.current().is_main:
+        removed = remove_checkpoints(checkpoint_dir)
+        if removed:
+            log.info("%s: removed %d old checkpoint(s) from %s (resume is off)", what, removed, checkpoint_dir)
+    return None
+
+
+def checkpoint_due(step: int, interval: int | None, checkpoint_dir: Path | None) -> bool:
+    """Whether to write a checkpoint after `step` updates: every `interval` steps, when there is a folder."""
+    return checkpoint_dir is not None and bool(interval) and step > 0 and step % interval == 0
 
 
 def plot_losses(path: Path, train: list[tuple[int, float, float]], val: list[tuple[int, float]], title: str | None = None) -> None:
@@ -287,322 +539,9 @@ def plot_losses(path: Path, train: list[tuple[int, float, float]], val: list[tup
         fig.savefig(f, format="png")
 
 
-@dataclass
-class _EarlyStopping:
-    patience: int | None
-    min_delta: float
-    best_loss: float = math.inf
-    best_step: int = 0
-    bad_evals: int = 0
-
-    def update(self, step: int, val_loss: float) -> bool:
-        """Record an evaluation; True when the run should stop."""
-        if val_loss < self.best_loss - self.min_delta:
-            self.best_loss, self.best_step, self.bad_evals = val_loss, step, 0
-        else:
-            self.bad_evals += 1
-        return self.patience is not None and self.bad_evals >= self.patience
-
-    def state(self) -> dict:
-        return {"best_loss": self.best_loss, "best_step": self.best_step, "bad_evals": self.bad_evals}
-
-
-@torch.no_grad()
-def _val_loss(model: torch.nn.Module, windows: list[tuple[torch.Tensor, torch.Tensor]], precision: Precision) -> float:
-    """Mean loss over the validation batches; under torchrun each rank scores its share and the sums meet.
-
-    Every rank runs the same number of forwards (FSDP gathers parameters collectively): a rank short of one
-    scores its last batch again with weight 0.
-    """
-    info = distributed.current()
-    mine = windows[info.rank :: info.world_size]
-    share = -(-len(windows) // info.world_size)
-    weights = [1.0] * len(mine) + [0.0] * (share - len(mine))
-    mine = mine + [windows[-1]] * (share - len(mine))
-    model.eval()
-    total = torch.zeros((), device=windows[0][0].device, dtype=torch.float64)
-    for (x, y), w in zip(mine, weights):
-        with precision.autocast():
-            total += w * model(x, y)[1].double()
-    model.train()
-    return distributed.all_reduce_sum(total).item() / len(windows)
-
-
-def _full_state(model: GPT, optimizer: torch.optim.Optimizer | None, aliases: set[str]):
-    """Full (unsharded) model and optimizer state dicts keyed by parameter name, on CPU. Collective under fsdp."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_sd = {k: v for k, v in get_model_state_dict(model, options=options).items() if k not in aliases}
-    optim_sd = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
-    return model_sd, optim_sd
-
-
-def _tied_aliases(model: torch.nn.Module) -> dict[str, str]:
-    """Second names of shared tensors -> their first name (lm_head.weight -> wte.weight when tied)."""
-    first: dict[int, str] = {}
-    aliases = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in first:
-            aliases[name] = first[id(p)]
-        else:
-            first[id(p)] = name
-    return aliases
-
-
-def _batches(loader: TokenLoader, n: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [tuple(t.to(device, non_blocking=True) for t in loader.next_batch()) for _ in range(n)]
-
-
-def pretrain(
-    cfg: PretrainConfig,
-    tokens_dir: Path,
-    model_dir: Path,
-    reports_dir: Path,
-    *,
-    seed: int,
-    params: dict | None = None,
-    tracker: Tracker = NullTracker(),
-    checkpoint_dir: Path | None = None,
-    resume: bool | None = None,
-) -> dict:
-    """Train a GPT from scratch on tokens_dir and write the model and the loss reports.
-
-    Args:
-        cfg: the pretrain section of params (model architecture and optimisation).
-        tokens_dir: a tokenize output folder (manifest.json with train and val shards).
-        model_dir: replaced whole by model.safetensors, config.json and params.yaml.
-        reports_dir: replaced whole by train_loss.csv, val_loss.csv, loss.png and summary.json.
-        seed: seeds python, numpy, torch and the batch sampling (train batch k is a pure function of
-            (seed, k); summary["loader_state"] is the train loader's state_dict after the last step).
-        params: the resolved params dict, saved beside the weights.
-        tracker: receives train_loss, lr, grad_norm, tokens_per_s and mfu each step and val_loss at each eval
-            (rank 0 only under torchrun).
-        checkpoint_dir: where training checkpoints go every `cfg.checkpoint_interval` steps; None writes none.
-        resume: continue from the latest complete checkpoint in checkpoint_dir (a fresh start when there is
-            none); None takes `cfg.resume`. Without resume, old checkpoints in checkpoint_dir are removed.
-
-    Returns: the summary (also written to summary.json).
-    Raises: ValueError if the model's vocabulary is smaller than the data's or an option cannot run here;
-        lmcore.checkpoint.CheckpointError if the checkpoint to resume was written under other settings;
-        FloatingPointError on a NaN/inf loss or gradient norm. On any error model_dir and reports_dir are
-        left as they were; checkpoints already written stay.
-    """
-    tokens_dir, model_dir, reports_dir = Path(tokens_dir), Path(model_dir), Path(reports_dir)
-    resume = cfg.resume if resume is None else resume
-    if resume and checkpoint_dir is None:
-        raise ValueError("pretrain: resume needs a checkpoint_dir")
-    info = distributed.current()
-    seed_everything(seed)  # the same on every rank: identical initial weights
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    if device.type == "cuda" and info.enabled:
-        device = torch.device("cuda", info.local_rank)
-    precision = resolve_precision(cfg.precision, device)
-    if cfg.compile:
-        check_compile(device)
-
-    train = TokenDataset(tokens_dir, "train")
-    val = TokenDataset(tokens_dir, "val")
-    if cfg.model.vocab_size < train.vocab_size:
-        raise ValueError(
-            f"pretrain.model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocab_size "
-            f"({train.vocab_size}) in {tokens_dir / MANIFEST}"
-        )
-    B, T, A, W = cfg.batch_size, cfg.model.context_length, cfg.grad_accum_steps, info.world_size
-    run_config = {"pretrain": cfg.resume_key(), "seed": seed, "world_size": W}
-
-    model = GPT(cfg.model)
-    aliases = _tied_aliases(model)
-    train_loader = TokenLoader(train, B, T, mode=RANDOM, seed=seed, rank=info.rank, world_size=W)
-    # The same validation windows at every eval, so the val curve measures the model and not the sample.
-    val_loader = TokenLoader(val, B, T, mode=RANDOM, seed=seed)
-    val_windows = _batches(val_loader, cfg.eval_batches, device)
-
-    ckpt = None
-    last_saved: tuple[int, Path] | None = None  # (step, folder) of the latest checkpoint on disk
-    if resume:
-        path = latest_checkpoint(checkpoint_dir)
-        if path is None:
-            log.info("pretrain: no complete checkpoint in %s; starting afresh", checkpoint_dir)
-        else:
-            ckpt = load_training_checkpoint(path, expect_config=run_config)  # also restores the RNG states
-            model.load_state_dict({**ckpt.model, **{a: ckpt.model[f] for a, f in aliases.items()}})
-            # Rank 0's loader state; every rank is at the same position of its own share.
-            train_loader.load_state_dict({**ckpt.state[LOADER_KEY], "rank": info.rank})
-            log.info("pretrain: resuming from %s (step %d)", path, ckpt.step)
-            last_saved = (ckpt.step, path)
-    elif checkpoint_dir is not None and info.is_main:
-        removed = remove_checkpoints(checkpoint_dir)
-        if removed:
-            log.info("pretrain: removed %d old checkpoint(s) from %s (resume is off)", removed, checkpoint_dir)
-
-    model.to(device).train()
-    wrapped = distributed.wrap(model, cfg.distributed, info, device)
-    optimizer = make_optimizer(model, cfg, device, impl=cfg.optimizer_impl)
-    scaler = torch.amp.GradScaler(device.type) if precision.scaled else None
-    forward = torch.compile(wrapped) if cfg.compile else wrapped
-
-    def sync(last: bool) -> contextlib.AbstractContextManager:
-        return distributed.gradient_sync(wrapped, last)
-
-    early = _EarlyStopping(cfg.early_stopping_patience, cfg.early_stopping_min_delta)
-    train_rows: list[tuple[int, float, float]] = []  # (step 1.., train_loss, lr)
-    val_rows: list[tuple[int, float]] = []  # (step, val_loss)
-    train_time = 0.0
-    start = 0
-    if ckpt is not None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(model, optimizer, ckpt.optimizer, options=StateDictOptions(full_state_dict=True))
-        if scaler is not None:
-            scaler.load_state_dict(ckpt.state[SCALER_KEY])
-        train_rows = [tuple(r) for r in ckpt.state[TRAIN_ROWS_KEY]]
-        val_rows = [tuple(r) for r in ckpt.state[VAL_ROWS_KEY]]
-        train_time = ckpt.state[TRAIN_TIME_KEY]
-        e = ckpt.state[EARLY_STOP_KEY]
-        early.best_loss, early.best_step, early.bad_evals = e["best_loss"], e["best_step"], e["bad_evals"]
-        start = ckpt.step
-        ckpt = None  # free the host copy
-    resumed_at = start if start > 0 else None
-    # A run resumed from the checkpoint of an evaluation that ended it early stays stopped.
-    stopped_early = early.patience is not None and early.bad_evals >= early.patience and start < cfg.max_steps
-
-    fpt = flops_per_token(cfg.model, model.num_params(non_embedding=True))
-    peak = cfg.peak_flops or measure_peak_flops(device, precision.dtype)
-
-    def kept() -> str:
-        if last_saved is None:
-            return "No checkpoint was written; model_dir and reports_dir are untouched."
-        return f"The last good checkpoint is {last_saved[1]} (step {last_saved[0]}); model_dir and reports_dir are untouched."
-
-    def save_checkpoint(step: int) -> None:
-        nonlocal last_saved
-        # this rank's values: under fsdp its shards
-        finite = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in model.parameters())
-        if not distributed.all_ranks_true(finite, device):
-            raise FloatingPointError(f"pretrain: weights are not finite after step {step}; no checkpoint written. {kept()}")
-        model_sd, optim_sd = _full_state(model, optimizer, set(aliases))
-        if info.is_main:
-            state = {
-                STEP_KEY: step,
-                CONFIG_KEY: run_config,
-                CONFIG_HASH_KEY: config_hash(run_config),
-                LOADER_KEY: train_loader.state_dict(),
-                TRAIN_ROWS_KEY: train_rows,
-                VAL_ROWS_KEY: val_rows,
-                TRAIN_TIME_KEY: train_time,
-                SCALER_KEY: scaler.state_dict() if scaler is not None else None,
-                EARLY_STOP_KEY: early.state(),
-            }
-            save_training_checkpoint(checkpoint_dir, TrainingCheckpoint(model_sd, optim_sd, state), keep=cfg.keep_checkpoints)
-        distributed.barrier()
-        last_saved = (step, step_dir(checkpoint_dir, step))
-
-    log_metrics = tracker.log_metrics if info.is_main else NullTracker().log_metrics
-    step = start
-    bar = tqdm(total=cfg.max_steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True, disable=not info.is_main)
-    try:
-        for step in range(start, cfg.max_steps + 1):  # updates done so far
-            if step != resumed_at:  # a resumed step was evaluated and saved before the checkpoint was written
-                if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-                    val_loss = _val_loss(model, val_windows, precision)
-                    check_finite(val_loss, "pretrain: val loss", step, lr_at(step, cfg), kept())
-                    val_rows.append((step, val_loss))
-                    log_metrics({"val_loss": val_loss}, step=step)
-                    bar.set_postfix(loss=f"{train_rows[-1][1]:.4f}" if train_rows else "-", val=f"{val_loss:.4f}", refresh=False)
-                    stopped_early = early.update(step, val_loss) and step < cfg.max_steps
-                if checkpoint_dir is not None and cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0 and step > 0:
-                    save_checkpoint(step)
-            if step == cfg.max_steps or stopped_early:
-                break
-
-            t0 = time.perf_counter()
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            micro = _batches(train_loader, A, device)
-            loss = accumulate_gradients(forward, micro, precision=precision, scaler=scaler, sync=sync)
-            loss_value = distributed.all_reduce_mean(loss).item()
-            check_finite(loss_value, "pretrain: train loss", step + 1, lr, kept())
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            # max_norm=inf computes the norm without clipping
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-            if scaler is None:  # with fp16 an inf norm is an overflow: the scaler skips that update
-                check_finite(grad_norm, "pretrain: gradient norm", step + 1, lr, kept())
-                optimizer.step()
-            else:
-                scaler.step(optimizer)
-                scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            dt = time.perf_counter() - t0
-            train_time += dt
-
-            train_rows.append((step + 1, loss_value, lr))
-            log_metrics(
-                {
-                    "train_loss": loss_value,
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "tokens_per_s": B * T * A * W / dt,
-                    "mfu": fpt * B * T * A / dt / peak,
-                },
-                step=step + 1,
-            )
-            bar.set_postfix(loss=f"{loss_value:.4f}", val=f"{val_rows[-1][1]:.4f}", refresh=False)
-            bar.update()
-    finally:
-        bar.close()
-
-    steps = step
-    tokens_seen = steps * B * T * A * W
-    summary = {
-        "n_params": model.num_params(),
-        "steps": steps,
-        "resumed_from_step": resumed_at,  # None for a fresh start
-        "tokens_seen": tokens_seen,
-        "train_time_s": round(train_time, 3),
-        "tokens_per_s": round(tokens_seen / train_time, 1) if train_time > 0 else None,
-        "mfu": round(fpt * tokens_seen / W / train_time / peak, 4) if train_time > 0 else None,
-        "peak_flops": peak,
-        "precision": precision.name,
-        "world_size": W,
-        "first_val_loss": val_rows[0][1],
-        "final_val_loss": val_rows[-1][1],
-        "best_val_loss": early.best_loss,
-        "best_step": early.best_step,
-        "stopped_early": stopped_early,
-        "final_train_loss": train_rows[-1][1],
-        "train_tokens": train.n_tokens,
-        "val_tokens": val.n_tokens,
-        # Train documents cut across windows (longer than context_length + 1 tokens).
-        "documents_longer_than_context": train_loader.documents_longer_than_context,
-        "loader_state": train_loader.state_dict(),  # resume: TokenLoader.from_state_dict(train, loader_state)
-    }
-
-    # fsdp: the shards gathered (collectively) into a plain CPU copy on rank 0.
-    final_sd = _full_state(model, None, set(aliases))[0] if info.enabled and cfg.distributed == distributed.FSDP else None
-    if info.is_main:
-        out = model
-        if final_sd is not None:
-            out = GPT(cfg.model)
-            out.load_state_dict({**final_sd, **{a: final_sd[f] for a, f in aliases.items()}})
-        # Both folders are built aside and renamed into place only when everything was written.
-        with atomic_dir(model_dir) as model_tmp, atomic_dir(reports_dir) as reports_tmp:
-            write_text(reports_tmp / TRAIN_LOSS, "step,train_loss,lr\n" + "".join(f"{s},{loss:.6f},{lr:.6g}\n" for s, loss, lr in train_rows))
-            write_text(reports_tmp / VAL_LOSS, "step,val_loss\n" + "".join(f"{s},{loss:.6f}\n" for s, loss in val_rows))
-            plot_losses(reports_tmp / LOSS_PLOT, train_rows, val_rows)
-            write_json(reports_tmp / SUMMARY, summary)
-            extra = {"tokenizer": train.manifest["encoding"]} if "encoding" in train.manifest else None
-            save_model(out, model_tmp, params=params, extra=extra)
-    distributed.barrier()
-    return summary
-
-
 __all__ = [
-    "accumulate_gradients", "check_finite", "decay_groups", "flops_per_token", "lr_at", "make_optimizer",
-    "measure_peak_flops", "plot_losses", "pretrain", "resolve_device", "resolve_precision", "seed_everything",
+    "EarlyStopping", "LossFn", "Precision", "StepResult", "TrainState", "check_compile", "check_finite", "checkpoint_due",
+    "cpu_has_native_bf16", "decay_groups", "flops_per_token", "full_state", "kept_message", "lr_at", "make_optimizer",
+    "measure_peak_flops", "plot_losses", "resolve_device", "resolve_precision", "restore_checkpoint", "save_checkpoint",
+    "seed_everything", "start_or_resume", "tied_aliases", "train_step",
 ]

@@ -1,20 +1,13 @@
-"""Lineage: the DVC hashes of each stage run's inputs and outputs, and the chain from a registered model back
-to its raw sources, read from MLflow alone.
+"""Lineage: the chain from a registered model version back to its raw sources, read from MLflow alone.
 
     lmcore lineage models:/lmcore-base/1          # model version -> run -> tokens -> preprocess -> collect -> sources
     lmcore lineage models:/lmcore-instruct@dpo --json
 
-Recording (called by `Tracking.run` for every run named after a dvc.yaml stage): the run starts with a tag per
-dependency, `lmcore.dvc.dep.<path>` = the md5 that dvc.lock records for it (`<md5>.dir` for a folder), and ends
-with `lmcore.dvc.out.<path>` for each output. In a DVC project (dvc.yaml and .dvc/ at the root) DVC computes them
-(`dvc.repo.Repo`, its state database makes unchanged files free); elsewhere (a temporary root) the stage's paths
-come from the dvc.yaml beside the running code, code paths (`lmcore/...`) are hashed where that code lives and
-data paths under the root, by dvc_data as DVC would. `lmcore.dvc.hashed_by` says which.
-
-Reading: a model version names its run; a fine-tune's version names the weights it started from
+A model version names its run; a fine-tune's version names the weights it started from
 (`lmcore.base_weights_sha256`), found among registered versions; the pretrain run's tokens manifest sha256 finds
-the tokenize run; the tokenize run's `data/clean` dependency hash finds the preprocess run whose output it was,
-and its `data/raw` dependency the collect run, whose manifest (an artifact) names the raw sources.
+the tokenize run; the tokenize run's `data/clean` dependency hash (tasks/dvc_hashes.py records them) finds the
+preprocess run whose output it was, and its `data/raw` dependency the collect run, whose manifest (an artifact)
+names the raw sources. tasks/lineage_print.py prints the chain for people.
 """
 
 from __future__ import annotations
@@ -22,17 +15,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
 import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-import lmcore
-from tasks.tracking import (
+from lmcore.errors import InputError
+from lmcore.stages import FINETUNE_MANIFEST_DIR, RAW_MANIFEST_DIR, TOKENS_MANIFEST_DIR
+from tasks.dvc_hashes import MISSING
+from tasks.tags import (
+    PARENT_RUN,
     TAG_BASE_WEIGHTS_SHA,
     TAG_DVC_DEP,
     TAG_DVC_DEPS_MD5,
@@ -50,153 +43,11 @@ from tasks.tracking import (
     TAG_WEIGHTS_SHA,
 )
 
-log = logging.getLogger("lmcore.lineage")
-
-CODE_ROOT = Path(lmcore.__file__).resolve().parents[1]  # where the running lmcore package (and its dvc.yaml) live
-MISSING = "missing"  # the tag value for a path that did not exist when hashed
-
-# Artifact folders of the run that registers a model version: the manifests (manifest.json) of its data.
-RAW_MANIFEST_DIR = "data/raw"
-TOKENS_MANIFEST_DIR = "data/tokens"
-FINETUNE_MANIFEST_DIR = "data/finetune/raw"  # the fine-tune's own collected data
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Recording: DVC hashes of a stage's deps and outs
-
-
-def is_dvc_project(root: Path) -> bool:
-    return (Path(root) / "dvc.yaml").is_file() and (Path(root) / ".dvc").is_dir()
-
-
-def dvc_hashes(root: Path, stage: str, which: str = "deps") -> tuple[dict[str, str], str] | None:
-    """The md5s DVC records in dvc.lock for a stage's `deps` or `outs` (params are left out: runs carry the
-    params sha256), keyed by the path as dvc.yaml writes it; a path that does not exist maps to "missing".
-
-    Returns: (hashes, how they were computed), or None when no dvc.yaml knows the stage.
-    """
-    root = Path(root).resolve()
-    if is_dvc_project(root):
-        from dvc.stage.exceptions import StageNotFound
-
-        try:
-            return _repo_hashes(root, stage, which), f"dvc: the DVC project at {root}"
-        except StageNotFound:  # e.g. the lifecycle parent run
-            return None
-        except Exception as err:  # noqa: BLE001 - DVC raises many kinds; fall back and say why
-            log.warning("DVC could not hash the %s of stage %s (%s); hashing them with dvc_data", which, stage, err)
-            note = f"dvc_data: DVC failed at {root} ({type(err).__name__})"
-    else:
-        note = f"dvc_data: no DVC project at {root}"
-    paths = _code_stage_paths(stage, which)
-    if paths is None:
-        return None
-    state = _state()
-    try:
-        hashes = {p: _hash_path(_locate(root, p), state) for p in paths}
-    finally:
-        state.close()
-    return hashes, f"{note}; paths from {CODE_ROOT / 'dvc.yaml'}"
-
-
-def input_tags(root: Path, stage: str) -> dict[str, str]:
-    """Run tags for the stage's dependencies: one per path, their combined md5 and how they were hashed.
-    Lineage never fails a stage: an error is logged and recorded in `lmcore.dvc.hashed_by`."""
-    try:
-        found = dvc_hashes(root, stage, "deps")
-    except Exception as err:  # noqa: BLE001
-        log.warning("could not hash the deps of stage %s: %s", stage, err)
-        return {TAG_DVC_HASHED_BY: f"failed: {type(err).__name__}: {err}"[:500]}
-    if found is None:
-        return {}
-    hashes, how = found
-    return {TAG_DVC_HASHED_BY: how, TAG_DVC_DEPS_MD5: combined_md5(hashes), **{TAG_DVC_DEP + p: h for p, h in hashes.items()}}
-
-
-def output_tags(root: Path, stage: str) -> dict[str, str]:
-    """Run tags for what the stage wrote: `lmcore.dvc.out.<path>` = md5, as dvc.lock records the outs."""
-    try:
-        found = dvc_hashes(root, stage, "outs")
-    except Exception as err:  # noqa: BLE001
-        log.warning("could not hash the outs of stage %s: %s", stage, err)
-        return {}
-    return {} if found is None else {TAG_DVC_OUT + p: h for p, h in found[0].items()}
-
-
-def combined_md5(hashes: dict[str, str]) -> str:
-    """One md5 for a set of path hashes (`lmcore.dvc.deps_md5`): equal inputs, equal value."""
-    return hashlib.md5(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
-
-
-def _repo_hashes(root: Path, stage: str, which: str) -> dict[str, str]:
-    from dvc.dependency.param import ParamsDependency
-    from dvc.repo import Repo
-
-    hashes: dict[str, str] = {}
-    with Repo(str(root)) as repo:  # no lock taken: `dvc repro` holds it while `lmcore run` runs
-        (dvc_stage,) = repo.stage.collect(stage)
-        for item in getattr(dvc_stage, which):
-            if isinstance(item, ParamsDependency):
-                continue
-            try:
-                hashes[str(item.def_path)] = item.get_hash().value
-            except FileNotFoundError:
-                hashes[str(item.def_path)] = MISSING
-    return hashes
-
-
-def _code_stage_paths(stage: str, which: str) -> list[str] | None:
-    """A stage's deps (or outs, metrics and plots files) as the dvc.yaml beside the running code lists them."""
-    dvc_yaml = CODE_ROOT / "dvc.yaml"
-    if not dvc_yaml.is_file():
-        return None
-    spec = (yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}).get("stages", {}).get(stage)
-    if spec is None:
-        return None
-    keys = ("deps",) if which == "deps" else ("outs", "metrics", "plots")
-    # an entry is "path" or {"path": {options}}
-    return [e if isinstance(e, str) else next(iter(e)) for key in keys for e in spec.get(key) or []]
-
-
-def _locate(root: Path, path: str) -> Path:
-    """Code paths where the running lmcore package lives; data paths under the project root."""
-    return CODE_ROOT / path if path == "lmcore" or path.startswith("lmcore/") else root / path
-
-
-def _state():
-    """dvc_data's hash cache (inode, mtime, size -> md5) in DVC's site cache folder; none when unwritable."""
-    from dvc.dirs import site_cache_dir
-    from dvc_data.hashfile.state import State, StateNoop
-
-    try:
-        folder = Path(site_cache_dir()) / "lmcore-lineage"
-        folder.mkdir(parents=True, exist_ok=True)
-        return State(None, str(folder))
-    except Exception as err:  # noqa: BLE001 - no cache: hash in full
-        log.debug("no hash cache (%s)", err)
-        return StateNoop()
-
-
-def _hash_path(path: Path, state) -> str:
-    from dvc_data.hashfile.build import build
-    from dvc_data.hashfile.db import HashFileDB
-    from dvc_objects.fs import LocalFileSystem, MemoryFileSystem
-
-    if not path.exists():
-        return MISSING
-    staging = HashFileDB(MemoryFileSystem(), "/lmcore-lineage", state=state, hash_name="md5")
-    _, _, obj = build(staging, str(path), LocalFileSystem(), "md5", dry_run=True)
-    return obj.hash_info.value
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reading: the chain from a registered model version back to its raw sources
-
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_-]+))$")
 DOCUMENTS_KEPT = "documents_out"  # the preprocess run's metric
 
 
-class LineageError(ValueError):
+class LineageError(InputError):
     """The model URI is malformed, or names a model, version or alias the registry does not have."""
 
 
@@ -457,7 +308,7 @@ def _run_node(run, found_by: str) -> dict:
         "params_sha256": tags.get(TAG_PARAMS_SHA),
         "prefect_flow_run_id": tags.get(TAG_FLOW_RUN),
         "launcher": tags.get(TAG_LAUNCHER),
-        "parent_run_id": tags.get("mlflow.parentRunId"),
+        "parent_run_id": tags.get(PARENT_RUN),
         "dvc": {
             "hashed_by": tags.get(TAG_DVC_HASHED_BY),
             "deps_md5": tags.get(TAG_DVC_DEPS_MD5),
@@ -504,82 +355,3 @@ def _sources_node(kind: str, manifest: dict, sha: str | None, where: str) -> dic
     ]
     return {"kind": kind, "manifest_sha256": manifest["sha256"], "verified": None if sha is None else manifest["sha256"] == sha,
             "found_by": where, "sources": sources}
-
-
-# rendering --------------------------------------------------------------------------------------------------
-
-
-def render(lineage: dict, console=None) -> None:
-    """The chain for people: one block per node, newest first, each preceded by how it was found. Lines are
-    not wrapped, so hashes stay whole for copying."""
-    from rich.console import Console
-    from rich.markup import escape
-
-    console = console or Console(soft_wrap=True, highlight=False)
-    console.print(f"[bold]Lineage of {escape(lineage['model'])}[/bold]  [dim]({escape(lineage['tracking_uri'])})[/dim]")
-    for node in lineage["chain"]:
-        if node.get("found_by"):
-            console.print(f"  [dim]\u2191 {escape(node['found_by'])}[/dim]")
-        title, rows = _describe(node)
-        console.print(f"[bold cyan]{escape(title)}[/bold cyan]")
-        width = max((len(key) for key, _ in rows), default=0)
-        for key, value in rows:
-            console.print(f"    [dim]{escape(key.ljust(width))}[/dim]  {escape(value)}")
-    for warning in lineage["warnings"]:
-        console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
-
-
-def _describe(node: dict) -> tuple[str, list[tuple[str, str]]]:
-    kind = node["kind"]
-    rows: list[tuple[str, str]] = []
-
-    def add(key: str, value) -> None:
-        if value not in (None, "", {}, []):
-            rows.append((key, str(value)))
-
-    if kind == "model_version":
-        aliases = " ".join(f"@{a}" for a in node["aliases"])
-        add("weights sha256", node["weights_sha256"])
-        add("run", node["run_id"])
-        add("created", node["created"])
-        add("fine-tune", node["finetune"])
-        add("base weights sha256", node["base_weights_sha256"])
-        add("tokens manifest", node["tokens_manifest_sha256"])
-        add("raw manifest", node["raw_manifest_sha256"])
-        add("fine-tune data manifest", node["finetune_manifest_sha256"])
-        return f"model version  {node['name']} v{node['version']}  {aliases}".rstrip(), rows
-    if kind == "run":
-        add("status", f"{node['status']}, started {node['start_time']}")
-        add("git commit", node["git_commit"])
-        add("params sha256", node["params_sha256"])
-        add("Prefect flow run", node["prefect_flow_run_id"])
-        add("launcher", node["launcher"])
-        add("parent run", node["parent_run_id"])
-        add("tokens", _counts(node.get("tokens")))
-        for key in ("documents_kept", "sources", "files", "bytes", "tokens_manifest_sha256", "raw_manifest_sha256"):
-            add(key.replace("_", " "), node.get(key))
-        dvc = node["dvc"]
-        add("DVC hashed by", dvc["hashed_by"])
-        for label, hashes in (("DVC deps", dvc["deps"]), ("DVC outs", dvc["outs"])):
-            for i, (path, md5) in enumerate(hashes.items()):
-                rows.append((label if i == 0 else "", f"{path}  {md5}"))
-        return f"run  {node['stage']}  {node['run_id']}", rows
-    if kind == "tokens_manifest":
-        add("artifact", node.get("artifact") or "not logged")
-        add("verified", node.get("verified"))
-        add("shards", node.get("shards"))
-        add("tokens", _counts(node.get("tokens")))
-        add("documents sha256", node.get("documents_sha256"))
-        return f"tokens manifest  {node['sha256']}", rows
-    title = "raw sources" if kind == "raw_sources" else "fine-tune data"
-    add("manifest sha256", node["manifest_sha256"] + ("" if node["verified"] is None else f" (verified: {node['verified']})"))
-    for src in node["sources"]:
-        size = "" if src["bytes"] is None else f", {src['bytes']:,} bytes"
-        rows.append((src["name"], f"sha256 {src['sha256']} ({src['origin']}{size})"))
-        rows.append(("", f"{src['url']}"))
-        rows.append(("", f"licence: {src['license']}"))
-    return title, rows
-
-
-def _counts(counts: dict | None) -> str | None:
-    return None if not counts else ", ".join(f"{k} {v:,}" for k, v in counts.items() if v is not None)

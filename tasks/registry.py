@@ -1,4 +1,5 @@
-"""Logging the trained model to MLflow and registering it, with links back to its data."""
+"""The MLflow model registry: log and register a model folder, find a version by its weights, tag scores, and
+move `champion` through the promotion gate (the decision itself is lmcore.promotion's, a pure function)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 import lmcore
-from tasks.tracking import PARENT_RUN, TAG_TOKENS_MANIFEST_SHA, TAG_WEIGHTS_SHA, Tracking
+from lmcore.promotion import CHAMPION, Champion, Score, decide
+from tasks.tags import BENCH_PREFIX, PARENT_RUN, PROMOTION_PREFIX, TAG_BENCH_SAMPLE, TAG_WEIGHTS_SHA
+from tasks.tracking import Tracking
 
 LMCORE_SRC = Path(lmcore.__file__).parent
 MODEL_ARTIFACT = "model"
@@ -134,12 +137,6 @@ def find_version(tracking: Tracking, name: str, weights_sha256: str) -> str | No
     return str(matches[0].version)
 
 
-CHAMPION = "champion"
-CHALLENGER = "challenger"
-BENCH_PREFIX = "bench."  # model version tags: bench.<task>.<metric>, bench.<task>.<metric>_stderr
-TAG_BENCH_SAMPLE = "bench.sample_sha256"  # which items the bench.* scores were computed on
-
-
 def champion_version(tracking: Tracking, name: str):
     """The ModelVersion with alias `champion`, or None."""
     try:
@@ -177,46 +174,28 @@ def registry_lock(name: str, timeout_s: float = 900) -> Iterator[None]:
         yield
 
 
+def _score(tags: dict[str, str], metric: str) -> Score | None:
+    """A version's score on `metric` from its bench.* tags; None when it has none."""
+    if f"{BENCH_PREFIX}{metric}" not in tags:
+        return None
+    return Score(float(tags[f"{BENCH_PREFIX}{metric}"]), float(tags.get(f"{BENCH_PREFIX}{metric}_stderr", "0")), tags.get(TAG_BENCH_SAMPLE))
+
+
 def promote(tracking: Tracking, name: str, version: str, metric: str) -> dict:
-    """Eval-gated promotion: `champion` moves to `version` only when it beats the current champion on `metric`
-    by more than the combined standard error, sqrt(se_new^2 + se_champion^2); otherwise `version` becomes
-    `challenger`. The first version ever scored becomes champion.
+    """Eval-gated promotion of `version` of `name` on `metric` (lmcore.promotion.decide): `champion` moves to it
+    only when it beats the current champion by more than the combined standard error, otherwise it becomes
+    `challenger`. Both versions carry their scores as tags (`tag_scores`); hold `registry_lock(name)` around it.
 
-    Both versions must carry their scores as tags (`tag_scores`), computed on the same items: a champion
-    scored on another sample is not compared (the caller re-scores it first), and `version` stays challenger.
-
-    Returns: the decision and its numbers (also set as tags `promotion.*` on `version`).
+    Returns: the decision and its numbers (its alias and reason also set as tags `promotion.*` on `version`).
     """
     client = tracking.client()
-    mine = client.get_model_version(name, version).tags
-    value, stderr = float(mine[f"{BENCH_PREFIX}{metric}"]), float(mine.get(f"{BENCH_PREFIX}{metric}_stderr", "0"))
-    champion = champion_version(tracking, name)
-    decision = {"metric": metric, "value": value, "stderr": stderr, "version": str(version)}
-    if champion is None:
-        decision.update(alias=CHAMPION, reason="no champion yet")
-    elif str(champion.version) == str(version):
-        decision.update(alias=CHAMPION, reason="already the champion", champion_version=str(version))
-    else:
-        tags = champion.tags
-        decision["champion_version"] = str(champion.version)
-        if f"{BENCH_PREFIX}{metric}" not in tags:
-            decision.update(alias=CHAMPION, reason=f"champion v{champion.version} has no {metric} score")
-        elif tags.get(TAG_BENCH_SAMPLE) != mine.get(TAG_BENCH_SAMPLE):
-            decision.update(alias=CHALLENGER, reason=f"champion v{champion.version} was scored on other items; not compared")
-        else:
-            best = float(tags[f"{BENCH_PREFIX}{metric}"])
-            best_se = float(tags.get(f"{BENCH_PREFIX}{metric}_stderr", "0"))
-            margin = math.sqrt(stderr**2 + best_se**2)
-            beats = value - best > margin
-            decision.update(
-                alias=CHAMPION if beats else CHALLENGER,
-                reason=("beats" if beats else "does not beat") + f" v{champion.version} by more than the combined stderr",
-                champion_value=best,
-                champion_stderr=best_se,
-                difference=value - best,
-                combined_stderr=margin,
-            )
+    score = _score(client.get_model_version(name, version).tags, metric)
+    if score is None:
+        raise ValueError(f"{name} v{version} has no {metric} score to promote on; tag_scores first")
+    current = champion_version(tracking, name)
+    champion = None if current is None else Champion(str(current.version), _score(current.tags, metric))
+    decision = decide(metric, version, score, champion)
     client.set_registered_model_alias(name, decision["alias"], version)
     for key in ("alias", "reason"):
-        client.set_model_version_tag(name, version, f"promotion.{key}", str(decision[key]))
+        client.set_model_version_tag(name, version, f"{PROMOTION_PREFIX}{key}", str(decision[key]))
     return decision

@@ -10,6 +10,7 @@ import contextlib
 import os
 import subprocess
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,24 +20,8 @@ from filelock import FileLock
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-# Tag keys, named once.
-TAG_STAGE = "lmcore.stage"
-TAG_GIT_COMMIT = "lmcore.git_commit"
-TAG_PARAMS_SHA = "lmcore.params_sha256"
-TAG_RAW_MANIFEST_SHA = "lmcore.raw_manifest_sha256"
-TAG_TOKENS_MANIFEST_SHA = "lmcore.tokens_manifest_sha256"
-TAG_WEIGHTS_SHA = "lmcore.weights_sha256"
-TAG_BASE_WEIGHTS_SHA = "lmcore.base_weights_sha256"  # the model a fine-tune started from
-TAG_FINETUNE = "lmcore.finetune"  # classifier | instruct | dpo
-TAG_FINETUNE_MANIFEST_SHA = "lmcore.finetune_manifest_sha256"  # the data a fine-tune collected
-TAG_FLOW_RUN = "lmcore.prefect_flow_run_id"
-TAG_LAUNCHER = "lmcore.launcher"
-# DVC hashes (md5, as dvc.lock records them) of a stage run's inputs and outputs: one tag per path.
-TAG_DVC_DEP = "lmcore.dvc.dep."  # + the path as dvc.yaml writes it
-TAG_DVC_OUT = "lmcore.dvc.out."
-TAG_DVC_DEPS_MD5 = "lmcore.dvc.deps_md5"  # md5 of all the deps' hashes: runs with equal inputs share it
-TAG_DVC_HASHED_BY = "lmcore.dvc.hashed_by"  # DVC on the project at the root, or dvc_data without one
-PARENT_RUN = "mlflow.parentRunId"
+from tasks import dvc_hashes
+from tasks.tags import ERROR_ARTIFACT, PARENT_RUN, TAG_ERROR, TAG_STAGE
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 
@@ -145,25 +130,28 @@ class Tracking:
 
     @contextlib.contextmanager
     def run(self, name: str, tags: dict[str, str] | None = None) -> Iterator[MlflowTracker]:
-        """A run (nested under the parent when there is one), FINISHED on success, FAILED on error.
+        """A run (nested under the parent when there is one), FINISHED on success; on an error FAILED, with the
+        error's first line as tag `lmcore.error` and its traceback as the artifact error/traceback.txt.
 
         With `lineage_root`, a stage's run starts with its inputs' DVC hashes and ends with its outputs'.
         """
-        from tasks import lineage  # it imports this module's tag names
-
         client = self.client()
         all_tags = {TAG_STAGE: name, **self.tags, **(tags or {})}
         if self.parent_run_id:
             all_tags[PARENT_RUN] = self.parent_run_id
         if self.lineage_root is not None:
-            all_tags.update(lineage.input_tags(self.lineage_root, name))
+            all_tags.update(dvc_hashes.input_tags(self.lineage_root, name))
         run = client.create_run(self.experiment_id(client), run_name=name, tags=all_tags)
         tracker = MlflowTracker(client, run.info.run_id)
         try:
             yield tracker
             if self.lineage_root is not None:
-                tracker.set_tags(lineage.output_tags(self.lineage_root, name))
-        except BaseException:
+                tracker.set_tags(dvc_hashes.output_tags(self.lineage_root, name))
+        except BaseException as err:
+            with contextlib.suppress(Exception):  # the run is failed whatever happens to its error record
+                message = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                client.set_tag(run.info.run_id, TAG_ERROR, f"{type(err).__name__}: {message}"[:MAX_PARAM_LEN])
+                client.log_text(run.info.run_id, "".join(traceback.format_exception(err)), ERROR_ARTIFACT)
             client.set_terminated(run.info.run_id, "FAILED")
             raise
         client.set_terminated(run.info.run_id, "FINISHED")

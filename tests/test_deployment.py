@@ -89,7 +89,7 @@ def test_deployment_has_the_cron_schedule_and_parameters(served):
 def test_triggered_run_is_tracked_under_its_flow_run_id(served):
     from mlflow.tracking import MlflowClient
 
-    from tasks.stages import STAGES
+    from lmcore.pipeline import NAMES as STAGES
 
     run_id = str(served["flow_run"].id)
     client = MlflowClient(served["mlflow"].url)

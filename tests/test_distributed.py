@@ -22,7 +22,7 @@ import yaml
 
 from lmcore.checkpoint import list_checkpoints, load_model
 from lmcore.paths import TRAIN_LOSS, VAL_LOSS, WEIGHTS, Layout
-from lmcore.training import PRETRAIN_CHECKPOINTS, pretrain
+from lmcore.pretrain import PRETRAIN_CHECKPOINTS, pretrain
 from tests.conftest import MICRO, ROOT
 from tests.test_training import micro_cfg, write_pattern_tokens
 
@@ -42,7 +42,7 @@ def project(tmp_path) -> Path:
 
 
 def torchrun(root: Path, *overrides: str, nproc: int = 2) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "lmcore.train",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "lmcore.pretrain",
            "--params", str(root / "params.yaml"), "--root", str(root)]
     for ov in overrides:
         cmd += ["--set", ov]
@@ -103,7 +103,7 @@ def test_fsdp_on_two_processes_trains_checkpoints_and_resumes(project):
 
 
 def test_entry_runs_alone_without_torchrun(project):
-    from lmcore.train import main
+    from lmcore.pretrain import main
 
     summary = main(["--params", str(project / "params.yaml"), "--root", str(project), "--set", "pretrain.max_steps=5"])
     assert summary["world_size"] == 1 and summary["steps"] == 5
@@ -118,7 +118,7 @@ def test_tracked_entry_under_torchrun_logs_to_mlflow_and_registers(project):
 
     uri = f"sqlite:///{project / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "flows.train",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "flows.torchrun",
            "--params", str(project / "params.yaml"), "--root", str(project)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

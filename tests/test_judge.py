@@ -16,11 +16,13 @@ import torch
 
 from lmcore.checkpoint import save_model
 from lmcore.config import JudgeConfig, ModelConfig
+from lmcore.errors import is_input_error, is_transient
 from lmcore.finetune.data import DataError, format_prompt
 from lmcore.generation import generate_text
 from lmcore.judge import (
     ChatClient,
     JudgeError,
+    JudgeUnavailable,
     judge_prompt,
     judge_responses,
     judge_skip_reason,
@@ -206,10 +208,11 @@ def test_client_retries_5xx_and_429_then_succeeds():
 
 def test_client_gives_up_after_retries():
     with endpoint([(503, {"error": {"message": "overloaded"}})]) as (url, ep):
-        with ChatClient(url, "judge", timeout_s=5, retries=2, **FAST) as client, pytest.raises(JudgeError) as err:
+        with ChatClient(url, "judge", timeout_s=5, retries=2, **FAST) as client, pytest.raises(JudgeUnavailable) as err:
             client.complete("x")
     assert len(ep.requests) == 3
     assert str(err.value) == f"{url}/chat/completions: failed after 3 attempt(s); last error: HTTP 503: overloaded"
+    assert is_transient(err.value) and not is_input_error(err.value)
 
 
 def test_client_fails_at_once_on_4xx_and_keeps_the_key_out():
@@ -219,6 +222,7 @@ def test_client_fails_at_once_on_4xx_and_keeps_the_key_out():
     assert len(ep.requests) == 1
     assert ep.requests[0]["headers"]["Authorization"] == "Bearer sk-secret-123"
     assert str(err.value) == f"{url}/chat/completions: HTTP 401: Invalid API key"
+    assert is_input_error(err.value) and not is_transient(err.value)
     # Ollama's error shape: {"error": "..."}
     with endpoint([(404, {"error": "model 'llama9' not found"})]) as (url, ep):
         with ChatClient(url, "llama9", timeout_s=5, retries=3, **FAST) as client, pytest.raises(JudgeError, match="HTTP 404: model 'llama9' not found"):
@@ -229,7 +233,7 @@ def test_client_fails_at_once_on_4xx_and_keeps_the_key_out():
 def test_client_retries_timeouts_and_refused_connections():
     with endpoint([("sleep", 1.0)]) as (url, ep):
         start = time.monotonic()
-        with ChatClient(url, "judge", timeout_s=0.2, retries=1, **FAST) as client, pytest.raises(JudgeError) as err:
+        with ChatClient(url, "judge", timeout_s=0.2, retries=1, **FAST) as client, pytest.raises(JudgeUnavailable) as err:
             client.complete("x")
         assert time.monotonic() - start < 1.5  # two timed-out attempts, not two full replies
     assert len(ep.requests) == 2
@@ -239,7 +243,7 @@ def test_client_retries_timeouts_and_refused_connections():
         assert client.complete("x") == "50"
 
     nobody = f"http://127.0.0.1:{free_port()}/v1"
-    with ChatClient(nobody, "judge", timeout_s=1, retries=2, **FAST) as client, pytest.raises(JudgeError) as err:
+    with ChatClient(nobody, "judge", timeout_s=1, retries=2, **FAST) as client, pytest.raises(JudgeUnavailable) as err:
         client.complete("x")
     assert str(err.value).startswith(f"{nobody}/chat/completions: failed after 3 attempt(s); last error: ConnectError")
 
@@ -247,7 +251,7 @@ def test_client_retries_timeouts_and_refused_connections():
 def test_credentials_in_the_url_are_never_shown():
     with endpoint([(503, {"error": {"message": "down"}})]) as (url, ep):
         secret_url = url.replace("http://", "http://user:pw-secret@")
-        with ChatClient(secret_url, "judge", timeout_s=5, retries=0, **FAST) as client, pytest.raises(JudgeError) as err:
+        with ChatClient(secret_url, "judge", timeout_s=5, retries=0, **FAST) as client, pytest.raises(JudgeUnavailable) as err:
             client.complete("x")
     assert ep.requests[0]["headers"]["Authorization"].startswith("Basic ")  # still sent, as HTTP basic auth
     assert "pw-secret" not in str(err.value) and str(err.value).startswith(f"{url}/chat/completions:")
@@ -333,7 +337,7 @@ def test_a_failing_endpoint_leaves_the_old_outputs(tmp_path, responses_file):
     (out / METRICS).write_text('{"mean_score": 50}\n')
     with endpoint([(200, completion("90")), (500, {"error": {"message": "boom"}})]) as (url, ep):
         cfg = JudgeConfig(url=url, model="judge", retries=1)
-        with pytest.raises(JudgeError, match="HTTP 500: boom"):
+        with pytest.raises(JudgeUnavailable, match="HTTP 500: boom"):
             judge_responses(cfg, responses_file, out, progress=False)
     assert len(ep.requests) == 3  # one good, then the failing one twice
     assert sorted(p.name for p in out.iterdir()) == [METRICS]

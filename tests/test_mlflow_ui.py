@@ -25,8 +25,10 @@ from lmcore.config import ModelConfig
 from lmcore.io import sha256_file
 from lmcore.model import GPT
 from lmcore.paths import WEIGHTS
-from tasks.registry import CHALLENGER, CHAMPION, log_and_register, promote, tag_scores
-from tasks.tracking import TAG_WEIGHTS_SHA, Tracking
+from lmcore.promotion import CHALLENGER, CHAMPION
+from tasks.registry import log_and_register, promote, tag_scores
+from tasks.tags import TAG_WEIGHTS_SHA
+from tasks.tracking import Tracking
 from tests.servers import mlflow_server
 
 pytestmark = pytest.mark.slow

@@ -1,16 +1,37 @@
-"""Eval-gated promotion on a real MLflow SQLite registry: champion moves only past the combined standard error,
-and only between versions scored on the same items."""
+"""Eval-gated promotion: the decision alone (lmcore.promotion, no MLflow), then on a real MLflow SQLite registry:
+champion moves only past the combined standard error, and only between versions scored on the same items."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 from mlflow.tracking import MlflowClient
 
+from lmcore.promotion import Champion, Score, decide
 from tasks.registry import promote, tag_scores
 from tasks.tracking import Tracking
 
 METRIC = "hellaswag.acc_norm"
+
+
+def test_decision_rules_without_a_registry():
+    mine = Score(0.34, 0.03, "s1")
+    assert decide(METRIC, "2", mine, None)["reason"] == "no champion yet"
+    assert decide(METRIC, "2", mine, Champion("2", mine))["alias"] == "champion"
+    unscored = decide(METRIC, "2", mine, Champion("1", None))
+    assert unscored["alias"] == "champion" and unscored["reason"] == f"champion v1 has no {METRIC} score"
+    elsewhere = decide(METRIC, "2", Score(0.9, 0.01, "s2"), Champion("1", Score(0.25, 0.01, "s1")))
+    assert elsewhere["alias"] == "challenger" and "scored on other items" in elsewhere["reason"]
+
+    close = decide(METRIC, "2", mine, Champion("1", Score(0.30, 0.03, "s1")))  # +0.04 < sqrt(0.03^2 + 0.03^2)
+    assert close["alias"] == "challenger" and close["reason"] == "does not beat v1 by more than the combined stderr"
+    assert close["difference"] == pytest.approx(0.04) and close["combined_stderr"] == pytest.approx(math.hypot(0.03, 0.03))
+    clear = decide(METRIC, "3", Score(0.40, 0.02, "s1"), Champion("1", Score(0.30, 0.03, "s1")))
+    assert clear["alias"] == "champion" and clear["champion_version"] == "1" and clear["champion_value"] == 0.30
+    # exactly the combined stderr is not enough: it must be beaten
+    edge = decide(METRIC, "2", Score(0.35, 0.03, "s1"), Champion("1", Score(0.30, 0.04, "s1")))
+    assert edge["combined_stderr"] == pytest.approx(0.05) and edge["alias"] == "challenger"
 
 
 def registry(tmp_path, n: int) -> tuple[Tracking, MlflowClient, list[str]]:

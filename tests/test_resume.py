@@ -1,4 +1,4 @@
-"""Exact resume of pretraining from training checkpoints (lmcore.training + lmcore.checkpoint).
+"""Exact resume of pretraining from training checkpoints (lmcore.pretrain, lmcore.training, lmcore.checkpoint).
 
 The kill test runs this file as a child process: `python -m tests.test_resume <json args>`.
 """
@@ -31,7 +31,7 @@ from lmcore.checkpoint import (
 )
 from lmcore.config import ModelConfig, PretrainConfig
 from lmcore.paths import SUMMARY, TRAIN_LOSS, VAL_LOSS, WEIGHTS
-from lmcore.training import pretrain
+from lmcore.pretrain import pretrain
 from tests.conftest import ROOT
 from tests.test_training import VOCAB, micro_cfg, write_pattern_tokens
 

@@ -1,4 +1,5 @@
-"""Pretraining (lmcore.training) on a tiny learnable token stream."""
+"""Pretraining (lmcore.pretrain) on a tiny learnable token stream, and what every trainer shares (lmcore.training):
+the optimizer step, the training state, precision, the schedule."""
 
 from __future__ import annotations
 
@@ -12,13 +13,17 @@ import pytest
 import torch
 import yaml
 
+import lmcore.pretrain as pretraining
 import lmcore.training as training
 from lmcore.checkpoint import load_model
 from lmcore.config import ModelConfig, PretrainConfig
+from lmcore.data.loader import RANDOM, TokenDataset, TokenLoader
 from lmcore.data.shards import token_dtype, write_shard
+from lmcore.model import GPT
 from lmcore.paths import LOSS_PLOT, MANIFEST, MODEL_CONFIG, RESOLVED_PARAMS, SUMMARY, TRAIN_LOSS, VAL_LOSS, WEIGHTS
 from lmcore.tracking import ListTracker
-from lmcore.training import lr_at, pretrain
+from lmcore.pretrain import pretrain
+from lmcore.training import lr_at
 
 VOCAB = 16
 
@@ -149,7 +154,7 @@ def test_divergence_is_an_error_and_keeps_previous_outputs(tmp_path, pattern_tok
     before = {p: p.read_bytes() for d in (model_dir, reports_dir) for p in d.iterdir()}
 
     real_lr_at = training.lr_at
-    monkeypatch.setattr(training, "lr_at", lambda step, cfg: math.nan if step >= 4 else real_lr_at(step, cfg))
+    monkeypatch.setattr(pretraining, "lr_at", lambda step, cfg: math.nan if step >= 4 else real_lr_at(step, cfg))
     with pytest.raises(FloatingPointError, match="train loss is nan at step 6"):
         run(tmp_path, pattern_tokens)
 
@@ -171,7 +176,7 @@ def test_lr_schedule():
 
 @pytest.mark.parametrize("preset", ["gpt2-micro", "llama-micro"])
 def test_weight_decay_groups(preset):
-    model = training.GPT(ModelConfig(preset=preset, vocab_size=VOCAB))
+    model = GPT(ModelConfig(preset=preset, vocab_size=VOCAB))
     opt = training.make_optimizer(model, micro_cfg(weight_decay=0.1), torch.device("cpu"))
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
@@ -184,19 +189,100 @@ def test_weight_decay_groups(preset):
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params()  # tied tensor once
 
 
-def test_grad_accumulation_equals_one_batch_of_the_same_windows():
+def lm_loss(model: GPT, grad_hook=None):
+    """train_step's loss_fn for a GPT: its mean next-token loss, logged as "loss"; `grad_hook` may alter the
+    gradient that flows back from the loss."""
+
+    def loss_fn(batch):
+        loss = model(*batch)[1]
+        if grad_hook is not None:
+            loss.register_hook(grad_hook)
+        return loss, {"loss": loss.item()}
+
+    return loss_fn
+
+
+def sgd_step(model: GPT, micro_batches: list, loss_fn=None, **options) -> training.StepResult:
+    """One train_step with plain SGD (lr 1, no clipping, fp32 by default): the weights move by minus the gradient."""
+    options = {"step": 1, "lr": 1.0, "precision": training.resolve_precision("fp32", torch.device("cpu")), "grad_clip": 0.0, **options}
+    optimizer = torch.optim.SGD(model.parameters(), lr=options["lr"])
+    return training.train_step(model, optimizer, loss_fn or lm_loss(model), micro_batches, **options)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_grad_accumulation_equals_one_batch_of_the_same_windows(k):
     torch.manual_seed(0)
-    model = training.GPT(micro_cfg().model)
-    x = torch.randint(0, VOCAB, (8, 16))
-    y = torch.randint(0, VOCAB, (8, 16))
-    fp32 = training.resolve_precision("fp32", torch.device("cpu"))
-    whole = training.accumulate_gradients(model, [(x, y)], precision=fp32)
-    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    parts = training.accumulate_gradients(model, [(x[:4], y[:4]), (x[4:], y[4:])], precision=fp32)
-    assert parts.item() == pytest.approx(whole.item(), abs=1e-6)
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, expected[n], rtol=1e-5, atol=1e-7, msg=n)
+    x, y = torch.randint(0, VOCAB, (8, 16)), torch.randint(0, VOCAB, (8, 16))
+    whole_model, parts_model = GPT(micro_cfg().model), GPT(micro_cfg().model)
+    parts_model.load_state_dict(whole_model.state_dict())
+    whole = sgd_step(whole_model, [(x, y)])
+    size = 8 // k
+    parts = sgd_step(parts_model, [(x[i : i + size], y[i : i + size]) for i in range(0, 8, size)])
+    assert parts.loss == pytest.approx(whole.loss, abs=1e-6)
+    assert parts.metrics["loss"] == pytest.approx(whole.metrics["loss"], abs=1e-6)  # averaged over the micro-batches
+    assert parts.grad_norm == pytest.approx(whole.grad_norm, rel=1e-5)
+    for (n, a), (_, b) in zip(whole_model.named_parameters(), parts_model.named_parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, msg=n)  # w - grad: the same gradient
+    assert all(p.grad is None for p in parts_model.parameters())  # zero_grad after the update
+
+
+def test_train_step_fp16_scaler_skips_an_overflow_and_lowers_the_scale():
+    torch.manual_seed(0)
+    model = GPT(micro_cfg().model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fp16 = training.resolve_precision("fp16", torch.device("cpu"))
+    scaler = fp16.grad_scaler()
+    assert scaler is not None and training.resolve_precision("bf16", torch.device("cpu")).grad_scaler() is None
+    batch = (torch.randint(0, VOCAB, (4, 16)), torch.randint(0, VOCAB, (4, 16)))
+
+    scale = scaler.get_scale()
+    overflow = sgd_step(model, [batch], lm_loss(model, lambda g: g * math.inf), precision=fp16, scaler=scaler, grad_clip=1.0)
+    assert math.isfinite(overflow.loss) and not math.isfinite(overflow.grad_norm)  # no error: the scaler's business
+    assert scaler.get_scale() == scale / 2
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # the update was skipped
+
+    applied = sgd_step(model, [batch], precision=fp16, scaler=scaler, grad_clip=1.0, lr=0.1, step=2)
+    assert math.isfinite(applied.grad_norm) and scaler.get_scale() == scale / 2
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_train_step_nan_guard_names_the_step():
+    torch.manual_seed(0)
+    model = GPT(micro_cfg().model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batch = (torch.randint(0, VOCAB, (4, 16)), torch.randint(0, VOCAB, (4, 16)))
+    nan_loss = lambda b: (model(*b)[1] * math.nan, {})  # noqa: E731
+    with pytest.raises(FloatingPointError, match=r"^finetune_x: train loss is nan at step 7 \(lr 0\.01\).*No checkpoint was written"):
+        sgd_step(model, [batch], nan_loss, step=7, lr=0.01, what="finetune_x")
+    # a NaN gradient with a finite loss (no fp16 scaler to skip it) is divergence too
+    with pytest.raises(FloatingPointError, match=r"^train: gradient norm is nan at step 3"):
+        sgd_step(model, [batch], lm_loss(model, lambda g: g * math.nan), step=3, grad_clip=1.0)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # no update in either case
+
+
+def test_train_state_round_trips_through_json(tmp_path, pattern_tokens):
+    loader = TokenLoader(TokenDataset(pattern_tokens, "train"), 4, 16, mode=RANDOM, seed=3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    state = training.TrainState(loader=loader, scaler=scaler, early_stopping=training.EarlyStopping(patience=3, min_delta=0.1))
+    for _ in range(5):
+        loader.next_batch()
+    state.step, state.train_time_s = 5, 1.25
+    state.train_rows = [(s, 2.5 / s, 1e-3 * s) for s in range(1, 6)]
+    state.val_rows = [(0, 2.77), (4, 1.5)]
+    state.early_stopping.update(0, 2.77), state.early_stopping.update(4, 2.70)  # one bad eval
+    saved = json.loads(json.dumps(state.state_dict()))  # what trainer_state.json holds
+    assert saved.keys() == {"step", "loader", "train_rows", "val_rows", "train_time_s", "grad_scaler", "early_stopping"}
+
+    fresh_loader = TokenLoader(TokenDataset(pattern_tokens, "train"), 4, 16, mode=RANDOM, seed=3)
+    fresh = training.TrainState(loader=fresh_loader, scaler=torch.amp.GradScaler("cpu"),
+                                early_stopping=training.EarlyStopping(patience=3, min_delta=0.1))
+    fresh.load_state_dict(saved)
+    assert (fresh.step, fresh.train_time_s, fresh.train_rows, fresh.val_rows) == (5, 1.25, state.train_rows, state.val_rows)
+    assert fresh.early_stopping == state.early_stopping and fresh.early_stopping.bad_evals == 1
+    assert fresh.scaler.get_scale() == 2.0**10
+    assert fresh.state_dict() == state.state_dict()
+    assert all(torch.equal(a, b) for a, b in zip(fresh_loader.next_batch(), loader.next_batch()))  # the same next batch
+    assert training.TrainState().state_dict()["loader"] is None
 
 
 def test_grad_accumulation_in_pretrain(tmp_path, pattern_tokens):
@@ -246,7 +332,7 @@ def test_mfu_and_tokens_per_s(tmp_path, pattern_tokens):
     tracker = ListTracker()
     cfg = micro_cfg(max_steps=5, peak_flops=1e12)
     summary, _, _ = run(tmp_path, pattern_tokens, cfg=cfg, tracker=tracker)
-    model = training.GPT(cfg.model)
+    model = GPT(cfg.model)
     n = model.num_params(non_embedding=True)
     fpt = 6 * n + 12 * 2 * 2 * 16 * 16  # 6N + 12 L H Q T
     assert training.flops_per_token(cfg.model, n) == fpt
@@ -303,7 +389,7 @@ def test_nan_guard_keeps_the_last_good_checkpoint(tmp_path, pattern_tokens, monk
     from lmcore.checkpoint import latest_checkpoint, load_training_checkpoint
 
     real_lr_at = training.lr_at
-    monkeypatch.setattr(training, "lr_at", lambda step, cfg: math.nan if step >= 4 else real_lr_at(step, cfg))
+    monkeypatch.setattr(pretraining, "lr_at", lambda step, cfg: math.nan if step >= 4 else real_lr_at(step, cfg))
     ckpts = tmp_path / "ckpt"
     with pytest.raises(FloatingPointError, match=r"train loss is nan at step 6 .* last good checkpoint is .*step-00000004 \(step 4\)"):
         run(tmp_path, pattern_tokens, cfg=micro_cfg(checkpoint_interval=2), checkpoint_dir=ckpts)

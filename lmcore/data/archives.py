@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmcore.data.formats import ARCHIVE_SUFFIXES
+from lmcore.errors import InputError, one_line
 
 ZIP = "zip"
 TAR = "tar"  # plain, gzip, bzip2 or xz: tarfile's "r|*" reads them all
@@ -40,7 +41,7 @@ _MAX_LINK_HOPS = 40  # as Linux's MAXSYMLINKS: a longer chain is a loop
 _COPY_CHUNK = 1 << 20
 
 
-class ArchiveError(Exception):
+class ArchiveError(InputError):
     """An archive that cannot be read, or a member that would land outside the destination."""
 
 
@@ -112,7 +113,7 @@ def extract(path: Path, dest: Path, name: str | None = None) -> Extracted:
     except ArchiveError:
         raise
     except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError, _zstd_error()) as err:
-        raise ArchiveError(f"archive {label}: cannot be extracted: {type(err).__name__}: {err}") from err
+        raise ArchiveError(f"archive {label}: cannot be extracted: {type(err).__name__}: {one_line(err)}") from err
     skipped = [(m.raw, f"symbolic link to {m.target!r} (not created; its target is a member of its own)")
                for m in members if m.kind == _SYMLINK]
     return Extracted(members=len(members), skipped=skipped)
@@ -281,4 +282,4 @@ def _extract_tar(path: Path, kind: str, dest: Path, label: str) -> None:
             try:
                 tf.extract(ti, dest, set_attrs=False, filter="data")
             except tarfile.FilterError as err:
-                raise ArchiveError(f"archive {label}: member {ti.name!r} refused: {err}") from err
+                raise ArchiveError(f"archive {label}: member {ti.name!r} refused: {one_line(err)}") from err

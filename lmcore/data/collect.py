@@ -38,6 +38,7 @@ from tqdm import tqdm
 from lmcore.config import CollectConfig, Source
 from lmcore.data import archives
 from lmcore.data.formats import FileFormat, compression_of, detect, is_archive
+from lmcore.errors import InputError, TransientError, one_line
 from lmcore.io import atomic_dir, sha256_file, write_json
 from lmcore.paths import MANIFEST
 
@@ -71,8 +72,15 @@ def mirror_from_env() -> Path | None:
     return Path(value) if value and Path(value).is_dir() else None
 
 
-class CollectError(RuntimeError):
-    """A source that cannot be collected: missing, unreachable, unsafe, or not matching its sha256."""
+class CollectError(InputError):
+    """A source that cannot be collected: missing, unsafe, refused by its server (HTTP 4xx), or not matching its sha256."""
+
+
+class SourceUnavailable(TransientError):
+    """A download that still failed after its retries (connection, timeout, HTTP 429/5xx, short read): worth a later run.
+
+    What arrived stays in the cache's .part file, and the next run resumes it.
+    """
 
 
 class _RetryableError(Exception):
@@ -153,7 +161,10 @@ class _Collector:
             "text_field": src.text_field,
         }
         if src.path is not None:
-            return self._local(src, out, entry)
+            try:
+                return self._local(src, out, entry)
+            except PermissionError as err:  # a file of the user's that this process may not read
+                raise CollectError(f"source {src.name!r}: cannot read {err.filename}: {err.strerror}") from None
 
         # A URL or a sha256 alone: the mirror first, then (for a URL) the network.
         incoming = out / f".{src.name}.incoming"
@@ -274,7 +285,7 @@ class _Collector:
             except _RetryableError as err:
                 if attempt + 1 == attempts:
                     kept = f"; {part.stat().st_size} bytes kept in {part} for the next run" if part.exists() else ""
-                    raise CollectError(
+                    raise SourceUnavailable(
                         f"source {src.name!r}: download of {src.url} failed after {attempts} attempt(s): {err}{kept}"
                     ) from err
                 delay = self.backoff_s * 2**attempt
@@ -492,7 +503,11 @@ class _MirrorIndex:
         sums = self.root / SHA256SUMS
         if sums.is_file():
             root = self.root.resolve()
-            for lineno, line in enumerate(sums.read_text(encoding="utf-8").splitlines(), 1):
+            try:
+                text = sums.read_text(encoding="utf-8")
+            except UnicodeDecodeError as err:
+                raise CollectError(f"{sums}: not UTF-8 text ({err.reason} at byte offset {err.start})") from None
+            for lineno, line in enumerate(text.splitlines(), 1):
                 parts = line.strip().split(maxsplit=1)
                 if not parts or parts[0].startswith("#"):
                     continue
@@ -556,10 +571,10 @@ def _fetch(src: Source, part: Path, timeout_s: float) -> tuple[str, int]:
     except urllib.error.HTTPError as err:
         if err.code >= 500 or err.code == 429:
             raise _RetryableError(f"HTTP {err.code} {err.reason}") from err
-        raise CollectError(f"source {src.name!r}: download of {src.url} failed: HTTP {err.code} {err.reason}") from err
+        raise CollectError(f"source {src.name!r}: download of {src.url} failed: HTTP {err.code} {one_line(err.reason)}") from err
     except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
         # URLError wraps DNS and connection failures; TimeoutError and resets are OSErrors.
-        raise _RetryableError(f"{type(err).__name__}: {getattr(err, 'reason', err)}") from err
+        raise _RetryableError(f"{type(err).__name__}: {one_line(getattr(err, 'reason', err))}") from err
 
 
 def _fetch_once(src: Source, part: Path, timeout_s: float) -> tuple[str, int]:

@@ -40,7 +40,8 @@ import numpy as np
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
-from lmcore.data.shards import Shard, exists, is_url, join, read_bytes
+from lmcore.data.shards import Shard, ShardError, exists, is_url, join, read_bytes
+from lmcore.errors import MissingInputError
 from lmcore.paths import MANIFEST
 
 RANDOM = "random"
@@ -63,12 +64,12 @@ class TokenDataset:
         self.dir: str | Path = str(tokens_dir) if is_url(tokens_dir) else Path(tokens_dir)
         manifest_loc = join(self.dir, MANIFEST)
         if not exists(manifest_loc):
-            raise FileNotFoundError(f"{manifest_loc}: no tokenize manifest (run the tokenize stage first)")
-        self.manifest = json.loads(read_bytes(manifest_loc))
+            raise MissingInputError(f"{manifest_loc}: no tokenize manifest (run the tokenize stage first)")
+        self.manifest = _read_manifest(manifest_loc)
         self.split = split
         entries = [s for s in self.manifest["shards"] if s["split"] == split]
         if not entries:
-            raise ValueError(f"{manifest_loc}: no shards for split {split!r}")
+            raise ShardError(f"{manifest_loc}: no shards for split {split!r}")
         self.files = [s["file"] for s in entries]
         self.shards = [Shard(join(self.dir, f)) for f in self.files]
         self.shard_tokens = np.array([len(s.tokens) for s in self.shards], dtype=np.int64)
@@ -109,7 +110,7 @@ class TokenDataset:
                 if self.n_tokens > context_length
                 else ""
             )
-            raise ValueError(
+            raise ShardError(
                 f"{self.dir}: split {self.split!r} has {self.n_tokens} tokens, too few for windows of "
                 f"{context_length}+1{spans}; lower context_length or add data"
             )
@@ -155,6 +156,22 @@ class TokenDataset:
         n = loader.batches_per_epoch if max_batches is None else min(max_batches, loader.batches_per_epoch)
         for _ in range(n):
             yield loader.next_batch()
+
+
+def _read_manifest(location: str | Path) -> dict[str, Any]:
+    """A tokenize manifest, checked for what the loader reads: "vocab_size" and "shards" of {"file", "split"}."""
+    try:
+        manifest = json.loads(read_bytes(location))
+    except json.JSONDecodeError as err:
+        raise ShardError(f"{location}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}; re-run the tokenize stage") from None
+    except UnicodeDecodeError as err:
+        raise ShardError(f"{location}: not UTF-8 text ({err.reason} at byte offset {err.start}); re-run the tokenize stage") from None
+    shards = manifest.get("shards") if isinstance(manifest, dict) else None
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and {"file", "split"} <= s.keys() for s in shards):
+        raise ShardError(f"{location}: not a tokenize manifest (no 'shards' list of {{file, split}}); re-run the tokenize stage")
+    if "vocab_size" not in manifest:
+        raise ShardError(f"{location}: not a tokenize manifest (no 'vocab_size'); re-run the tokenize stage")
+    return manifest
 
 
 class TokenLoader:
@@ -211,7 +228,7 @@ class TokenLoader:
                 per_rank = (self.n_windows // self.world_size) // self.batch_size * self.batch_size
             self._per_rank = per_rank
             if per_rank == 0:
-                raise ValueError(
+                raise ShardError(
                     f"{dataset.dir}: split {dataset.split!r} has {self.n_windows} windows of {context_length}+1, "
                     f"no batch for rank {rank} of {world_size} at batch_size {batch_size} (drop_last={drop_last})"
                 )

@@ -170,6 +170,25 @@ def _nbytes(text: str) -> int:
 # ---------------------------------------------------------------------------------------------- manifest
 
 
+def _manifest_entries(manifest_path: Path) -> list[dict]:
+    """The sources of a collect manifest, each a {"name": str, ...} object; PreprocessError naming the file otherwise."""
+    try:
+        manifest = read_json(manifest_path)
+    except json.JSONDecodeError as err:
+        raise PreprocessError(
+            f"{manifest_path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}; re-run collect"
+        ) from None
+    except UnicodeDecodeError as err:
+        raise PreprocessError(f"{manifest_path}: not UTF-8 text ({err.reason} at byte offset {err.start}); re-run collect") from None
+    entries = manifest.get("sources", []) if isinstance(manifest, dict) else None
+    if not isinstance(entries, list):
+        raise PreprocessError(f"{manifest_path}: expected an object with a 'sources' list; re-run collect")
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise PreprocessError(f"{manifest_path}: sources[{i}] is not an object with a 'name'; re-run collect")
+    return entries
+
+
 def file_specs(entry: dict, manifest_path: Path) -> list[FileSpec]:
     """The files of one manifest entry. An entry written before sources held several files (one "file"
     key, no "files") is read as a one-file source, with a logged notice."""
@@ -182,7 +201,9 @@ def file_specs(entry: dict, manifest_path: Path) -> list[FileSpec]:
         files = [{"file": entry["file"], "sha256": entry.get("sha256"), "format": entry.get("format"),
                   "compression": compression_of(entry["file"])}]
     specs = []
-    for f in files:
+    for i, f in enumerate(files):
+        if not isinstance(f, dict) or not isinstance(f.get("file"), str):
+            raise PreprocessError(f"{manifest_path}: source {entry.get('name')!r}: files[{i}] has no 'file'; re-run collect")
         fmt = f.get("format") or entry.get("format")
         if fmt is None:
             found = detect(f["file"])
@@ -300,7 +321,7 @@ def preprocess(cfg: PreprocessConfig, raw_dir: Path, out_dir: Path) -> dict:
     manifest_path = raw_dir / MANIFEST
     if not manifest_path.is_file():
         raise PreprocessError(f"{manifest_path}: no collect manifest (run the collect stage first)")
-    entries = read_json(manifest_path).get("sources", [])
+    entries = _manifest_entries(manifest_path)
 
     repetition = repetition_rules(cfg.repetition)
     options = ReadOptions(split=cfg.split, decode_errors=cfg.decode_errors, on_bad=cfg.on_bad, max_bad_fraction=cfg.max_bad_fraction)

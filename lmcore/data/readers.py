@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from lmcore.data.formats import open_binary
+from lmcore.errors import InputError, one_line
 from lmcore.io import sha256_file
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ _HINT_DECODE = "set preprocess.decode_errors=replace or skip to go on"
 _HINT_BAD = "set preprocess.on_bad=skip to skip and count malformed records"
 
 
-class PreprocessError(RuntimeError):
+class PreprocessError(InputError):
     """Raw data that cannot be preprocessed: a missing, changed, undecodable or malformed file, or nothing left."""
 
 
@@ -372,7 +373,7 @@ def _read_csv(stream, spec, options, report, display) -> Iterator[str]:
     except StopIteration:
         return
     except csv.Error as err:
-        raise PreprocessError(f"{display}:1: unreadable CSV header: {err}") from None
+        raise PreprocessError(f"{display}:1: unreadable CSV header: {one_line(err)}") from None
     if spec.text_field not in header:
         raise PreprocessError(f"{display}: the CSV header has no {spec.text_field!r} column (columns: {header[:16]})")
     column = header.index(spec.text_field)
@@ -416,7 +417,7 @@ def _read_parquet(path: Path, spec, options, report, display) -> Iterator[str]:
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as err:
-        raise PreprocessError(f"{display}: not a readable parquet file: {err}") from None
+        raise PreprocessError(f"{display}: not a readable parquet file: {one_line(err)}") from None
     schema = pf.schema_arrow
     if spec.text_field not in schema.names:
         raise PreprocessError(f"{display}: no {spec.text_field!r} column (columns: {schema.names[:16]})")
@@ -494,8 +495,8 @@ def read_documents(
             else:
                 yield from readers[spec.format](stream, spec, options, report, display)
     except (OSError, EOFError, zlib.error) as err:  # gzip: BadGzipFile is an OSError, a truncated file EOFError
-        raise PreprocessError(f"{display}: cannot read ({spec.compression or 'uncompressed'}): {err}") from None
+        raise PreprocessError(f"{display}: cannot read ({spec.compression or 'uncompressed'}): {one_line(err)}") from None
     except Exception as err:
         if type(err).__name__ == "ZstdError":
-            raise PreprocessError(f"{display}: cannot decompress (zstd): {err}") from None
+            raise PreprocessError(f"{display}: cannot decompress (zstd): {one_line(err)}") from None
         raise

@@ -23,9 +23,15 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 
+from lmcore.errors import InputError, one_line
 from lmcore.io import atomic_file
 
 TOKENS = "tokens"
+
+
+class ShardError(InputError):
+    """Token shards or their tokenize manifest that cannot be read, or hold too few tokens for the windows asked
+    for; the message names the file or folder."""
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -170,8 +176,14 @@ class Shard:
         else:
             self.path = None
             source = pa.BufferReader(read_bytes(location))
-        table = pa.ipc.open_file(source).read_all()
-        column = table.column(TOKENS)
+        try:
+            table = pa.ipc.open_file(source).read_all()
+            column = table.column(TOKENS)
+        except (pa.ArrowInvalid, KeyError) as err:  # truncated or not Arrow IPC; no tokens column
+            raise ShardError(
+                f"{location}: not a token shard (an Arrow IPC file with a {TOKENS!r} column): {one_line(err)}; "
+                f"re-run the tokenize stage"
+            ) from None
         if column.num_chunks != 1:
             column = pa.chunked_array([column.combine_chunks()])  # only for shards not written here
         arr = column.chunk(0)

@@ -39,6 +39,7 @@ import logging
 import multiprocessing
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ from lmcore.data.shards import (
     write_bytes,
     write_shard_flat,
 )
+from lmcore.errors import InputError, MissingInputError
 from lmcore.io import replace_dir
 from lmcore.paths import DOCUMENTS, MANIFEST
 from lmcore.tokenizer import eot_token, get_encoding
@@ -79,7 +81,7 @@ ENCODE_BATCH_BYTES = 1 << 20
 READ_BLOCK = 1 << 22
 
 
-class TokenizeError(ValueError):
+class TokenizeError(InputError):
     """Input that cannot be tokenized; the message names the file and line."""
 
 
@@ -171,7 +173,7 @@ def plan_tokenize(
     try:
         size = file_size(documents)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{documents}: no documents file (run the preprocess stage first)") from None
+        raise MissingInputError(f"{documents}: no documents file (run the preprocess stage first)") from None
     if size == 0:
         raise TokenizeError(f"{documents}: no documents to tokenize (the file is empty)")
     digest, slices = _scan(documents, size, cfg.shard_bytes)
@@ -405,6 +407,7 @@ def tokenize(
     *,
     ranks_file: str | None = None,
     workers: int | None = None,
+    map_jobs: Callable[[Callable[[ShardJob], dict], list[ShardJob]], list[dict]] | None = None,
 ) -> dict[str, Any]:
     """Tokenize `clean_dir/documents.jsonl` into train/val shards under `out_dir` (a path or fsspec URL).
 
@@ -415,6 +418,8 @@ def tokenize(
         seed: seeds the train/val split.
         ranks_file: overrides cfg.ranks_file.
         workers: overrides cfg.workers (0: one process per core).
+        map_jobs: runs `encode_shard` over the pending slices elsewhere, as (fn, jobs) -> records in order
+            (e.g. a Prefect task per slice on Dask); None: a local process pool of `workers`.
 
     Returns:
         The manifest, as written to `out_dir/manifest.json`, plus a "run" entry (slices encoded and re-used,
@@ -424,7 +429,10 @@ def tokenize(
     plan = plan_tokenize(cfg, clean_dir, out_dir, seed, ranks_file)
     n_workers = workers if workers is not None else cfg.workers
     n_workers = n_workers or os.cpu_count() or 1
-    records = run_jobs(plan.pending, n_workers, total_bytes=sum(j.end - j.start for j in plan.pending))
+    if map_jobs is not None:
+        records = map_jobs(encode_shard, plan.pending) if plan.pending else []
+    else:
+        records = run_jobs(plan.pending, n_workers, total_bytes=sum(j.end - j.start for j in plan.pending))
     manifest = finish_tokenize(plan, records)
     seconds = time.perf_counter() - t0
     log.info(

@@ -164,6 +164,7 @@ def finetune_classifier(
     enc,
     params: dict | None = None,
     tracker: Tracker = NullTracker(),
+    checkpoint_dir: Path | None = None,
 ) -> dict:
     """Fine-tune a classifier from the pretrained model and evaluate it on validation and test.
 
@@ -174,6 +175,7 @@ def finetune_classifier(
         model_dir: replaced by the classifier (merged weights; config.json names the labels).
         reports_dir: replaced by metrics.json, summary.json, loss curves, confusion matrix, test predictions.
         enc: the tiktoken encoding.
+        checkpoint_dir: training checkpoints every cfg.checkpoint_interval steps, resumed with cfg.resume; None: none.
 
     Returns: the summary: counts, val/test metrics, majority-class baseline, first/final val loss.
     """
@@ -207,7 +209,8 @@ def finetune_classifier(
         y, probs, loss = predict(model, val_batches[:max_batches] if max_batches else val_batches)
         return {"loss": loss, "accuracy": float((probs.argmax(1) == y).mean())}
 
-    history = fit(model, cfg, train, to_device, loss_fn, evaluate_fn, seed=seed, tracker=tracker, desc="finetune_classifier")
+    history = fit(model, cfg, train, to_device, loss_fn, evaluate_fn, seed=seed, tracker=tracker, desc="finetune_classifier",
+                  checkpoint_dir=checkpoint_dir, start=base_model_dir)
 
     metrics, confusion, predictions = {}, {}, {}
     for name, split_batches in (("val", val_batches), ("test", test_batches)):

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import torch
 
+from lmcore.errors import InputError
 from lmcore.io import utf8_error
 
 OnBad = Literal["error", "skip"]
@@ -46,7 +47,7 @@ RESPONSE_MARKERS = {"alpaca": "### Response:", "phi3": "<|assistant|>"}
 _JSON_WS = re.compile(r"[ \t\n\r]*")  # the whitespace JSON allows between tokens
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Fine-tuning data that cannot be used; the message names the file and the line or record."""
 
 

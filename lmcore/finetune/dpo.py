@@ -68,6 +68,7 @@ def train_dpo(
     enc,
     params: dict | None = None,
     tracker: Tracker = NullTracker(),
+    checkpoint_dir: Path | None = None,
 ) -> dict:
     """Preference-tune the instruction model with DPO against a frozen copy of itself.
 
@@ -77,6 +78,7 @@ def train_dpo(
         splits_dir: prepare_instructions(..., fields=PREFERENCE_FIELDS) output.
         model_dir: replaced by the preference-tuned model.
         reports_dir: replaced by curves (loss, rewards, margin), metrics.json, summary.json, test_responses.jsonl.
+        checkpoint_dir: training checkpoints every cfg.checkpoint_interval steps, resumed with cfg.resume; None: none.
 
     Returns: the summary: first/final val loss and reward margin, reward accuracy, trainable parameters.
     """
@@ -121,7 +123,8 @@ def train_dpo(
         n = sum(size for _, size in rows)
         return {k: sum(m[k] * size for m, size in rows) / n for k in rows[0][0]}
 
-    history = fit(policy, cfg, encode(train_rows), collate, loss_fn, evaluate_fn, seed=seed, tracker=tracker, desc="dpo")
+    history = fit(policy, cfg, encode(train_rows), collate, loss_fn, evaluate_fn, seed=seed, tracker=tracker, desc="dpo",
+                  checkpoint_dir=checkpoint_dir, start=instruct_model_dir)
     policy.eval()
     n_gen = len(test_rows) if cfg.max_test_generations is None else min(cfg.max_test_generations, len(test_rows))
     responses = generate_responses(

@@ -117,6 +117,7 @@ def finetune_instruct(
     enc,
     params: dict | None = None,
     tracker: Tracker = NullTracker(),
+    checkpoint_dir: Path | None = None,
 ) -> dict:
     """Instruction-tune the pretrained model (all weights, or LoRA adapters merged at the end).
 
@@ -126,6 +127,7 @@ def finetune_instruct(
         splits_dir: prepare_instructions' output.
         model_dir: replaced by the instruction model (config.json records the template).
         reports_dir: replaced by loss curves, metrics.json, summary.json and test_responses.jsonl.
+        checkpoint_dir: training checkpoints every cfg.checkpoint_interval steps, resumed with cfg.resume; None: none.
 
     Returns: the summary: first/final val loss, test loss, trainable parameters, steps.
     """
@@ -159,7 +161,8 @@ def finetune_instruct(
     def evaluate_fn(model: GPT, max_batches: int | None) -> dict[str, float]:
         return {"loss": mean_loss(model, val_batches[:max_batches] if max_batches else val_batches)}
 
-    history = fit(model, cfg, train, to_device, loss_fn, evaluate_fn, seed=seed, tracker=tracker, desc="finetune_instruct")
+    history = fit(model, cfg, train, to_device, loss_fn, evaluate_fn, seed=seed, tracker=tracker, desc="finetune_instruct",
+                  checkpoint_dir=checkpoint_dir, start=base_model_dir)
     model.eval()
     test_loss = mean_loss(model, test_batches)
     n_gen = len(test_rows) if cfg.max_test_generations is None else min(cfg.max_test_generations, len(test_rows))

@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmcore.errors import InputError
+
 
 class LoRALinear(nn.Module):
     """y = base(x) + (dropout(x) @ A.T @ B.T) * (alpha / rank); base frozen, A and B trainable."""
@@ -91,12 +93,12 @@ def apply_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float, tar
     linears = [name for name, m in modules.items() if isinstance(m, nn.Linear)]
     for target in target_modules:
         if not any(_matches(name, target) for name in linears):
-            raise ValueError(f"LoRA target {target!r} matches no nn.Linear; the model's Linear modules are {linears}")
+            raise InputError(f"LoRA target {target!r} matches no nn.Linear; the model's Linear modules are {linears}")
     wrapped = [name for name in linears if any(_matches(name, t) for t in target_modules)]
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     for name in wrapped:
         if uses[id(modules[name].weight)] > 1:
-            raise ValueError(f"LoRA target {name!r} shares its weight with another parameter (tied); merging would untie it")
+            raise InputError(f"LoRA target {name!r} shares its weight with another parameter (tied); merging would untie it")
 
     model.requires_grad_(False)
     for name in wrapped:

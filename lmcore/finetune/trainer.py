@@ -1,19 +1,32 @@
-"""The training loop every fine-tuning stage shares: epochs of shuffled batches, AdamW, warmup-cosine,
-clipping, periodic validation, per-step metrics, a NaN guard.
+"""The training loop every fine-tuning stage shares: a stream of shuffled batches over the epochs, AdamW,
+warmup-cosine, the optimizer step pretraining uses (precision, gradient accumulation, clipping, the NaN guard),
+periodic validation, per-step metrics, training checkpoints and exact resume.
 
-    history = fit(model, cfg, train_items, collate, loss_fn, evaluate_fn, seed=0, tracker=tracker, desc="instruct")
+    history = fit(model, cfg, train_items, collate, loss_fn, evaluate_fn, seed=0, tracker=tracker, desc="finetune_instruct",
+                  checkpoint_dir=Path("models/checkpoints/instruct"))
     write_curves(reports_dir, history, title="instruction fine-tuning")
 
 A stage supplies what differs: how items become a batch (`collate`), the loss and its extra metrics
 (`loss_fn`, e.g. DPO rewards) and what validation measures (`evaluate_fn`). Only parameters with
 `requires_grad` are optimised, so freezing blocks or adding LoRA adapters is done before `fit`.
 
+Batches: each epoch visits the items in a new order drawn from a generator seeded with `seed`, `batch_size` at
+a time (the last batch of an epoch may be smaller); the epochs form one stream, and an optimizer step consumes
+`grad_accum_steps` batches of it. Total steps = ceil(epochs x batches per epoch / grad_accum_steps), capped by
+`max_steps`.
+
 Step numbering as in pretraining: train metrics of the k-th update at step k = 1..total; validation
-at step 0 (before any update), every `eval_interval` steps and after the last update.
+at step 0 (before any update), every `eval_interval` steps and after the last update (on the whole split).
+
+Checkpoints (lmcore.training.save_checkpoint) every `checkpoint_interval` steps into `checkpoint_dir`: the
+model (LoRA adapters and heads included), the optimizer, the RNG states (dropout) and the position in the batch
+stream. With `resume` the run continues from the latest one and ends as an uninterrupted run ends, bit for bit
+on CPU; what is built before `fit` (the start model, a DPO reference) is rebuilt from its folder as before.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -24,16 +37,29 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from lmcore.config import FinetuneConfig
-from lmcore.io import write_text
-from lmcore.paths import LOSS_PLOT, TRAIN_LOSS, VAL_LOSS
+from lmcore.config import RESUME_FREE_KEYS, FinetuneConfig
+from lmcore.io import sha256_file, write_text
+from lmcore.paths import LOSS_PLOT, TRAIN_LOSS, VAL_LOSS, WEIGHTS
 from lmcore.tracking import NullTracker, Tracker
-from lmcore.training import check_finite, lr_at, make_optimizer, plot_losses
+from lmcore.training import (
+    Precision,
+    TrainState,
+    check_finite,
+    checkpoint_due,
+    lr_at,
+    make_optimizer,
+    plot_losses,
+    resolve_precision,
+    save_checkpoint,
+    start_or_resume,
+    train_step,
+)
 
 # loss_fn(model, batch) -> (loss to backpropagate, metrics to log: {"loss": ..., ...}).
 LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
 # evaluate_fn(model, max_batches) -> validation metrics ({"loss": ..., ...}); max_batches None: the whole split.
 EvalFn = Callable[[torch.nn.Module, int | None], dict[str, float]]
+STREAM_STATE_VERSION = 1
 
 
 @dataclass
@@ -56,10 +82,66 @@ def batches(items: Sequence, batch_size: int, generator: torch.Generator | None 
     return [[items[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
 
 
+class EpochBatches:
+    """An endless stream of batches: epoch after epoch, the items in a new order from a generator seeded with
+    `seed` (epoch e's order is the generator's (e+1)-th permutation), `batch_size` at a time.
+
+    state_dict() is the position (epoch, batch within it) and a fingerprint of the items; load_state_dict()
+    replays the earlier epochs' permutations, so the next batch is the one that followed.
+    """
+
+    def __init__(self, items: Sequence, batch_size: int, seed: int):
+        self.items, self.batch_size, self.seed = items, batch_size, seed
+        self.per_epoch = math.ceil(len(items) / batch_size)
+        self.epoch, self.position = 0, 0  # the next batch: `position` of epoch `epoch`
+        self._generator = torch.Generator().manual_seed(seed)
+        self._order: list[int] | None = None  # this epoch's order, drawn at its first batch
+        self._fingerprint: str | None = None
+
+    def next_batch(self) -> list:
+        if self._order is None:
+            self._order = torch.randperm(len(self.items), generator=self._generator).tolist()
+        start = self.position * self.batch_size
+        batch = [self.items[i] for i in self._order[start : start + self.batch_size]]
+        self.position += 1
+        if self.position == self.per_epoch:
+            self.epoch, self.position, self._order = self.epoch + 1, 0, None
+        return batch
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the items' repr: a resumed run must see the same examples in the same order."""
+        if self._fingerprint is None:
+            self._fingerprint = hashlib.sha256(repr(list(self.items)).encode()).hexdigest()
+        return self._fingerprint
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STREAM_STATE_VERSION, "seed": self.seed, "batch_size": self.batch_size, "items": len(self.items),
+            "fingerprint": self.fingerprint, "epoch": self.epoch, "position": self.position,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Raises: ValueError when the state was saved for other items, another seed or another batch size."""
+        if state.get("version") != STREAM_STATE_VERSION:
+            raise ValueError(f"batch stream state version {state.get('version')!r}; this lmcore reads {STREAM_STATE_VERSION}")
+        here = self.state_dict()
+        wrong = [f"{k}={state[k]!r} (saved) vs {here[k]!r} (now)" for k in ("seed", "batch_size", "items", "fingerprint") if state[k] != here[k]]
+        if wrong:
+            raise ValueError("batch stream state does not match these training items: " + ", ".join(wrong))
+        self._generator = torch.Generator().manual_seed(self.seed)
+        for _ in range(state["epoch"]):  # the finished epochs' orders
+            torch.randperm(len(self.items), generator=self._generator)
+        self.epoch, self.position, self._order = state["epoch"], 0, None
+        if state["position"]:
+            self._order = torch.randperm(len(self.items), generator=self._generator).tolist()
+            self.position = state["position"]
+
+
 def total_steps(cfg: FinetuneConfig, n_items: int) -> int:
-    """Updates the run will make: every batch of every epoch, capped by `max_steps`."""
+    """Updates the run will make: every batch of every epoch, `grad_accum_steps` per update, capped by `max_steps`."""
     per_epoch = math.ceil(n_items / cfg.batch_size)
-    total = cfg.epochs * per_epoch
+    total = math.ceil(cfg.epochs * per_epoch / cfg.grad_accum_steps)
     return min(total, cfg.max_steps) if cfg.max_steps else total
 
 
@@ -74,70 +156,81 @@ def fit(
     seed: int,
     tracker: Tracker = NullTracker(),
     desc: str = "finetune",
+    checkpoint_dir: Path | None = None,
+    start: Path | None = None,
 ) -> History:
     """Train the parameters of `model` that require grad.
 
     Args:
-        cfg: epochs / max_steps, batch size and optimiser settings, eval cadence.
+        cfg: epochs / max_steps, batch size, grad_accum_steps, precision and optimiser settings, eval cadence,
+            checkpoint_interval / keep_checkpoints / resume.
         train_items: examples; each epoch visits them in a new seeded order, `batch_size` at a time.
         collate: a list of items -> a batch (moved to the device by the caller's collate or loss_fn).
         seed: seeds the shuffling (the same seed gives the same batches).
         tracker: receives train_<metric>, lr, grad_norm per step and val_<metric> at each evaluation.
+        desc: the stage, its params section (finetune_classifier, finetune_instruct, dpo): names it in
+            messages and in the checkpoints' config.
+        checkpoint_dir: where training checkpoints go every `cfg.checkpoint_interval` steps; None writes none.
+            With `cfg.resume` the run continues from the latest one there; without, old ones are removed.
+        start: the model folder training started from; its weights' sha256 is part of the checkpoints' config, so a
+            run does not resume from checkpoints of another start model.
 
-    Returns: the History. Raises FloatingPointError on a NaN/inf loss, naming the step.
+    Returns: the History.
+    Raises: FloatingPointError on a NaN/inf loss or gradient norm, naming the step; CheckpointError when the
+        checkpoint to resume was written under other settings.
     """
     if not train_items:
         raise ValueError(f"{desc}: no training examples")
+    if cfg.resume and checkpoint_dir is None:
+        raise ValueError(f"{desc}: resume needs a checkpoint_dir")
     device = next(model.parameters()).device
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
+    if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"{desc}: no parameter requires grad; nothing to train")
+    precision = resolve_precision(cfg.precision, device, key=f"{desc}.precision")
     optimizer = make_optimizer(model, cfg, device)
     total = total_steps(cfg, len(train_items))
-    generator = torch.Generator().manual_seed(seed)
-    history = History()
-
-    def validate(step: int) -> None:
-        model.eval()
-        with torch.no_grad():
-            metrics = evaluate_fn(model, None if step == total else cfg.eval_batches)
-        model.train()
-        check_finite(metrics["loss"], f"{desc}: val loss", step, lr_at(step, cfg, total))
-        history.val.append((step, metrics))
-        tracker.log_metrics({f"val_{k}": v for k, v in metrics.items()}, step=step)
+    state = TrainState(loader=EpochBatches(train_items, cfg.batch_size, seed), scaler=precision.grad_scaler())
+    run_config = {desc: cfg.model_dump(mode="json", exclude=set(RESUME_FREE_KEYS)), "seed": seed}
+    if start is not None:
+        run_config["start_weights_sha256"] = sha256_file(Path(start) / WEIGHTS)
+    resumed_at = start_or_resume(checkpoint_dir, cfg.resume, model, optimizer, state, run_config, what=desc)
 
     model.train()
-    validate(0)
-    step = 0
-    bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
-    try:
-        while step < total:
-            for batch_items in batches(train_items, cfg.batch_size, generator):
-                t0 = time.perf_counter()
-                lr = lr_at(step, cfg, total)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss, metrics = loss_fn(model, collate(batch_items))
-                check_finite(loss.item(), f"{desc}: train loss", step + 1, lr)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip or math.inf).item()
-                optimizer.step()
-                history.train_time_s += time.perf_counter() - t0
-                step += 1
+    bar = tqdm(total=total, initial=state.step, desc=desc, unit="step", dynamic_ncols=True)
+    for step in range(state.step, total + 1):  # updates done so far
+        if step != resumed_at:  # a resumed step was evaluated and saved before the checkpoint was written
+            if step % cfg.eval_interval == 0 or step == total:
+                metrics = validate(model, evaluate_fn, None if step == total else cfg.eval_batches, precision)
+                check_finite(metrics["loss"], f"{desc}: val loss", step, lr_at(step, cfg, total), checkpoint_dir)
+                state.val_rows.append((step, metrics))
+                tracker.log_metrics({f"val_{k}": v for k, v in metrics.items()}, step=step)
+            if checkpoint_due(step, cfg.checkpoint_interval, checkpoint_dir):
+                save_checkpoint(checkpoint_dir, model, optimizer, state, run_config, cfg.keep_checkpoints, what=desc)
+        if step == total:
+            break
 
-                row = {**metrics, "lr": lr, "grad_norm": grad_norm}
-                history.train.append((step, row))
-                tracker.log_metrics({(k if k in ("lr", "grad_norm") else f"train_{k}"): v for k, v in row.items()}, step=step)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", val=f"{history.val[-1][1]['loss']:.4f}", refresh=False)
-                bar.update()
-                if step % cfg.eval_interval == 0 or step == total:
-                    validate(step)
-                if step == total:
-                    break
-    finally:
-        bar.close()
-    return history
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg, total)
+        micro = [collate(state.loader.next_batch()) for _ in range(cfg.grad_accum_steps)]
+        out = train_step(model, optimizer, lambda batch: loss_fn(model, batch), micro, step=step + 1, lr=lr, precision=precision,
+                         grad_clip=cfg.grad_clip, scaler=state.scaler, what=desc, checkpoint_dir=checkpoint_dir)
+        state.step, state.train_time_s = step + 1, state.train_time_s + time.perf_counter() - t0
+        row = {**out.metrics, "lr": lr, "grad_norm": out.grad_norm}
+        state.train_rows.append((step + 1, row))
+        tracker.log_metrics({(k if k in ("lr", "grad_norm") else f"train_{k}"): v for k, v in row.items()}, step=step + 1)
+        bar.set_postfix(loss=f"{out.metrics['loss']:.4f}", val=f"{state.val_rows[-1][1]['loss']:.4f}", refresh=False)
+        bar.update()
+    bar.close()
+    return History(train=state.train_rows, val=state.val_rows, train_time_s=state.train_time_s)
+
+
+def validate(model: torch.nn.Module, evaluate_fn: EvalFn, max_batches: int | None, precision: Precision) -> dict[str, float]:
+    """evaluate_fn in eval mode, without gradients, under the training precision."""
+    model.eval()
+    with torch.no_grad(), precision.autocast():
+        metrics = evaluate_fn(model, max_batches)
+    model.train()
+    return metrics
 
 
 def _csv(rows: list[tuple[int, dict[str, float]]], prefix: str) -> str:

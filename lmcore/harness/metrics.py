@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from lmcore.harness.scoring import Scores
-from lmcore.harness.tasks import ACC, ACC_NORM, Item
+from lmcore.harness.benchmarks import ACC, ACC_NORM, Item
 
 
 def item_result(item: Item, scores: Scores) -> dict:

@@ -31,8 +31,8 @@ import torch
 from lmcore.checkpoint import load_model
 from lmcore.config import BenchmarkConfig
 from lmcore.harness.metrics import group_scores, item_result, task_scores
-from lmcore.harness.scoring import score_items
-from lmcore.harness.tasks import ACC, SPECS, expand, groups_of, sample, task_items
+from lmcore.harness.scoring import TooLongError, score_items
+from lmcore.harness.benchmarks import ACC, SPECS, expand, groups_of, sample, task_items
 from lmcore.io import atomic_dir, atomic_file, write_json, write_text
 from lmcore.model import GPT
 from lmcore.paths import METRICS
@@ -95,7 +95,7 @@ def run_benchmarks(
     for task in leaves:
         rows = by_task[task]
         if not rows:
-            raise ValueError(
+            raise TooLongError(
                 f"{task}: none of its {too_long[task]} items can be scored: a choice is longer than the model's "
                 f"context ({model.config.context_length} tokens)"
             )

@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lmcore.harness.tasks import Item
+from lmcore.errors import InputError
+from lmcore.harness.benchmarks import BenchmarkDataError, Item
 from lmcore.model import GPT
 
 HEAD_CHUNK = 256  # scored positions per LM-head matmul: a (256, V) block stays in cache (1.5x faster than 2048 here)
@@ -85,7 +86,7 @@ class _Row:
     targets: list[tuple[int, list[int], list[int]]]
 
 
-class TooLongError(ValueError):
+class TooLongError(InputError):
     """A choice longer than the model's context: it cannot be scored (lm-eval stops on an assertion here)."""
 
 
@@ -94,7 +95,7 @@ def _rows(item_idx: int, ctx: list[int], conts: list[list[int]], max_length: int
     by_start: dict[int, list[int]] = {}  # left-truncation offset -> choices
     for j, cont in enumerate(conts):
         if not cont:
-            raise ValueError(f"item {item_idx}: choice {j} has no tokens after its context")
+            raise BenchmarkDataError(f"item {item_idx}: choice {j} has no tokens after its context")
         if len(cont) > max_length:
             raise TooLongError(f"item {item_idx}: choice {j} has {len(cont)} tokens, more than the context length {max_length}")
         by_start.setdefault(max(0, len(ctx) + len(cont) - (max_length + 1)), []).append(j)
@@ -153,7 +154,7 @@ def score_items(
         progress: show a tqdm bar.
     """
     if model.lm_head.out_features != model.config.vocab_size:
-        raise ValueError("score_items needs a language model; this one has a classifier head")
+        raise InputError("score_items needs a language model; this one has a classifier head")
     device = next(model.parameters()).device
     max_length = model.config.context_length
     encoded = [encode_choices(enc, it.context, it.continuations) for it in items]
@@ -163,6 +164,8 @@ def score_items(
     for i, (ctx, conts) in enumerate(encoded):
         try:
             item_rows, cut = _rows(i, ctx, conts, max_length)
+        except BenchmarkDataError as err:
+            raise BenchmarkDataError(f"{items[i].task} doc {items[i].doc_id}: {err}") from None
         except TooLongError as err:
             if not skip_too_long:
                 raise TooLongError(f"{items[i].task} doc {items[i].doc_id}: {err}") from None

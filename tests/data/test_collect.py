@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from lmcore.config import CollectConfig
-from lmcore.data.collect import CollectError, collect
+from lmcore.data.collect import CollectError, SourceUnavailable, collect
+from lmcore.errors import is_input_error, is_transient
 from lmcore.io import read_json
 from lmcore.paths import MANIFEST
 
@@ -302,19 +303,21 @@ def test_download_retries_transient_errors(tmp_path):
 
 def test_download_gives_up_after_retries(tmp_path):
     with Server({"/t.txt": TEXT}, fail_first=2) as srv:
-        with pytest.raises(CollectError, match=r"'t'.*after 2 attempt.*503"):
+        with pytest.raises(SourceUnavailable, match=r"'t'.*after 2 attempt.*503") as exc:
             collect(cfg({"name": "t", "url": srv.url("/t.txt"), "sha256": TEXT_SHA}, retries=1), tmp_path / "raw",
                     backoff_s=0.01)
         assert len(srv.requests) == 2
+    assert is_transient(exc.value) and not is_input_error(exc.value)
     assert leftovers(tmp_path) == []
 
 
 def test_client_error_is_not_retried(tmp_path):
     with Server({}) as srv:
-        with pytest.raises(CollectError, match=r"'gone'.*HTTP 404"):
+        with pytest.raises(CollectError, match=r"'gone'.*HTTP 404") as exc:
             collect(cfg({"name": "gone", "url": srv.url("/gone.txt"), "sha256": TEXT_SHA}, retries=3),
                     tmp_path / "raw", backoff_s=0.01)
         assert len(srv.requests) == 1
+    assert is_input_error(exc.value) and not is_transient(exc.value)
     assert leftovers(tmp_path) == []
 
 
@@ -341,7 +344,7 @@ def test_connection_errors_are_retried(tmp_path):
     with socket.socket() as s:  # a port nothing listens on: connection refused, quickly
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with pytest.raises(CollectError, match=r"'t'.*after 2 attempt"):
+    with pytest.raises(SourceUnavailable, match=r"'t'.*after 2 attempt"):
         collect(cfg({"name": "t", "url": f"http://127.0.0.1:{port}/t.txt", "sha256": TEXT_SHA}, retries=1),
                 tmp_path / "raw", backoff_s=0.01)
     assert leftovers(tmp_path) == []
@@ -543,7 +546,7 @@ def test_failed_run_keeps_its_part_and_the_next_run_resumes_it(tmp_path):
     source = {"name": "big", "sha256": BIG_SHA}
     with Server({"/big.txt": BIG}, cut={1: CUT, 2: 10_000}) as srv:
         source["url"] = srv.url("/big.txt")
-        with pytest.raises(CollectError, match=rf"after 2 attempt.*{CUT + 10_000} bytes kept in .*{BIG_SHA}\.part"):
+        with pytest.raises(SourceUnavailable, match=rf"after 2 attempt.*{CUT + 10_000} bytes kept in .*{BIG_SHA}\.part"):
             collect(cfg(source, retries=1), tmp_path / "raw", backoff_s=0.01)
         assert parts(tmp_path) == {f"{BIG_SHA}.part": CUT + 10_000}
         assert leftovers(tmp_path) == []

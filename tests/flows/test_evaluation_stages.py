@@ -72,7 +72,7 @@ def test_judge_stage_scores_through_a_served_registered_model(project, one_threa
 
     with running_server("models:/judge-73@prod", root) as url:
         result = run("judge", root, f"judge.url={url}", "judge.model=judge-73@prod", "judge.max_items=2")
-    assert result == {"skipped": False, "mean_scores": {"instruct": 73.0, "dpo": 73.0}}
+    assert result == {"skipped": False, "mean_scores": {"instruct": 73.0, "dpo": 73.0}, "run_id": result["run_id"]}
     summary = json.loads((layout.reports("judge") / "summary.json").read_text())
     assert summary["judge"]["model"] == "judge-73@prod" and summary["judge"]["url"] == url
     assert summary["instruct"]["n_scored"] == 2 and summary["dpo"]["mean_score"] == 73.0

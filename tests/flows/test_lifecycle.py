@@ -16,7 +16,7 @@ from lmcore.data.tokenize import decode_shard
 from lmcore.io import sha256_file
 from lmcore.paths import MANIFEST, METRICS, SAMPLES, WEIGHTS, Layout
 from lmcore.tokenizer import get_encoding
-from tasks.stages import STAGES
+from lmcore.pipeline import NAMES as STAGES
 
 
 def test_outputs_land_where_the_layout_says(lifecycle_run):

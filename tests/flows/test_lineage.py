@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from lmcore.io import sha256_file
 from lmcore.paths import MANIFEST, WEIGHTS, Layout
-from tasks.tracking import TAG_DVC_DEP, TAG_DVC_HASHED_BY, TAG_DVC_OUT
+from tasks.tags import TAG_DVC_DEP, TAG_DVC_HASHED_BY, TAG_DVC_OUT
 from tests.conftest import MICRO, ROOT
 
 VERDICT_SHA256 = "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"  # profiles/micro.yaml's one source

@@ -1,5 +1,5 @@
-"""The tokenize stage under prefect-dask's DaskTaskRunner, on a real local Dask cluster of two worker
-processes, writes the same bytes as the default (process pool) runner."""
+"""The tokenize stage's slices as Prefect tasks on a real local Dask cluster of two worker processes (tasks.dask,
+what `tokenize.runner: dask` gives the stage as its `ctx.map`) write the same bytes as its own process pool."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from lmcore.config import TokenizeConfig
+from lmcore.data.tokenize import tokenize
 from lmcore.paths import DOCUMENTS, MANIFEST
 from lmcore.tokenizer import RANKS_ENV
 
@@ -33,19 +34,30 @@ def clean_dir(tmp_path) -> Path:
 
 
 def test_dask_runner_matches_the_default_runner(tmp_path, clean_dir, prefect_harness):
-    from tasks.tokenize import dask_task_runner, run_tokenize
+    from tasks.dask import dask_map, dask_task_runner
+    from tasks.runner import stage_context
 
     ranks = os.environ[RANKS_ENV]
     cfg = TokenizeConfig(ranks_file=ranks, shard_bytes=128 * 1024, workers=2)
-    local = run_tokenize(cfg, clean_dir, tmp_path / "local", seed=9)
+    local = tokenize(cfg, clean_dir, tmp_path / "local", seed=9)
 
-    dask_cfg = cfg.model_copy(update={"runner": "dask"})
-    assert dask_task_runner(dask_cfg).cluster_kwargs == {
+    assert dask_task_runner(None, 2).cluster_kwargs == {
         "n_workers": 2, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
     }
-    on_dask = run_tokenize(dask_cfg, clean_dir, tmp_path / "dask", seed=9)  # a Prefect task per slice on Dask
+    on_dask = tokenize(cfg, clean_dir, tmp_path / "dask", seed=9, map_jobs=dask_map(None, 2, "tokenize-item"))  # a task per slice
 
-    assert on_dask["run"] == {"encoded_slices": local["slices"], "reused_slices": 0, "runner": "dask"}
+    assert on_dask["run"]["encoded_slices"] == local["slices"] and on_dask["run"]["reused_slices"] == 0
     assert local["slices"] >= 8
     assert folder_bytes(tmp_path / "dask") == folder_bytes(tmp_path / "local")
     assert json.loads((tmp_path / "dask" / MANIFEST).read_text())["shards"] == local["shards"]
+
+    # the stage gets the Dask map exactly when its params say runner: dask
+    from lmcore import pipeline
+    from lmcore.config import load_params
+    from tasks.context import RunContext
+
+    stage = pipeline.get("tokenize")
+    params = load_params(ROOT / "params.yaml")
+    assert stage_context(RunContext(tmp_path, params, tracking=None), stage, None).map is None
+    dask_params = load_params(ROOT / "params.yaml", overrides=["tokenize.runner=dask", "tokenize.workers=2"])
+    assert callable(stage_context(RunContext(tmp_path, dask_params, tracking=None), stage, None).map)

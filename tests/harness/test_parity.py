@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from lmcore.harness.run import run_benchmarks
-from lmcore.harness.tasks import MMLU_LETTERS, sample, source_file, task_items
+from lmcore.harness.benchmarks import MMLU_LETTERS, sample, source_file, task_items
 
 lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")

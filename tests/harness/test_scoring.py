@@ -11,7 +11,7 @@ import torch
 from lmcore.config import ModelConfig
 from lmcore.harness.metrics import item_result
 from lmcore.harness.scoring import score_items
-from lmcore.harness.tasks import Item, sample, task_items
+from lmcore.harness.benchmarks import Item, sample, task_items
 from lmcore.model import GPT
 
 

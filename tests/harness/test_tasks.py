@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from lmcore.harness.tasks import (
+from lmcore.harness.benchmarks import (
     GROUPS,
     MMLU_SUBJECTS,
     TRUTHFULQA_PRIMER,

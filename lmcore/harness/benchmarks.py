@@ -40,11 +40,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmcore.errors import InputError, MissingInputError, one_line
 from lmcore.io import jsonl_objects
 from lmcore.paths import MANIFEST
 
 
-class BenchmarkDataError(ValueError):
+class BenchmarkDataError(InputError):
     """Benchmark data that cannot be read; the message names the file and the line or record."""
 
 
@@ -125,11 +126,16 @@ class TaskSpec:
 
 
 def _open_text(path: Path) -> str:
+    if not path.is_file():
+        raise MissingInputError(f"{path}: benchmark file not found (collect the benchmark sources again)")
     raw = path.read_bytes()
-    if raw[:3] == b"BZh":
-        raw = bz2.decompress(raw)
-    elif raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+    try:
+        if raw[:3] == b"BZh":
+            raw = bz2.decompress(raw)
+        elif raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, ValueError) as err:  # a cut or corrupt bzip2/gzip stream
+        raise BenchmarkDataError(f"{path}: cannot decompress: {one_line(err)}") from None
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -223,27 +229,40 @@ def _mmlu_archive(path: str, size: int, mtime: float) -> dict[tuple[str, str], l
     pattern = re.compile(r"(?:^|/)data/(dev|val|test)/([a-z_]+)_(dev|val|test)\.csv$")
     try:
         archive = tarfile.open(path, mode="r:*")
-    except tarfile.TarError as err:
-        raise BenchmarkDataError(f"{path}: not a tar archive of the MMLU CSVs ({err})") from None
+    except (tarfile.TarError, OSError) as err:
+        raise BenchmarkDataError(f"{path}: not a tar archive of the MMLU CSVs ({one_line(err)})") from None
     with archive:
-        for member in archive:
-            match = pattern.search(member.name)
-            if not member.isfile() or not match or match.group(1) != match.group(3):
-                continue
-            where = f"{path}:{member.name}"
-            text = archive.extractfile(member).read().decode("utf-8")
-            docs = []
-            for row_no, row in enumerate(csv.reader(io.StringIO(text, newline="")), 1):
-                if len(row) != 6 or row[5] not in MMLU_LETTERS:
-                    raise BenchmarkDataError(f"{where}: row {row_no}: expected question,A,B,C,D,answer(A-D); got {len(row)} fields")
-                docs.append({"question": row[0], "choices": row[1:5], "gold": MMLU_LETTERS.index(row[5])})
-            out[(match.group(1), match.group(2))] = docs
+        try:
+            for member in archive:
+                match = pattern.search(member.name)
+                if not member.isfile() or not match or match.group(1) != match.group(3):
+                    continue
+                where = f"{path}:{member.name}"
+                data = archive.extractfile(member).read()
+                try:
+                    text = data.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    line = data.count(b"\n", 0, err.start) + 1
+                    raise BenchmarkDataError(f"{where}: invalid UTF-8 at byte offset {err.start} (line {line})") from None
+                docs = []
+                try:
+                    for row_no, row in enumerate(csv.reader(io.StringIO(text, newline="")), 1):
+                        if len(row) != 6 or row[5] not in MMLU_LETTERS:
+                            raise BenchmarkDataError(f"{where}: row {row_no}: expected question,A,B,C,D,answer(A-D); got {len(row)} fields")
+                        docs.append({"question": row[0], "choices": row[1:5], "gold": MMLU_LETTERS.index(row[5])})
+                except csv.Error as err:
+                    raise BenchmarkDataError(f"{where}: malformed CSV: {one_line(err)}") from None
+                out[(match.group(1), match.group(2))] = docs
+        except (tarfile.TarError, OSError, EOFError) as err:  # a cut or corrupt archive
+            raise BenchmarkDataError(f"{path}: cannot read the archive: {one_line(err)}") from None
     if not out:
         raise BenchmarkDataError(f"{path}: no data/<split>/<subject>_<split>.csv members: not an MMLU archive")
     return out
 
 
 def mmlu_docs(path: Path, subject: str, split: str) -> list[dict]:
+    if not path.is_file():
+        raise MissingInputError(f"{path}: benchmark file not found (collect the benchmark sources again)")
     stat = path.stat()
     docs = _mmlu_archive(str(path), stat.st_size, stat.st_mtime).get((split, subject))
     if not docs:
@@ -267,7 +286,7 @@ def _mmlu_items(spec: TaskSpec, path: Path, num_fewshot: int) -> list[Item]:
     if num_fewshot:
         dev = mmlu_docs(path, subject, "dev")
         if num_fewshot > len(dev):
-            raise ValueError(f"{spec.name}: num_fewshot {num_fewshot} exceeds the {len(dev)} dev examples")
+            raise BenchmarkDataError(f"{path}: {spec.name}: num_fewshot {num_fewshot} exceeds the {len(dev)} dev examples")
         prompt += "".join(f"{mmlu_question(d)} {MMLU_LETTERS[d['gold']]}\n\n" for d in dev[:num_fewshot])
     docs = mmlu_docs(path, subject, "test")
     return [Item(spec.name, i, prompt + mmlu_question(d), MMLU_LETTERS, d["gold"]) for i, d in enumerate(docs)]
@@ -361,10 +380,17 @@ def source_file(data_dir: Path, source: str) -> Path:
     """The collected file of `source` in a benchmark folder, looked up in its manifest."""
     manifest = Path(data_dir) / MANIFEST
     if not manifest.is_file():
-        raise FileNotFoundError(f"{manifest}: no manifest; is {data_dir} a collected benchmark folder?")
-    entries = {e["name"]: e for e in json.loads(manifest.read_text(encoding="utf-8"))["sources"]}
+        raise MissingInputError(f"{manifest}: no manifest; is {data_dir} a collected benchmark folder?")
+    try:
+        entries = {e["name"]: e for e in json.loads(manifest.read_text(encoding="utf-8"))["sources"]}
+    except json.JSONDecodeError as err:
+        raise BenchmarkDataError(f"{manifest}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    except (UnicodeDecodeError, KeyError, TypeError) as err:
+        raise BenchmarkDataError(f"{manifest}: not a collect manifest ({type(err).__name__}: {one_line(err)})") from None
     if source not in entries:
         raise BenchmarkDataError(f"{manifest}: no source named {source!r} (collected: {sorted(entries)})")
+    if not isinstance(entries[source].get("file"), str):
+        raise BenchmarkDataError(f"{manifest}: source {source!r} has no single 'file'; collect it as one file")
     return Path(data_dir) / entries[source]["file"]
 
 

@@ -1,0 +1,410 @@
+"""The lifecycle's stages, each declared once.
+
+A declaration names the stage's params, the library function it runs (`lmcore.stages.<name>.run`), the folders
+it reads and writes under the project root, its DVC metrics and plots, what it registers or promotes and under
+which name, and how it shows in the lifecycle summary. Everything else follows from it:
+
+- the lifecycle flow runs `STAGES` in this order (flows/lifecycle.py), one Prefect task each (tasks/runner.py);
+- `lmcore run <stage>` accepts exactly these names;
+- `dvc.yaml` is written from it (`lmcore dvc-yaml`; a test fails when the committed file differs), each stage's
+  code deps being the lmcore modules its function imports (`code_deps`), computed, never listed by hand;
+- the lifecycle summary and the parent run's metrics and tags (`summary_rows`, `parent_metrics`, `parent_tags`);
+- the DVC hashes each stage run is tagged with (tasks/dvc_hashes.py).
+
+Adding a stage: docs/architecture.md, "Adding a stage".
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from lmcore.paths import (
+    BENCHMARK_DATA,
+    CLEAN,
+    RAW,
+    TOKENS,
+    finetune_data_path,
+    model_path,
+    reports_path,
+)
+
+PACKAGE = Path(__file__).resolve().parent  # lmcore/
+CODE_ROOT = PACKAGE.parent  # where lmcore/ (and a checkout's dvc.yaml) live
+
+
+@dataclass(frozen=True)
+class Registers:
+    """The stage's output model folder `model` is logged and registered as the model that `tracking.<name>`
+    names, as an MLflow pyfunc of `kind` (generator: text in, text out; classifier: label and probability),
+    with `aliases` moved to the new version."""
+
+    model: str
+    name: str
+    kind: str = "generator"
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Promotes:
+    """The stage's `Scores` decide whether the scored version of `tracking.<name>` takes `champion`
+    (lmcore.promotion). A champion scored on other items is first scored on the same ones by `rescore`,
+    "module:function" with (ctx, model_dir, out_dir) -> Scores."""
+
+    name: str
+    rescore: str
+
+
+@dataclass(frozen=True)
+class Curve:
+    """A DVC plot drawn from CSV columns: x, and y as {csv file: column}."""
+
+    name: str
+    x: str
+    y: dict[str, str]
+    template: str = "linear"
+
+
+@dataclass(frozen=True)
+class Row:
+    """A row of the lifecycle summary, read from the stage's summary dict."""
+
+    label: str
+    value: Callable[[dict], Any]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the lifecycle.
+
+    name: the stage's name: its params section, its `lmcore run` name, its dvc.yaml stage, its MLflow run name.
+    doc: one line on what it does.
+    deps: data it reads, relative to the root (each inside an earlier stage's outs).
+    outs: folders it writes, each replaced whole.
+    metrics: JSON files inside outs that DVC shows as metrics; plots: images and CSV curves inside outs.
+    params: the params.yaml keys its outputs depend on.
+    tags: run tags (lineage keys, "lmcore.<key>") known before it runs.
+    registers, promotes: what it does to the model registry.
+    retries: extra attempts on a transient failure (network); bad input is never retried.
+    summary: rows of the lifecycle summary; parent_metrics, parent_tags: what it adds to the lifecycle's run.
+    """
+
+    name: str
+    doc: str
+    deps: tuple[str, ...] = ()
+    outs: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()
+    plots: tuple[str | Curve, ...] = ()
+    params: tuple[str, ...] = ()
+    tags: dict[str, str] = field(default_factory=dict)
+    registers: Registers | None = None
+    promotes: Promotes | None = None
+    retries: int = 0
+    summary: tuple[Row, ...] = ()
+    parent_metrics: Callable[[dict], dict[str, float]] | None = None
+    parent_tags: Callable[[dict], dict[str, str]] | None = None
+
+    @property
+    def module(self) -> str:
+        """The module whose `run(ctx) -> StageResult` is the stage's function."""
+        return f"lmcore.stages.{self.name}"
+
+    def function(self) -> Callable:
+        return importlib.import_module(self.module).run
+
+    def code_deps(self) -> list[str]:
+        """The lmcore source files the stage's function imports, directly or not (see `import_closure`)."""
+        return import_closure(self.module)
+
+
+# -- how stages read in the lifecycle summary ----------------------------------------------------------------
+
+
+def _registered(s: dict, alias: str | None = None) -> str:
+    return f"{s['registered_model']} v{s['model_version']}" + (f" (@{alias})" if alias else "")
+
+
+def _arrow(a: float, b: float) -> str:
+    return f"{a:.4f} → {b:.4f}"
+
+
+def _promotion(s: dict) -> str:
+    decision = s.get("promotion")
+    if decision is None:
+        return "none (the base model is not registered)"
+    return f"v{decision['version']} -> @{decision['alias']}: {decision['reason']}"
+
+
+def _judge(s: dict) -> str:
+    if s["skipped"]:
+        return f"skipped: {s['reason']}"
+    scores = s["mean_scores"].items()
+    return ", ".join(f"{name} {score:.1f}" if score is not None else f"{name}: no score" for name, score in scores)
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        "collect",
+        "every source into data/raw, pinned by sha256 (offline mirror first), with its manifest",
+        outs=(RAW,),
+        params=("collect",),
+        retries=2,
+        summary=(Row("sources collected", lambda s: s["sources"]), Row("raw bytes", lambda s: f"{s['bytes']:,}")),
+        parent_tags=lambda s: {"raw_manifest_sha256": s["raw_manifest_sha256"]},
+    ),
+    Stage(
+        "preprocess",
+        "clean, filter and deduplicate into data/clean/documents.jsonl, with removal counts per rule",
+        deps=(RAW,),
+        outs=(CLEAN,),
+        plots=(f"{CLEAN}/filters.png",),
+        params=("preprocess",),
+        summary=(Row("documents", lambda s: f"{s['documents']:,}"),),
+    ),
+    Stage(
+        "tokenize",
+        "documents into train/val Arrow token shards and their manifest",
+        deps=(CLEAN,),
+        outs=(TOKENS,),
+        params=("seed", "tokenize"),
+        summary=(Row("train tokens", lambda s: f"{s['train_tokens']:,}"), Row("val tokens", lambda s: f"{s['val_tokens']:,}")),
+        parent_tags=lambda s: {"tokens_manifest_sha256": s["tokens_manifest_sha256"]},
+    ),
+    Stage(
+        "pretrain",
+        "a decoder from random weights on the token shards; registered as tracking.registered_model",
+        deps=(TOKENS,),
+        outs=(model_path("base"), reports_path("pretrain")),
+        plots=(
+            Curve("loss", "step", {f"{reports_path('pretrain')}/train_loss.csv": "train_loss",
+                                   f"{reports_path('pretrain')}/val_loss.csv": "val_loss"}),
+            f"{reports_path('pretrain')}/loss.png",
+        ),
+        params=("seed", "pretrain"),
+        registers=Registers(model_path("base"), "registered_model"),
+        summary=(
+            Row("parameters", lambda s: f"{s['n_params']:,}"),
+            Row("steps", lambda s: s["steps"]),
+            Row("val loss (first → final)", lambda s: _arrow(s["first_val_loss"], s["final_val_loss"])),
+            Row("tokens/s", lambda s: f"{s['tokens_per_s']:,.0f}"),
+            Row("registered model", _registered),
+        ),
+        parent_metrics=lambda s: {"first_val_loss": s["first_val_loss"], "final_val_loss": s["final_val_loss"]},
+        parent_tags=lambda s: {"weights_sha256": s["weights_sha256"], "registered_model": s["registered_model"],
+                               "model_version": str(s["model_version"])},
+    ),
+    Stage(
+        "evaluate",
+        "validation loss and perplexity of models/base, and seeded samples; tags the registered version",
+        deps=(model_path("base"), TOKENS),
+        outs=(reports_path("evaluate"),),
+        metrics=(f"{reports_path('evaluate')}/metrics.json",),
+        params=("seed", "evaluate"),
+        summary=(
+            Row("evaluation val loss", lambda s: f"{s['val_loss']:.4f}"),
+            Row("perplexity", lambda s: f"{s['perplexity']:.2f}"),
+        ),
+        parent_metrics=lambda s: {"val_loss": s["val_loss"], "perplexity": s["perplexity"]},
+    ),
+    Stage(
+        "benchmark",
+        "HellaSwag, MMLU, TruthfulQA, ARC scored as lm-evaluation-harness scores them; eval-gated champion",
+        deps=(model_path("base"),),
+        outs=(BENCHMARK_DATA, reports_path("benchmark")),
+        metrics=(f"{reports_path('benchmark')}/metrics.json",),
+        plots=(f"{reports_path('benchmark')}/scores.png",),
+        params=("benchmark",),
+        promotes=Promotes("registered_model", rescore="lmcore.stages.benchmark:rescore"),
+        retries=2,
+        summary=(
+            Row("benchmark", lambda s: f"{s['primary_metric']} {s['primary_value']:.4f} ± {s['primary_stderr'] or 0:.4f} "
+                                       f"({s['n_items']:,} items)"),
+            Row("promotion", _promotion),
+        ),
+        parent_metrics=lambda s: {f"benchmark.{s['primary_metric']}": s["primary_value"]},
+    ),
+    Stage(
+        "finetune_classifier",
+        "a classification head on models/base (book ch. 6); registered as tracking.classifier_model",
+        deps=(model_path("base"),),
+        outs=(finetune_data_path("classifier"), model_path("classifier"), reports_path("classifier")),
+        metrics=(f"{reports_path('classifier')}/metrics.json",),
+        plots=(
+            Curve("classifier_loss", "step", {f"{reports_path('classifier')}/train_loss.csv": "train_loss",
+                                              f"{reports_path('classifier')}/val_loss.csv": "val_loss"}),
+            Curve("classifier_confusion", "actual", {f"{reports_path('classifier')}/test_predictions.csv": "predicted"},
+                  template="confusion"),
+            f"{reports_path('classifier')}/loss.png",
+            f"{reports_path('classifier')}/confusion_matrix.png",
+        ),
+        params=("seed", "finetune_classifier"),
+        tags={"finetune": "classifier"},
+        registers=Registers(model_path("classifier"), "classifier_model", kind="classifier"),
+        retries=2,
+        summary=(
+            Row("classifier test accuracy (majority baseline)",
+                lambda s: f"{s['test_accuracy']:.4f} ({s['majority_baseline_accuracy']:.4f})"),
+            Row("classifier test F1", lambda s: f"{s['test_f1']:.4f}"),
+            Row("registered classifier", _registered),
+        ),
+        parent_metrics=lambda s: {"classifier_test_accuracy": s["test_accuracy"], "classifier_test_f1": s["test_f1"]},
+    ),
+    Stage(
+        "finetune_instruct",
+        "instruction following on models/base (book ch. 7); registered as tracking.instruct_model @sft",
+        deps=(model_path("base"),),
+        outs=(finetune_data_path("instruct"), model_path("instruct"), reports_path("instruct")),
+        metrics=(f"{reports_path('instruct')}/metrics.json",),
+        plots=(
+            Curve("instruct_loss", "step", {f"{reports_path('instruct')}/train_loss.csv": "train_loss",
+                                            f"{reports_path('instruct')}/val_loss.csv": "val_loss"}),
+            f"{reports_path('instruct')}/loss.png",
+        ),
+        params=("seed", "finetune_instruct"),
+        tags={"finetune": "instruct"},
+        registers=Registers(model_path("instruct"), "instruct_model", aliases=("sft",)),
+        retries=2,
+        summary=(
+            Row("instruct val loss (first → final)", lambda s: _arrow(s["first_val_loss"], s["final_val_loss"])),
+            Row("registered instruction model", lambda s: _registered(s, "sft")),
+        ),
+        parent_metrics=lambda s: {"instruct_final_val_loss": s["final_val_loss"]},
+    ),
+    Stage(
+        "dpo",
+        "direct preference optimisation of models/instruct; a new version of tracking.instruct_model @dpo",
+        deps=(model_path("instruct"),),
+        outs=(finetune_data_path("dpo"), model_path("dpo"), reports_path("dpo")),
+        metrics=(f"{reports_path('dpo')}/metrics.json",),
+        plots=(
+            Curve("dpo_reward_margin", "step", {f"{reports_path('dpo')}/train_loss.csv": "train_reward_margin",
+                                                f"{reports_path('dpo')}/val_loss.csv": "val_reward_margin"}),
+            f"{reports_path('dpo')}/loss.png",
+        ),
+        params=("seed", "dpo"),
+        tags={"finetune": "dpo"},
+        registers=Registers(model_path("dpo"), "instruct_model", aliases=("dpo",)),
+        retries=2,
+        summary=(
+            Row("DPO val reward margin (first → final)",
+                lambda s: _arrow(s["first_val_reward_margin"], s["final_val_reward_margin"])),
+            Row("registered DPO model", lambda s: _registered(s, "dpo")),
+        ),
+        parent_metrics=lambda s: {"dpo_final_val_reward_margin": s["final_val_reward_margin"]},
+    ),
+    Stage(
+        "judge",
+        "LLM-as-judge scores of the instruction models' test responses (skipped without an endpoint)",
+        deps=(f"{reports_path('instruct')}/test_responses.jsonl", f"{reports_path('dpo')}/test_responses.jsonl"),
+        outs=(reports_path("judge"),),
+        metrics=(f"{reports_path('judge')}/summary.json",),
+        params=("judge",),
+        retries=2,
+        summary=(Row("LLM-as-judge", _judge),),
+        parent_metrics=lambda s: {f"judge.{name}_mean_score": v for name, v in s.get("mean_scores", {}).items() if v is not None},
+    ),
+)
+
+NAMES = tuple(s.name for s in STAGES)
+BY_NAME = {s.name: s for s in STAGES}
+
+
+def get(name: str) -> Stage:
+    """The stage called `name`; KeyError naming the stages otherwise."""
+    if name not in BY_NAME:
+        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(NAMES)}")
+    return BY_NAME[name]
+
+
+def downstream(name: str) -> list[str]:
+    """`name` and every stage that reads what it writes, directly or through others, in stage order: what
+    `dvc repro` re-runs after a change to `name` (when each output changes)."""
+    changed = {name}
+    dirty_outs = list(get(name).outs)
+    for stage in STAGES:
+        if stage.name not in changed and any(d == o or d.startswith(o.rstrip("/") + "/") for d in stage.deps for o in dirty_outs):
+            changed.add(stage.name)
+            dirty_outs += stage.outs
+    return [s.name for s in STAGES if s.name in changed]
+
+
+# -- what the lifecycle run reports, from the stages' summaries ----------------------------------------------
+
+
+def summary_rows(results: dict[str, dict]) -> list[tuple[str, str]]:
+    """(label, value) rows of every stage that ran, in stage order."""
+    return [(row.label, str(row.value(results[s.name]))) for s in STAGES if s.name in results for row in s.summary]
+
+
+def parent_metrics(results: dict[str, dict]) -> dict[str, float]:
+    return {k: v for s in STAGES if s.name in results and s.parent_metrics for k, v in s.parent_metrics(results[s.name]).items()}
+
+
+def parent_tags(results: dict[str, dict]) -> dict[str, str]:
+    """Lineage keys for the lifecycle's run (recorded as "lmcore.<key>")."""
+    return {k: v for s in STAGES if s.name in results and s.parent_tags for k, v in s.parent_tags(results[s.name]).items()}
+
+
+# -- code deps: the import closure of a stage's module inside lmcore/ ------------------------------------------
+
+
+def _source(module: str) -> Path | None:
+    """The file of an lmcore module (a package's __init__.py), or None when there is none."""
+    parts = module.split(".")
+    if parts[0] != PACKAGE.name:
+        return None
+    base = CODE_ROOT.joinpath(*parts)
+    if base.with_suffix(".py").is_file():
+        return base.with_suffix(".py")
+    if (base / "__init__.py").is_file():
+        return base / "__init__.py"
+    return None
+
+
+def _imported(module: str, path: Path) -> set[str]:
+    """Every module name an import statement in `path` may load (function-level and TYPE_CHECKING imports
+    included: a conservative closure re-runs a stage too often, never too rarely)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import module`
+    return names
+
+
+@lru_cache(maxsize=None)
+def import_closure(module: str) -> list[str]:
+    """The lmcore source files that importing `module` may execute: the module, every lmcore module it imports,
+    recursively, and the __init__.py of every package on the way; as sorted paths relative to the code root
+    ("lmcore/data/collect.py")."""
+    files: set[Path] = set()
+    todo = [module]
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        parts = name.split(".")
+        todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))  # parent packages run their __init__
+        path = _source(name)
+        if path is None:
+            continue
+        files.add(path)
+        todo.extend(m for m in _imported(name, path) if m.split(".")[0] == PACKAGE.name)
+    return sorted(p.relative_to(CODE_ROOT).as_posix() for p in files)

@@ -1,0 +1,318 @@
+"""Pretraining: next-token prediction on the tokenized corpus with AdamW and a warmup-cosine schedule.
+
+    torchrun --standalone --nproc_per_node 2 -m lmcore.pretrain --params params.yaml
+    torchrun --standalone --nproc_per_node 2 -m lmcore.pretrain --params params.yaml --set pretrain.distributed=fsdp
+    python -m lmcore.pretrain --params profiles/micro.yaml --set pretrain.max_steps=50
+
+    summary = pretrain(params.pretrain, Path("data/tokens"), Path("models/base"), Path("reports/pretrain"),
+                       seed=params.seed, params=params.to_dict(), checkpoint_dir=Path("models/checkpoints/pretrain"))
+
+From the command line (without the orchestration layer): reads the params file (with dotted `--set` overrides)
+and trains `pretrain.model` on <root>/data/tokens, as the pretrain stage does: rank 0 writes <root>/models/base,
+<root>/reports/pretrain and the training checkpoints in <root>/models/checkpoints/pretrain; the other ranks write
+nothing. Under torchrun the process group is gloo on CPU and NCCL on CUDA; every rank must see the same tokens
+and checkpoint folder. No MLflow here: `torchrun ... -m flows.torchrun` is the tracked, registered variant.
+
+Step numbering: the train metrics of the k-th optimizer update (its batch loss, lr and gradient norm)
+are logged at step k = 1 .. max_steps, as litgpt and the HF Trainer count; "val_loss at step k" is
+the model after k updates: step 0 (the initial model), every `eval_interval` steps and at the last step
+(max_steps, or where early stopping ended the run).
+
+One update (lmcore.training.train_step): `grad_accum_steps` micro-batches of `batch_size` windows. Under
+torchrun every rank does the same on its own batches and gradients are averaged (lmcore.distributed); rank r's
+micro-batch j of step s is the loader's global batch (s * grad_accum_steps + j) * world_size + r, so one process
+with grad_accum_steps = A * W sees the very windows that W processes with A micro-batches each see.
+
+Checkpoints and resume: every `checkpoint_interval` steps (lmcore.training.save_checkpoint). With `resume` the
+run continues from the latest complete one and ends with the weights an uninterrupted run ends with, bit for bit
+on CPU. A NaN/inf loss or gradient norm stops the run with FloatingPointError.
+
+Throughput: `tokens_per_s` (all ranks) and `mfu` (lmcore.training.flops_per_token) are logged every step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from lmcore import distributed
+from lmcore.checkpoint import save_model
+from lmcore.config import PretrainConfig, load_params
+from lmcore.data.loader import RANDOM, TokenDataset, TokenLoader
+from lmcore.io import atomic_dir, write_json, write_text
+from lmcore.model import GPT
+from lmcore.paths import LOSS_PLOT, MANIFEST, SUMMARY, TRAIN_LOSS, VAL_LOSS, Layout
+from lmcore.tracking import NullTracker, Tracker
+from lmcore.training import (
+    EarlyStopping,
+    Precision,
+    TrainState,
+    check_compile,
+    check_finite,
+    checkpoint_due,
+    flops_per_token,
+    full_state,
+    lr_at,
+    make_optimizer,
+    measure_peak_flops,
+    plot_losses,
+    resolve_device,
+    resolve_precision,
+    save_checkpoint,
+    seed_everything,
+    start_or_resume,
+    tied_aliases,
+    train_step,
+)
+
+# The pretrain stage's training checkpoints, relative to the project root (beside the model folders).
+PRETRAIN_CHECKPOINTS = Path("models") / "checkpoints" / "pretrain"
+
+
+def pretrain(
+    cfg: PretrainConfig,
+    tokens_dir: Path,
+    model_dir: Path,
+    reports_dir: Path,
+    *,
+    seed: int,
+    params: dict | None = None,
+    tracker: Tracker = NullTracker(),
+    checkpoint_dir: Path | None = None,
+    resume: bool | None = None,
+) -> dict:
+    """Train a GPT from scratch on tokens_dir and write the model and the loss reports.
+
+    Args:
+        cfg: the pretrain section of params (model architecture and optimisation).
+        tokens_dir: a tokenize output folder (manifest.json with train and val shards).
+        model_dir: replaced whole by model.safetensors, config.json and params.yaml.
+        reports_dir: replaced whole by train_loss.csv, val_loss.csv, loss.png and summary.json.
+        seed: seeds python, numpy, torch and the batch sampling (train batch k is a pure function of
+            (seed, k); summary["loader_state"] is the train loader's state_dict after the last step).
+        params: the resolved params dict, saved beside the weights.
+        tracker: receives train_loss, lr, grad_norm, tokens_per_s and mfu each step and val_loss at each eval
+            (rank 0 only under torchrun).
+        checkpoint_dir: where training checkpoints go every `cfg.checkpoint_interval` steps; None writes none.
+        resume: continue from the latest complete checkpoint in checkpoint_dir (a fresh start when there is
+            none); None takes `cfg.resume`. Without resume, old checkpoints in checkpoint_dir are removed.
+
+    Returns: the summary (also written to summary.json).
+    Raises: ValueError if the model's vocabulary is smaller than the data's or an option cannot run here;
+        lmcore.checkpoint.CheckpointError if the checkpoint to resume was written under other settings;
+        FloatingPointError on a NaN/inf loss or gradient norm. On any error model_dir and reports_dir are
+        left as they were; checkpoints already written stay.
+    """
+    resume = cfg.resume if resume is None else resume
+    if resume and checkpoint_dir is None:
+        raise ValueError("pretrain: resume needs a checkpoint_dir")
+    info = distributed.current()
+    device, precision = setup(cfg, seed, info)
+    B, T, A, W = cfg.batch_size, cfg.model.context_length, cfg.grad_accum_steps, info.world_size
+    run_config = {"pretrain": cfg.resume_key(), "seed": seed, "world_size": W}
+
+    train, val = TokenDataset(tokens_dir, "train"), TokenDataset(tokens_dir, "val")
+    check_vocab(cfg, train, Path(tokens_dir))
+    model = GPT(cfg.model)
+    train_loader = TokenLoader(train, B, T, mode=RANDOM, seed=seed, rank=info.rank, world_size=W)
+    # The same validation windows at every eval, so the val curve measures the model and not the sample.
+    val_windows = next_batches(TokenLoader(val, B, T, mode=RANDOM, seed=seed), cfg.eval_batches, device)
+
+    model.to(device).train()
+    wrapped = distributed.wrap(model, cfg.distributed, info, device)
+    optimizer = make_optimizer(model, cfg, device, impl=cfg.optimizer_impl)
+    early = EarlyStopping(cfg.early_stopping_patience, cfg.early_stopping_min_delta)
+    state = TrainState(loader=train_loader, scaler=precision.grad_scaler(), early_stopping=early)
+    resumed_at = start_or_resume(checkpoint_dir, resume, model, optimizer, state, run_config, what="pretrain")
+    # A run resumed from the checkpoint of an evaluation that ended it early stays stopped.
+    stopped_early = early.stopped and state.step < cfg.max_steps
+    loss_fn = functools.partial(next_token_loss, torch.compile(wrapped) if cfg.compile else wrapped)
+    fpt = flops_per_token(cfg.model, model.num_params(non_embedding=True))
+    peak = cfg.peak_flops or measure_peak_flops(device, precision.dtype)
+    log_metrics = tracker.log_metrics if info.is_main else NullTracker().log_metrics
+
+    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="pretrain", unit="step", dynamic_ncols=True, disable=not info.is_main)
+    for step in range(state.step, cfg.max_steps + 1):  # updates done so far
+        if step != resumed_at:  # a resumed step was evaluated and saved before the checkpoint was written
+            if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+                val_loss = validation_loss(model, val_windows, precision)
+                check_finite(val_loss, "pretrain: val loss", step, lr_at(step, cfg), checkpoint_dir)
+                state.val_rows.append((step, val_loss))
+                log_metrics({"val_loss": val_loss}, step=step)
+                stopped_early = early.update(step, val_loss) and step < cfg.max_steps
+            if checkpoint_due(step, cfg.checkpoint_interval, checkpoint_dir):
+                save_checkpoint(checkpoint_dir, model, optimizer, state, run_config, cfg.keep_checkpoints, what="pretrain")
+        if step == cfg.max_steps or stopped_early:
+            break
+
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg)
+        out = train_step(wrapped, optimizer, loss_fn, next_batches(train_loader, A, device), step=step + 1, lr=lr,
+                         precision=precision, grad_clip=cfg.grad_clip, scaler=state.scaler, what="pretrain", checkpoint_dir=checkpoint_dir)
+        dt = time.perf_counter() - t0
+        state.step, state.train_time_s = step + 1, state.train_time_s + dt
+        state.train_rows.append((step + 1, out.loss, lr))
+        log_metrics({"train_loss": out.loss, "lr": lr, "grad_norm": out.grad_norm, "tokens_per_s": B * T * A * W / dt,
+                     "mfu": fpt * B * T * A / dt / peak}, step=step + 1)
+        bar.set_postfix(loss=f"{out.loss:.4f}", val=f"{state.val_rows[-1][1]:.4f}", refresh=False)
+        bar.update()
+    bar.close()
+
+    summary = make_summary(cfg, model, state, train_loader, val, precision, peak=peak, resumed_at=resumed_at, stopped_early=stopped_early)
+    write_outputs(cfg, model, state, summary, Path(model_dir), Path(reports_dir), params, tokenizer=train.manifest.get("encoding"))
+    return summary
+
+
+def setup(cfg: PretrainConfig, seed: int, info: distributed.DistInfo) -> tuple[torch.device, Precision]:
+    """Seed everything (the same on every rank: identical initial weights), set the thread count, pick the device
+    (this rank's GPU under torchrun) and the precision."""
+    seed_everything(seed)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and info.enabled:
+        device = torch.device("cuda", info.local_rank)
+    if cfg.compile:
+        check_compile(device)
+    return device, resolve_precision(cfg.precision, device)
+
+
+def check_vocab(cfg: PretrainConfig, train: TokenDataset, tokens_dir: Path) -> None:
+    if cfg.model.vocab_size < train.vocab_size:
+        raise ValueError(
+            f"pretrain.model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocab_size "
+            f"({train.vocab_size}) in {tokens_dir / MANIFEST}"
+        )
+
+
+def next_batches(loader: TokenLoader, n: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [tuple(t.to(device, non_blocking=True) for t in loader.next_batch()) for _ in range(n)]
+
+
+def next_token_loss(forward: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    """The loss_fn of train_step: the model's mean next-token cross-entropy over the batch."""
+    x, y = batch
+    return forward(x, y)[1], {}
+
+
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, windows: list[tuple[torch.Tensor, torch.Tensor]], precision: Precision) -> float:
+    """Mean loss over the validation batches; under torchrun each rank scores its share and the sums meet.
+
+    Every rank runs the same number of forwards (FSDP gathers parameters collectively): a rank short of one
+    scores its last batch again with weight 0.
+    """
+    info = distributed.current()
+    mine = windows[info.rank :: info.world_size]
+    share = -(-len(windows) // info.world_size)
+    weights = [1.0] * len(mine) + [0.0] * (share - len(mine))
+    mine = mine + [windows[-1]] * (share - len(mine))
+    model.eval()
+    total = torch.zeros((), device=windows[0][0].device, dtype=torch.float64)
+    for (x, y), w in zip(mine, weights):
+        with precision.autocast():
+            total += w * model(x, y)[1].double()
+    model.train()
+    return distributed.all_reduce_sum(total).item() / len(windows)
+
+
+def make_summary(
+    cfg: PretrainConfig, model: GPT, state: TrainState, train_loader: TokenLoader, val: TokenDataset, precision: Precision,
+    *, peak: float, resumed_at: int | None, stopped_early: bool,
+) -> dict:
+    """What the run did, for summary.json and the tracker."""
+    B, T, A, W = cfg.batch_size, cfg.model.context_length, cfg.grad_accum_steps, train_loader.world_size
+    fpt = flops_per_token(cfg.model, model.num_params(non_embedding=True))
+    tokens_seen, train_time = state.step * B * T * A * W, state.train_time_s
+    return {
+        "n_params": model.num_params(),
+        "steps": state.step,
+        "resumed_from_step": resumed_at,  # None for a fresh start
+        "tokens_seen": tokens_seen,
+        "train_time_s": round(train_time, 3),
+        "tokens_per_s": round(tokens_seen / train_time, 1) if train_time > 0 else None,
+        "mfu": round(fpt * tokens_seen / W / train_time / peak, 4) if train_time > 0 else None,
+        "peak_flops": peak,
+        "precision": precision.name,
+        "world_size": W,
+        "first_val_loss": state.val_rows[0][1],
+        "final_val_loss": state.val_rows[-1][1],
+        "best_val_loss": state.early_stopping.best_loss,
+        "best_step": state.early_stopping.best_step,
+        "stopped_early": stopped_early,
+        "final_train_loss": state.train_rows[-1][1],
+        "train_tokens": train_loader.dataset.n_tokens,
+        "val_tokens": val.n_tokens,
+        # Train documents cut across windows (longer than context_length + 1 tokens).
+        "documents_longer_than_context": train_loader.documents_longer_than_context,
+        "loader_state": train_loader.state_dict(),  # resume: TokenLoader.from_state_dict(train, loader_state)
+    }
+
+
+def write_outputs(
+    cfg: PretrainConfig, model: GPT, state: TrainState, summary: dict, model_dir: Path, reports_dir: Path,
+    params: dict | None, *, tokenizer: str | None,
+) -> None:
+    """Rank 0 writes the model folder and the reports folder; both are built aside and renamed into place only
+    when everything was written. Every rank calls it (under fsdp the weights are gathered collectively)."""
+    info = distributed.current()
+    final_sd = full_state(model)[0] if info.enabled and cfg.distributed == distributed.FSDP else None
+    if info.is_main:
+        out = model
+        if final_sd is not None:  # fsdp: a plain CPU copy of the gathered weights
+            out = GPT(cfg.model)
+            out.load_state_dict({**final_sd, **{a: final_sd[f] for a, f in tied_aliases(out).items()}})
+        with atomic_dir(model_dir) as model_tmp, atomic_dir(reports_dir) as reports_tmp:
+            train_csv = "".join(f"{s},{loss:.6f},{lr:.6g}\n" for s, loss, lr in state.train_rows)
+            write_text(reports_tmp / TRAIN_LOSS, "step,train_loss,lr\n" + train_csv)
+            write_text(reports_tmp / VAL_LOSS, "step,val_loss\n" + "".join(f"{s},{loss:.6f}\n" for s, loss in state.val_rows))
+            plot_losses(reports_tmp / LOSS_PLOT, state.train_rows, state.val_rows)
+            write_json(reports_tmp / SUMMARY, summary)
+            save_model(out, model_tmp, params=params, extra={"tokenizer": tokenizer} if tokenizer is not None else None)
+    distributed.barrier()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m lmcore.pretrain", description="Pretraining without the orchestration layer: alone, or one process per device under torchrun.")
+    ap.add_argument("--params", default="params.yaml", help="the params file (default params.yaml)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
+    ap.add_argument("--root", default=".", help="project root: data/tokens is read, models/ and reports/ are written")
+    ap.add_argument("--tokens", help="tokens folder (default <root>/data/tokens)")
+    ap.add_argument("--model-dir", help="default <root>/models/base")
+    ap.add_argument("--reports-dir", help="default <root>/reports/pretrain")
+    ap.add_argument("--checkpoint-dir", help="default <root>/models/checkpoints/pretrain")
+    args = ap.parse_args(argv)
+
+    params = load_params(args.params, overrides=args.overrides)
+    layout = Layout(Path(args.root))
+    info = distributed.init_from_env(params.pretrain.device)
+    try:
+        summary = pretrain(
+            params.pretrain,
+            Path(args.tokens) if args.tokens else layout.tokens,
+            Path(args.model_dir) if args.model_dir else layout.base_model,
+            Path(args.reports_dir) if args.reports_dir else layout.pretrain_reports,
+            seed=params.seed,
+            params=params.to_dict(),
+            checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else layout.root / PRETRAIN_CHECKPOINTS,
+        )
+    finally:
+        distributed.destroy()
+    if info.is_main:
+        shown = {k: v for k, v in summary.items() if k != "loader_state"}
+        print(json.dumps(shown, indent=2), file=sys.stderr)
+    return summary
+
+
+__all__ = ["PRETRAIN_CHECKPOINTS", "main", "pretrain"]
+
+
+if __name__ == "__main__":
+    main()

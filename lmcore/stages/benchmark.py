@@ -1,0 +1,66 @@
+"""The benchmark stage: models/base scored on HellaSwag, MMLU, TruthfulQA and ARC as lm-evaluation-harness scores
+them (lmcore.harness), the benchmark files collected into data/benchmarks (mirror first), the scores, per-item
+records, table and plot into reports/benchmark. Its `Scores` feed the promotion gate: the orchestration layer
+tags the registered version and moves `champion` only past the combined standard error (lmcore.promotion).
+
+    lmcore run benchmark
+    lmcore run benchmark --set benchmark.limit=50 --set benchmark.tasks=[hellaswag,arc_easy]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmcore.data.collect import collect, mirror_from_env
+from lmcore.harness.run import PLOT, RESULTS, SAMPLES_DIR, TABLE, benchmark_model, flat_metrics, reported_scores, table_rows
+from lmcore.io import sha256_file
+from lmcore.paths import MANIFEST, METRICS, WEIGHTS
+from lmcore.stages import WEIGHTS_SHA, Artifact, Scores, StageContext, StageResult, Table
+from lmcore.tokenizer import encoding_for
+
+SCORE_KEYS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
+
+
+def version_scores(results: dict, primary: str) -> dict[str, float]:
+    """What goes on a model version: the scores and standard errors of the reported tasks and groups (not the
+    57 subjects, unless one is the primary metric)."""
+    everything = flat_metrics(results)
+    reported = {f"{name}.{key}" for name in reported_scores(results) for key in SCORE_KEYS}
+    keep = reported | {primary, f"{primary}_stderr"}
+    return {k: v for k, v in everything.items() if k in keep}
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg, layout = ctx.params.benchmark, ctx.layout
+    data_dir, out, weights = layout.benchmark_data, layout.reports("benchmark"), layout.base_model / WEIGHTS
+    collect(ctx.collect_config(cfg.sources), data_dir, mirror=mirror_from_env(), base_dir=ctx.root)
+    enc = encoding_for(ctx.params.tokenize, ctx.root)
+    results = benchmark_model(cfg, layout.base_model, data_dir, out, enc=enc, model_ref="models/base", tracker=ctx.tracker)
+    primary = flat_metrics(results)
+    return StageResult(
+        summary={
+            "primary_metric": cfg.primary_metric,
+            "primary_value": primary[cfg.primary_metric],
+            "primary_stderr": primary.get(f"{cfg.primary_metric}_stderr"),
+            "n_items": results["n_items"],
+            "items_per_s": results["items_per_s"],
+            "sample_sha256": results["sample_sha256"],
+        },
+        artifacts=[
+            Artifact(data_dir / MANIFEST, "data"),
+            *(Artifact(out / name, "reports") for name in (RESULTS, METRICS, TABLE, PLOT)),
+            Artifact(out / SAMPLES_DIR, f"reports/{SAMPLES_DIR}"),
+        ],
+        tags={WEIGHTS_SHA: sha256_file(weights)},
+        scores=Scores(weights, version_scores(results, cfg.primary_metric), cfg.primary_metric, results["sample_sha256"]),
+        tables=[Table("lmcore-benchmark", table_rows(reported_scores(results)), f"benchmark scores of models/base ({results['n_items']} items)")],
+        log=f"{cfg.primary_metric} {primary[cfg.primary_metric]:.4f} on {results['n_items']} items",
+    )
+
+
+def rescore(ctx: StageContext, model_dir: Path, out_dir: Path, model_ref: str) -> Scores:
+    """Another model folder (the champion, downloaded) scored on the very items `run` scored."""
+    cfg = ctx.params.benchmark
+    enc = encoding_for(ctx.params.tokenize, ctx.root)
+    results = benchmark_model(cfg, model_dir, ctx.layout.benchmark_data, out_dir, enc=enc, model_ref=model_ref, progress=False)
+    return Scores(Path(model_dir) / WEIGHTS, version_scores(results, cfg.primary_metric), cfg.primary_metric, results["sample_sha256"])

@@ -1,0 +1,38 @@
+"""The dpo stage: the preference pairs collected into data/finetune/dpo and split; models/instruct tuned by
+direct preference optimisation against a frozen copy of itself into models/dpo, with reward curves, metrics and
+test responses in reports/dpo. Registered as a new version of the instruction model (alias @dpo).
+
+    lmcore run dpo
+    lmcore run dpo --set dpo.beta=0.2
+"""
+
+from __future__ import annotations
+
+from lmcore.finetune.dpo import PREFERENCE_FIELDS, train_dpo
+from lmcore.finetune.instruct import prepare_instructions
+from lmcore.paths import TEST_RESPONSES
+from lmcore.stages import StageContext, StageResult
+from lmcore.stages._finetune import CURVES, finetuned, prepare_data
+from lmcore.tokenizer import encoding_for
+
+SUMMARY_KEYS = ("first_val_loss", "final_val_loss", "first_val_reward_margin", "final_val_reward_margin",
+                "final_val_reward_accuracy", "trainable_params")
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg, layout, seed = ctx.params.dpo, ctx.layout, ctx.seed
+    start = layout.model("instruct")
+    data = prepare_data(ctx, "dpo", [cfg.source],
+                        lambda raw, splits: prepare_instructions(cfg, raw, splits, seed=seed, fields=PREFERENCE_FIELDS))
+    summary = train_dpo(
+        cfg, start, data.splits, layout.model("dpo"), layout.reports("dpo"),
+        seed=seed, enc=encoding_for(ctx.params.tokenize, ctx.root), params=ctx.params.to_dict(), tracker=ctx.tracker,
+        checkpoint_dir=layout.checkpoints("dpo"),
+    )
+    return finetuned(
+        ctx, "dpo", start=start, data=data, reports=CURVES + (TEST_RESPONSES,),
+        summary={k: summary[k] for k in SUMMARY_KEYS},
+        version_tags={"template": summary["template"], "eval.val_reward_margin": f"{summary['final_val_reward_margin']:.6f}"},
+        log=f"dpo: val loss {summary['first_val_loss']:.4f} -> {summary['final_val_loss']:.4f}, reward margin "
+            f"{summary['first_val_reward_margin']:.4f} -> {summary['final_val_reward_margin']:.4f}",
+    )

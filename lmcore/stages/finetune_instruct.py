@@ -1,0 +1,37 @@
+"""The finetune_instruct stage (book ch. 7): the Alpaca-style instructions collected into
+data/finetune/instruct and split; models/base instruction-tuned into models/instruct (its config.json records
+the prompt template), with curves, metrics and the test split's responses in reports/instruct.
+
+    lmcore run finetune_instruct
+    lmcore run finetune_instruct --set finetune_instruct.template=phi3
+"""
+
+from __future__ import annotations
+
+from lmcore.finetune.instruct import finetune_instruct, prepare_instructions
+from lmcore.paths import TEST_RESPONSES
+from lmcore.stages import StageContext, StageResult
+from lmcore.stages._finetune import CURVES, finetuned, prepare_data
+from lmcore.tokenizer import encoding_for
+
+SUMMARY_KEYS = ("first_val_loss", "final_val_loss", "test_loss", "trainable_params", "test_responses")
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg, layout, seed = ctx.params.finetune_instruct, ctx.layout, ctx.seed
+    data = prepare_data(ctx, "instruct", [cfg.source], lambda raw, splits: prepare_instructions(cfg, raw, splits, seed=seed))
+    summary = finetune_instruct(
+        cfg, layout.base_model, data.splits, layout.model("instruct"), layout.reports("instruct"),
+        seed=seed, enc=encoding_for(ctx.params.tokenize, ctx.root), params=ctx.params.to_dict(), tracker=ctx.tracker,
+        checkpoint_dir=layout.checkpoints("finetune_instruct"),
+    )
+    return finetuned(
+        ctx, "instruct", start=layout.base_model, data=data, reports=CURVES + (TEST_RESPONSES,),
+        summary={k: summary[k] for k in SUMMARY_KEYS},
+        version_tags={
+            "template": cfg.template,
+            "eval.val_loss": f"{summary['final_val_loss']:.6f}",
+            "eval.test_loss": f"{summary['test_loss']:.6f}",
+        },
+        log=f"instruct: val loss {summary['first_val_loss']:.3f} -> {summary['final_val_loss']:.3f}, test loss {summary['test_loss']:.3f}",
+    )

@@ -1,0 +1,195 @@
+"""One Prefect task per stage, all made alike from the stage declarations (lmcore.pipeline).
+
+A stage's task opens its MLflow run (nested under the lifecycle run when there is one; tagged with lineage),
+logs the stage's params, calls the stage's library function (`lmcore.stages.<name>.run`) with a tracker for
+per-step metrics, and then records what the function returned (`StageResult`): metrics, artifacts and tags on
+the run, Prefect table artifacts, and what the declaration asks of the model registry: register the model folder
+(`registers`), tag the versions it scored, put the scores through the promotion gate (`promotes`).
+
+Failures: the run ends FAILED with the error and its traceback (tasks.tracking); the traceback also goes to
+logs/<stage>.log. Prefect retries only transient failures (tasks.retries); bad input fails at once.
+
+    result = TASKS["preprocess"](run_context)   # inside a flow: flows/stage.py, flows/lifecycle.py
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import importlib
+import json
+import logging
+import tempfile
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from lmcore.config import Params
+from lmcore.errors import is_input_error, is_transient
+from lmcore.io import sha256_file
+from lmcore.paths import WEIGHTS
+from lmcore.pipeline import STAGES, Stage
+from lmcore.stages import StageContext, StageResult
+from lmcore.tokenizer import configured_ranks_file
+from tasks import failures
+from tasks.context import RunContext, logger
+from tasks.registry import champion_version, download_model_dir, find_version, log_and_register, promote, registry_lock, tag_scores
+from tasks.retries import RETRY_DELAY_S, retry_transient
+from tasks.tags import PROMOTION_ARTIFACT, PROMOTION_PREFIX, TAG_BENCH_SAMPLE, TAG_PARAMS_SHA, TAG_WEIGHTS_SHA, tag
+from tasks.tracking import MlflowTracker
+
+
+
+
+def section(params: Params, stage: Stage) -> dict[str, Any]:
+    """The params a stage's run logs: its own section (when it has one) and the seed."""
+    data = params.to_dict()
+    return {"seed": params.seed, **({stage.name: data[stage.name]} if stage.name in data else {})}
+
+
+def stage_context(rc: RunContext, stage: Stage, tracker) -> StageContext:
+    """The library's view of the run: root, params, tracker, and a Dask map for a section with `runner: dask`."""
+    cfg = getattr(rc.params, stage.name, None)
+    mapper = None
+    if getattr(cfg, "runner", None) == "dask":
+        from tasks.dask import dask_map
+
+        mapper = dask_map(cfg.dask_address, cfg.workers, f"{stage.name}-item")
+    return StageContext(root=rc.root, params=rc.params, tracker=tracker, map=mapper)
+
+
+def execute(stage: Stage, rc: RunContext) -> dict[str, Any]:
+    """Run `stage` under `rc` with its MLflow run; returns its summary (plus run_id, and the registry's part)."""
+    with stage_log(rc.layout.log_file(stage.name), stage.name), \
+            rc.tracking.run(stage.name, tags={tag(k): v for k, v in stage.tags.items()}) as run:
+        run.log_params(section(rc.params, stage))
+        result: StageResult = stage.function()(stage_context(rc, stage, run))
+        run.set_tags({tag(k): v for k, v in result.tags.items()})
+        if result.metrics:
+            run.log_metrics(result.metrics)
+        for artifact in result.artifacts:
+            run.log_artifact(artifact.path, artifact.dest)
+        if result.log:
+            logger().info("%s: %s", stage.name, result.log)
+        for line in result.warnings:
+            logger().warning("%s: %s", stage.name, line)
+        summary = dict(result.summary)
+        if stage.registers is not None:
+            summary.update(register(rc, stage, result, run))
+        for scored in result.scored:
+            tag_scored_version(rc, getattr(rc.params.tracking, scored.model), scored.weights, scored.tags)
+        if stage.promotes is not None and result.scores is not None:
+            summary.update(gate(rc, stage, result, run))
+        for table in result.tables:
+            create_table_artifact(table.rows, key=table.key, description=table.description)
+    return {**summary, "run_id": run.run_id}
+
+
+def register(rc: RunContext, stage: Stage, result: StageResult, run: MlflowTracker) -> dict[str, Any]:
+    """Log the stage's model folder as a pyfunc in its run and register it; the version carries the run's lineage
+    tags, the weights and params sha256, and the stage's version tags."""
+    spec = stage.registers
+    name = getattr(rc.params.tracking, spec.name)
+    model_dir = rc.root / spec.model
+    weights = sha256_file(model_dir / WEIGHTS)
+    run.set_tags({TAG_WEIGHTS_SHA: weights})
+    tags = {
+        TAG_WEIGHTS_SHA: weights,
+        TAG_PARAMS_SHA: rc.params.fingerprint(),
+        **{tag(k): v for k, v in {**stage.tags, **result.tags}.items()},
+        **result.version_tags,
+    }
+    ranks_file = configured_ranks_file(rc.params.tokenize.ranks_file, rc.root)
+    version = log_and_register(rc.tracking, run.run_id, model_dir, name, ranks_file=ranks_file, kind=spec.kind,
+                               aliases=spec.aliases, tags=tags)
+    logger().info("%s: registered %s v%s%s", stage.name, name, version, "".join(f" @{a}" for a in spec.aliases))
+    return {"registered_model": name, "model_version": version, "weights_sha256": weights}
+
+
+def tag_scored_version(rc: RunContext, name: str, weights: Path, tags: dict[str, str]) -> str | None:
+    """Tags on the registered version of `name` whose weights are the file `weights` (when there is one)."""
+    version = find_version(rc.tracking, name, sha256_file(weights))
+    if version is not None:
+        client = rc.tracking.client()
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, value)
+    return version
+
+
+def gate(rc: RunContext, stage: Stage, result: StageResult, run: MlflowTracker) -> dict[str, Any]:
+    """Tag the scored version with its scores, then, holding the registry lock, re-score a champion scored on other
+    items and let the promotion gate move `champion` (or make the version `challenger`)."""
+    scores, name = result.scores, getattr(rc.params.tracking, stage.promotes.name)
+    run.set_tags({TAG_BENCH_SAMPLE: scores.sample_sha256})
+    version = find_version(rc.tracking, name, sha256_file(scores.weights))
+    if version is None:
+        logger().warning("%s: %s (sha256 %s) is not registered as %s: no promotion", stage.name, scores.weights.parent.name,
+                         sha256_file(scores.weights)[:12], name)
+        return {"model_version": None, "promotion": None}
+    tag_scores(rc.tracking, name, version, scores.values, scores.sample_sha256)
+    with registry_lock(name):  # another run may be promoting a version of `name` right now
+        rescore_champion(rc, stage, name, version, scores.sample_sha256)
+        decision = promote(rc.tracking, name, version, scores.metric)
+    run.set_tags({f"{PROMOTION_PREFIX}{k}": str(v) for k, v in decision.items() if isinstance(v, str)})
+    run.log_metrics({f"{PROMOTION_PREFIX}{k}": v for k, v in decision.items() if isinstance(v, float)})
+    run.client.log_text(run.run_id, json.dumps(decision, indent=2), PROMOTION_ARTIFACT)
+    logger().info("%s v%s: %s (%s)", name, version, decision["alias"], decision["reason"])
+    return {"model_version": version, "promotion": decision}
+
+
+def rescore_champion(rc: RunContext, stage: Stage, name: str, version: str, sample_sha256: str) -> None:
+    """A champion scored on other items (another task list, limit or seed) is scored on this sample first (the
+    declaration's `rescore`), so that the promotion compares like with like."""
+    champion = champion_version(rc.tracking, name)
+    if champion is None or str(champion.version) == str(version) or champion.tags.get(TAG_BENCH_SAMPLE) == sample_sha256:
+        return
+    module, _, function = stage.promotes.rescore.partition(":")
+    rescore = getattr(importlib.import_module(module), function)
+    uri = f"models:/{name}/{champion.version}"
+    logger().info("champion %s v%s was scored on other items: scoring it on this sample", name, champion.version)
+    with tempfile.TemporaryDirectory(prefix="lmcore-champion-") as tmp:
+        model_dir = download_model_dir(uri, rc.tracking.uri, Path(tmp) / "model")
+        scores = rescore(StageContext(root=rc.root, params=rc.params), model_dir, Path(tmp) / "scores", uri)
+    tag_scores(rc.tracking, name, str(champion.version), scores.values, scores.sample_sha256)
+
+
+@contextlib.contextmanager
+def stage_log(path: Path, stage: str) -> Iterator[None]:
+    """Everything logged while the stage runs, and the traceback of its failure, appended to logs/<stage>.log.
+    An expected failure (bad input, transient) is remembered so that the terminal shows it once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s - %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        handler.stream.write(f"--- {stage}: started {dt.datetime.now().isoformat(timespec='seconds')} ---\n")
+        yield
+    except BaseException as err:
+        handler.stream.write("".join(traceback.format_exception(err)))
+        if is_input_error(err) or is_transient(err):
+            failures.RECORDED[str(err)] = failures.Failure(path, is_input_error(err))
+        raise
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def _make_task(stage: Stage):
+    def run_stage(rc: RunContext) -> dict[str, Any]:
+        return execute(stage, rc)
+
+    run_stage.__name__ = run_stage.__qualname__ = f"run_{stage.name}"
+    run_stage.__doc__ = f"The {stage.name} stage: {stage.doc}."
+    return task(
+        run_stage, name=stage.name, retries=stage.retries, retry_delay_seconds=RETRY_DELAY_S,
+        retry_condition_fn=retry_transient, cache_policy=NO_CACHE,
+    )
+
+
+TASKS = {stage.name: _make_task(stage) for stage in STAGES}

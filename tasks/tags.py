@@ -1,0 +1,55 @@
+"""Every MLflow tag name the orchestration layer writes or reads, named once. Imports nothing from tasks/.
+
+Run tags: every run carries the git commit, the params sha256, the launcher and (inside one) the Prefect flow
+run; a stage run carries its stage's lineage keys (lmcore.stages: manifests, weights, base weights) as
+"lmcore.<key>", and the DVC md5s of its deps and outs. Model version tags: the same lineage keys, plus the
+scores the evaluation stages put there (eval.*, bench.*, judge.*) and the promotion decision.
+"""
+
+from __future__ import annotations
+
+from lmcore.stages import (
+    BASE_WEIGHTS_SHA,
+    FINETUNE,
+    FINETUNE_MANIFEST_SHA,
+    RAW_MANIFEST_SHA,
+    TOKENS_MANIFEST_SHA,
+    WEIGHTS_SHA,
+)
+
+PREFIX = "lmcore."
+
+
+def tag(key: str) -> str:
+    """The tag name of a StageResult tag key: "lmcore.<key>"."""
+    return PREFIX + key
+
+
+TAG_STAGE = "lmcore.stage"
+TAG_GIT_COMMIT = "lmcore.git_commit"
+TAG_PARAMS_SHA = "lmcore.params_sha256"
+TAG_FLOW_RUN = "lmcore.prefect_flow_run_id"
+TAG_LAUNCHER = "lmcore.launcher"  # prefect (lmcore pipeline) | stage (lmcore run) | torchrun
+TAG_ERROR = "lmcore.error"  # a failed run: the error's one-line message (the traceback is the artifact ERROR_ARTIFACT)
+TAG_RAW_MANIFEST_SHA = tag(RAW_MANIFEST_SHA)
+TAG_TOKENS_MANIFEST_SHA = tag(TOKENS_MANIFEST_SHA)
+TAG_WEIGHTS_SHA = tag(WEIGHTS_SHA)
+TAG_BASE_WEIGHTS_SHA = tag(BASE_WEIGHTS_SHA)  # the model a fine-tune started from
+TAG_FINETUNE = tag(FINETUNE)  # classifier | instruct | dpo
+TAG_FINETUNE_MANIFEST_SHA = tag(FINETUNE_MANIFEST_SHA)  # the data a fine-tune collected
+TAG_REGISTERED_MODEL = "lmcore.registered_model"  # on the lifecycle run
+TAG_MODEL_VERSION = "lmcore.model_version"
+# DVC hashes (md5, as dvc.lock records them) of a stage run's inputs and outputs: one tag per path.
+TAG_DVC_DEP = "lmcore.dvc.dep."  # + the path as dvc.yaml writes it
+TAG_DVC_OUT = "lmcore.dvc.out."
+TAG_DVC_DEPS_MD5 = "lmcore.dvc.deps_md5"  # md5 of all the deps' hashes: runs with equal inputs share it
+TAG_DVC_HASHED_BY = "lmcore.dvc.hashed_by"  # DVC on the project at the root, or dvc_data without one
+PARENT_RUN = "mlflow.parentRunId"
+
+# Model version tags of the benchmark stage and the promotion gate.
+BENCH_PREFIX = "bench."  # bench.<task>.<metric>, bench.<task>.<metric>_stderr
+TAG_BENCH_SAMPLE = "bench.sample_sha256"  # which items the bench.* scores were computed on (also on the run)
+PROMOTION_PREFIX = "promotion."  # promotion.alias, promotion.reason (version and run), promotion.<number> (run metrics)
+
+ERROR_ARTIFACT = "error/traceback.txt"  # a failed run's traceback
+PROMOTION_ARTIFACT = "promotion.json"  # the promotion decision, on the benchmark run
