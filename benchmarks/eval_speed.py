@@ -30,8 +30,8 @@ from benchmarks.peers import gpt2_tokenizer, lmeval_hflm
 from lmcore.checkpoint import load_model
 from lmcore.config import BENCHMARK_SOURCES, CollectConfig, ModelConfig
 from lmcore.data.collect import collect, mirror_from_env
-from lmcore.harness.scoring import score_items
 from lmcore.harness.benchmarks import expand, sample, task_items
+from lmcore.harness.scoring import score_items
 from lmcore.model import GPT
 from lmcore.tokenizer import get_encoding
 

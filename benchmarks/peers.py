@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import os
 
+from tiktoken_ext.openai_public import r50k_pat_str as GPT2_PATTERN
+
 from lmcore.hf import to_hf_gpt2
 from lmcore.model import GPT
-from tiktoken_ext.openai_public import r50k_pat_str as GPT2_PATTERN
 
 
 def gpt2_tokenizer(ranks_file: str | os.PathLike):

@@ -38,8 +38,8 @@ from lmcore.data.loader import RANDOM, TokenDataset, TokenLoader
 from lmcore.data.shards import write_shard
 from lmcore.model import GPT
 from lmcore.paths import MANIFEST
-from lmcore.tracking import ListTracker
 from lmcore.pretrain import pretrain
+from lmcore.tracking import ListTracker
 from lmcore.training import lr_at
 
 ROOT = Path(__file__).resolve().parents[1]

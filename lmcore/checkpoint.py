@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 import torch
 import yaml
 from pydantic import ValidationError

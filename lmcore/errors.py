@@ -66,27 +66,25 @@ def _is_transient_one(exc: BaseException) -> bool:
     return isinstance(exc, (TimeoutError, ConnectionError, http.client.RemoteDisconnected, http.client.IncompleteRead))
 
 
+def _causes(exc: BaseException | None):
+    """`exc`, the exception it was raised from, and so on down its `__cause__` chain."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether `exc`, or an exception in its cause chain, is worth retrying. An InputError never is."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, InputError):
+    for cause in _causes(exc):
+        if isinstance(cause, InputError):
             return False
-        if _is_transient_one(current):
+        if _is_transient_one(cause):
             return True
-        seen.add(id(current))
-        current = current.__cause__
     return False
 
 
 def is_input_error(exc: BaseException) -> bool:
     """Whether `exc` is bad input (an InputError, or caused by one): one line for the user, no retry."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, InputError):
-            return True
-        seen.add(id(current))
-        current = current.__cause__
-    return False
+    return any(isinstance(cause, InputError) for cause in _causes(exc))

@@ -33,8 +33,7 @@ from lmcore.config import JudgeConfig
 from lmcore.errors import InputError, TransientError, one_line
 from lmcore.finetune.data import RESPONSE_MARKERS, DataError, format_prompt
 from lmcore.io import atomic_dir, jsonl_objects, utf8_error, write_json, write_text
-from lmcore.paths import JUDGE_SCORES
-from lmcore.paths import METRICS
+from lmcore.paths import JUDGE_SCORES, METRICS
 
 log = logging.getLogger(__name__)
 

@@ -54,7 +54,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lmcore.checkpoint import HEAD_KEY, CheckpointError, load_model, read_model_config
 from lmcore.finetune.data import TEMPLATES, format_prompt
 from lmcore.finetune.instruct import TEMPLATE_KEY
-from lmcore.generation import TextStream, strip_pieces, stream_text
+from lmcore.generation import TextStream, stream_text, strip_pieces
 from lmcore.model import GPT
 from lmcore.paths import MODEL_CONFIG
 from lmcore.tokenizer import get_encoding

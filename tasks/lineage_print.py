@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.markup import escape
 
+
 def render(lineage: dict, console=None) -> None:
     """The chain for people: one block per node, newest first, each preceded by how it was found. Lines are
     not wrapped, so hashes stay whole for copying."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import math
 import re
 import warnings
 from collections.abc import Iterator

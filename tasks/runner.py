@@ -44,8 +44,6 @@ from tasks.tags import PROMOTION_ARTIFACT, PROMOTION_PREFIX, TAG_BENCH_SAMPLE, T
 from tasks.tracking import MlflowTracker
 
 
-
-
 def section(params: Params, stage: Stage) -> dict[str, Any]:
     """The params a stage's run logs: its own section (when it has one) and the seed."""
     data = params.to_dict()

@@ -12,7 +12,7 @@ from flows.cli import app as cli_app
 from lmcore.checkpoint import load_model, save_model
 from lmcore.config import ModelConfig
 from lmcore.finetune.data import format_prompt
-from lmcore.generation import TextStream, generate, generate_text, sample_next, strip_pieces, stream, stream_text
+from lmcore.generation import TextStream, generate, generate_text, sample_next, stream, stream_text, strip_pieces
 from lmcore.model import GPT
 from lmcore.tokenizer import get_encoding
 

@@ -65,6 +65,23 @@ def assert_same_run(a: Path, b: Path, summary_a: dict, summary_b: dict) -> None:
     assert strip(json.loads((b / "reports" / SUMMARY).read_text())) == strip(summary_b)
 
 
+def kill_after_checkpoint(module: str, args: dict, ckpt: Path, *, at_least: int, timeout_s: float = 120) -> int:
+    """Run `python -m <module> <json args>` (a training run in a child process), SIGKILL it as soon as a
+    checkpoint of step >= `at_least` is complete in `ckpt`; returns the step of the last complete checkpoint."""
+    child = subprocess.Popen([sys.executable, "-m", module, json.dumps(args)], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while (latest := latest_checkpoint(ckpt)) is None or int(latest.name.split("-")[1]) < at_least:
+            assert child.poll() is None, "the child finished before it could be killed"
+            assert time.monotonic() < deadline, f"no checkpoint at step >= {at_least} within {timeout_s:.0f} s"
+            time.sleep(0.01)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+    return list_checkpoints(ckpt)[-1][0]
+
+
 class _SlowTracker:
     """Sleeps after each step so that the parent can kill the child mid-run."""
 
@@ -79,18 +96,7 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_weights(tmp_path, t
 
     out, ckpt = tmp_path / "killed", tmp_path / "ckpt"
     args = {"cfg": cfg.model_dump(mode="json"), "tokens": str(tokens), "out": str(out), "ckpt": str(ckpt)}
-    child = subprocess.Popen([sys.executable, "-m", "tests.test_resume", json.dumps(args)], cwd=ROOT)
-    try:
-        deadline = time.monotonic() + 60
-        while (latest := latest_checkpoint(ckpt)) is None or int(latest.name.split("-")[1]) < 10:
-            assert child.poll() is None, "the child finished before it could be killed"
-            assert time.monotonic() < deadline, "no checkpoint at step >= 10 within 60 s"
-            time.sleep(0.01)
-        os.kill(child.pid, signal.SIGKILL)
-    finally:
-        child.wait(timeout=30)
-    assert child.returncode == -signal.SIGKILL
-    killed_at = list_checkpoints(ckpt)[-1][0]
+    killed_at = kill_after_checkpoint("tests.test_resume", args, ckpt, at_least=10)
     assert 10 <= killed_at < 40 and not (out / "model").exists()
 
     resumed = train(cfg, tokens, out, ckpt, resume=True)

@@ -21,8 +21,8 @@ from lmcore.data.loader import RANDOM, TokenDataset, TokenLoader
 from lmcore.data.shards import token_dtype, write_shard
 from lmcore.model import GPT
 from lmcore.paths import LOSS_PLOT, MANIFEST, MODEL_CONFIG, RESOLVED_PARAMS, SUMMARY, TRAIN_LOSS, VAL_LOSS, WEIGHTS
-from lmcore.tracking import ListTracker
 from lmcore.pretrain import pretrain
+from lmcore.tracking import ListTracker
 from lmcore.training import lr_at
 
 VOCAB = 16

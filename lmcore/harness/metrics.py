@@ -16,8 +16,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lmcore.harness.scoring import Scores
 from lmcore.harness.benchmarks import ACC, ACC_NORM, Item
+from lmcore.harness.scoring import Scores
 
 
 def item_result(item: Item, scores: Scores) -> dict:

@@ -30,9 +30,9 @@ import torch
 
 from lmcore.checkpoint import load_model
 from lmcore.config import BenchmarkConfig
+from lmcore.harness.benchmarks import SPECS, expand, groups_of, sample, task_items
 from lmcore.harness.metrics import group_scores, item_result, task_scores
 from lmcore.harness.scoring import TooLongError, score_items
-from lmcore.harness.benchmarks import ACC, SPECS, expand, groups_of, sample, task_items
 from lmcore.io import atomic_dir, atomic_file, write_json, write_text
 from lmcore.model import GPT
 from lmcore.paths import METRICS

@@ -7,10 +7,7 @@ The kill test runs this file as a child process: `python -m tests.finetune.test_
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmcore.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_model, save_model
+from lmcore.checkpoint import CheckpointError, list_checkpoints, load_model, save_model
 from lmcore.config import ClassifierConfig, DpoConfig, InstructConfig, LoraConfig, ModelConfig
 from lmcore.finetune.classifier import finetune_classifier
 from lmcore.finetune.dpo import train_dpo
@@ -27,7 +24,7 @@ from lmcore.finetune.trainer import EpochBatches, batches, total_steps
 from lmcore.model import GPT
 from lmcore.paths import ADAPTER, METRICS, TEST_RESPONSES, TRAIN_LOSS, VAL_LOSS, WEIGHTS
 from lmcore.tracking import ListTracker
-from tests.conftest import ROOT
+from tests.test_resume import kill_after_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -147,18 +144,7 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_weights(splits, dro
 
     out, ckpt = tmp_path / "killed", tmp_path / "ckpt"
     args = {"cfg": cfg.model_dump(mode="json"), "base": str(dropout_model_dir), "splits": str(splits["instruct"]), "out": str(out), "ckpt": str(ckpt)}
-    child = subprocess.Popen([sys.executable, "-m", "tests.finetune.test_trainer", json.dumps(args)], cwd=ROOT)
-    try:
-        deadline = time.monotonic() + 120
-        while (latest := latest_checkpoint(ckpt)) is None or int(latest.name.split("-")[1]) < 6:
-            assert child.poll() is None, "the child finished before it could be killed"
-            assert time.monotonic() < deadline, "no checkpoint at step >= 6 within 120 s"
-            time.sleep(0.01)
-        os.kill(child.pid, signal.SIGKILL)
-    finally:
-        child.wait(timeout=30)
-    assert child.returncode == -signal.SIGKILL
-    killed_at = list_checkpoints(ckpt)[-1][0]
+    killed_at = kill_after_checkpoint("tests.finetune.test_trainer", args, ckpt, at_least=6)
     assert 6 <= killed_at < 14 and not (out / "model").exists()
 
     resumed = run_instruct(cfg.model_copy(update={"resume": True}), dropout_model_dir, splits["instruct"], out, enc, ckpt)

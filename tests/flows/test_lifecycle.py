@@ -4,7 +4,6 @@ a real MLflow SQLite store: shards, weights, parent + nested runs, the registere
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import mlflow
 import pytest
@@ -15,8 +14,8 @@ from lmcore.data.loader import TokenDataset
 from lmcore.data.tokenize import decode_shard
 from lmcore.io import sha256_file
 from lmcore.paths import MANIFEST, METRICS, SAMPLES, WEIGHTS, Layout
-from lmcore.tokenizer import get_encoding
 from lmcore.pipeline import NAMES as STAGES
+from lmcore.tokenizer import get_encoding
 
 
 def test_outputs_land_where_the_layout_says(lifecycle_run):

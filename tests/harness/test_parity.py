@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from lmcore.harness.benchmarks import MMLU_LETTERS, source_file
 from lmcore.harness.run import run_benchmarks
-from lmcore.harness.benchmarks import MMLU_LETTERS, sample, source_file, task_items
 
 lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from lmcore.config import ModelConfig
+from lmcore.harness.benchmarks import Item, sample, task_items
 from lmcore.harness.metrics import item_result
 from lmcore.harness.scoring import score_items
-from lmcore.harness.benchmarks import Item, sample, task_items
 from lmcore.model import GPT
 
 
