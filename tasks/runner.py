@@ -178,7 +178,9 @@ def stage_log(path: Path, stage: str) -> Iterator[None]:
         handler.close()
 
 
-def _make_task(stage: Stage):
+def stage_task(stage: Stage):
+    """The Prefect task that runs `stage` (`execute`), retrying transient failures `stage.retries` times."""
+
     def run_stage(rc: RunContext) -> dict[str, Any]:
         return execute(stage, rc)
 
@@ -190,4 +192,4 @@ def _make_task(stage: Stage):
     )
 
 
-TASKS = {stage.name: _make_task(stage) for stage in STAGES}
+TASKS = {stage.name: stage_task(stage) for stage in STAGES}
