@@ -60,9 +60,6 @@ class Layout:
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root).resolve())
 
-    def path(self, relative: str) -> Path:
-        return self.root / relative
-
     @property
     def raw(self) -> Path:
         return self.root / RAW

@@ -48,7 +48,7 @@ from lmcore.config import PretrainConfig, load_params
 from lmcore.data.loader import RANDOM, TokenDataset, TokenLoader
 from lmcore.io import atomic_dir, write_json, write_text
 from lmcore.model import GPT
-from lmcore.paths import LOSS_PLOT, MANIFEST, SUMMARY, TRAIN_LOSS, VAL_LOSS, Layout
+from lmcore.paths import CHECKPOINTS, LOSS_PLOT, MANIFEST, SUMMARY, TRAIN_LOSS, VAL_LOSS, Layout
 from lmcore.tracking import NullTracker, Tracker
 from lmcore.training import (
     EarlyStopping,
@@ -72,8 +72,8 @@ from lmcore.training import (
     train_step,
 )
 
-# The pretrain stage's training checkpoints, relative to the project root (beside the model folders).
-PRETRAIN_CHECKPOINTS = Path("models") / "checkpoints" / "pretrain"
+# The pretrain stage's training checkpoints, relative to the project root (Layout.checkpoints("pretrain")).
+PRETRAIN_CHECKPOINTS = Path(CHECKPOINTS) / "pretrain"
 
 
 def pretrain(
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
             Path(args.reports_dir) if args.reports_dir else layout.pretrain_reports,
             seed=params.seed,
             params=params.to_dict(),
-            checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else layout.root / PRETRAIN_CHECKPOINTS,
+            checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else layout.checkpoints("pretrain"),
         )
     finally:
         distributed.destroy()
