@@ -20,7 +20,7 @@ import tiktoken
 import tiktoken.load
 from tiktoken_ext.openai_public import r50k_pat_str
 
-from lmcore.errors import InputError, MissingInputError
+from lmcore.errors import InputError, MissingInputError, TransientError
 from lmcore.io import sha256_file
 
 if TYPE_CHECKING:
@@ -58,7 +58,13 @@ def get_encoding(name: str = "gpt2", ranks_file: str | Path | None = None) -> ti
     if ranks_file is None or str(ranks_file) == "":
         ranks_file = os.environ.get(RANKS_ENV) or None
     if ranks_file is None:
-        return tiktoken.get_encoding(name)
+        try:
+            return tiktoken.get_encoding(name)
+        except OSError as err:  # requests' and urllib's network errors are OSErrors
+            raise TransientError(
+                f"tiktoken could not download the {name!r} ranks ({type(err).__name__}); offline, point "
+                f"${RANKS_ENV} (or tokenize.ranks_file) at a local .tiktoken file"
+            ) from err
     if name != "gpt2":
         raise InputError(f"encoding {name!r} cannot be built from a local ranks file; only 'gpt2' can")
     path = Path(ranks_file).expanduser()

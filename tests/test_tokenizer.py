@@ -102,3 +102,23 @@ def test_no_tokenizer_named_is_a_clear_error():
     """A Hugging Face import with another vocabulary saves "tokenizer": null; using it says why."""
     with pytest.raises(ValueError, match='"tokenizer": null'):
         get_encoding(None)
+
+
+def test_a_failed_download_of_the_ranks_is_one_transient_line(monkeypatch):
+    """Offline without a local ranks file, tiktoken's download fails: one line saying what to set, retryable."""
+    import requests
+    import tiktoken
+
+    from lmcore.errors import TransientError, is_transient
+    from lmcore.tokenizer import RANKS_ENV, get_encoding
+
+    def offline(name):
+        raise requests.exceptions.ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
+
+    monkeypatch.delenv(RANKS_ENV, raising=False)
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(TransientError) as err:
+        get_encoding("gpt2")
+    message = str(err.value)
+    assert "\n" not in message and "LMCORE_TIKTOKEN_FILE" in message and "ConnectionError" in message
+    assert is_transient(err.value)
