@@ -1,15 +1,19 @@
-"""Reference implementations wrapped around an lmcore model, for parity tests and speed ratios.
+"""Reference implementations for parity tests and speed ratios: around an lmcore model, or from a GGUF file alone.
 
     tok = gpt2_tokenizer("../shared/tokenizers/gpt2.tiktoken")   # a transformers fast tokenizer, built offline
     lm = lmeval_hflm(model, tok, batch_size=16)                   # lm-evaluation-harness's own HF backend
+    hf, tok = hf_from_gguf("../shared/data/models/SmolLM2-135M-Instruct.Q4_1.gguf")  # transformers' GGUF loader
+    lm = hflm(hf, tok, batch_size=16)                             # HFLM on any transformers model in memory
 
 The lmcore weights are exported to a `transformers` GPT2LMHeadModel (lmcore.hf), so lm-eval scores them with its
 own tokenisation, batching and truncation code: nothing of ours runs on the peer side but the weight mapping.
+A GGUF file is read by transformers and gguf alone: nothing of ours runs on that peer side at all.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from tiktoken_ext.openai_public import r50k_pat_str as GPT2_PATTERN
 
@@ -38,8 +42,27 @@ def hf_model(model: GPT):
     return hf.to(next(model.parameters()).device).eval()
 
 
-def lmeval_hflm(model: GPT, tokenizer, batch_size: int = 16):
-    """lm-evaluation-harness's HFLM around the exported model."""
+def hf_from_gguf(path: str | os.PathLike):
+    """transformers' own GGUF loading of `path`: (the model dequantized to float32, in eval mode; its tokenizer)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def hflm(model, tokenizer, batch_size: int = 16, max_length: int | None = None):
+    """lm-evaluation-harness's HFLM around a transformers model in memory.
+
+    Args:
+        max_length: the longest input; None: what HFLM reads from the model's config.
+    """
     from lm_eval.models.huggingface import HFLM
 
-    return HFLM(pretrained=hf_model(model), tokenizer=tokenizer, batch_size=batch_size, max_length=model.config.context_length)
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+
+
+def lmeval_hflm(model: GPT, tokenizer, batch_size: int = 16):
+    """lm-evaluation-harness's HFLM around the exported model."""
+    return hflm(hf_model(model), tokenizer, batch_size=batch_size, max_length=model.config.context_length)

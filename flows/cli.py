@@ -14,6 +14,8 @@
     lmcore serve --model models:/lmcore-instruct@dpo --port 8000   # an OpenAI-compatible chat API on 127.0.0.1
     lmcore import-hf hf/llama models/llama           # a Hugging Face GPT-2 or Llama folder -> an lmcore model folder
     lmcore export-hf models/base hf/base             # an lmcore model folder -> config.json + model.safetensors for transformers
+    lmcore import-gguf model.gguf models/imported    # a llama.cpp GGUF file (dequantized, with tokenizer and chat template)
+    lmcore export-gguf models/instruct out.gguf --dtype f16   # for llama.cpp and Ollama, with the model's tokenizer
     lmcore lineage models:/lmcore-base@champion      # model version -> run -> tokens -> preprocess -> collect -> raw sources
 
 It lives beside the flows, not in `lmcore/`, because it drives Prefect and MLflow.
@@ -186,14 +188,19 @@ ModelOpt = Annotated[str, typer.Option(help="model folder, models:/name@alias or
 
 
 def _load_generator(model: str):
-    """The model, its prompt template (None for a plain LM) and the tokenizer its config.json names (gpt2)."""
+    """The model, its prompt template (None for a plain LM; "chat": the chat template its tokenizer carries) and the
+    tokenizer the model folder carries."""
     from lmcore.checkpoint import load_model, read_model_config
-    from lmcore.finetune.instruct import TEMPLATE_KEY
-    from lmcore.tokenizer import get_encoding
+    from lmcore.finetune.instruct import TEMPLATE_KEY, check_chat_template
+    from lmcore.tokenizer import load_tokenizer
 
     model_dir = _model_dir(model)
     extra = read_model_config(model_dir)[1]
-    return load_model(model_dir).eval(), extra.get(TEMPLATE_KEY), get_encoding(extra.get("tokenizer", "gpt2"))
+    enc = load_tokenizer(model_dir)
+    template = extra.get(TEMPLATE_KEY)
+    if template is not None:
+        check_chat_template(enc, template, str(model_dir))
+    return load_model(model_dir).eval(), template, enc
 
 
 TemperatureOpt = Annotated[float, typer.Option(min=0.0, help="0 is greedy")]
@@ -206,8 +213,8 @@ CacheOpt = Annotated[bool, typer.Option("--cache/--no-cache", help="decode with 
 
 def _respond(lm, template: str | None, enc, text: str, *, input_: str = "", stream: bool = True, **sampling) -> None:
     """Print the completion of `text` (a plain LM, after the prompt) or the response to it (an instruction model,
-    in its template, stripped), piece by piece as it is generated when `stream`."""
-    from lmcore.finetune.data import format_prompt
+    in its template, stripped; up to the chat template's end of turn), piece by piece as it is generated when `stream`."""
+    from lmcore.finetune.data import instruction_prompt
     from lmcore.generation import stream_text, strip_pieces
 
     if sampling["top_p"] == 0:
@@ -216,8 +223,8 @@ def _respond(lm, template: str | None, enc, text: str, *, input_: str = "", stre
         typer.echo(text, nl=False)
         pieces = stream_text(lm, enc, text, **sampling)
     else:
-        prompt = format_prompt({"instruction": text, "input": input_}, template)
-        pieces = strip_pieces(stream_text(lm, enc, prompt, **sampling))
+        prompt, stop_ids = instruction_prompt({"instruction": text, "input": input_}, enc, template)
+        pieces = strip_pieces(stream_text(lm, enc, prompt, stop_ids=stop_ids, **sampling))
     if stream:
         for piece in pieces:
             typer.echo(piece, nl=False)  # click flushes after each write
@@ -240,7 +247,8 @@ def generate(
     stream: StreamOpt = True,
     cache: CacheOpt = True,
 ) -> None:
-    """Sample a completion (a plain LM) or a response (an instruction model, in its own template)."""
+    """Sample a completion (a plain LM) or a response (an instruction model, in its own template: alpaca, phi3 or the
+    chat template its tokenizer carries)."""
     lm, template, enc = _load_generator(model)
     _respond(lm, template, enc, prompt, input_=input_, stream=stream, max_new_tokens=max_new_tokens, temperature=temperature,
              top_k=top_k, top_p=top_p, stop=stop or [], seed=seed, use_cache=cache)
@@ -282,13 +290,14 @@ def classify(
     """Print the predicted label and its probability for each text (tab-separated)."""
     from lmcore.finetune.classifier import classify as predict_probs
     from lmcore.finetune.classifier import load_classifier
-    from lmcore.tokenizer import get_encoding
+    from lmcore.tokenizer import load_tokenizer
 
+    model_dir = _model_dir(model)
     try:
-        lm, labels, max_length = load_classifier(_model_dir(model))
+        lm, labels, max_length = load_classifier(model_dir)
     except ValueError as err:
         _fail(str(err))
-    probs = predict_probs(lm, get_encoding("gpt2"), texts, max_length)
+    probs = predict_probs(lm, load_tokenizer(model_dir), texts, max_length)
     for row in probs:
         best = int(row.argmax())
         typer.echo(f"{labels[best]}\t{row[best]:.4f}")
@@ -324,10 +333,10 @@ def eval_(
     cfg = _check_params(root, params, overrides).benchmark
     data_dir = Path(data) if data else _collected_benchmarks(Path(root), cfg)
     model_dir = _model_dir(model)
-    from lmcore.tokenizer import get_encoding
+    from lmcore.tokenizer import load_tokenizer
 
     try:
-        results = benchmark_model(cfg, model_dir, data_dir, Path(output), enc=get_encoding("gpt2"), model_ref=model)
+        results = benchmark_model(cfg, model_dir, data_dir, Path(output), enc=load_tokenizer(model_dir), model_ref=model)
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
     typer.echo((Path(output) / TABLE).read_text(encoding="utf-8"), nl=False)
@@ -416,6 +425,46 @@ def export_hf(
     except (ValueError, OSError) as err:  # HFError, or CheckpointError for a broken model folder
         _fail(str(err))
     typer.echo(f"exported {done['model_type']} ({done['params']:,} parameters) from {src_dir} to {done['path']}")
+
+
+@app.command("import-gguf")
+def import_gguf(
+    src: Annotated[str, typer.Argument(help="a GGUF file (llama or gpt2; any quantization gguf can dequantize)")],
+    dst_dir: Annotated[str, typer.Argument(help="the lmcore model folder to write (float32 weights and the tokenizer)")],
+) -> None:
+    """Convert a GGUF file (llama.cpp's format) into an lmcore model folder with its tokenizer.
+
+        lmcore import-gguf ../shared/data/models/SmolLM2-135M-Instruct.Q4_1.gguf models/smollm2
+    """
+    from lmcore.gguf import import_gguf as convert
+
+    try:
+        done = convert(src, dst_dir)
+    except (ValueError, OSError) as err:  # GGUFError / TokenizerError name the file and what is refused
+        _fail(str(err))
+    types = ", ".join(f"{n} {t}" for t, n in done["tensor_types"].items())
+    typer.echo(f"imported {done['architecture']} {done['name']!r} ({done['params']:,} parameters; tensors {types}; "
+               f"tokenizer {done['n_vocab']:,} tokens) from {src} to {done['path']}")
+
+
+@app.command("export-gguf")
+def export_gguf(
+    model_dir: Annotated[str, typer.Argument(help="an lmcore model folder (GPT-2 or Llama style) carrying its tokenizer")],
+    out: Annotated[str, typer.Argument(help="the .gguf file to write")],
+    dtype: Annotated[str, typer.Option(help="type of the 2-D weights: f32, f16, bf16 or q8_0 (norms and biases stay f32)")] = "f32",
+) -> None:
+    """Write an lmcore model folder as one GGUF file for llama.cpp (and transformers' gguf_file=).
+
+        lmcore export-gguf models/smollm2 smollm2.f16.gguf --dtype f16
+    """
+    from lmcore.gguf import export_gguf as convert
+
+    try:
+        done = convert(model_dir, out, dtype=dtype)
+    except (ValueError, OSError) as err:  # GGUFError/HFError, or CheckpointError for a broken model folder
+        _fail(str(err))
+    typer.echo(f"exported {done['architecture']} ({done['params']:,} parameters, {done['dtype']}, {done['bytes']:,} bytes) "
+               f"from {model_dir} to {done['path']}")
 
 
 @app.command()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -171,9 +172,85 @@ class PreprocessConfig(_Section):
     near_dedup: NearDedupConfig = NearDedupConfig()
 
 
+FILE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+_SHA256_PATTERN = r"^[0-9a-f]{64}$"
+# base_model.source -> the location keys it reads (name and license are read by every source but scratch).
+BASE_SOURCE_KEYS: dict[str, tuple[str, ...]] = {
+    "scratch": (),
+    "huggingface": ("url", "files"),
+    "gguf": ("url", "path", "sha256"),
+    "folder": ("path",),
+    "registry": ("uri",),
+}
+_REGISTRY_URI = r"^models:/[^/@]+(@[^/@]+|/[0-9]+)$"
+
+
+class BaseModelConfig(_Section):
+    """The model a run starts from (the base_model stage writes it to models/base_model; lmcore.base_model).
+
+    scratch: random weights (pretrain.model); nothing is fetched. huggingface: the files of a Hugging Face repo,
+    each pinned by sha256, from `url` (its resolve URL prefix) or the offline mirror. gguf: one GGUF file, from
+    `url` pinned by `sha256`, or a local `path`. folder: a local Hugging Face folder (safetensors) or lmcore model
+    folder. registry: a registered model, `models:/name@alias` or `models:/name/version`.
+    """
+
+    source: Literal["scratch", "huggingface", "gguf", "folder", "registry"] = "scratch"
+    name: str | None = Field(default=None, min_length=1)  # what to call it; null: from the source
+    url: str | None = None
+    files: dict[str, str] = {}
+    sha256: str | None = Field(default=None, pattern=_SHA256_PATTERN)
+    path: str | None = None
+    uri: str | None = None
+    license: str = "unknown"
+
+    @model_validator(mode="after")
+    def _source_keys(self) -> BaseModelConfig:
+        src = self.source
+        reads = BASE_SOURCE_KEYS[src]
+        stray = [k for k in ("url", "files", "sha256", "path", "uri") if getattr(self, k) and k not in reads]
+        if stray:
+            what = f"reads {', '.join(f'base_model.{k}' for k in reads)}" if reads else "fetches nothing"
+            raise ValueError(f"base_model.{stray[0]} is set, but source {src!r} does not read it (it {what})")
+        if src == "huggingface":
+            if not self.url:
+                raise ValueError("base_model.source 'huggingface' needs base_model.url: the repo's resolve URL prefix, "
+                                 "e.g. https://huggingface.co/<org>/<repo>/resolve/<revision>")
+            if not self.files:
+                raise ValueError("base_model.source 'huggingface' needs base_model.files: file name -> sha256 of "
+                                 "config.json, model.safetensors (or model.safetensors.index.json and its shards), tokenizer.json")
+            for name, digest in self.files.items():
+                if not re.fullmatch(FILE_NAME_PATTERN, name):
+                    raise ValueError(f"base_model.files: {name!r} is not a plain file name (letters, digits, '.', '_', '-')")
+                if not isinstance(digest, str) or not re.fullmatch(_SHA256_PATTERN, digest):
+                    raise ValueError(f"base_model.files[{name!r}]: {digest!r} is not a sha256 (64 lowercase hex digits)")
+            if "config.json" not in self.files:
+                raise ValueError("base_model.files has no 'config.json' (the model's architecture)")
+            if not {"model.safetensors", "model.safetensors.index.json"} & self.files.keys():
+                raise ValueError("base_model.files names no weights: add model.safetensors, or "
+                                 "model.safetensors.index.json and its shards (pickled .bin weights are refused)")
+        elif src == "gguf":
+            if self.url and self.path:
+                raise ValueError("base_model.source 'gguf' needs one of base_model.url or base_model.path, not both")
+            if not self.url and not self.path:
+                raise ValueError("base_model.source 'gguf' needs base_model.url (with base_model.sha256) or a local base_model.path")
+            if self.url and not self.sha256:
+                raise ValueError("base_model.url of a gguf source needs base_model.sha256 (the file's pinned checksum)")
+        elif src == "folder" and not self.path:
+            raise ValueError("base_model.source 'folder' needs base_model.path: a Hugging Face folder or an lmcore model folder")
+        elif src == "registry":
+            if not self.uri:
+                raise ValueError("base_model.source 'registry' needs base_model.uri: models:/<name>@<alias> or models:/<name>/<version>")
+            if not re.fullmatch(_REGISTRY_URI, self.uri):
+                raise ValueError(f"base_model.uri {self.uri!r} is not models:/<name>@<alias> or models:/<name>/<version>")
+        return self
+
+
 class TokenizeConfig(_Section):
-    encoding: Literal["gpt2"] = "gpt2"
-    # A local tiktoken ranks file; when null, LMCORE_TIKTOKEN_FILE, else tiktoken's own (online) loader.
+    # auto: the base model's tokenizer when `base_model.source` is not scratch, else gpt2. gpt2: GPT-2's BPE
+    # (tiktoken). base: the base model's. A path (relative to the project root): a folder carrying a tokenizer
+    # (tokenizer_config.json + its file, e.g. a model folder) or a Hugging Face tokenizer.json.
+    tokenizer: str = Field(default="auto", min_length=1)
+    # A local tiktoken ranks file for gpt2; when null, LMCORE_TIKTOKEN_FILE, else tiktoken's own (online) loader.
     ranks_file: str | None = None
     # Each document goes to val when a seeded hash of its text falls below this fraction.
     val_fraction: float = Field(default=0.1, gt=0, lt=1)
@@ -276,10 +353,16 @@ class PretrainConfig(_Section):
     that under torchrun: the global batch.
     """
 
+    # scratch: `model` from random weights. base: continue pretraining the base model (`base_model`), whose
+    # architecture and tokenizer it keeps (`model` is then not used); with max_steps 0 the base is taken as it is,
+    # so the fine-tuning stages start from it directly.
+    init: Literal["scratch", "base"] = "scratch"
     model: ModelConfig = ModelConfig()
+    # Training window in tokens; null: the model's context_length (a base's may be 8k: far beyond a CPU's budget).
+    seq_len: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=16, ge=1)  # windows per forward pass (micro-batch), per process
     grad_accum_steps: int = Field(default=1, ge=1)  # micro-batches per optimizer step
-    max_steps: int = Field(default=300, ge=1)
+    max_steps: int = Field(default=300, ge=0)  # 0: no update (with init base: the base as it is)
     lr: float = Field(default=1e-3, gt=0)
     min_lr: float = Field(default=1e-4, ge=0)
     warmup_steps: int = Field(default=20, ge=0)
@@ -333,6 +416,7 @@ RESUME_FREE_KEYS = ("threads", "checkpoint_interval", "keep_checkpoints", "resum
 class EvaluateConfig(_Section):
     batch_size: int = Field(default=16, ge=1)
     max_batches: int | None = Field(default=None, ge=1)  # None: the whole validation split
+    seq_len: int | None = Field(default=None, ge=1)  # tokens per scored window; null: the model's context length
     prompts: list[str] = ["Every effort moves you", "ROMEO:"]
     max_new_tokens: int = Field(default=40, ge=1)
     temperature: float = Field(default=0.8, ge=0)  # 0 is greedy
@@ -452,7 +536,8 @@ class InstructConfig(_Responses):
     """Instruction fine-tuning (book ch. 7): prompt template, shifted targets, padding masked."""
 
     source: Source = INSTRUCTION_DATA
-    template: Literal["alpaca", "phi3"] = "alpaca"
+    # auto: the start model's own chat template when its tokenizer has one (chat), else alpaca.
+    template: Literal["auto", "chat", "alpaca", "phi3"] = "auto"
     mask_prompt: bool = False  # also leave the prompt tokens out of the loss
 
 
@@ -514,6 +599,8 @@ class BenchmarkConfig(_Section):
     )
     # Items per task (per subject for MMLU), drawn with sample_seed; null scores every item.
     limit: int | None = Field(default=None, ge=1)
+    # Items per MMLU subject (57 of them); null: `limit`. A small model's whole sample stays affordable with 1-2.
+    mmlu_limit: int | None = Field(default=None, ge=1)
     # Fixed apart from the top-level seed: a model is compared with the champion on the same items.
     sample_seed: int = 1234
     num_fewshot: int = Field(default=0, ge=0)  # MMLU only, from its dev split (first k, as lm-eval)
@@ -550,6 +637,9 @@ class JudgeConfig(_Section):
 
     url: str | None = None  # base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:11434/v1 (Ollama)
     model: str | None = None  # the judge model's name at that endpoint, e.g. llama3
+    # Instead of `url`: a model the stage serves itself for the judging, as `lmcore serve` does (127.0.0.1, a
+    # free port, for the stage's duration): a registered model (models:/name@alias) or a model folder.
+    serve: str | None = None
     api_key_env: str = "OPENAI_API_KEY"  # the variable holding the API key, if the endpoint needs one
     responses: list[Literal["instruct", "dpo"]] = Field(default=["instruct", "dpo"], min_length=1)
     max_items: int | None = Field(default=None, ge=1)  # responses judged per model; null: all
@@ -564,6 +654,8 @@ class JudgeConfig(_Section):
 
     @model_validator(mode="after")
     def _model_with_url(self) -> JudgeConfig:
+        if self.url is not None and self.serve is not None:
+            raise ValueError("judge.url and judge.serve are both set: judge at an endpoint, or serve a model, not both")
         if self.url is not None and not self.model:
             raise ValueError("judge.url is set but judge.model is not: name the judge model served there")
         return self
@@ -580,6 +672,7 @@ class Params(_Section):
     seed: int = 1337
     collect: CollectConfig
     preprocess: PreprocessConfig = PreprocessConfig()
+    base_model: BaseModelConfig = BaseModelConfig()
     tokenize: TokenizeConfig = TokenizeConfig()
     pretrain: PretrainConfig = PretrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()

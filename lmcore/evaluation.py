@@ -1,7 +1,7 @@
 """Evaluation of a trained model: validation loss and perplexity, and seeded text samples.
 
     metrics = evaluate(params.evaluate, Path("models/base"), Path("data/tokens"), Path("reports/evaluate"),
-                       seed=params.seed, enc=get_encoding())
+                       seed=params.seed, enc=load_tokenizer("models/base"))
 
 Outputs (out_dir, replaced whole):
     metrics.json   {"val_loss", "perplexity", "val_tokens"}
@@ -25,6 +25,7 @@ from lmcore.generation import generate_text
 from lmcore.io import atomic_dir, write_json, write_text
 from lmcore.model import GPT
 from lmcore.paths import MANIFEST, METRICS, SAMPLES
+from lmcore.tokenizer import TokenizerError, has_tokenizer, load_tokenizer
 from lmcore.tracking import NullTracker, Tracker
 from lmcore.training import resolve_device
 
@@ -71,7 +72,7 @@ def evaluate(
         tokens_dir: a tokenize output folder; its val split is scored.
         out_dir: replaced whole by metrics.json and samples.jsonl.
         seed: each prompt is sampled with a torch.Generator seeded from it.
-        enc: the tiktoken Encoding the data was tokenized with.
+        enc: the tokenizer the model carries (the one the data was tokenized with).
         tracker: receives the metrics.
 
     Returns: the metrics dict written to metrics.json.
@@ -80,13 +81,20 @@ def evaluate(
     device = resolve_device("auto")
     model = load_model(model_dir, device=device)
     val = TokenDataset(tokens_dir, "val")
+    if has_tokenizer(tokens_dir) and hasattr(enc, "same_as") and not enc.same_as(load_tokenizer(tokens_dir)):
+        shards = load_tokenizer(tokens_dir)
+        raise TokenizerError(
+            f"{tokens_dir}: the shards were made with tokenizer {shards.name} ({shards.sha256[:12]}), but the model "
+            f"{model_dir} carries {enc.name} ({enc.sha256[:12]}): its loss on them would mean nothing"
+        )
     if model.config.vocab_size < val.vocab_size:
         raise InputError(
             f"{model_dir}: model vocab_size ({model.config.vocab_size}) is smaller than the data's "
             f"({val.vocab_size}) in {tokens_dir / MANIFEST}"
         )
 
-    loss, n_tokens = perplexity(model, val, cfg.batch_size, model.config.context_length, cfg.max_batches, device)
+    seq_len = min(cfg.seq_len or model.config.context_length, model.config.context_length)
+    loss, n_tokens = perplexity(model, val, cfg.batch_size, seq_len, cfg.max_batches, device)
     metrics = {
         "val_loss": round(loss, 6),
         "perplexity": round(math.exp(loss), 6) if loss < 700 else math.inf,

@@ -313,12 +313,13 @@ def stream_text(
     """Stream the completion of one prompt as text pieces, stopping at end-of-text, a stop id or a stop string.
 
     Args:
-        enc: a tiktoken Encoding (lmcore.tokenizer.get_encoding()).
-        prompt: text (a literal "<|endoftext|>" in it is the end-of-text token; empty: the start of a
-            document) or token ids.
+        enc: the model's tokenizer (lmcore.tokenizer.load_tokenizer(model_dir)), or a tiktoken Encoding.
+        prompt: text (a special token spelled in it, "<|endoftext|>" or a chat template's "<|im_end|>", is that
+            token; empty: the start of a document) or token ids.
         stop: text-level stops, checked on the decoded text as it grows; the text ends right before the first
             one found, and text that might be the start of one is held back until it is not.
-        stop_ids: token-level stops besides enc.eot_token; like end-of-text, they end the text and are not in it.
+        stop_ids: token-level stops besides the tokenizer's own (end-of-text, end of turn); like those, they end
+            the text and are not in it.
         seed: seeds a torch.Generator, so the same model, prompt and seed give the same text.
         temperature, top_k, top_p, use_cache: see `stream`.
 
@@ -329,15 +330,22 @@ def stream_text(
         raise ValueError(f"stop strings must be non-empty, got {list(stop)!r}")
     device = next(model.parameters()).device
     if isinstance(prompt, str):
-        ids = enc.encode(prompt, allowed_special={"<|endoftext|>"}) or [enc.eot_token]
+        ids = encode_prompt(enc, prompt) or [enc.eot_token]
     else:
         ids = list(prompt) or [enc.eot_token]
     idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
     generator = torch.Generator(device=device).manual_seed(seed)
-    ends = [enc.eot_token, *stop_ids]
+    ends = list(dict.fromkeys([*getattr(enc, "stop_tokens", [enc.eot_token]), *stop_ids]))
     tokens = stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_token=ends,
                     generator=generator, use_cache=use_cache)
     return TextStream(tokens, enc, len(ids), set(ends), stop)
+
+
+def encode_prompt(enc, text: str) -> list[int]:
+    """A prompt's ids, special tokens spelled in it included (a lmcore Tokenizer, or a bare tiktoken Encoding)."""
+    if hasattr(enc, "stop_tokens"):  # lmcore.tokenizer.Tokenizer
+        return enc.encode(text)
+    return enc.encode(text, allowed_special=enc.special_tokens_set)
 
 
 def strip_pieces(pieces: Iterable[str]) -> Iterator[str]:

@@ -26,6 +26,7 @@ checkpoints (pytorch_model.bin) are refused, never unpickled.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,17 @@ from lmcore.errors import InputError, one_line, validation_summary
 from lmcore.io import atomic_dir, read_json, write_json
 from lmcore.model import GPT
 from lmcore.paths import MODEL_CONFIG
+from lmcore.tokenizer import (
+    EOT,
+    HF_TOKENIZER_FILE,
+    TIKTOKEN,
+    TOKENIZER_CONFIG,
+    Tokenizer,
+    has_tokenizer,
+    load_tokenizer,
+    tiktoken_merges,
+)
+from lmcore.tokenizer import _byte_decoder as byte_decoder
 
 GPT2, LLAMA = "gpt2", "llama"
 ARCHITECTURES = {GPT2: "GPT2LMHeadModel", LLAMA: "LlamaForCausalLM"}
@@ -525,5 +537,36 @@ def export_hf(src_dir: str | Path, dst_dir: str | Path) -> dict[str, Any]:
     with atomic_dir(dst) as tmp:
         save_tensors({k: v.float().contiguous() for k, v in state.items()}, tmp / HF_WEIGHTS)
         write_json(tmp / HF_CONFIG, config)
+        if has_tokenizer(src):
+            write_hf_tokenizer(load_tokenizer(src), tmp)
     return {"model_type": config["model_type"], "params": model.num_params(), "path": str(dst)}
+
+
+def write_hf_tokenizer(tok: Tokenizer, folder: Path) -> None:
+    """The model's tokenizer as transformers reads it: tokenizer.json + tokenizer_config.json (AutoTokenizer).
+
+    A Hugging Face tokenizer is written as it is (lmcore's tokenizer_config.json has Hugging Face's keys); GPT-2's
+    tiktoken ranks become the byte-level BPE tokenizer.json they were made from (merges derived from the ranks).
+    """
+    if tok.kind != TIKTOKEN:
+        tok.save(folder)
+        return
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, processors
+
+    spell = {b: c for c, b in byte_decoder().items()}
+    word = lambda b: "".join(spell[x] for x in b)  # noqa: E731
+    ranks = tok.enc._mergeable_ranks  # noqa: SLF001 - tiktoken keeps no public accessor
+    vocab = {word(t): r for t, r in ranks.items()}
+    merges = [(word(a), word(b)) for a, b in tiktoken_merges(tok)]
+    rust = RustTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    rust.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    rust.decoder = decoders.ByteLevel()
+    rust.post_processor = processors.ByteLevel(trim_offsets=False)
+    rust.add_special_tokens([EOT])
+    atomic_tmp = folder / f".{HF_TOKENIZER_FILE}.tmp"
+    rust.save(str(atomic_tmp))
+    os.replace(atomic_tmp, folder / HF_TOKENIZER_FILE)
+    write_json(folder / TOKENIZER_CONFIG, {"tokenizer_class": "GPT2TokenizerFast", "bos_token": EOT, "eos_token": EOT,
+                                           "unk_token": EOT, "add_prefix_space": False, "model_max_length": 1024})
 

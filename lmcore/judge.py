@@ -96,10 +96,12 @@ def parse_score(reply: str) -> int | None:
 
 def judge_skip_reason(cfg: JudgeConfig) -> str | None:
     """Why the judge cannot run with this config (no endpoint), or None when it can."""
+    if cfg.serve:
+        return None
     if not cfg.url or not cfg.model:
         return (
             "no judge endpoint configured: set judge.url (an OpenAI-compatible base URL such as "
-            "http://127.0.0.1:11434/v1) and judge.model in params.yaml"
+            "http://127.0.0.1:11434/v1) and judge.model in params.yaml, or judge.serve (a model to serve for it)"
         )
     return None
 

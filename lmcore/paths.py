@@ -26,6 +26,7 @@ ADAPTER = "adapter.safetensors"  # the LoRA adapter alone (the model folder hold
 ADAPTER_CONFIG = "adapter_config.json"
 FINETUNES = ("classifier", "instruct", "dpo")
 JUDGE_SCORES = "scores.jsonl"  # per judged response: the judge's reply and its score
+BASE_MANIFEST = "base.json"  # in models/base_model: where the base model came from (lmcore.base_model)
 
 
 # Stage folders relative to the project root: the stage declarations (lmcore.pipeline), dvc.yaml and Layout
@@ -36,6 +37,7 @@ TOKENS = "data/tokens"
 BENCHMARK_DATA = "data/benchmarks"
 FINETUNE_DATA = "data/finetune"  # + /<name>: raw/ (collected) and splits/
 MODELS = "models"  # + /<name>: base, classifier, instruct, dpo
+BASE_SOURCE = "models/base_model"  # the model a run starts from (the base_model stage); models/base is pretrain's
 REPORTS = "reports"  # + /<stage>
 CHECKPOINTS = "models/checkpoints"  # + /<stage>: training checkpoints; outside every stage's outputs
 LOGS = "logs"  # <stage>.log: each stage run's log, tracebacks included; outside every stage's outputs
@@ -75,6 +77,11 @@ class Layout:
     @property
     def base_model(self) -> Path:
         return self.model("base")
+
+    @property
+    def base_source(self) -> Path:
+        """models/base_model: the model a run starts from (lmcore model folder + base.json; base.json alone from scratch)."""
+        return self.root / BASE_SOURCE
 
     @property
     def pretrain_reports(self) -> Path:

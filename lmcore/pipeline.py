@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lmcore.paths import (
+    BASE_SOURCE,
     BENCHMARK_DATA,
     CLEAN,
     RAW,
@@ -140,6 +141,12 @@ def _promotion(s: dict) -> str:
     return f"v{decision['version']} -> @{decision['alias']}: {decision['reason']}"
 
 
+def _base(s: dict) -> str:
+    if s["source"] == "scratch":
+        return "scratch (random weights)"
+    return f"{s['name']} ({s['source']}, {s['parameters']:,} parameters)"
+
+
 def _judge(s: dict) -> str:
     if s["skipped"]:
         return f"skipped: {s['reason']}"
@@ -167,9 +174,18 @@ STAGES: tuple[Stage, ...] = (
         summary=(Row("documents", lambda s: f"{s['documents']:,}"),),
     ),
     Stage(
+        "base_model",
+        "the model a run starts from (scratch, Hugging Face, GGUF, a folder, the registry) into models/base_model",
+        outs=(BASE_SOURCE,),
+        params=("base_model",),
+        retries=2,
+        summary=(Row("base model", _base),),
+        parent_tags=lambda s: {"base_manifest_sha256": s["base_manifest_sha256"]},
+    ),
+    Stage(
         "tokenize",
         "documents into train/val Arrow token shards and their manifest",
-        deps=(CLEAN,),
+        deps=(CLEAN, BASE_SOURCE),
         outs=(TOKENS,),
         params=("seed", "tokenize"),
         summary=(Row("train tokens", lambda s: f"{s['train_tokens']:,}"), Row("val tokens", lambda s: f"{s['val_tokens']:,}")),
@@ -178,7 +194,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "pretrain",
         "a decoder from random weights on the token shards; registered as tracking.registered_model",
-        deps=(TOKENS,),
+        deps=(TOKENS, BASE_SOURCE),
         outs=(model_path("base"), reports_path("pretrain")),
         plots=(
             Curve("loss", "step", {f"{reports_path('pretrain')}/train_loss.csv": "train_loss",
@@ -191,7 +207,7 @@ STAGES: tuple[Stage, ...] = (
             Row("parameters", lambda s: f"{s['n_params']:,}"),
             Row("steps", lambda s: s["steps"]),
             Row("val loss (first → final)", lambda s: _arrow(s["first_val_loss"], s["final_val_loss"])),
-            Row("tokens/s", lambda s: f"{s['tokens_per_s']:,.0f}"),
+            Row("tokens/s", lambda s: f"{s['tokens_per_s']:,.0f}" if s["tokens_per_s"] else "none (no update)"),
             Row("registered model", _registered),
         ),
         parent_metrics=lambda s: {"first_val_loss": s["first_val_loss"], "final_val_loss": s["final_val_loss"]},

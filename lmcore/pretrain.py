@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -43,12 +44,13 @@ import torch
 from tqdm import tqdm
 
 from lmcore import distributed
-from lmcore.checkpoint import save_model
-from lmcore.config import PretrainConfig, load_params
+from lmcore.checkpoint import load_model, save_model
+from lmcore.config import ModelConfig, PretrainConfig, load_params
 from lmcore.data.loader import RANDOM, TokenDataset, TokenLoader
-from lmcore.io import atomic_dir, write_json, write_text
+from lmcore.io import atomic_dir, sha256_file, write_json, write_text
 from lmcore.model import GPT
-from lmcore.paths import CHECKPOINTS, LOSS_PLOT, MANIFEST, SUMMARY, TRAIN_LOSS, VAL_LOSS, Layout
+from lmcore.paths import CHECKPOINTS, LOSS_PLOT, MANIFEST, SUMMARY, TRAIN_LOSS, VAL_LOSS, WEIGHTS, Layout
+from lmcore.tokenizer import Tokenizer, TokenizerError, has_tokenizer, load_tokenizer
 from lmcore.tracking import NullTracker, Tracker
 from lmcore.training import (
     EarlyStopping,
@@ -72,6 +74,8 @@ from lmcore.training import (
     train_step,
 )
 
+log = logging.getLogger(__name__)
+
 # The pretrain stage's training checkpoints, relative to the project root (Layout.checkpoints("pretrain")).
 PRETRAIN_CHECKPOINTS = Path(CHECKPOINTS) / "pretrain"
 
@@ -87,8 +91,9 @@ def pretrain(
     tracker: Tracker = NullTracker(),
     checkpoint_dir: Path | None = None,
     resume: bool | None = None,
+    init_dir: Path | None = None,
 ) -> dict:
-    """Train a GPT from scratch on tokens_dir and write the model and the loss reports.
+    """Train a GPT on tokens_dir, from random weights or from a base model, and write the model and the loss reports.
 
     Args:
         cfg: the pretrain section of params (model architecture and optimisation).
@@ -103,9 +108,14 @@ def pretrain(
         checkpoint_dir: where training checkpoints go every `cfg.checkpoint_interval` steps; None writes none.
         resume: continue from the latest complete checkpoint in checkpoint_dir (a fresh start when there is
             none); None takes `cfg.resume`. Without resume, old checkpoints in checkpoint_dir are removed.
+        init_dir: with `cfg.init: base`, the model folder to continue from (its architecture replaces
+            `cfg.model`); its tokenizer must be the one the shards were made with.
+
+    The model folder carries the shards' tokenizer (tokens_dir's tokenizer files).
 
     Returns: the summary (also written to summary.json).
     Raises: ValueError if the model's vocabulary is smaller than the data's or an option cannot run here;
+        TokenizerError when the base model's tokenizer is not the shards';
         lmcore.checkpoint.CheckpointError if the checkpoint to resume was written under other settings;
         FloatingPointError on a NaN/inf loss or gradient norm. On any error model_dir and reports_dir are
         left as they were; checkpoints already written stay.
@@ -115,12 +125,12 @@ def pretrain(
         raise ValueError("pretrain: resume needs a checkpoint_dir")
     info = distributed.current()
     device, precision = setup(cfg, seed, info)
-    B, T, A, W = cfg.batch_size, cfg.model.context_length, cfg.grad_accum_steps, info.world_size
-    run_config = {"pretrain": cfg.resume_key(), "seed": seed, "world_size": W}
-
     train, val = TokenDataset(tokens_dir, "train"), TokenDataset(tokens_dir, "val")
-    check_vocab(cfg, train, Path(tokens_dir))
-    model = GPT(cfg.model)
+    tokenizer = shards_tokenizer(Path(tokens_dir))  # what made the shards; the model carries it
+    model, start = initial_model(cfg, init_dir, tokenizer, Path(tokens_dir))
+    check_vocab(model.config.vocab_size, train, Path(tokens_dir))
+    B, T, A, W = cfg.batch_size, window(cfg, model.config), cfg.grad_accum_steps, info.world_size
+    run_config = {"pretrain": cfg.resume_key(), "seed": seed, "world_size": W, "start": start}
     train_loader = TokenLoader(train, B, T, mode=RANDOM, seed=seed, rank=info.rank, world_size=W)
     # The same validation windows at every eval, so the val curve measures the model and not the sample.
     val_windows = next_batches(TokenLoader(val, B, T, mode=RANDOM, seed=seed), cfg.eval_batches, device)
@@ -134,7 +144,7 @@ def pretrain(
     # A run resumed from the checkpoint of an evaluation that ended it early stays stopped.
     stopped_early = early.stopped and state.step < cfg.max_steps
     loss_fn = functools.partial(next_token_loss, torch.compile(wrapped) if cfg.compile else wrapped)
-    fpt = flops_per_token(cfg.model, model.num_params(non_embedding=True))
+    fpt = flops_per_token(model.config, model.num_params(non_embedding=True), T)
     peak = cfg.peak_flops or measure_peak_flops(device, precision.dtype)
     log_metrics = tracker.log_metrics if info.is_main else NullTracker().log_metrics
 
@@ -165,8 +175,10 @@ def pretrain(
         bar.update()
     bar.close()
 
-    summary = make_summary(cfg, model, state, train_loader, val, precision, peak=peak, resumed_at=resumed_at, stopped_early=stopped_early)
-    write_outputs(cfg, model, state, summary, Path(model_dir), Path(reports_dir), params, tokenizer=train.manifest.get("encoding"))
+    summary = make_summary(cfg, model, state, train_loader, val, precision, peak=peak, resumed_at=resumed_at,
+                           stopped_early=stopped_early, seq_len=T)
+    summary.update(init=cfg.init, start=start, tokenizer=tokenizer.name if tokenizer else None)
+    write_outputs(cfg, model, state, summary, Path(model_dir), Path(reports_dir), params, tokenizer=tokenizer)
     return summary
 
 
@@ -184,10 +196,48 @@ def setup(cfg: PretrainConfig, seed: int, info: distributed.DistInfo) -> tuple[t
     return device, resolve_precision(cfg.precision, device)
 
 
-def check_vocab(cfg: PretrainConfig, train: TokenDataset, tokens_dir: Path) -> None:
-    if cfg.model.vocab_size < train.vocab_size:
+def shards_tokenizer(tokens_dir: Path) -> Tokenizer | None:
+    """The tokenizer the token shards carry; None for shards made without one (synthetic data in tests)."""
+    if has_tokenizer(tokens_dir):
+        return load_tokenizer(tokens_dir)
+    log.warning("%s carries no tokenizer: the model folder will carry none either", tokens_dir)
+    return None
+
+
+def initial_model(cfg: PretrainConfig, init_dir: Path | None, tokenizer: Tokenizer | None, tokens_dir: Path) -> tuple[GPT, str]:
+    """The model training starts from, and what it is: "scratch", or "<folder>@<weights sha256>" of the base."""
+    if cfg.init == "scratch":
+        return GPT(cfg.model), "scratch"
+    if init_dir is None:
+        raise ValueError("pretrain.init: base needs the base model folder (the base_model stage's output)")
+    base_tok = load_tokenizer(init_dir)
+    if tokenizer is None or not base_tok.same_as(tokenizer):
+        raise TokenizerError(
+            f"{tokens_dir}: the shards were made with tokenizer {shards_name(tokens_dir)}, but the base "
+            f"model {init_dir} uses {base_tok.name} ({base_tok.sha256[:12]}); tokenize with tokenize.tokenizer: base (or auto)"
+        )
+    return load_model(init_dir), f"{Path(init_dir).name}@{sha256_file(Path(init_dir) / WEIGHTS)}"
+
+
+def shards_name(tokens_dir: Path) -> str:
+    """How the shards name their tokenizer in error messages: "name (sha256 prefix)", or that they carry none."""
+    if not has_tokenizer(tokens_dir):
+        return "none recorded"
+    tok = load_tokenizer(tokens_dir)
+    return f"{tok.name} ({tok.sha256[:12]})"
+
+
+def window(cfg: PretrainConfig, model: ModelConfig) -> int:
+    """Tokens per training window: `seq_len`, else the model's context length."""
+    if cfg.seq_len is not None and cfg.seq_len > model.context_length:
+        raise ValueError(f"pretrain.seq_len ({cfg.seq_len}) exceeds the model's context_length ({model.context_length})")
+    return cfg.seq_len or model.context_length
+
+
+def check_vocab(vocab_size: int, train: TokenDataset, tokens_dir: Path) -> None:
+    if vocab_size < train.vocab_size:
         raise ValueError(
-            f"pretrain.model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocab_size "
+            f"pretrain.model.vocab_size ({vocab_size}) is smaller than the tokenizer's vocab_size "
             f"({train.vocab_size}) in {tokens_dir / MANIFEST}"
         )
 
@@ -225,11 +275,11 @@ def validation_loss(model: torch.nn.Module, windows: list[tuple[torch.Tensor, to
 
 def make_summary(
     cfg: PretrainConfig, model: GPT, state: TrainState, train_loader: TokenLoader, val: TokenDataset, precision: Precision,
-    *, peak: float, resumed_at: int | None, stopped_early: bool,
+    *, peak: float, resumed_at: int | None, stopped_early: bool, seq_len: int,
 ) -> dict:
     """What the run did, for summary.json and the tracker."""
-    B, T, A, W = cfg.batch_size, cfg.model.context_length, cfg.grad_accum_steps, train_loader.world_size
-    fpt = flops_per_token(cfg.model, model.num_params(non_embedding=True))
+    B, T, A, W = cfg.batch_size, seq_len, cfg.grad_accum_steps, train_loader.world_size
+    fpt = flops_per_token(model.config, model.num_params(non_embedding=True), T)
     tokens_seen, train_time = state.step * B * T * A * W, state.train_time_s
     return {
         "n_params": model.num_params(),
@@ -247,7 +297,7 @@ def make_summary(
         "best_val_loss": state.early_stopping.best_loss,
         "best_step": state.early_stopping.best_step,
         "stopped_early": stopped_early,
-        "final_train_loss": state.train_rows[-1][1],
+        "final_train_loss": state.train_rows[-1][1] if state.train_rows else None,  # None: no update (max_steps 0)
         "train_tokens": train_loader.dataset.n_tokens,
         "val_tokens": val.n_tokens,
         # Train documents cut across windows (longer than context_length + 1 tokens).
@@ -258,7 +308,7 @@ def make_summary(
 
 def write_outputs(
     cfg: PretrainConfig, model: GPT, state: TrainState, summary: dict, model_dir: Path, reports_dir: Path,
-    params: dict | None, *, tokenizer: str | None,
+    params: dict | None, *, tokenizer: Tokenizer | None,
 ) -> None:
     """Rank 0 writes the model folder and the reports folder; both are built aside and renamed into place only
     when everything was written. Every rank calls it (under fsdp the weights are gathered collectively)."""
@@ -267,7 +317,7 @@ def write_outputs(
     if info.is_main:
         out = model
         if final_sd is not None:  # fsdp: a plain CPU copy of the gathered weights
-            out = GPT(cfg.model)
+            out = GPT(model.config)
             out.load_state_dict({**final_sd, **{a: final_sd[f] for a, f in tied_aliases(out).items()}})
         with atomic_dir(model_dir) as model_tmp, atomic_dir(reports_dir) as reports_tmp:
             train_csv = "".join(f"{s},{loss:.6f},{lr:.6g}\n" for s, loss, lr in state.train_rows)
@@ -275,7 +325,9 @@ def write_outputs(
             write_text(reports_tmp / VAL_LOSS, "step,val_loss\n" + "".join(f"{s},{loss:.6f}\n" for s, loss in state.val_rows))
             plot_losses(reports_tmp / LOSS_PLOT, state.train_rows, state.val_rows)
             write_json(reports_tmp / SUMMARY, summary)
-            save_model(out, model_tmp, params=params, extra={"tokenizer": tokenizer} if tokenizer is not None else None)
+            save_model(out, model_tmp, params=params, extra={"tokenizer": tokenizer.name} if tokenizer else None)
+            if tokenizer is not None:
+                tokenizer.save(model_tmp)
     distributed.barrier()
 
 
@@ -302,6 +354,7 @@ def main(argv: list[str] | None = None) -> dict:
             seed=params.seed,
             params=params.to_dict(),
             checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else layout.checkpoints("pretrain"),
+            init_dir=layout.base_source if params.pretrain.init == "base" else None,
         )
     finally:
         distributed.destroy()

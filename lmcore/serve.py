@@ -12,11 +12,13 @@ Endpoints: POST /v1/chat/completions, GET /v1/models, GET /health. Errors come b
 shape, {"error": {"message", "type", "param", "code"}}, with 400 for a bad request (validation
 errors included) and 404 for an unknown model name.
 
-The prompt: for an instruction model (its config.json names a "template") the last user message is
-the instruction, in that template, with any system messages before it (blank-line separated);
-earlier turns are not part of the prompt (the book's models are single-turn). For a plain LM the
-messages' contents are joined by newlines and the reply is their continuation. Text is encoded as
-ordinary text: a literal "<|endoftext|>" in a message is never the end-of-text token.
+The prompt: for a model trained with its own chat template (config.json's "template" is "chat"; SmolLM2's ChatML)
+the whole conversation, system and earlier turns included ("developer" as "system"), goes through that template
+(lmcore.chat), and the reply ends at the template's end of turn. For an instruction model in a book template
+(alpaca, phi3) the last user message is the instruction, in that template, with any system messages before it
+(blank-line separated); earlier turns are not part of the prompt (the book's models are single-turn). For a plain
+LM the messages' contents are joined by newlines and the reply is their continuation. Message text is ordinary
+text: a literal "<|endoftext|>" or "<|im_end|>" in a message is never that token.
 
 Sampling (lmcore.generation, with the KV cache): temperature (default 1.0; 0 is greedy), top_p (nucleus),
 seed (default 0: identical requests give identical replies), max_tokens (default: the rest of the context),
@@ -51,18 +53,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lmcore import chat
 from lmcore.checkpoint import HEAD_KEY, CheckpointError, load_model, read_model_config
-from lmcore.finetune.data import TEMPLATES, format_prompt
+from lmcore.finetune.data import CHAT, PROMPT_TEMPLATES, format_prompt
 from lmcore.finetune.instruct import TEMPLATE_KEY
 from lmcore.generation import TextStream, stream_text, strip_pieces
 from lmcore.model import GPT
 from lmcore.paths import MODEL_CONFIG
-from lmcore.tokenizer import get_encoding
+from lmcore.tokenizer import check_vocab, load_tokenizer
 from lmcore.training import resolve_device
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_KEY = "tokenizer"  # in config.json; gpt2 when absent
 MAX_STOP = 4  # stop strings per request, as OpenAI
 # OpenAI parameters this server cannot honour: refused unless they have one of these (no-op) values.
 UNSUPPORTED = {
@@ -134,6 +136,8 @@ def build_prompt(messages: list[ChatMessage], template: str | None) -> str:
 
     Returns: the instruction in `template` (system messages first), or the contents joined by newlines.
     """
+    if template == CHAT:
+        raise ValueError("build_prompt: a chat-template model's prompt is token ids; use encode_messages")
     users = [m for m in messages if m.role == "user"]
     if not users:
         raise APIError(400, "messages: there is no message with role 'user'", param="messages")
@@ -141,6 +145,27 @@ def build_prompt(messages: list[ChatMessage], template: str | None) -> str:
         return "\n".join(m.content for m in messages)
     system = [m.content for m in messages if m.role in ("system", "developer")]
     return format_prompt({"instruction": "\n\n".join([*system, users[-1].content]), "input": ""}, template)
+
+
+def encode_messages(messages: list[ChatMessage], template: str | None, enc) -> list[int]:
+    """The prompt's token ids for a chat (at least one: an empty prompt is the start of a document).
+
+    Args:
+        messages: the request's messages.
+        template: the model's recorded template: "chat" (the tokenizer's own chat template, every message in it),
+            alpaca or phi3 (see build_prompt), or None for a plain LM.
+        enc: the model's tokenizer.
+
+    Returns: the ids; message text is ordinary text, whatever special tokens it spells.
+    Raises: APIError 400 when there is no user message (book templates) or the chat template refuses the messages.
+    """
+    if template != CHAT:
+        return enc.encode_ordinary(build_prompt(messages, template)) or [enc.eot_token]
+    conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in messages]
+    try:
+        return chat.prompt_ids(enc, conversation) or [enc.eot_token]
+    except chat.ChatTemplateError as err:
+        raise APIError(400, f"messages: {err}", param="messages") from None
 
 
 def start(
@@ -154,6 +179,7 @@ def start(
     seed: int,
     stop: list[str],
     top_p: float | None = None,
+    stop_ids: list[int] | None = None,
 ) -> TextStream:
     """Start generating a reply (lmcore.generation.stream_text); iterate the result for its text pieces.
 
@@ -161,10 +187,12 @@ def start(
         prompt_ids: the encoded prompt; it and max_tokens must fit in the model's context.
         seed: seeds a fresh torch.Generator, so the same request gives the same reply.
         stop: the reply is cut before the first occurrence of any of these; generation ends there.
+        stop_ids: token ids that end the reply besides the tokenizer's own (a chat template's end of turn).
 
     Returns: the TextStream; once exhausted, its finish_reason is "stop" for end-of-text or a stop string.
     """
-    return stream_text(model, enc, prompt_ids, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, stop=stop, seed=seed)
+    return stream_text(model, enc, prompt_ids, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, stop=stop,
+                       stop_ids=stop_ids or (), seed=seed)
 
 
 def complete(model: GPT, enc, prompt_ids: list[int], **options) -> Completion:
@@ -207,15 +235,15 @@ def _check_options(req: ChatRequest) -> None:
         raise APIError(400, f"stop: at most {MAX_STOP} non-empty strings, got {req.stop!r}", param="stop")
 
 
-def _load(model_dir: Path, device: str) -> tuple[GPT, str | None, str]:
-    """The model (eval mode), its prompt template (None for a plain LM) and its tokenizer's name."""
+def _load(model_dir: Path, device: str) -> tuple[GPT, str | None]:
+    """The model (eval mode) and its prompt template (None for a plain LM)."""
     _, extra = read_model_config(model_dir)
     if extra.get(HEAD_KEY) is not None:
         raise CheckpointError(f"{model_dir / MODEL_CONFIG}: a classifier ({extra[HEAD_KEY].get('type')} head) cannot generate text; use `lmcore classify`")
     template = extra.get(TEMPLATE_KEY)
-    if template is not None and template not in TEMPLATES:
-        raise CheckpointError(f"{model_dir / MODEL_CONFIG}: unknown '{TEMPLATE_KEY}' {template!r}; expected one of {list(TEMPLATES)}")
-    return load_model(model_dir, device=resolve_device(device)).eval(), template, extra.get(TOKENIZER_KEY, "gpt2")
+    if template is not None and template not in PROMPT_TEMPLATES:
+        raise CheckpointError(f"{model_dir / MODEL_CONFIG}: unknown '{TEMPLATE_KEY}' {template!r}; expected one of {list(PROMPT_TEMPLATES)}")
+    return load_model(model_dir, device=resolve_device(device)).eval(), template
 
 
 def create_app(model_dir: Path, *, model_name: str, enc=None, device: str = "cpu") -> FastAPI:
@@ -224,17 +252,19 @@ def create_app(model_dir: Path, *, model_name: str, enc=None, device: str = "cpu
     Args:
         model_dir: an lmcore model folder (lmcore.checkpoint layout), loaded once here.
         model_name: the name clients send as "model" and /v1/models lists.
-        enc: the tokenizer; by default the one config.json names (gpt2), via lmcore.tokenizer.get_encoding.
+        enc: the tokenizer; by default the one the model folder carries (lmcore.tokenizer.load_tokenizer).
         device: "cpu", "cuda", "mps" or "auto".
 
     Returns: the app; run it with uvicorn (see `serve`).
     """
     model_dir = Path(model_dir)
-    model, template, tokenizer = _load(model_dir, device)
-    enc = enc if enc is not None else get_encoding(tokenizer)
+    model, template = _load(model_dir, device)
+    enc = enc if enc is not None else load_tokenizer(model_dir)
     context_length = model.config.context_length
-    if model.config.vocab_size < enc.n_vocab:
-        raise CheckpointError(f"{model_dir / MODEL_CONFIG}: vocab_size {model.config.vocab_size} is smaller than the tokenizer's {enc.n_vocab}")
+    check_vocab(enc, model.config.vocab_size, str(model_dir / MODEL_CONFIG))
+    if template == CHAT and not getattr(enc, "chat_template", None):
+        raise CheckpointError(f"{model_dir / MODEL_CONFIG}: '{TEMPLATE_KEY}' is '{CHAT}', but the tokenizer {enc.name} has no chat template")
+    stop_ids = chat.stop_tokens(enc) if template == CHAT else []  # the template's end of turn ends a reply
     created = int(time.time())
     lock = threading.Lock()
     kind = f"instruction model ({template} template)" if template else "language model"
@@ -275,7 +305,7 @@ def create_app(model_dir: Path, *, model_name: str, enc=None, device: str = "cpu
         if req.model != model_name:
             raise APIError(404, f"The model `{req.model}` does not exist; this server serves `{model_name}`", param="model", code="model_not_found")
         _check_options(req)
-        prompt_ids = enc.encode_ordinary(build_prompt(req.messages, template)) or [enc.eot_token]  # empty: a document start
+        prompt_ids = encode_messages(req.messages, template, enc)
         room = context_length - len(prompt_ids)
         max_tokens = req.max_completion_tokens or req.max_tokens or max(room, 1)
         if max_tokens > room:
@@ -290,7 +320,8 @@ def create_app(model_dir: Path, *, model_name: str, enc=None, device: str = "cpu
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         seed = 0 if req.seed is None else req.seed
         temperature = 1.0 if req.temperature is None else req.temperature
-        options = dict(max_tokens=max_tokens, temperature=temperature, top_k=req.top_k, top_p=req.top_p, seed=seed, stop=stop)
+        options = dict(max_tokens=max_tokens, temperature=temperature, top_k=req.top_k, top_p=req.top_p, seed=seed, stop=stop,
+                       stop_ids=stop_ids)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
             usage = req.stream_options is not None and req.stream_options.include_usage

@@ -201,9 +201,10 @@ def check_compile(device: torch.device) -> None:
         raise ValueError("pretrain.compile=true: torch.compile is not supported on Windows")
 
 
-def flops_per_token(config: ModelConfig, non_embedding_params: int) -> int:
-    """Training FLOPs per token, forward and backward: 6N + 12 L H Q T (PaLM, appendix B)."""
-    L, H, Q, T = config.n_layer, config.n_head, config.head_size, config.context_length
+def flops_per_token(config: ModelConfig, non_embedding_params: int, seq_len: int | None = None) -> int:
+    """Training FLOPs per token, forward and backward: 6N + 12 L H Q T (PaLM, appendix B); T the window trained on
+    (default the context length)."""
+    L, H, Q, T = config.n_layer, config.n_head, config.head_size, seq_len or config.context_length
     return 6 * non_embedding_params + 12 * L * H * Q * T
 
 

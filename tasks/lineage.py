@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from lmcore.errors import InputError
-from lmcore.stages import FINETUNE_MANIFEST_DIR, RAW_MANIFEST_DIR, TOKENS_MANIFEST_DIR
+from lmcore.paths import BASE_MANIFEST
+from lmcore.stages import BASE_MANIFEST_DIR, FINETUNE_MANIFEST_DIR, RAW_MANIFEST_DIR, TOKENS_MANIFEST_DIR
 from tasks.dvc_hashes import MISSING
 from tasks.tags import (
     PARENT_RUN,
+    TAG_BASE_MANIFEST_SHA,
     TAG_BASE_WEIGHTS_SHA,
     TAG_DVC_DEP,
     TAG_DVC_DEPS_MD5,
@@ -138,6 +140,8 @@ class _Walk:
 
     def pretrain(self, run) -> None:
         tags = run.data.tags
+        if TAG_BASE_MANIFEST_SHA in tags:
+            self.base(run, tags[TAG_BASE_MANIFEST_SHA])
         tokens_sha = tags[TAG_TOKENS_MANIFEST_SHA]
         tokenize = self._run_with(run, "tokenize", TAG_TOKENS_MANIFEST_SHA, tokens_sha)
         how = "its tokens manifest sha256 equals the pretrain run's"
@@ -166,6 +170,22 @@ class _Walk:
             return self.raw_sources(run, None)
         self.chain.append(_run_node(collect, how))
         self.raw_sources(run, collect)
+
+    def base(self, run, sha: str) -> None:
+        """The pretrained base the pretrain run continued: its base.json, logged with the run."""
+        manifest = self._manifest(run, BASE_MANIFEST_DIR, name=BASE_MANIFEST)
+        if manifest is None:
+            self.warnings.append(f"run {run.info.run_id}: continued a pretrained base ({sha[:12]}) but logged no {BASE_MANIFEST}")
+            return
+        content = manifest["content"]
+        self.chain.append({
+            "kind": "base_model", "manifest_sha256": manifest["sha256"], "verified": manifest["sha256"] == sha,
+            "found_by": f"artifact {BASE_MANIFEST_DIR}/{BASE_MANIFEST} of run {run.info.run_id}",
+            "source": content.get("source"), "name": content.get("name"), "license": content.get("license"),
+            "architecture": content.get("architecture"), "parameters": content.get("parameters"),
+            "tokenizer": (content.get("tokenizer") or {}).get("name"),
+            "files": [{k: f.get(k) for k in ("file", "url", "path", "sha256", "origin", "bytes")} for f in content.get("files", [])],
+        })
 
     def raw_sources(self, pretrain_run, collect_run) -> None:
         """From the collect run's manifest; else the copy the pretrain run logged."""
@@ -230,11 +250,11 @@ class _Walk:
         # search results may lack aliases; a direct read has them
         return self.client.get_model_version(best.name, best.version)
 
-    def _manifest(self, run, artifact_dir: str) -> dict | None:
-        """A run's manifest.json artifact (under `artifact_dir`), parsed, with its sha256; None when absent."""
+    def _manifest(self, run, artifact_dir: str, name: str = "manifest.json") -> dict | None:
+        """A run's manifest artifact (`name` under `artifact_dir`), parsed, with its sha256; None when absent."""
         from mlflow.exceptions import MlflowException
 
-        path = f"{artifact_dir}/manifest.json" if artifact_dir else "manifest.json"
+        path = f"{artifact_dir}/{name}" if artifact_dir else name
         with tempfile.TemporaryDirectory(prefix="lmcore-lineage-") as tmp, _no_progress_bar():
             try:
                 local = Path(self.client.download_artifacts(run.info.run_id, path, tmp))

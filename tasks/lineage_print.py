@@ -65,6 +65,18 @@ def _describe(node: dict) -> tuple[str, list[tuple[str, str]]]:
         add("tokens", _counts(node.get("tokens")))
         add("documents sha256", node.get("documents_sha256"))
         return f"tokens manifest  {node['sha256']}", rows
+    if kind == "base_model":
+        add("manifest sha256", f"{node['manifest_sha256']} (verified: {node['verified']})")
+        add("source", node["source"])
+        add("architecture", node["architecture"])
+        add("parameters", f"{node['parameters']:,}" if node["parameters"] else None)
+        add("tokenizer", node["tokenizer"])
+        add("licence", node["license"])
+        for f in node["files"]:
+            size = "" if f["bytes"] is None else f", {f['bytes']:,} bytes"
+            rows.append((f["file"] or "", f"sha256 {f['sha256']} ({f['origin']}{size})"))
+            rows.append(("", str(f["url"] or f["path"] or "")))
+        return f"pretrained base  {node['name']}", rows
     title = "raw sources" if kind == "raw_sources" else "fine-tune data"
     add("manifest sha256", node["manifest_sha256"] + ("" if node["verified"] is None else f" (verified: {node['verified']})"))
     for src in node["sources"]:

@@ -1,7 +1,7 @@
 """The registered text classifier, as an MLflow pyfunc logged "from code".
 
-Artifacts: `model_dir` (the classifier folder: weights, config.json with its labels) and, when one was
-configured, `tokenizer` (the tiktoken ranks file). Input: a list of texts (or a one-column DataFrame).
+Artifacts: `model_dir` (the classifier folder: weights, config.json with its labels, and its tokenizer's
+files). Input: a list of texts (or a one-column DataFrame).
 Output: a DataFrame with `label` and `probability` (of that label), one row per text.
 
     model = mlflow.pyfunc.load_model("models:/lmcore-classifier/1")
@@ -22,10 +22,10 @@ warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` me
 class TextClassifier(PythonModel):
     def load_context(self, context):
         from lmcore.finetune.classifier import load_classifier
-        from lmcore.tokenizer import get_encoding
+        from lmcore.tokenizer import load_tokenizer
 
         self.model, self.labels, self.max_length = load_classifier(context.artifacts["model_dir"])
-        self.enc = get_encoding("gpt2", ranks_file=context.artifacts.get("tokenizer"))
+        self.enc = load_tokenizer(context.artifacts["model_dir"])  # the model folder carries its tokenizer
 
     def predict(self, context, model_input, params=None):
         import pandas as pd

@@ -47,7 +47,7 @@ KINDS = {
 
 def _requirements() -> list[str]:
     pins = []
-    for dist in ("torch", "tiktoken", "safetensors", "numpy", "pyarrow", "pydantic", "pyyaml", "tqdm", "scikit-learn", "pandas"):
+    for dist in ("torch", "tiktoken", "tokenizers", "jinja2", "safetensors", "numpy", "pyarrow", "pydantic", "pyyaml", "tqdm", "scikit-learn", "pandas"):
         try:
             pins.append(f"{dist}=={importlib.metadata.version(dist)}")
         except importlib.metadata.PackageNotFoundError:
@@ -61,7 +61,6 @@ def log_and_register(
     model_dir: Path,
     name: str,
     *,
-    ranks_file: str | None,
     tags: dict[str, str],
     kind: str = "generator",
     aliases: tuple[str, ...] = (),
@@ -75,8 +74,6 @@ def log_and_register(
     mlflow.set_tracking_uri(tracking.uri)
     mlflow.set_registry_uri(tracking.uri)
     artifacts = {"model_dir": str(model_dir)}
-    if ranks_file:
-        artifacts["tokenizer"] = str(ranks_file)
     # The active run is thread-local; resuming the run by id in this thread is safe under Prefect.
     with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         # MLflow nags for type hints and an input example; the explicit signature covers both.

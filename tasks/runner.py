@@ -35,7 +35,6 @@ from lmcore.io import sha256_file
 from lmcore.paths import WEIGHTS
 from lmcore.pipeline import STAGES, Stage
 from lmcore.stages import StageContext, StageResult
-from lmcore.tokenizer import configured_ranks_file
 from tasks import failures
 from tasks.context import RunContext, logger
 from tasks.registry import champion_version, download_model_dir, find_version, log_and_register, promote, registry_lock, tag_scores
@@ -50,23 +49,33 @@ def section(params: Params, stage: Stage) -> dict[str, Any]:
     return {"seed": params.seed, **({stage.name: data[stage.name]} if stage.name in data else {})}
 
 
-def stage_context(rc: RunContext, stage: Stage, tracker) -> StageContext:
-    """The library's view of the run: root, params, tracker, and a Dask map for a section with `runner: dask`."""
+def stage_context(rc: RunContext, stage: Stage, tracker, downloads: Path | None = None) -> StageContext:
+    """The library's view of the run: root, params, tracker, a Dask map for a section with `runner: dask`, and the
+    registry's models (`resolve_model`, downloaded under `downloads`)."""
     cfg = getattr(rc.params, stage.name, None)
     mapper = None
     if getattr(cfg, "runner", None) == "dask":
         from tasks.dask import dask_map
 
         mapper = dask_map(cfg.dask_address, cfg.workers, f"{stage.name}-item")
-    return StageContext(root=rc.root, params=rc.params, tracker=tracker, map=mapper)
+    return StageContext(root=rc.root, params=rc.params, tracker=tracker, map=mapper,
+                        resolve_model=lambda uri: resolve_registered(uri, rc.tracking.uri, downloads))
+
+
+def resolve_registered(uri: str, tracking_uri: str, downloads: Path | None = None) -> Path:
+    """The lmcore model folder of a registered model (`models:/name@alias`, `models:/name/3`), downloaded under
+    `downloads` (which the caller removes; None: a temporary folder of MLflow's)."""
+    dst = None if downloads is None else Path(tempfile.mkdtemp(prefix="model-", dir=downloads))
+    return download_model_dir(uri, tracking_uri, dst)
 
 
 def execute(stage: Stage, rc: RunContext) -> dict[str, Any]:
     """Run `stage` under `rc` with its MLflow run; returns its summary (plus run_id, and the registry's part)."""
     with stage_log(rc.layout.log_file(stage.name), stage.name), \
-            rc.tracking.run(stage.name, tags={tag(k): v for k, v in stage.tags.items()}) as run:
+            rc.tracking.run(stage.name, tags={tag(k): v for k, v in stage.tags.items()}) as run, \
+            tempfile.TemporaryDirectory(prefix="lmcore-registry-") as downloads:
         run.log_params(section(rc.params, stage))
-        result: StageResult = stage.function()(stage_context(rc, stage, run))
+        result: StageResult = stage.function()(stage_context(rc, stage, run, Path(downloads)))
         run.set_tags({tag(k): v for k, v in result.tags.items()})
         if result.metrics:
             run.log_metrics(result.metrics)
@@ -102,8 +111,7 @@ def register(rc: RunContext, stage: Stage, result: StageResult, run: MlflowTrack
         **{tag(k): v for k, v in {**stage.tags, **result.tags}.items()},
         **result.version_tags,
     }
-    ranks_file = configured_ranks_file(rc.params.tokenize.ranks_file, rc.root)
-    version = log_and_register(rc.tracking, run.run_id, model_dir, name, ranks_file=ranks_file, kind=spec.kind,
+    version = log_and_register(rc.tracking, run.run_id, model_dir, name, kind=spec.kind,
                                aliases=spec.aliases, tags=tags)
     logger().info("%s: registered %s v%s%s", stage.name, name, version, "".join(f" @{a}" for a in spec.aliases))
     return {"registered_model": name, "model_version": version, "weights_sha256": weights}

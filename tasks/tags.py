@@ -9,6 +9,7 @@ scores the evaluation stages put there (eval.*, bench.*, judge.*) and the promot
 from __future__ import annotations
 
 from lmcore.stages import (
+    BASE_MANIFEST_SHA,
     BASE_WEIGHTS_SHA,
     FINETUNE,
     FINETUNE_MANIFEST_SHA,
@@ -33,6 +34,7 @@ TAG_LAUNCHER = "lmcore.launcher"  # prefect (lmcore pipeline) | stage (lmcore ru
 TAG_ERROR = "lmcore.error"  # a failed run: the error's one-line message (the traceback is the artifact ERROR_ARTIFACT)
 TAG_RAW_MANIFEST_SHA = tag(RAW_MANIFEST_SHA)
 TAG_TOKENS_MANIFEST_SHA = tag(TOKENS_MANIFEST_SHA)
+TAG_BASE_MANIFEST_SHA = tag(BASE_MANIFEST_SHA)  # a pretrain run that continued a pretrained base
 TAG_WEIGHTS_SHA = tag(WEIGHTS_SHA)
 TAG_BASE_WEIGHTS_SHA = tag(BASE_WEIGHTS_SHA)  # the model a fine-tune started from
 TAG_FINETUNE = tag(FINETUNE)  # classifier | instruct | dpo

@@ -97,7 +97,7 @@ def test_fingerprint_is_stable_and_sensitive():
 def test_finetune_sections_validate_and_name_bad_keys():
     params = params_from_dict(base())
     assert params.finetune_classifier.delimiter == "\t" and params.finetune_classifier.labels == ["ham", "spam"]
-    assert params.dpo.source.sha256 and params.finetune_instruct.template == "alpaca"
+    assert params.dpo.source.sha256 and params.finetune_instruct.template == "auto"
     with pytest.raises(ParamsError, match=r"unknown key 'finetune_instruct.lora.rnk' \(did you mean 'finetune_instruct.lora.rank'\?\)"):
         params_from_dict(base(), overrides=["finetune_instruct.lora.rnk=4"])
     with pytest.raises(ParamsError, match=r"finetune_classifier.*the rest is the test split"):

@@ -18,7 +18,7 @@ from lmcore.data.shards import token_dtype, write_shard
 from lmcore.evaluation import evaluate, perplexity
 from lmcore.model import GPT
 from lmcore.paths import MANIFEST, METRICS, SAMPLES
-from lmcore.tokenizer import get_encoding
+from lmcore.tokenizer import get_tokenizer
 from lmcore.tracking import ListTracker
 
 GPT2_VOCAB = 50257
@@ -52,7 +52,7 @@ def enc(monkeypatch):
     if not RANKS.is_file():
         pytest.skip(f"{RANKS} not found")
     monkeypatch.setenv("LMCORE_TIKTOKEN_FILE", str(RANKS))
-    return get_encoding("gpt2")
+    return get_tokenizer("gpt2")
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from lmcore.config import ModelConfig
 from lmcore.finetune.data import format_prompt
 from lmcore.generation import TextStream, generate, generate_text, sample_next, stream, stream_text, strip_pieces
 from lmcore.model import GPT
-from lmcore.tokenizer import get_encoding
+from lmcore.tokenizer import get_tokenizer
 
 T = 16  # context of the micro models
 
@@ -34,7 +34,7 @@ def llama_micro(vocab_size: int = 64, seed: int = 0) -> GPT:
 
 @pytest.fixture(scope="module")
 def enc():
-    return get_encoding("gpt2")
+    return get_tokenizer("gpt2")
 
 
 def forced(ids: list[int]) -> Iterator[torch.Tensor]:

@@ -253,3 +253,24 @@ def test_cli_import_and_export(tmp_path):
     (src / "model.safetensors").unlink()
     failed = runner.invoke(app, ["import-hf", str(src), str(tmp_path / "again")])
     assert failed.exit_code == 2 and "no model.safetensors" in failed.output and "Traceback" not in failed.output
+
+
+def test_export_carries_the_models_tokenizer_for_transformers(tmp_path):
+    """An exported folder loads in AutoTokenizer and encodes like the lmcore model's own tokenizer: GPT-2's tiktoken
+    ranks as the byte-level BPE tokenizer.json they were made from, a Hugging Face tokenizer as it is."""
+    from transformers import AutoTokenizer
+
+    from lmcore.tokenizer import HFTokenizer, get_tokenizer
+    from tests.test_tokenizer import SHARED, TEXTS, tiny_hf_tokenizer
+
+    gpt2 = get_tokenizer("gpt2", SHARED / "tokenizers" / "gpt2.tiktoken")
+    bpe = HFTokenizer(tiny_hf_tokenizer(tmp_path / "tokenizer.json"), name="tiny", eos_token="<|im_end|>")
+    for name, tok, cfg in (("gpt2", gpt2, ModelConfig(n_layer=1, n_embd=16, n_head=2, context_length=32)),
+                           ("bpe", bpe, ModelConfig(vocab_size=320, n_layer=1, n_embd=16, n_head=2, context_length=32))):
+        save_model(GPT(cfg), tmp_path / name, extra={"tokenizer": tok.name})
+        tok.save(tmp_path / name)
+        export_hf(tmp_path / name, tmp_path / f"hf-{name}")
+        theirs = AutoTokenizer.from_pretrained(tmp_path / f"hf-{name}")
+        for text in TEXTS:
+            assert theirs(text, add_special_tokens=False)["input_ids"] == tok.encode(text), (name, text)  # special tokens parsed
+        assert theirs.convert_tokens_to_ids("<|endoftext|>") == tok.eot_token

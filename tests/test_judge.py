@@ -32,7 +32,7 @@ from lmcore.judge import (
 from lmcore.model import GPT
 from lmcore.paths import JUDGE_SCORES as SCORES
 from lmcore.paths import METRICS
-from lmcore.tokenizer import get_encoding
+from lmcore.tokenizer import get_tokenizer
 from tests.conftest import SHARED
 from tests.test_serve import free_port, running_server
 
@@ -377,7 +377,7 @@ def constant_judge(enc, score: str = "73", context_length: int = 256) -> GPT:
 
 
 def test_judge_through_lmcore_serve(tmp_path, responses_file, rows, one_thread):
-    enc = get_encoding("gpt2")
+    enc = get_tokenizer("gpt2")
     model = constant_judge(enc)
     # The construction: "73" and then end-of-text, whatever the prompt, even when sampled.
     for prompt in ["Hello", format_prompt({"instruction": judge_prompt(rows[0])}, "alpaca")]:
@@ -402,3 +402,30 @@ def test_judge_through_lmcore_serve(tmp_path, responses_file, rows, one_thread):
     scores = read_scores(tmp_path / "judge")
     assert [{k: s[k] for k in ("instruction", "input", "output", "response")} for s in scores] == rows[:3]
     assert [(s["judge_reply"], s["score"]) for s in scores] == [("73", 73)] * 3
+
+
+def test_judge_stage_serves_its_own_judge_model(tmp_path, monkeypatch):
+    """judge.serve: the stage serves a model folder itself (lmcore serve's app on 127.0.0.1) and scores through it."""
+    from lmcore.config import load_params
+    from lmcore.paths import TEST_RESPONSES, Layout
+    from lmcore.stages import StageContext
+    from lmcore.stages.judge import run as judge_stage
+    from lmcore.tokenizer import get_tokenizer
+
+    enc = get_tokenizer("gpt2")
+    folder = tmp_path / "judge-model"
+    save_model(constant_judge(enc), folder, extra={"template": "alpaca", "tokenizer": "gpt2"})
+    enc.save(folder)
+    layout = Layout(tmp_path)
+    rows = [{"instruction": f"Say {w}.", "input": "", "output": w, "response": w.lower()} for w in ("Yes", "No")]
+    for name in ("instruct", "dpo"):
+        layout.reports(name).mkdir(parents=True)
+        (layout.reports(name) / TEST_RESPONSES).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    micro = Path(__file__).resolve().parents[1] / "profiles" / "micro.yaml"
+    params = load_params(micro, overrides=["judge.serve=judge-model", "judge.model=judge-73"])
+    result = judge_stage(StageContext(root=tmp_path, params=params))
+    assert result.summary == {"skipped": False, "mean_scores": {"instruct": 73.0, "dpo": 73.0}}
+    summary = json.loads((layout.reports("judge") / "summary.json").read_text())
+    assert summary["judge"]["model"] == "judge-73" and summary["judge"]["url"].startswith("http://127.0.0.1:")
+    with pytest.raises(Exception, match="registered model, and nothing here resolves one"):
+        judge_stage(StageContext(root=tmp_path, params=load_params(micro, overrides=["judge.serve=models:/x@y"])))

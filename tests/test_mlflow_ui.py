@@ -122,7 +122,7 @@ def registry(tmp_path_factory):
                 with tracking.run("pretrain", tags={TAG_WEIGHTS_SHA: sha}) as run:
                     version = log_and_register(
                         tracking, run.run_id, model_dir, MODEL,
-                        ranks_file=os.environ.get("LMCORE_TIKTOKEN_FILE"), tags={TAG_WEIGHTS_SHA: sha},
+                        tags={TAG_WEIGHTS_SHA: sha},
                     )
                 tag_scores(tracking, MODEL, version, {METRIC: score, f"{METRIC}_stderr": 0.01}, sample_sha256="sample")
                 promote(tracking, MODEL, version, METRIC)

@@ -26,7 +26,7 @@ from lmcore.finetune.data import format_prompt
 from lmcore.generation import generate
 from lmcore.model import GPT
 from lmcore.serve import APIError, ChatMessage, build_prompt, create_app
-from lmcore.tokenizer import get_encoding
+from lmcore.tokenizer import get_tokenizer
 from tests.conftest import ROOT
 
 STARTUP_TIMEOUT_S = 60
@@ -92,7 +92,7 @@ def in_thread_server(app) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def enc():
-    return get_encoding("gpt2")
+    return get_tokenizer("gpt2")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,23 @@ import pytest
 import tiktoken
 import tiktoken.registry
 
-from lmcore.tokenizer import EOT, GPT2_RANKS_SHA256, RANKS_ENV, eot_token, get_encoding
+from lmcore.errors import MissingInputError
+from lmcore.tokenizer import (
+    EOT,
+    GPT2_RANKS_SHA256,
+    HF_TOKENIZER_FILE,
+    RANKS_ENV,
+    TIKTOKEN_FILE,
+    TOKENIZER_CONFIG,
+    HFTokenizer,
+    TokenizerError,
+    check_vocab,
+    eot_token,
+    get_encoding,
+    get_tokenizer,
+    load_tokenizer,
+    resolve_tokenizer,
+)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 # The blob tiktoken's r50k_base constructor loads (tiktoken_ext/openai_public.py); tiktoken caches
@@ -99,9 +115,99 @@ def test_other_encodings_need_tiktoken_download(ranks_file):
 
 
 def test_no_tokenizer_named_is_a_clear_error():
-    """A Hugging Face import with another vocabulary saves "tokenizer": null; using it says why."""
-    with pytest.raises(ValueError, match='"tokenizer": null'):
+    with pytest.raises(ValueError, match="no tokenizer named"):
         get_encoding(None)
+
+
+# -- the Tokenizer interface: any tokenizer, carried by the folder it belongs to ---------------------------------
+
+
+def tiny_hf_tokenizer(path: Path) -> Path:
+    """A byte-level BPE tokenizer.json trained here on a few lines, with ChatML special tokens."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = RustTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([t for t in TEXTS if t] * 20, trainer)
+    tok.save(str(path))
+    return path
+
+
+def test_gpt2_tokenizer_round_trips_through_a_folder_and_matches_tiktoken(ranks_file, tmp_path, monkeypatch):
+    tok = get_tokenizer("gpt2", ranks_file)
+    tok.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [TIKTOKEN_FILE, TOKENIZER_CONFIG]
+    monkeypatch.delenv(RANKS_ENV, raising=False)  # the folder alone: no environment, no network
+    loaded = load_tokenizer(tmp_path)
+    assert loaded.identity == {"kind": "tiktoken", "name": "gpt2", "sha256": GPT2_RANKS_SHA256, "n_vocab": 50257}
+    reference = tiktoken.Encoding("gpt2", pat_str=get_encoding("gpt2", ranks_file)._pat_str,
+                                  mergeable_ranks=get_encoding("gpt2", ranks_file)._mergeable_ranks, special_tokens={EOT: 50256})
+    for text in TEXTS:
+        assert loaded.encode_ordinary(text) == reference.encode_ordinary(text)
+        assert loaded.decode(loaded.encode_ordinary(text)) == text
+    assert loaded.encode("a<|endoftext|>b") == [64, 50256, 65] and loaded.stop_tokens == [50256]
+
+
+def test_hf_tokenizer_round_trips_with_special_tokens_and_template(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    path = tiny_hf_tokenizer(tmp_path / "tokenizer.json")
+    tok = HFTokenizer(path, name="tiny", eos_token="<|im_end|>", bos_token="<|im_start|>", chat_template="{{ messages }}")
+    folder = tmp_path / "model"
+    tok.save(folder)
+    loaded = load_tokenizer(folder)
+    assert loaded.identity == tok.identity and loaded.chat_template == "{{ messages }}"
+    assert loaded.eot_token == loaded.encode_single_token("<|endoftext|>")
+    assert loaded.stop_tokens == [loaded.eot_token, loaded.encode_single_token("<|im_end|>")]
+    reference = PreTrainedTokenizerFast.from_pretrained(folder)  # our tokenizer_config.json is Hugging Face's too
+    for text in TEXTS:
+        ids = loaded.encode_ordinary(text)
+        assert loaded.decode(ids) == text
+        assert b"".join(loaded.decode_single_token_bytes(i) for i in ids) == text.encode()
+    chat = "<|im_start|>user\nhi<|im_end|>\n"
+    assert loaded.encode(chat) == reference(chat, add_special_tokens=False)["input_ids"]
+    assert loaded.encode_ordinary("<|im_end|>") != [loaded.encode_single_token("<|im_end|>")]  # ordinary: plain text
+
+
+def test_a_tokenizer_file_that_does_not_match_its_recorded_sha256_is_refused(tmp_path):
+    tok = HFTokenizer(tiny_hf_tokenizer(tmp_path / "tokenizer.json"), name="tiny")
+    folder = tmp_path / "model"
+    tok.save(folder)
+    (folder / HF_TOKENIZER_FILE).write_text((folder / HF_TOKENIZER_FILE).read_text().replace('"ByteLevel"', '"ByteLevel" ', 1))
+    with pytest.raises(TokenizerError, match=r"tokenizer\.json: sha256 .* differs from .* recorded in .*tokenizer_config\.json"):
+        load_tokenizer(folder)
+
+
+def test_a_folder_without_a_tokenizer_says_so(tmp_path):
+    with pytest.raises(MissingInputError, match="carries no tokenizer"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(TokenizerError, match="not a Hugging Face tokenizer.json"):
+        load_tokenizer(tmp_path)
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path):
+    tok = HFTokenizer(tiny_hf_tokenizer(tmp_path / "tokenizer.json"), name="tiny")
+    check_vocab(tok, tok.n_vocab, "here")
+    with pytest.raises(TokenizerError, match=r"models/x/config.json: the tokenizer tiny has \d+ tokens but the model's vocabulary is 64"):
+        check_vocab(tok, 64, "models/x/config.json")
+
+
+def test_resolve_tokenizer_follows_the_base_model(ranks_file, tmp_path):
+    base = tmp_path / "base"
+    HFTokenizer(tiny_hf_tokenizer(tmp_path / "tokenizer.json"), name="tiny").save(base)
+    assert resolve_tokenizer("auto", root=tmp_path, ranks_file=str(ranks_file), base_dir=None).name == "gpt2"
+    assert resolve_tokenizer("auto", root=tmp_path, ranks_file=str(ranks_file), base_dir=base).name == "tiny"
+    assert resolve_tokenizer("base", root=tmp_path, ranks_file=None, base_dir=base).name == "tiny"
+    assert resolve_tokenizer("tokenizer.json", root=tmp_path, ranks_file=None, base_dir=None).kind == "huggingface"
+    with pytest.raises(TokenizerError, match="base_model.source is scratch"):
+        resolve_tokenizer("base", root=tmp_path, ranks_file=None, base_dir=None)
+    with pytest.raises(MissingInputError, match="tokenize.tokenizer: 'nowhere'"):
+        resolve_tokenizer("nowhere", root=tmp_path, ranks_file=None, base_dir=None)
 
 
 def test_a_failed_download_of_the_ranks_is_one_transient_line(monkeypatch):

@@ -123,7 +123,7 @@ def test_outputs(tmp_path, pattern_tokens):
     assert summary.keys() == {
         "n_params", "steps", "resumed_from_step", "tokens_seen", "train_time_s", "tokens_per_s", "mfu", "peak_flops", "precision", "world_size",
         "first_val_loss", "final_val_loss", "best_val_loss", "best_step", "stopped_early", "final_train_loss",
-        "train_tokens", "val_tokens", "documents_longer_than_context", "loader_state",
+        "train_tokens", "val_tokens", "documents_longer_than_context", "loader_state", "init", "start", "tokenizer",
     }
     assert (summary["train_tokens"], summary["val_tokens"], summary["documents_longer_than_context"]) == (900, 124, 2)
     assert summary["loader_state"]["mode"] == "random" and summary["loader_state"]["step"] == 23

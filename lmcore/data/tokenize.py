@@ -1,7 +1,7 @@
 """The tokenize stage: clean documents -> train/val token shards and a manifest, streamed and in parallel.
 
-    manifest = tokenize(params.tokenize, "data/clean", "data/tokens", seed=params.seed)
-    manifest = tokenize(cfg, "data/clean", "s3://bucket/tokens", seed=1337)   # any fsspec URL
+    manifest = tokenize(params.tokenize, "data/clean", "data/tokens", seed=params.seed, tokenizer=get_tokenizer("gpt2"))
+    manifest = tokenize(cfg, "data/clean", "s3://bucket/tokens", seed=1337, tokenizer=load_tokenizer("models/base"))
 
 `documents.jsonl` (one `{"id", "source", "text"}` object per line) is cut into slices of about
 `shard_bytes` at line boundaries; slice k becomes `train-0000k.arrow` and `val-0000k.arrow`. A document
@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
 import logging
 import multiprocessing
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,7 +47,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tiktoken
 from tqdm import tqdm
 
 from lmcore.config import TokenizeConfig
@@ -67,7 +68,7 @@ from lmcore.data.shards import (
 from lmcore.errors import InputError, MissingInputError
 from lmcore.io import replace_dir
 from lmcore.paths import DOCUMENTS, MANIFEST
-from lmcore.tokenizer import eot_token, get_encoding
+from lmcore.tokenizer import Tokenizer, load_tokenizer, resolve_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,8 @@ class ShardJob:
     documents: str
     out_dir: str
     fingerprint: str
-    encoding: str
-    ranks_file: str | None
+    tokenizer_dir: str  # a local folder carrying the tokenizer (lmcore.tokenizer.load_tokenizer)
+    tokenizer_sha256: str
     val_fraction: float
     seed: int
     threads: int = 1
@@ -114,6 +115,7 @@ class TokenizePlan:
     out_dir: str
     work_dir: str  # where shards are written: a hidden sibling of a local out_dir, else out_dir itself
     header: dict[str, Any] = field(default_factory=dict)  # the manifest's fields that describe the run
+    tokenizer_dir: str = ""  # the local folder the tokenizer's files were saved in
 
 
 def _scan(location: str | Path, size: int, shard_bytes: int) -> tuple[str, list[tuple[int, int, int]]]:
@@ -148,27 +150,17 @@ def _scan(location: str | Path, size: int, shard_bytes: int) -> tuple[str, list[
     return h.hexdigest(), [(cuts[i], cuts[i + 1], first_lines[i]) for i in range(len(cuts) - 1)]
 
 
-def _ranks_digest(ranks_file: str | None, encoding: str) -> str:
-    if ranks_file:
-        return hashlib.sha256(Path(ranks_file).read_bytes()).hexdigest()
-    return f"tiktoken:{encoding}"
-
-
-def plan_tokenize(
-    cfg: TokenizeConfig, clean_dir: str | Path, out_dir: str | Path, seed: int, ranks_file: str | None = None
-) -> TokenizePlan:
+def plan_tokenize(cfg: TokenizeConfig, clean_dir: str | Path, out_dir: str | Path, seed: int, tokenizer: Tokenizer) -> TokenizePlan:
     """Slice the input, and find which slices a previous (killed or finished) run already wrote.
 
     Args:
-        cfg: encoding, ranks file, val fraction, shard size.
+        cfg: val fraction, shard size.
         clean_dir: the preprocess output (path or URL) holding documents.jsonl.
         out_dir: the shard folder (path or URL); an unfinished run's shards there are re-used when they
-            match, anything else is replaced.
+            match, anything else is replaced. The tokenizer's files are written into it beside the shards.
         seed: seeds the train/val split.
-        ranks_file: overrides cfg.ranks_file (the stage resolves it against the project root).
+        tokenizer: what encodes the text (lmcore.tokenizer); its sha256 is part of every slice's fingerprint.
     """
-    ranks_file = ranks_file or cfg.ranks_file
-    enc = get_encoding(cfg.encoding, ranks_file)
     documents = str(join(clean_dir, DOCUMENTS))
     try:
         size = file_size(documents)
@@ -180,8 +172,7 @@ def plan_tokenize(
     config = {
         "format_version": FORMAT_VERSION,
         "documents_sha256": digest,
-        "encoding": cfg.encoding,
-        "ranks_sha256": _ranks_digest(ranks_file, cfg.encoding),
+        "tokenizer": tokenizer.identity,
         "val_fraction": cfg.val_fraction,
         "seed": seed,
         "shard_bytes": cfg.shard_bytes,
@@ -189,11 +180,15 @@ def plan_tokenize(
     config_fp = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
     out = str(out_dir)
     work = _work_dir(out)
+    # The workers load the tokenizer from a local folder: the hidden work folder itself, or a temporary one
+    # beside a URL output (whose files are uploaded with the manifest).
+    tokenizer_dir = work if local_path(work) is not None else tempfile.mkdtemp(prefix="lmcore-tokenizer-")
+    tokenizer.save(local_path(tokenizer_dir) or tokenizer_dir)
     jobs = [
         ShardJob(
             index=k, start=s, end=e, first_line=line, documents=documents, out_dir=work,
             fingerprint=hashlib.sha256(f"{config_fp}:{k}:{s}:{e}".encode()).hexdigest(),
-            encoding=cfg.encoding, ranks_file=ranks_file, val_fraction=cfg.val_fraction, seed=seed,
+            tokenizer_dir=str(local_path(tokenizer_dir) or tokenizer_dir), tokenizer_sha256=tokenizer.sha256, val_fraction=cfg.val_fraction, seed=seed,
         )
         for k, (s, e, line) in enumerate(slices)
     ]
@@ -202,10 +197,11 @@ def plan_tokenize(
     reused = _verified_records(jobs, work)
     pending = [j for j in jobs if j.index not in reused]
     header = {
-        "encoding": cfg.encoding,
-        "vocab_size": enc.n_vocab,
-        "eot_token": eot_token(enc),
-        "dtype": token_dtype(enc.n_vocab).name,
+        "encoding": tokenizer.name,
+        "tokenizer": tokenizer.identity,
+        "vocab_size": tokenizer.n_vocab,
+        "eot_token": tokenizer.eot_token,
+        "dtype": token_dtype(tokenizer.n_vocab).name,
         "seed": seed,
         "val_fraction": cfg.val_fraction,
         "shard_bytes": cfg.shard_bytes,
@@ -214,10 +210,11 @@ def plan_tokenize(
         "config_fingerprint": config_fp,
     }
     log.info(
-        "tokenize plan: %s (%d bytes) in %d slice(s); %d re-used from an earlier run, %d to encode",
-        documents, size, len(jobs), len(reused), len(pending),
+        "tokenize plan: %s (%d bytes) in %d slice(s) with %s; %d re-used from an earlier run, %d to encode",
+        documents, size, len(jobs), tokenizer.name, len(reused), len(pending),
     )
-    return TokenizePlan(jobs=jobs, pending=pending, reused=reused, out_dir=out, work_dir=work, header=header)
+    return TokenizePlan(jobs=jobs, pending=pending, reused=reused, out_dir=out, work_dir=work, header=header,
+                        tokenizer_dir=str(local_path(tokenizer_dir) or tokenizer_dir))
 
 
 def _work_dir(out_dir: str) -> str:
@@ -315,8 +312,8 @@ def encode_shard(job: ShardJob) -> dict:
         The slice's record: {"index", "fingerprint", "shards": [{"file", "split", "documents", "tokens",
         "sha256"}], "longest_document": tokens}.
     """
-    enc = get_encoding(job.encoding, job.ranks_file)
-    eot = eot_token(enc)
+    enc = _tokenizer(job.tokenizer_dir, job.tokenizer_sha256)
+    eot = enc.eot_token
     dtype = token_dtype(enc.n_vocab)
     buffers = {s: _SplitBuffer(dtype) for s in SPLITS}
     pending: dict[str, list[str]] = {s: [] for s in SPLITS}
@@ -350,6 +347,15 @@ def encode_shard(job: ShardJob) -> dict:
     record = {"index": job.index, "fingerprint": job.fingerprint, "shards": shards, "longest_document": longest}
     write_bytes(join(join(job.out_dir, PROGRESS), f"{job.index:05d}.json"), json.dumps(record).encode())
     return record
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(folder: str, sha256: str) -> Tokenizer:
+    """The tokenizer saved in `folder`, once per process (a worker encodes many slices)."""
+    tok = load_tokenizer(folder)
+    if tok.sha256 != sha256:
+        raise TokenizeError(f"{folder}: holds tokenizer {tok.name} ({tok.sha256[:12]}), not the planned {sha256[:12]}")
+    return tok
 
 
 def finish_tokenize(plan: TokenizePlan, records: list[dict]) -> dict[str, Any]:
@@ -393,6 +399,9 @@ def finish_tokenize(plan: TokenizePlan, records: list[dict]) -> dict[str, Any]:
         remove(join(progress, name))
     if local_path(progress) is not None and local_path(progress).is_dir():
         local_path(progress).rmdir()
+    if local_path(work) is None:  # a URL output: its tokenizer files go up beside the shards
+        for path in Path(plan.tokenizer_dir).iterdir():
+            write_bytes(join(work, path.name), path.read_bytes())
     write_bytes(join(work, MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode())
     if work != plan.out_dir:
         replace_dir(Path(work), Path(local_path(plan.out_dir)))
@@ -405,18 +414,20 @@ def tokenize(
     out_dir: str | Path,
     seed: int,
     *,
-    ranks_file: str | None = None,
+    tokenizer: Tokenizer | None = None,
     workers: int | None = None,
     map_jobs: Callable[[Callable[[ShardJob], dict], list[ShardJob]], list[dict]] | None = None,
 ) -> dict[str, Any]:
     """Tokenize `clean_dir/documents.jsonl` into train/val shards under `out_dir` (a path or fsspec URL).
 
     Args:
-        cfg: encoding, ranks file, val fraction, shard size, workers.
+        cfg: val fraction, shard size, workers.
         clean_dir: the preprocess stage's output folder.
-        out_dir: the shard folder; slices an earlier, unfinished run completed are re-used.
+        out_dir: the shard folder; slices an earlier, unfinished run completed are re-used. It carries the
+            tokenizer's files (tokenizer_config.json and its vocabulary), and the manifest its identity.
         seed: seeds the train/val split.
-        ranks_file: overrides cfg.ranks_file.
+        tokenizer: what encodes the text (lmcore.tokenizer: GPT-2's, a base model's, a tokenizer.json); None:
+            what `cfg.tokenizer` names (relative paths from the working directory; no base model).
         workers: overrides cfg.workers (0: one process per core).
         map_jobs: runs `encode_shard` over the pending slices elsewhere, as (fn, jobs) -> records in order
             (e.g. a Prefect task per slice on Dask); None: a local process pool of `workers`.
@@ -426,7 +437,9 @@ def tokenize(
         workers, seconds) that is not written, since it differs between a resumed and a fresh run.
     """
     t0 = time.perf_counter()
-    plan = plan_tokenize(cfg, clean_dir, out_dir, seed, ranks_file)
+    if tokenizer is None:
+        tokenizer = resolve_tokenizer(cfg.tokenizer, root=Path.cwd(), ranks_file=cfg.ranks_file, base_dir=None)
+    plan = plan_tokenize(cfg, clean_dir, out_dir, seed, tokenizer)
     n_workers = workers if workers is not None else cfg.workers
     n_workers = n_workers or os.cpu_count() or 1
     if map_jobs is not None:
@@ -473,14 +486,14 @@ def run_jobs(jobs: list[ShardJob], workers: int, total_bytes: int | None = None)
         bar.close()
 
 
-def decode_shard(path: str | Path, enc: tiktoken.Encoding) -> list[str]:
+def decode_shard(path: str | Path, enc: Tokenizer) -> list[str]:
     """The text of each document in a shard, without its trailing end-of-text token.
 
     Raises:
         ValueError: a document that does not end with the end-of-text token.
     """
     shard = Shard(path)
-    eot = eot_token(enc)
+    eot = enc.eot_token
     texts = []
     for i in range(len(shard)):
         doc = shard.document(i)

@@ -241,6 +241,7 @@ def finetune_classifier(
             save_and_merge_lora(model, cfg.lora, wrapped, model_tmp)
         extra = {HEAD_KEY: {"type": HEAD_CLASSIFIER, "labels": labels}, "max_length": max_length, "tokenizer": enc.name}
         save_model(model, model_tmp, params=params, extra=extra)
+        enc.save(model_tmp)
         write_curves(reports_tmp, history, title="classifier fine-tuning")
         write_json(reports_tmp / METRICS, metrics)
         write_json(reports_tmp / SUMMARY, summary)

@@ -7,6 +7,9 @@
     entries, stats = read_instruction_json("instruction-data.json")                    # Alpaca-style
     ids, prompt_len = encode_instruction(entries[0], enc, "alpaca")
     inputs, targets = collate_instruct([(ids, prompt_len)], pad_id=50256, eot_id=50256, mask_prompt=True)
+    template = resolve_template("auto", tok)              # "chat" when the tokenizer has a chat template (SmolLM2)
+    ids, prompt_len = encode_instruction(entries[0], tok, template)   # already ends with the template's end of turn
+    inputs, targets = collate_instruct([(ids, prompt_len)], pad_id=tok.eot_token, eot_id=collate_eot(tok, template))
 
 Bad input (wrong label, missing delimiter, empty text, invalid UTF-8, malformed JSON, missing
 fields) is handled the same way by every reader: with `on_bad="error"` the first bad record raises
@@ -28,6 +31,7 @@ from typing import Any, Literal
 
 import torch
 
+from lmcore import chat
 from lmcore.errors import InputError
 from lmcore.io import utf8_error
 
@@ -37,7 +41,10 @@ UTF8_BOM = b"\xef\xbb\xbf"
 MAX_EXAMPLES = 10  # bad-record locations kept for the report
 IGNORE_INDEX = -100  # the default ignore_index of torch.nn.functional.cross_entropy
 
-TEMPLATES = ("alpaca", "phi3")
+TEMPLATES = ("alpaca", "phi3")  # the book's text templates, for models without a chat template of their own
+CHAT = "chat"  # the model's own chat template (its tokenizer's chat_template, lmcore.chat)
+AUTO = "auto"  # CHAT when the start model's tokenizer has a chat template, else alpaca
+PROMPT_TEMPLATES = (*TEMPLATES, CHAT)  # what an instruction model's config.json may record
 ALPACA_PREAMBLE = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 )
@@ -440,6 +447,50 @@ def _check_template(template: str) -> None:
         raise ValueError(f"unknown prompt template {template!r}; expected one of {list(TEMPLATES)}")
 
 
+def resolve_template(template: str, enc) -> str:
+    """The prompt template a fine-tuning run uses.
+
+    Args:
+        template: auto | chat | alpaca | phi3 (finetune_instruct.template).
+        enc: the start model's tokenizer.
+
+    Returns: "chat" for auto when the tokenizer has a chat template, else "alpaca"; the others as they are.
+    Raises: InputError for chat when the tokenizer has none, ValueError for an unknown name.
+    """
+    has_chat = bool(getattr(enc, "chat_template", None))
+    if template == AUTO:
+        return CHAT if has_chat else "alpaca"
+    if template == CHAT and not has_chat:
+        raise InputError(
+            f"finetune_instruct.template: chat, but the start model's tokenizer ({enc.name}) has no chat template; "
+            f"use auto, alpaca or phi3"
+        )
+    if template not in PROMPT_TEMPLATES:
+        raise ValueError(f"unknown prompt template {template!r}; expected one of {[AUTO, *PROMPT_TEMPLATES]}")
+    return template
+
+
+def instruction_messages(entry: dict) -> list[dict]:
+    """An instruction record as a chat: one user message, the instruction and (after a blank line) any input.
+
+    No system message: the chat template decides (SmolLM2's adds its default system prompt).
+    """
+    extra = entry.get("input", "")
+    return [{"role": "user", "content": f"{entry['instruction']}\n\n{extra}" if extra else entry["instruction"]}]
+
+
+def instruction_prompt(entry: dict, enc, template: str) -> tuple[str | list[int], list[int]]:
+    """What to generate a response from: the prompt for lmcore.generation.stream_text and the extra stop ids.
+
+    Returns: for a text template, the prompt text and no extra stops (the tokenizer's end-of-text ends it); for
+    "chat", the prompt's ids in the tokenizer's chat template and the template's end of turn with the stop tokens.
+    The response is the generated text (stripped), without a marker to cut at.
+    """
+    if template == CHAT:
+        return chat.prompt_ids(enc, instruction_messages(entry)), chat.stop_tokens(enc)
+    return format_prompt(entry, template), []
+
+
 def format_prompt(entry: dict, template: str = "alpaca") -> str:
     """The prompt: everything up to where the response starts.
 
@@ -491,28 +542,36 @@ def encode_instruction(entry: dict, enc, template: str, response: str | None = N
     """Token ids of prompt + response and the number of prompt tokens.
 
     Prompt and response are encoded separately and concatenated, so the prompt length is exact.
-    Both are encoded as ordinary text: a literal "<|endoftext|>" in the data never becomes the
-    end-of-text token, which collation appends.
+    The data is ordinary text: a literal "<|endoftext|>" (or "<|im_end|>") in it never becomes that token.
+    With a text template the end-of-text token is left to collation (eot_id); with "chat" the ids end with
+    the chat template's end of turn (lmcore.chat.example_ids), and collation adds nothing (eot_id=None).
 
     Args:
         entry: an instruction record.
-        enc: a tiktoken encoding.
-        template: one of TEMPLATES.
+        enc: the model's tokenizer.
+        template: one of PROMPT_TEMPLATES.
         response: the response text; entry["output"] when None (DPO passes "chosen"/"rejected").
 
     Returns:
         (ids, prompt_len).
     """
+    answer = entry["output"] if response is None else response
+    if template == CHAT:
+        return chat.example_ids(enc, instruction_messages(entry), answer)
     prompt = enc.encode_ordinary(format_prompt(entry, template))
-    answer = enc.encode_ordinary(entry["output"] if response is None else response)
-    return prompt + answer, len(prompt)
+    return prompt + enc.encode_ordinary(answer), len(prompt)
+
+
+def collate_eot(enc, template: str) -> int | None:
+    """The id collate_instruct appends to every example: end-of-text for a text template, none for "chat"."""
+    return None if template == CHAT else enc.eot_token
 
 
 def collate_instruct(
     batch: Sequence[tuple[list[int], int]],
     *,
     pad_id: int,
-    eot_id: int,
+    eot_id: int | None,
     max_length: int | None = None,
     mask_prompt: bool = False,
     ignore_index: int = IGNORE_INDEX,
@@ -526,33 +585,37 @@ def collate_instruct(
     Args:
         batch: (ids, prompt_len) pairs from encode_instruction.
         pad_id: the filler token for inputs (the book uses end-of-text, 50256).
-        eot_id: the end-of-text token appended to every sequence.
+        eot_id: the end-of-text token appended to every sequence; None: the ids already end with their stop
+            token (a chat template's end of turn), which is then the last kept target.
         max_length: cut inputs and targets to this many positions (the model's context length).
         mask_prompt: ignore the targets that predict prompt tokens, so only the response is learnt.
         ignore_index: the target value the loss skips.
 
     Returns:
-        (inputs, targets), both (B, T) int64 with T = min(longest ids, max_length): padding
-        depends on the batch only.
+        (inputs, targets), both (B, T) int64 with T = min(longest sequence - 1, max_length), the sequence being
+        the ids with eot_id: padding depends on the batch only.
     """
     if not batch:
         raise ValueError("collate_instruct: empty batch")
     if max_length is not None and max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
+    tail = [] if eot_id is None else [eot_id]
     for i, (ids, prompt_len) in enumerate(batch):
         if not ids:
             raise ValueError(f"collate_instruct: item {i} has no token ids")
+        if len(ids) + len(tail) < 2:
+            raise ValueError(f"collate_instruct: item {i} has one token id and no eot_id: nothing to predict")
         if not 0 <= prompt_len <= len(ids):
             raise ValueError(f"collate_instruct: item {i} has prompt_len {prompt_len} outside [0, {len(ids)}]")
-    # ids + eot is n + 1 long and inputs drop its last position, so the longest ids set the width.
-    width = max(len(ids) for ids, _ in batch)
+    # inputs drop each sequence's last position, so the longest sequence less one sets the width.
+    width = max(len(ids) + len(tail) for ids, _ in batch) - 1
     inputs = torch.full((len(batch), width), pad_id, dtype=torch.long)  # (B, T)
     targets = torch.full((len(batch), width), ignore_index, dtype=torch.long)  # (B, T)
     for b, (ids, prompt_len) in enumerate(batch):
-        n = len(ids)
-        seq = torch.tensor([*ids, eot_id], dtype=torch.long)  # (n + 1,)
-        inputs[b, : min(n + 1, width)] = seq[:width]
-        targets[b, :n] = seq[1:]  # the last kept target is eot_id, at position n - 1
+        seq = torch.tensor([*ids, *tail], dtype=torch.long)  # (n + 1,)
+        n = len(seq) - 1  # next-token targets
+        inputs[b, : min(n + 1, width)] = seq[:width]  # as the book's: a shorter sequence's last token is an input too
+        targets[b, :n] = seq[1:]  # the last kept target is the sequence's last token (eot_id or the end of turn)
         if mask_prompt and prompt_len > 1:
             targets[b, : prompt_len - 1] = ignore_index
     if max_length is not None:

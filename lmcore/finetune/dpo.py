@@ -9,6 +9,9 @@ the instruction model and the reference pi_ref is a frozen copy of it. With
     r(y) = beta * (log pi(y | x) - log pi_ref(y | x))      (the implicit reward; sums over response tokens)
 the loss is  -log sigmoid(r(y_w) - r(y_l)).  Logged per step: loss, chosen_reward = mean r(y_w),
 rejected_reward = mean r(y_l), reward_margin = their difference, reward_accuracy = share with r(y_w) > r(y_l).
+
+Both responses are encoded in the instruction model's template (its config.json's; "chat": its tokenizer's own
+chat template, each response ending with the template's end of turn), and only their tokens count.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ import torch.nn.functional as F
 from lmcore.checkpoint import load_model
 from lmcore.config import DpoConfig
 from lmcore.finetune.common import add_lora, check_length, log_trainable, read_split, setup
-from lmcore.finetune.data import IGNORE_INDEX, collate_instruct, encode_instruction
-from lmcore.finetune.instruct import generate_responses, template_of, write_outputs
+from lmcore.finetune.data import IGNORE_INDEX, collate_eot, collate_instruct, encode_instruction
+from lmcore.finetune.instruct import check_chat_template, generate_responses, template_of, write_outputs
 from lmcore.finetune.trainer import batches, fit
 from lmcore.model import GPT
 from lmcore.tracking import NullTracker, Tracker
@@ -75,6 +78,7 @@ def train_dpo(
     Args:
         cfg: the dpo params (beta, optimisation, LoRA, test generation).
         instruct_model_dir: the instruction model (policy start and reference); its template is reused.
+        enc: its tokenizer (the one it carries); saved with the preference-tuned model.
         splits_dir: prepare_instructions(..., fields=PREFERENCE_FIELDS) output.
         model_dir: replaced by the preference-tuned model.
         reports_dir: replaced by curves (loss, rewards, margin), metrics.json, summary.json, test_responses.jsonl.
@@ -84,6 +88,7 @@ def train_dpo(
     """
     device = setup(cfg, seed)
     template = template_of(instruct_model_dir)
+    check_chat_template(enc, template, str(instruct_model_dir))
     policy = load_model(instruct_model_dir, device)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     max_length = check_length(cfg.max_length, policy, "dpo")
@@ -101,7 +106,8 @@ def train_dpo(
     def collate(items: list) -> tuple[torch.Tensor, ...]:
         def one(side: int) -> tuple[torch.Tensor, torch.Tensor]:
             inputs, targets = collate_instruct(
-                [item[side] for item in items], pad_id=enc.eot_token, eot_id=enc.eot_token, max_length=max_length, mask_prompt=True
+                [item[side] for item in items], pad_id=enc.eot_token, eot_id=collate_eot(enc, template), max_length=max_length,
+                mask_prompt=True,
             )
             return inputs.to(device), targets.to(device)
 

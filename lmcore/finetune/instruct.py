@@ -1,19 +1,26 @@
 """Instruction fine-tuning (book ch. 7): Alpaca-style data in a prompt template, next-token loss on
 prompt + response, padding after the first end-of-text masked out (and the prompt too, with `mask_prompt`).
 
+The template: the start model's own chat template when its tokenizer carries one (template auto or chat; SmolLM2's
+ChatML from its GGUF metadata): each record becomes a user message and the assistant's reply, ending with the
+template's end of turn ("<|im_end|>"), which the model learns to stop at. Otherwise (GPT-2) the book's Alpaca
+prompt, or Phi-3's, with end-of-text after the response.
+
     stats = prepare_instructions(params.finetune_instruct, raw_dir, splits_dir, seed=params.seed)
     summary = finetune_instruct(params.finetune_instruct, Path("models/base"), splits_dir,
                                 Path("models/instruct"), Path("reports/instruct"), seed=params.seed, enc=enc)
 
 After training, responses to the test split are generated (greedy by default) and saved as
 test_responses.jsonl beside the reference outputs: the input of LLM-as-judge scoring.
-The model folder's config.json records the template, so `lmcore generate` and `lmcore chat` format
-prompts exactly as the model was trained.
+The model folder's config.json records the template ("chat" for the model's own), and the folder carries the
+tokenizer (and with it the chat template), so `lmcore generate`, `lmcore chat` and `lmcore serve` format prompts
+exactly as the model was trained.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,21 +42,27 @@ from lmcore.finetune.common import (
     write_splits,
 )
 from lmcore.finetune.data import (
+    CHAT,
     IGNORE_INDEX,
+    collate_eot,
     collate_instruct,
     encode_instruction,
-    format_prompt,
+    instruction_prompt,
     read_instruction_json,
+    resolve_template,
     split,
 )
 from lmcore.finetune.trainer import batches, fit, write_curves
-from lmcore.generation import generate_text
+from lmcore.generation import stream_text
+from lmcore.errors import InputError
 from lmcore.io import atomic_dir, atomic_file, write_json
 from lmcore.model import GPT
 from lmcore.paths import METRICS, SUMMARY, TEST_RESPONSES
 from lmcore.tracking import NullTracker, Tracker
 
-TEMPLATE_KEY = "template"  # in an instruction model's config.json
+log = logging.getLogger(__name__)
+
+TEMPLATE_KEY = "template"  # in an instruction model's config.json: alpaca | phi3 | chat (the tokenizer's own)
 
 
 def prepare_instructions(
@@ -76,6 +89,12 @@ def template_of(model_dir: Path) -> str:
     return read_model_config(model_dir)[1].get(TEMPLATE_KEY, "alpaca")
 
 
+def check_chat_template(enc, template: str, where: str) -> None:
+    """Refuse a model recorded as trained with its chat template whose tokenizer has none."""
+    if template == CHAT and not getattr(enc, "chat_template", None):
+        raise InputError(f"{where}: trained with its chat template ({TEMPLATE_KEY} '{CHAT}'), but its tokenizer {enc.name} has no chat template")
+
+
 def token_loss(model: GPT, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the unmasked targets, and their number."""
     logits, _ = model(inputs)  # (B, T, V)
@@ -96,11 +115,12 @@ def mean_loss(model: GPT, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> f
 def generate_responses(
     model: GPT, enc, entries: list[dict], template: str, *, max_new_tokens: int, temperature: float, top_k: int | None, seed: int
 ) -> list[dict]:
-    """The model's response to each entry's prompt, beside the reference output."""
+    """The model's response to each entry's prompt (in `template`; stopping at its end of turn), beside the reference output."""
     rows = []
     for i, entry in enumerate(tqdm(entries, desc="test responses", unit="prompt", dynamic_ncols=True)):
-        response = generate_text(
-            model, enc, format_prompt(entry, template), max_new_tokens, temperature=temperature, top_k=top_k, seed=seed + i
+        prompt, stop_ids = instruction_prompt(entry, enc, template)
+        response = "".join(
+            stream_text(model, enc, prompt, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed + i, stop_ids=stop_ids)
         )
         rows.append({"instruction": entry["instruction"], "input": entry.get("input", ""), "output": entry.get("output", entry.get("chosen", "")), "response": response.strip()})
     return rows
@@ -124,13 +144,16 @@ def finetune_instruct(
     Args:
         cfg: the finetune_instruct params (template, mask_prompt, optimisation, LoRA, test generation).
         base_model_dir: the pretrained model folder.
+        enc: its tokenizer; saved with the instruction model; its chat template is the template for auto or chat.
         splits_dir: prepare_instructions' output.
-        model_dir: replaced by the instruction model (config.json records the template).
+        model_dir: replaced by the instruction model (config.json records the resolved template) and its tokenizer.
         reports_dir: replaced by loss curves, metrics.json, summary.json and test_responses.jsonl.
         checkpoint_dir: training checkpoints every cfg.checkpoint_interval steps, resumed with cfg.resume; None: none.
 
-    Returns: the summary: first/final val loss, test loss, trainable parameters, steps.
+    Returns: the summary: first/final val loss, test loss, trainable parameters, steps, the resolved template.
     """
+    template = resolve_template(cfg.template, enc)
+    log.info("finetune_instruct: %s template%s", template, f" ({cfg.template})" if template != cfg.template else "")
     device = setup(cfg, seed)
     model = load_model(base_model_dir, device)
     max_length = check_length(cfg.max_length, model, "finetune_instruct")
@@ -140,11 +163,11 @@ def finetune_instruct(
     counts = log_trainable(model, tracker)
 
     def encode(rows: list[dict]) -> list[tuple[list[int], int]]:
-        return [encode_instruction(r, enc, cfg.template) for r in rows]
+        return [encode_instruction(r, enc, template) for r in rows]
 
     def to_device(items: list) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, targets = collate_instruct(
-            items, pad_id=enc.eot_token, eot_id=enc.eot_token, max_length=max_length, mask_prompt=cfg.mask_prompt
+            items, pad_id=enc.eot_token, eot_id=collate_eot(enc, template), max_length=max_length, mask_prompt=cfg.mask_prompt
         )
         return inputs.to(device), targets.to(device)
 
@@ -167,7 +190,7 @@ def finetune_instruct(
     test_loss = mean_loss(model, test_batches)
     n_gen = len(test_rows) if cfg.max_test_generations is None else min(cfg.max_test_generations, len(test_rows))
     responses = generate_responses(
-        model, enc, test_rows[:n_gen], cfg.template,
+        model, enc, test_rows[:n_gen], template,
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, seed=seed,
     )
     metrics = {"first_val_loss": history.val[0][1]["loss"], "final_val_loss": history.val[-1][1]["loss"], "test_loss": test_loss}
@@ -177,7 +200,7 @@ def finetune_instruct(
         "examples": {"train": len(train), "val": len(val_rows), "test": len(test_rows)},
         **counts,
         "lora": bool(wrapped),
-        "template": cfg.template,
+        "template": template,
         "mask_prompt": cfg.mask_prompt,
         "steps": history.steps,
         "train_time_s": round(history.train_time_s, 3),
@@ -197,6 +220,7 @@ def write_outputs(
             save_and_merge_lora(model, cfg.lora, wrapped, model_tmp)
         extra = {TEMPLATE_KEY: summary["template"], "tokenizer": enc.name}
         save_model(model, model_tmp, params=params, extra=extra)
+        enc.save(model_tmp)
         write_curves(reports_tmp, history, title=title)
         write_json(reports_tmp / METRICS, metrics)
         write_json(reports_tmp / SUMMARY, summary)

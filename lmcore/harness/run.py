@@ -60,6 +60,7 @@ def run_benchmarks(
     *,
     tasks: list[str],
     limit: int | None = None,
+    mmlu_limit: int | None = None,
     num_fewshot: int = 0,
     sample_seed: int = 1234,
     batch_size: int = 16,
@@ -72,6 +73,7 @@ def run_benchmarks(
     Args:
         data_dir: a collected benchmark folder (manifest.json + the source files).
         limit: items per leaf task (per subject for MMLU), drawn with `sample_seed`; None scores all.
+        mmlu_limit: items per MMLU subject instead of `limit`; None: `limit`.
         num_fewshot: MMLU's dev examples before each question (other tasks are zero-shot, as lm-eval's defaults).
         model_ref: how the model was named (folder or models:/ URI), recorded in the results.
         tracker: receives the flat metrics ("hellaswag.acc_norm", "mmlu.acc_stderr", ...).
@@ -79,7 +81,8 @@ def run_benchmarks(
     leaves = expand(tasks)
     items = []
     for task in leaves:
-        items += sample(task_items(task, Path(data_dir), num_fewshot), limit, sample_seed)
+        n = mmlu_limit if mmlu_limit is not None and task.startswith("mmlu_") else limit
+        items += sample(task_items(task, Path(data_dir), num_fewshot), n, sample_seed)
     start = time.perf_counter()
     scores = score_items(model, enc, items, batch_size=batch_size, skip_too_long=True, progress=progress)
     elapsed = time.perf_counter() - start
@@ -117,6 +120,7 @@ def run_benchmarks(
         "config": {
             "tasks": list(tasks),
             "limit": limit,
+            "mmlu_limit": mmlu_limit,
             "sample_seed": sample_seed,
             "num_fewshot": num_fewshot,
             "batch_size": batch_size,
@@ -161,7 +165,7 @@ def benchmark_model(
         torch.set_num_threads(cfg.threads)
     model = load_model(model_dir, device=resolve_device(cfg.device))
     return run_benchmarks(
-        model, enc, data_dir, out_dir, tasks=cfg.tasks, limit=cfg.limit, num_fewshot=cfg.num_fewshot,
+        model, enc, data_dir, out_dir, tasks=cfg.tasks, limit=cfg.limit, mmlu_limit=cfg.mmlu_limit, num_fewshot=cfg.num_fewshot,
         sample_seed=cfg.sample_seed, batch_size=cfg.batch_size, model_ref=model_ref or str(model_dir),
         progress=progress, tracker=tracker,
     )

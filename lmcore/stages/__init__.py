@@ -32,9 +32,11 @@ WEIGHTS_SHA = "weights_sha256"  # sha256 of the model.safetensors the stage made
 BASE_WEIGHTS_SHA = "base_weights_sha256"  # the weights a fine-tune started from
 FINETUNE = "finetune"  # classifier | instruct | dpo
 FINETUNE_MANIFEST_SHA = "finetune_manifest_sha256"  # the data a fine-tune collected
+BASE_MANIFEST_SHA = "base_manifest_sha256"  # sha256 of models/base_model/base.json: the model a run started from
 # Artifact folders of the manifests a model-making stage logs with its run (`manifest_tags`).
 RAW_MANIFEST_DIR = "data/raw"
 TOKENS_MANIFEST_DIR = "data/tokens"
+BASE_MANIFEST_DIR = "models/base_model"  # base.json of the pretrained base a pretrain run continued
 FINETUNE_MANIFEST_DIR = "data/finetune/raw"  # a fine-tune's own collected data
 
 # (fn, items) -> [fn(item) for item in items], run somewhere: the stage's own process pool when None.
@@ -49,12 +51,15 @@ class StageContext:
     params: the validated params (the stage reads its own section, `seed`, and what it shares).
     tracker: receives per-step metrics while the stage runs (MLflow under the orchestration layer).
     map: how independent work items run (e.g. a Prefect task per shard on Dask); None: the stage's default.
+    resolve_model: a registered model's URI (`models:/name@alias`, `models:/name/3`) -> its lmcore model folder,
+        downloaded; supplied by the orchestration layer (the library never talks to the registry). None: none.
     """
 
     root: Path
     params: Params
     tracker: Tracker = field(default_factory=NullTracker)
     map: MapFn | None = None
+    resolve_model: Callable[[str], Path] | None = None
 
     def __post_init__(self) -> None:
         self.root = Path(self.root).resolve()
@@ -157,3 +162,10 @@ def manifest_tags(manifests: dict[str, tuple[Path, str]]) -> tuple[dict[str, str
 def numeric(summary: dict[str, Any]) -> dict[str, float]:
     """The summary's numbers (bools count as 0/1), as metrics."""
     return {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, str)}
+
+
+def base_dir(ctx: StageContext) -> Path | None:
+    """The base model folder (models/base_model) when the run starts from a pretrained base; None from scratch."""
+    if ctx.params.base_model.source == "scratch":
+        return None
+    return ctx.layout.base_source

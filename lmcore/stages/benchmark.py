@@ -16,7 +16,7 @@ from lmcore.harness.run import PLOT, RESULTS, SAMPLES_DIR, TABLE, benchmark_mode
 from lmcore.io import sha256_file
 from lmcore.paths import MANIFEST, METRICS, WEIGHTS
 from lmcore.stages import WEIGHTS_SHA, Artifact, Scores, StageContext, StageResult, Table
-from lmcore.tokenizer import encoding_for
+from lmcore.tokenizer import load_tokenizer
 
 SCORE_KEYS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
 
@@ -34,7 +34,7 @@ def run(ctx: StageContext) -> StageResult:
     cfg, layout = ctx.params.benchmark, ctx.layout
     data_dir, out, weights = layout.benchmark_data, layout.reports("benchmark"), layout.base_model / WEIGHTS
     collect(ctx.collect_config(cfg.sources), data_dir, mirror=mirror_from_env(), base_dir=ctx.root)
-    enc = encoding_for(ctx.params.tokenize, ctx.root)
+    enc = load_tokenizer(layout.base_model)
     results = benchmark_model(cfg, layout.base_model, data_dir, out, enc=enc, model_ref="models/base", tracker=ctx.tracker)
     primary = flat_metrics(results)
     return StageResult(
@@ -61,6 +61,6 @@ def run(ctx: StageContext) -> StageResult:
 def rescore(ctx: StageContext, model_dir: Path, out_dir: Path, model_ref: str) -> Scores:
     """Another model folder (the champion, downloaded) scored on the very items `run` scored."""
     cfg = ctx.params.benchmark
-    enc = encoding_for(ctx.params.tokenize, ctx.root)
+    enc = load_tokenizer(model_dir)
     results = benchmark_model(cfg, model_dir, ctx.layout.benchmark_data, out_dir, enc=enc, model_ref=model_ref, progress=False)
     return Scores(Path(model_dir) / WEIGHTS, version_scores(results, cfg.primary_metric), cfg.primary_metric, results["sample_sha256"])

@@ -13,7 +13,7 @@ from lmcore.finetune.instruct import prepare_instructions
 from lmcore.paths import TEST_RESPONSES
 from lmcore.stages import StageContext, StageResult
 from lmcore.stages._finetune import CURVES, finetuned, prepare_data
-from lmcore.tokenizer import encoding_for
+from lmcore.tokenizer import load_tokenizer
 
 SUMMARY_KEYS = ("first_val_loss", "final_val_loss", "first_val_reward_margin", "final_val_reward_margin",
                 "final_val_reward_accuracy", "trainable_params")
@@ -26,7 +26,7 @@ def run(ctx: StageContext) -> StageResult:
                         lambda raw, splits: prepare_instructions(cfg, raw, splits, seed=seed, fields=PREFERENCE_FIELDS))
     summary = train_dpo(
         cfg, start, data.splits, layout.model("dpo"), layout.reports("dpo"),
-        seed=seed, enc=encoding_for(ctx.params.tokenize, ctx.root), params=ctx.params.to_dict(), tracker=ctx.tracker,
+        seed=seed, enc=load_tokenizer(start), params=ctx.params.to_dict(), tracker=ctx.tracker,
         checkpoint_dir=layout.checkpoints("dpo"),
     )
     return finetuned(

@@ -10,13 +10,13 @@ from lmcore.evaluation import evaluate
 from lmcore.io import sha256_file
 from lmcore.paths import METRICS, SAMPLES, WEIGHTS
 from lmcore.stages import WEIGHTS_SHA, Artifact, StageContext, StageResult, VersionTags
-from lmcore.tokenizer import encoding_for
+from lmcore.tokenizer import load_tokenizer
 
 
 def run(ctx: StageContext) -> StageResult:
     layout = ctx.layout
     out, weights = layout.evaluate_reports, layout.base_model / WEIGHTS
-    enc = encoding_for(ctx.params.tokenize, ctx.root)
+    enc = load_tokenizer(layout.base_model)
     metrics = evaluate(ctx.params.evaluate, layout.base_model, layout.tokens, out, seed=ctx.seed, enc=enc, tracker=ctx.tracker)
     return StageResult(
         summary={**metrics, "samples": len(ctx.params.evaluate.prompts)},

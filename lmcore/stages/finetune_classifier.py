@@ -12,7 +12,7 @@ from lmcore.finetune.classifier import PREDICTIONS, finetune_classifier, prepare
 from lmcore.paths import CONFUSION_PLOT
 from lmcore.stages import StageContext, StageResult
 from lmcore.stages._finetune import CURVES, finetuned, prepare_data
-from lmcore.tokenizer import encoding_for
+from lmcore.tokenizer import load_tokenizer
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -20,7 +20,7 @@ def run(ctx: StageContext) -> StageResult:
     data = prepare_data(ctx, "classifier", cfg.sources, lambda raw, splits: prepare_classification(cfg, raw, splits, seed=seed))
     summary = finetune_classifier(
         cfg, layout.base_model, data.splits, layout.model("classifier"), layout.reports("classifier"),
-        seed=seed, enc=encoding_for(ctx.params.tokenize, ctx.root), params=ctx.params.to_dict(), tracker=ctx.tracker,
+        seed=seed, enc=load_tokenizer(layout.base_model), params=ctx.params.to_dict(), tracker=ctx.tracker,
         checkpoint_dir=layout.checkpoints("finetune_classifier"),
     )
     test = summary["metrics"]["test"]

@@ -12,7 +12,7 @@ from lmcore.finetune.instruct import finetune_instruct, prepare_instructions
 from lmcore.paths import TEST_RESPONSES
 from lmcore.stages import StageContext, StageResult
 from lmcore.stages._finetune import CURVES, finetuned, prepare_data
-from lmcore.tokenizer import encoding_for
+from lmcore.tokenizer import load_tokenizer
 
 SUMMARY_KEYS = ("first_val_loss", "final_val_loss", "test_loss", "trainable_params", "test_responses")
 
@@ -22,14 +22,14 @@ def run(ctx: StageContext) -> StageResult:
     data = prepare_data(ctx, "instruct", [cfg.source], lambda raw, splits: prepare_instructions(cfg, raw, splits, seed=seed))
     summary = finetune_instruct(
         cfg, layout.base_model, data.splits, layout.model("instruct"), layout.reports("instruct"),
-        seed=seed, enc=encoding_for(ctx.params.tokenize, ctx.root), params=ctx.params.to_dict(), tracker=ctx.tracker,
+        seed=seed, enc=load_tokenizer(layout.base_model), params=ctx.params.to_dict(), tracker=ctx.tracker,
         checkpoint_dir=layout.checkpoints("finetune_instruct"),
     )
     return finetuned(
         ctx, "instruct", start=layout.base_model, data=data, reports=CURVES + (TEST_RESPONSES,),
         summary={k: summary[k] for k in SUMMARY_KEYS},
         version_tags={
-            "template": cfg.template,
+            "template": summary["template"],
             "eval.val_loss": f"{summary['final_val_loss']:.6f}",
             "eval.test_loss": f"{summary['test_loss']:.6f}",
         },

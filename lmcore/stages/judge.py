@@ -3,16 +3,61 @@ judge endpoint into reports/judge; the registered versions that wrote them are t
 endpoint (`judge.url`) the stage is skipped, and says why: scores are never made up.
 
     lmcore run judge --set judge.url=http://127.0.0.1:11434/v1 --set judge.model=llama3
+    lmcore run judge --set judge.serve=models:/lmcore-base@champion    # served here, as `lmcore serve` would
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
+from lmcore.errors import InputError
 from lmcore.io import atomic_dir, write_json
 from lmcore.judge import judge_responses, judge_skip_reason
 from lmcore.paths import JUDGE_SCORES, SUMMARY, TEST_RESPONSES, WEIGHTS
 from lmcore.stages import Artifact, StageContext, StageResult, Table, VersionTags
+
+
+@contextlib.contextmanager
+def served(ctx: StageContext) -> Iterator:
+    """The judge section with `url` and `model` set: as given, or the endpoint of `judge.serve`, served in this
+    process (lmcore.serve's app under uvicorn on 127.0.0.1, a free port) until the block ends."""
+    cfg = ctx.params.judge
+    if not cfg.serve:
+        yield cfg
+        return
+    import uvicorn
+
+    from lmcore.serve import create_app
+
+    if cfg.serve.startswith("models:/"):
+        if ctx.resolve_model is None:
+            raise InputError(f"judge.serve: {cfg.serve} is a registered model, and nothing here resolves one (run under the pipeline)")
+        model_dir = ctx.resolve_model(cfg.serve)
+    else:
+        model_dir = Path(cfg.serve) if Path(cfg.serve).is_absolute() else ctx.root / cfg.serve
+    name = cfg.model or cfg.serve.removeprefix("models:/")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(Path(model_dir), model_name=name), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="judge-serve", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"judge.serve: the server for {cfg.serve} did not start")
+        time.sleep(0.05)
+    try:
+        yield cfg.model_copy(update={"url": f"http://127.0.0.1:{port}/v1", "model": name, "serve": None})
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -31,7 +76,7 @@ def run(ctx: StageContext) -> StageResult:
 
     api_key = os.environ.get(cfg.api_key_env) or None
     scored: dict[str, dict] = {}
-    with atomic_dir(out) as tmp:
+    with served(ctx) as cfg, atomic_dir(out) as tmp:
         for name in cfg.responses:
             scored[name] = judge_responses(cfg, layout.reports(name) / TEST_RESPONSES, tmp / name, api_key=api_key)
         judge = next(iter(scored.values()))["judge"]

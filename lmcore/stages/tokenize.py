@@ -4,6 +4,10 @@
     lmcore run tokenize --set tokenize.runner=dask        # a Prefect task per shard on a local Dask cluster
     lmcore run tokenize --set tokenize.runner=dask --set tokenize.dask_address=tcp://scheduler:8786
 
+The tokenizer is `tokenize.tokenizer`: by default the base model's (models/base_model) when the run starts from a
+pretrained base, else GPT-2's. Its files go into data/tokens beside the shards, and the manifest records its
+name and sha256, so pretraining can refuse a model whose tokenizer is another.
+
 The shards are byte-identical whichever runs the slices: the stage's own process pool, or the orchestration
 layer's `ctx.map` (prefect-dask under `tokenize.runner: dask`).
 """
@@ -13,15 +17,16 @@ from __future__ import annotations
 from lmcore.data.tokenize import tokenize
 from lmcore.io import sha256_file
 from lmcore.paths import MANIFEST
-from lmcore.stages import TOKENS_MANIFEST_SHA, Artifact, StageContext, StageResult
-from lmcore.tokenizer import configured_ranks_file
+from lmcore.stages import TOKENS_MANIFEST_SHA, Artifact, StageContext, StageResult, base_dir
+from lmcore.tokenizer import configured_ranks_file, resolve_tokenizer
 
 
 def run(ctx: StageContext) -> StageResult:
     layout = ctx.layout
     cfg = ctx.params.tokenize
-    cfg = cfg.model_copy(update={"ranks_file": configured_ranks_file(cfg.ranks_file, ctx.root)})
-    manifest = tokenize(cfg, layout.clean, layout.tokens, ctx.seed, map_jobs=ctx.map)
+    tok = resolve_tokenizer(cfg.tokenizer, root=ctx.root, ranks_file=configured_ranks_file(cfg.ranks_file, ctx.root),
+                            base_dir=base_dir(ctx))
+    manifest = tokenize(cfg, layout.clean, layout.tokens, ctx.seed, tokenizer=tok, map_jobs=ctx.map)
     sha = sha256_file(layout.tokens / MANIFEST)
     metrics = {f"{split}_{k}": v for split, d in manifest["splits"].items() for k, v in d.items()}
     metrics.update(
@@ -31,9 +36,10 @@ def run(ctx: StageContext) -> StageResult:
         reused_slices=manifest["run"]["reused_slices"],
     )
     return StageResult(
-        summary={**metrics, "tokens_manifest_sha256": sha},
+        summary={**metrics, "tokens_manifest_sha256": sha, "tokenizer": tok.name},
         metrics=metrics,
         artifacts=[Artifact(layout.tokens / MANIFEST)],
-        tags={TOKENS_MANIFEST_SHA: sha, "tokenize.runner": cfg.runner},
-        log=f"tokenized ({cfg.runner} runner): {metrics}",
+        tags={TOKENS_MANIFEST_SHA: sha, "tokenize.runner": cfg.runner, "tokenizer": tok.name,
+              "tokenizer_sha256": tok.sha256},
+        log=f"tokenized with {tok.name} ({cfg.runner} runner): {metrics}",
     )

@@ -16,7 +16,7 @@ from lmcore.data.shards import TOKENS, Shard
 from lmcore.data.tokenize import TokenizeError, decode_shard, in_val_split, tokenize
 from lmcore.io import read_json, sha256_file
 from lmcore.paths import DOCUMENTS, MANIFEST
-from lmcore.tokenizer import RANKS_ENV, get_encoding
+from lmcore.tokenizer import GPT2_RANKS_SHA256, RANKS_ENV, TIKTOKEN_FILE, TOKENIZER_CONFIG, get_tokenizer, load_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 SHAKESPEARE = SHARED / "data" / "corpus" / "tinyshakespeare.txt"
@@ -29,7 +29,7 @@ def ranks_file() -> str:
 
 @pytest.fixture(scope="module")
 def enc(ranks_file):
-    return get_encoding("gpt2", ranks_file)
+    return get_tokenizer("gpt2", ranks_file)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,10 @@ def test_manifest_counts_and_hashes(tokenized, texts):
     head = (manifest["encoding"], manifest["vocab_size"], manifest["eot_token"], manifest["dtype"])
     assert head == ("gpt2", 50257, 50256, "uint16")
     assert (manifest["seed"], manifest["val_fraction"]) == (7, 0.1)
-    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST] + [s["file"] for s in manifest["shards"]])
+    tokenizer_files = [TOKENIZER_CONFIG, TIKTOKEN_FILE]  # the shards carry the tokenizer that made them
+    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST, *tokenizer_files] + [s["file"] for s in manifest["shards"]])
+    assert manifest["tokenizer"] == {"kind": "tiktoken", "name": "gpt2", "sha256": GPT2_RANKS_SHA256, "n_vocab": 50257}
+    assert load_tokenizer(out).same_as(manifest["tokenizer"])
     for split in ("train", "val"):
         shards = [s for s in manifest["shards"] if s["split"] == split]
         docs = tokens = 0

@@ -11,7 +11,7 @@ from lmcore.checkpoint import save_model
 from lmcore.config import CollectConfig, ModelConfig, Source
 from lmcore.data.collect import collect
 from lmcore.model import GPT
-from lmcore.tokenizer import get_encoding
+from lmcore.tokenizer import get_tokenizer
 from tests.conftest import SHARED
 
 MIRROR = SHARED / "data"
@@ -19,7 +19,7 @@ MIRROR = SHARED / "data"
 
 @pytest.fixture(scope="session")
 def enc():
-    return get_encoding("gpt2")
+    return get_tokenizer("gpt2")
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ from lmcore.finetune.data import (
     read_labelled_text,
     split,
 )
-from lmcore.tokenizer import get_encoding
+from lmcore.tokenizer import get_tokenizer
 from tests.conftest import SHARED
 
 DATA = SHARED / "data"
@@ -39,7 +39,7 @@ HAM_SPAM = ["ham", "spam"]
 
 @pytest.fixture(scope="module")
 def enc():
-    return get_encoding("gpt2")
+    return get_tokenizer("gpt2")
 
 
 @pytest.fixture(scope="module")

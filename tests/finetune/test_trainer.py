@@ -204,9 +204,9 @@ def test_resume_refuses_other_settings_and_a_fresh_start_clears_the_folder(split
 
 
 if __name__ == "__main__":  # the child of the kill test
-    from lmcore.tokenizer import get_encoding
+    from lmcore.tokenizer import get_tokenizer
 
     torch.set_num_threads(1)  # as the parent's one_thread fixture: the same float sums, bit for bit
     args = json.loads(sys.argv[1])
     cfg = InstructConfig.model_validate(args["cfg"])
-    run_instruct(cfg, Path(args["base"]), Path(args["splits"]), Path(args["out"]), get_encoding("gpt2"), Path(args["ckpt"]), tracker=_SlowTracker())
+    run_instruct(cfg, Path(args["base"]), Path(args["splits"]), Path(args["out"]), get_tokenizer("gpt2"), Path(args["ckpt"]), tracker=_SlowTracker())

@@ -45,9 +45,11 @@ def test_eval_scores_a_model_folder_and_collects_the_data(tmp_path, one_thread):
     from lmcore.checkpoint import save_model
     from lmcore.config import ModelConfig
     from lmcore.model import GPT
+    from lmcore.tokenizer import get_tokenizer
 
     torch.manual_seed(0)
     save_model(GPT(ModelConfig(vocab_size=50257, context_length=64, n_embd=16, n_layer=1, n_head=2)), tmp_path / "m")
+    get_tokenizer("gpt2").save(tmp_path / "m")  # a model folder carries its tokenizer
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     out = tmp_path / "scores"
     args = ["eval", "--model", str(tmp_path / "m"), "--tasks", "arc_easy,mmlu_anatomy", "--limit", "3",

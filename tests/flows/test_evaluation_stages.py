@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from flows.stage import stage_flow
 from lmcore.checkpoint import save_model
 from lmcore.paths import TEST_RESPONSES, Layout
-from lmcore.tokenizer import get_encoding
+from lmcore.tokenizer import get_tokenizer
 from tasks.registry import log_and_register
 from tasks.tracking import Tracking
 from tests.conftest import MICRO
@@ -58,16 +58,17 @@ def test_champion_scored_on_other_items_is_rescored_first(project):
 
 def test_judge_stage_scores_through_a_served_registered_model(project, one_thread):
     root, uri = project
-    enc = get_encoding("gpt2")
+    enc = get_tokenizer("gpt2")
     layout = Layout(root)
     rows = [{"instruction": f"Say {w}.", "input": "", "output": w, "response": w.lower()} for w in ("Yes", "No", "Maybe")]
     for name in ("instruct", "dpo"):
         layout.reports(name).mkdir(parents=True)
         (layout.reports(name) / TEST_RESPONSES).write_text("".join(json.dumps(r) + "\n" for r in rows))
     save_model(constant_judge(enc), root / "judge-model", extra={"template": "alpaca", "tokenizer": "gpt2"})
+    enc.save(root / "judge-model")
     tracking = Tracking(uri=uri, experiment="judges")
     with tracking.run("register") as reg:
-        version = log_and_register(tracking, reg.run_id, root / "judge-model", "judge-73", ranks_file=None, tags={}, aliases=("prod",))
+        version = log_and_register(tracking, reg.run_id, root / "judge-model", "judge-73", tags={}, aliases=("prod",))
     assert version == "1"
 
     with running_server("models:/judge-73@prod", root) as url:

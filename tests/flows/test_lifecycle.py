@@ -15,7 +15,7 @@ from lmcore.data.tokenize import decode_shard
 from lmcore.io import sha256_file
 from lmcore.paths import MANIFEST, METRICS, SAMPLES, WEIGHTS, Layout
 from lmcore.pipeline import NAMES as STAGES
-from lmcore.tokenizer import get_encoding
+from lmcore.tokenizer import get_tokenizer
 
 
 def test_outputs_land_where_the_layout_says(lifecycle_run):
@@ -23,7 +23,7 @@ def test_outputs_land_where_the_layout_says(lifecycle_run):
     layout = Layout(root)
     manifest = json.loads((layout.tokens / MANIFEST).read_text())
     assert {s["split"] for s in manifest["shards"]} == {"train", "val"}
-    enc = get_encoding("gpt2")
+    enc = get_tokenizer("gpt2")
     docs = [json.loads(line)["text"] for line in (layout.clean / "documents.jsonl").read_text().splitlines()]
     decoded = [t for s in manifest["shards"] for t in decode_shard(layout.tokens / s["file"], enc)]
     assert sorted(decoded) == sorted(docs)
@@ -80,6 +80,19 @@ def test_markdown_artifact_published(lifecycle_run):
     assert arts and "registered model" in arts[0].data and "lmcore-base v1" in arts[0].data
 
 
+def offline_without_ranks(monkeypatch) -> None:
+    """No $LMCORE_TIKTOKEN_FILE and no network: tiktoken's own loader fails as it would offline."""
+    import tiktoken
+
+    from lmcore.tokenizer import RANKS_ENV
+
+    def offline(name):
+        raise OSError(f"offline: tiktoken tried to download {name!r}")
+
+    monkeypatch.delenv(RANKS_ENV, raising=False)
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+
+
 def test_cli_generates_from_folder_and_registry(lifecycle_run, monkeypatch):
     from typer.testing import CliRunner
 
@@ -87,6 +100,7 @@ def test_cli_generates_from_folder_and_registry(lifecycle_run, monkeypatch):
 
     root, _, _ = lifecycle_run
     monkeypatch.chdir(root)
+    offline_without_ranks(monkeypatch)  # the model folder carries its tokenizer: no variable, no download
     args = ["Every effort", "--max-new-tokens", "6", "--temperature", "0"]
     local = CliRunner().invoke(app, ["generate", *args, "--model", "models/base"])
     assert local.exit_code == 0, local.output
@@ -133,6 +147,7 @@ def test_cli_classify_and_chat(lifecycle_run, monkeypatch):
 
     root, _, _ = lifecycle_run
     monkeypatch.chdir(root)
+    offline_without_ranks(monkeypatch)
     out = CliRunner().invoke(app, ["classify", "WINNER!! Claim your prize", "ok see you soon"])
     assert out.exit_code == 0, out.output
     lines = out.output.strip().splitlines()

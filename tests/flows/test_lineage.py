@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from lmcore.io import sha256_file
+from lmcore.pipeline import NAMES as STAGE_NAMES
 from lmcore.paths import MANIFEST, WEIGHTS, Layout
 from tasks.tags import TAG_DVC_DEP, TAG_DVC_HASHED_BY, TAG_DVC_OUT
 from tests.conftest import MICRO, ROOT
@@ -59,7 +60,7 @@ def test_every_run_carries_commit_params_flow_run_and_launcher(lifecycle_run):
         assert tags["lmcore.git_commit"] and tags["lmcore.launcher"] == "prefect"
         assert tags["lmcore.params_sha256"] == parent.data.tags["lmcore.params_sha256"]
         assert tags["lmcore.prefect_flow_run_id"] == flow_run
-    assert len(runs) == 11
+    assert len(runs) == len(STAGE_NAMES) + 1  # the parent and one run a stage
 
 
 def test_stage_runs_carry_the_dvc_hashes_of_their_inputs(lifecycle_run, tmp_path):
@@ -198,9 +199,10 @@ def test_a_stage_run_by_lmcore_run_in_a_dvc_project_matches_dvc_lock(lifecycle_r
     project = tmp_path / "project"
     shutil.copytree(ROOT / "lmcore", project / "lmcore", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(Layout(root).clean, project / "data" / "clean")
+    shutil.copytree(Layout(root).base_source, project / "models" / "base_model")  # a dep of tokenize (base.json: scratch)
     for src, dst in ((ROOT / "dvc.yaml", "dvc.yaml"), (MICRO, "params.yaml")):
         shutil.copy2(src, project / dst)
-    (project / ".gitignore").write_text("/data/\n/mlflow.db\n/mlartifacts/\n__pycache__/\n")
+    (project / ".gitignore").write_text("/data/\n/models/\n/mlflow.db\n/mlartifacts/\n__pycache__/\n")
     git = ["git", "-c", "user.name=lmcore-test", "-c", "user.email=test@lmcore.invalid"]
     for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-qm", "init"]):
         subprocess.run(cmd, cwd=project, check=True, capture_output=True)

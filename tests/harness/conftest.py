@@ -11,7 +11,7 @@ import torch
 from lmcore.config import BENCHMARK_SOURCES, CollectConfig, ModelConfig
 from lmcore.data.collect import collect
 from lmcore.model import GPT
-from lmcore.tokenizer import get_encoding
+from lmcore.tokenizer import get_tokenizer
 from tests.conftest import SHARED
 
 
@@ -24,7 +24,7 @@ def bench_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def enc():
-    return get_encoding("gpt2")
+    return get_tokenizer("gpt2")
 
 
 @pytest.fixture(scope="session")

@@ -2,9 +2,17 @@
 
 The peer side runs lm-eval's own task configs (its YAML files, its `process_docs`, its fewshot sampler, its
 mc2 `process_results`, its group aggregation) through `lm_eval.evaluator.evaluate`, with its own Hugging Face
-backend (HFLM) on the model exported to a transformers GPT2LMHeadModel. Only the dataset location is changed:
-each config is included and pointed at local JSONL files in the Hugging Face datasets' schemas, converted here
-from the raw benchmark files. Nothing of lmcore's runs on the peer side but the weight export.
+backend (HFLM). Only the dataset location is changed: each config is included and pointed at local JSONL files in
+the Hugging Face datasets' schemas, converted here from the raw benchmark files.
+
+Two models, the same tests:
+- micro: a tiny random GPT-2 (128-token context, so 5-shot MMLU prompts are cut), exported to a transformers
+  GPT2LMHeadModel for the peer; nothing of lmcore's runs on the peer side but the weight export.
+- smollm2 (slow): the real SmolLM2-135M-Instruct from ../shared/data/models. lmcore imports the GGUF file
+  (lmcore.gguf); the peer is transformers' own GGUF loader and tokenizer on the same file: nothing of lmcore's.
+
+    python -m pytest -q -m "not slow" tests/harness/test_parity.py   # micro
+    python -m pytest -q -m slow tests/harness/test_parity.py         # smollm2 (about two minutes on two cores)
 """
 
 from __future__ import annotations
@@ -15,20 +23,48 @@ import io
 import json
 import os
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lmcore.harness.benchmarks import MMLU_LETTERS, source_file
 from lmcore.harness.run import run_benchmarks
+from lmcore.harness.scoring import encode_pair
+from tests.conftest import SHARED
 
 lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")
 
-LIMIT = 16
 SEED = 7
 SUBJECTS = ("anatomy", "high_school_us_history", "marketing")  # stem, humanities (long prompts), other
 LM_TASKS = Path(lm_eval.__file__).parent / "tasks"
+SMOLLM2 = SHARED / "data" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+TASKS = ("hellaswag", "arc_easy", "arc_challenge", "truthfulqa_mc1", "truthfulqa_mc2", *(f"mmlu_{s}" for s in SUBJECTS))
+# log-likelihoods: float32 on both sides, summed in different orders (packed rows against one request per row).
+# Seen: at most 3.1e-5 on the micro GPT's (up to 480), 5.3e-5 on SmolLM2's 30 layers (up to 151); picks are equal.
+LL_TOL = dict(abs=2e-4, rel=1e-6)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One model compared, and how much of each benchmark it scores."""
+
+    tasks: tuple[str, ...]
+    limit: int  # items per task, per subject for MMLU
+    num_fewshot: int  # MMLU's dev examples before each question
+    mmlu_cut: bool  # whether high_school_us_history's prompts exceed the context and are cut from the left
+
+
+CASES = {
+    "micro": Case(TASKS, limit=16, num_fewshot=5, mmlu_cut=True),
+    # SmolLM2 on two cores, within about three minutes all told (a third of it loading the file twice):
+    # - 0-shot MMLU: 5-shot high_school_us_history prompts run to 2,400 tokens, 2.5 minutes for 8 of them alone.
+    # - no TruthfulQA: lm-eval scores each of its ~9 answers as its own sequence after the 190-token primer, 21k of
+    #   the peer's 30k tokens at 8 items (5 more minutes); its prompts and mc2's probability mass are checked on micro.
+    "smollm2": Case(tuple(t for t in TASKS if not t.startswith("truthfulqa")), limit=8, num_fewshot=0, mmlu_cut=False),
+}
 
 
 # --- the raw files in the schemas of the Hugging Face datasets lm-eval reads --------------------------------------
@@ -102,7 +138,7 @@ def peer_tasks(bench_dir, tmp_path_factory, monkeypatch_module):
     archive = source_file(bench_dir, "mmlu")
     for subject in SUBJECTS:
         splits = {s: _write_jsonl(folder / f"mmlu_{subject}_{s}.jsonl", _mmlu(archive, subject, s)) for s in ("test", "dev")}
-        _task_yaml(folder, f"lmc_mmlu_{subject}", LM_TASKS / f"mmlu/default/mmlu_{subject}.yaml", splits, num_fewshot=5)
+        _task_yaml(folder, f"lmc_mmlu_{subject}", LM_TASKS / f"mmlu/default/mmlu_{subject}.yaml", splits)
     members = "\n".join(f"  - lmc_mmlu_{s}" for s in SUBJECTS)
     (folder / "lmc_mmlu.yaml").write_text(
         f"group: lmc_mmlu\ntask:\n{members}\naggregate_metric_list:\n  - metric: acc\n    weight_by_size: True\nmetadata:\n  version: 2\n"
@@ -121,58 +157,104 @@ def monkeypatch_module():
     mp.undo()
 
 
+@pytest.fixture(scope="module", params=["micro", pytest.param("smollm2", marks=pytest.mark.slow)])
+def models(request, tmp_path_factory):
+    """(the Case, our model, our tokenizer, lm-eval's HFLM on the same weights)."""
+    from benchmarks.peers import gpt2_tokenizer, hf_from_gguf, hflm, lmeval_hflm
+
+    if request.param == "micro":
+        model, enc = request.getfixturevalue("micro_lm"), request.getfixturevalue("enc")
+        peer = lmeval_hflm(model, gpt2_tokenizer(os.environ["LMCORE_TIKTOKEN_FILE"]), batch_size=8)
+    else:
+        if not SMOLLM2.is_file():
+            pytest.skip(f"{SMOLLM2} is not there")
+        from lmcore.checkpoint import load_model
+        from lmcore.gguf import import_gguf
+        from lmcore.tokenizer import load_tokenizer
+
+        dst = tmp_path_factory.mktemp("smollm2") / "model"
+        import_gguf(SMOLLM2, dst)
+        model, enc = load_model(dst), load_tokenizer(dst)
+        # HFLM's default add_bos_token=None leaves BOS to the tokenizer, and the GGUF's tokenizer adds none
+        # (tokenizer.ggml.add_bos_token is false), like lmcore, which never adds one: both score the same ids
+        # (test_same_token_sequences), so HFLM keeps its defaults. max_length: HFLM reads 8192 from the config, as
+        # lmcore does. Not exercised here: an empty context, which lm-eval replaces by its BOS (<|im_start|>)
+        # and lmcore by <|endoftext|>; no task here has one.
+        peer = hflm(*hf_from_gguf(SMOLLM2), batch_size=8)
+    return CASES[request.param], model, enc, peer
+
+
 @pytest.fixture(scope="module")
-def both(peer_tasks, bench_dir, micro_lm, enc, tmp_path_factory):
-    """Our run and lm-eval's on the same sampled items: (our results, our records by task, lm-eval's output)."""
+def both(models, peer_tasks, bench_dir, tmp_path_factory):
+    """Our run and lm-eval's on the same sampled items: (case, our results, our records by task, lm-eval's output,
+    task names)."""
     from lm_eval.evaluator import evaluate
 
-    from benchmarks.peers import gpt2_tokenizer, lmeval_hflm
-
-    manager, names = peer_tasks
-    tasks = ["hellaswag", "arc_easy", "arc_challenge", "truthfulqa_mc1", "truthfulqa_mc2", *(f"mmlu_{s}" for s in SUBJECTS)]
+    case, model, enc, peer = models
+    manager, all_names = peer_tasks
+    names = {t: all_names[t] for t in case.tasks}
     out = tmp_path_factory.mktemp("ours")
-    ours = run_benchmarks(micro_lm, enc, bench_dir, out, tasks=tasks, limit=LIMIT, num_fewshot=5, sample_seed=SEED,
-                          batch_size=8, progress=False)
+    ours = run_benchmarks(model, enc, bench_dir, out, tasks=list(case.tasks), limit=case.limit, num_fewshot=case.num_fewshot,
+                          sample_seed=SEED, batch_size=8, progress=False)
     records = {}
     for line in (l for f in sorted((out / "samples").glob("*.jsonl")) for l in f.read_text().splitlines()):
         r = json.loads(line)
         records.setdefault(r["task"], {})[r["doc_id"]] = r
-    samples = {names[t]: sorted(records[t]) for t in tasks}
-    task_dict = manager.load([*(names[t] for t in tasks if not t.startswith("mmlu_")), "lmc_mmlu"])
-    peer = lmeval_hflm(micro_lm, gpt2_tokenizer(os.environ["LMCORE_TIKTOKEN_FILE"]), batch_size=8)
+    samples = {names[t]: sorted(records[t]) for t in case.tasks}
+    task_dict = manager.load([*(names[t] for t in case.tasks if not t.startswith("mmlu_")), "lmc_mmlu"])
+    for name, task in task_dict["tasks"].items():
+        if name.startswith("lmc_mmlu_"):  # as lm_eval's --num_fewshot sets it
+            task.set_config(key="num_fewshot", value=case.num_fewshot)
     theirs = evaluate(peer, task_dict, samples=samples, bootstrap_iters=1, log_samples=True)
-    return ours, records, theirs, names
+    return case, ours, records, theirs, names
 
 
 def test_every_task_was_sampled_alike(both):
-    ours, records, theirs, names = both
+    case, ours, records, theirs, names = both
+    assert sorted(records) == sorted(case.tasks)
     for task, by_doc in records.items():
-        assert len(by_doc) == LIMIT
+        assert len(by_doc) == case.limit
         assert sorted(s["doc_id"] for s in theirs["samples"][names[task]]) == sorted(by_doc)
 
 
+def test_same_token_sequences(models, both):
+    """The peer's tokenizer (BOS handling included) makes the same ids of each (context, continuation) as ours."""
+    case, model, enc, peer = models
+    _, _, records, theirs, names = both
+    assert peer.max_length == model.config.context_length
+    for task, by_doc in records.items():
+        for s in theirs["samples"][names[task]]:
+            for ctx, cont in s["arguments"]:
+                assert peer._encode_pair(ctx, cont) == encode_pair(enc, ctx, cont), f"{task} doc {s['doc_id']}"
+
+
 def test_same_prompts_loglikelihoods_and_picks_per_item(both):
-    ours, records, theirs, names = both
+    case, ours, records, theirs, names = both
     compared = 0
     for task, by_doc in records.items():
         for s in theirs["samples"][names[task]]:
             mine = by_doc[s["doc_id"]]
+            where = f"{task} doc {s['doc_id']}"
             contexts = {ctx for ctx, _ in s["arguments"]}
-            assert contexts == {mine["prompt"]}, f"{task} doc {s['doc_id']}: prompts differ"
+            assert contexts == {mine["prompt"]}, f"{where}: prompts differ"
             assert [cont for _, cont in s["arguments"]] == [" " + c for c in mine["choices"]]
             lls = [r[0] for r in s["filtered_resps"]]
-            assert mine["loglikelihoods"] == pytest.approx(lls, abs=2e-4, rel=1e-6), f"{task} doc {s['doc_id']}"
+            assert mine["loglikelihoods"] == pytest.approx(lls, **LL_TOL), where
+            # the picks lm-eval's process_results makes from its log-likelihoods: argmax, and per character
+            assert mine["pick"] == int(np.argmax(lls)), where
+            assert mine["pick_norm"] == int(np.argmax(np.array(lls) / [len(c) for c in mine["choices"]])), where
             assert mine["is_greedy"] == [bool(r[1]) for r in s["filtered_resps"]]
             assert mine["acc"] == pytest.approx(s["acc"], abs=1e-6)  # mc2's acc is a probability mass
             if "acc_norm" in s:
                 assert mine["acc_norm"] == s["acc_norm"]
             compared += 1
-    assert compared == LIMIT * len(records)
-    assert any(r["truncated"] for r in records["mmlu_high_school_us_history"].values())  # 5-shot prompts were cut
+    assert compared == case.limit * len(records)
+    # micro: 5-shot prompts are cut to its 128-token context; SmolLM2's 8192 cuts nothing
+    assert any(r["truncated"] for r in records["mmlu_high_school_us_history"].values()) == case.mmlu_cut
 
 
 def test_same_aggregate_scores_and_standard_errors(both):
-    ours, records, theirs, names = both
+    case, ours, records, theirs, names = both
     for task, name in names.items():
         peer = theirs["results"][name]
         mine = ours["tasks"][task]
@@ -183,4 +265,10 @@ def test_same_aggregate_scores_and_standard_errors(both):
     group = theirs["results"]["lmc_mmlu"]
     assert ours["groups"]["mmlu"]["acc"] == pytest.approx(group["acc,none"], abs=1e-9)
     assert ours["groups"]["mmlu"]["acc_stderr"] == pytest.approx(group["acc_stderr,none"], abs=1e-9)
-    assert ours["groups"]["mmlu"]["n"] == LIMIT * len(SUBJECTS)
+    assert ours["groups"]["mmlu"]["n"] == case.limit * len(SUBJECTS)
+
+
+def test_hellaswag_acc_norm_is_lm_evals(both):
+    """HellaSwag's headline metric over the sampled items, equal to lm-eval's (a count over n: no tolerance)."""
+    case, ours, records, theirs, names = both
+    assert ours["tasks"]["hellaswag"]["acc_norm"] == theirs["results"][names["hellaswag"]]["acc_norm,none"]

@@ -23,7 +23,7 @@ def test_outputs_and_numbers(micro_lm, enc, bench_dir, tmp_path, one_thread):
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["arc_easy.jsonl", "mmlu.jsonl", "truthfulqa_mc2.jsonl"]
     assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "results.json").read_text()) == results
-    assert results["config"] == {"tasks": tasks, "limit": 9, "sample_seed": 5, "num_fewshot": 0, "batch_size": 4, "context_length": 128}
+    assert results["config"] == {"tasks": tasks, "limit": 9, "mmlu_limit": None, "sample_seed": 5, "num_fewshot": 0, "batch_size": 4, "context_length": 128}
     assert results["model"] == "models/x" and results["n_items"] == 45
 
     records = _records(out)
