@@ -56,12 +56,13 @@ def encode_choices(enc, context: str, continuations: Sequence[str]) -> tuple[lis
     """The context's ids and each continuation's, as lm-eval's `_encode_pair` makes them for every pair.
 
     The context's trailing whitespace moves to the front of each continuation; context + continuation is
-    encoded whole and the continuation is what follows the context's token count. An empty context is
-    <|endoftext|> (encode_ordinary never yields that id, so a continuation cannot start with it). The
-    context is encoded once for all continuations.
+    encoded whole and the continuation is what follows the context's token count. An empty context is lm-eval's
+    prefix token: the tokenizer's BOS when it has one (SmolLM2's <|im_start|>), else <|endoftext|> (GPT-2's BOS
+    too). The context is encoded once for all continuations.
     """
     if context == "":
-        return [enc.eot_token], [enc.encode_ordinary(cont) for cont in continuations]
+        prefix = getattr(enc, "bos_token", None)
+        return [enc.eot_token if prefix is None else prefix], [enc.encode_ordinary(cont) for cont in continuations]
     stripped = context.rstrip()
     ctx = enc.encode_ordinary(stripped)
     wholes = [enc.encode_ordinary(context + cont) for cont in continuations]  # = stripped + (spaces + cont)

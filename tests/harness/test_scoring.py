@@ -78,3 +78,15 @@ def test_what_cannot_be_scored_is_an_error(micro_lm, enc):
     model.replace_head(2)
     with pytest.raises(ValueError, match="classifier head"):
         score_items(model, enc, [Item("t", 0, "x", ("y",), 0)], progress=False)
+
+
+def test_an_empty_context_is_lm_evals_prefix_token(tmp_path):
+    """lm-eval scores a continuation of nothing after its prefix token: the tokenizer's BOS, else end-of-text."""
+    from lmcore.harness.scoring import encode_choices
+    from lmcore.tokenizer import HFTokenizer, get_tokenizer
+    from tests.test_tokenizer import SHARED, tiny_hf_tokenizer
+
+    gpt2 = get_tokenizer("gpt2", SHARED / "tokenizers" / "gpt2.tiktoken")
+    assert encode_choices(gpt2, "", [" a"])[0] == [50256]
+    chat = HFTokenizer(tiny_hf_tokenizer(tmp_path / "tokenizer.json"), bos_token="<|im_start|>")
+    assert encode_choices(chat, "", [" a"])[0] == [chat.encode_single_token("<|im_start|>")] != [chat.eot_token]
