@@ -648,6 +648,9 @@ class JudgeConfig(_Section):
     max_tokens: int = Field(default=16, ge=1)
     timeout_s: float = Field(default=120.0, gt=0)
     retries: int = Field(default=3, ge=0)
+    # Worked examples (a right and a wrong answer with their scores) sent as earlier turns before each request:
+    # a small judge (a 135M model) answers the question instead of scoring it without them. 0: the book's prompt alone.
+    calibration_examples: int = Field(default=0, ge=0, le=2)
     # Replies without a 0-100 score are counted and left out of the mean; above this share the judge is not
     # following the prompt and the stage fails.
     max_unparsed_fraction: float = Field(default=0.5, ge=0, le=1)

@@ -79,6 +79,22 @@ def judge_prompt(entry: dict) -> str:
     )
 
 
+# Worked examples a small judge sees before each real request (`judge.calibration_examples`): the book's prompt
+# for a right and a wrong answer, each followed by the judge's expected reply, as earlier chat turns.
+CALIBRATION = (
+    ({"instruction": "What is 2 + 2?", "input": "", "output": "4", "response": "2 + 2 is 4."}, "95"),
+    ({"instruction": "Name a fruit.", "input": "", "output": "Apple", "response": "The sky is blue."}, "5"),
+)
+
+
+def calibration_turns(n: int) -> list[dict[str, str]]:
+    """The first `n` calibration examples as user/assistant turns."""
+    turns = []
+    for entry, score in CALIBRATION[:n]:
+        turns += [{"role": "user", "content": judge_prompt(entry)}, {"role": "assistant", "content": score}]
+    return turns
+
+
 def parse_score(reply: str) -> int | None:
     """The score a judge's reply gives: its first integer, if in 0..100.
 
@@ -172,13 +188,16 @@ class ChatClient:
     def close(self) -> None:
         self._http.close()
 
-    def complete(self, prompt: str, *, temperature: float = 0.0, seed: int | None = None, max_tokens: int | None = None) -> str:
-        """Send `prompt` as one user message; returns the reply text ("" when the reply has no content).
+    def complete(self, prompt: str, *, temperature: float = 0.0, seed: int | None = None, max_tokens: int | None = None,
+                 history: list[dict[str, str]] | None = None) -> str:
+        """Send `prompt` as a user message, after `history` (earlier turns); returns the reply text ("" when the
+        reply has no content).
 
         Raises: JudgeUnavailable naming the URL when the endpoint still fails after the retries; JudgeError when
         it refuses the request (HTTP 4xx other than 429) or answers malformed JSON.
         """
-        body: dict[str, Any] = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "temperature": temperature}
+        messages = [*(history or []), {"role": "user", "content": prompt}]
+        body: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": temperature}
         if seed is not None:
             body["seed"] = seed
         if max_tokens is not None:
@@ -274,7 +293,8 @@ def judge_responses(
     scored_rows = []
     with ChatClient(cfg.url, cfg.model, api_key=api_key, timeout_s=cfg.timeout_s, retries=cfg.retries) as client:
         for i, row in enumerate(tqdm(rows, desc="judge", unit="response", dynamic_ncols=True, disable=not progress)):
-            reply = client.complete(judge_prompt(row), temperature=cfg.temperature, seed=cfg.seed, max_tokens=cfg.max_tokens)
+            reply = client.complete(judge_prompt(row), temperature=cfg.temperature, seed=cfg.seed, max_tokens=cfg.max_tokens,
+                                    history=calibration_turns(cfg.calibration_examples))
             score = parse_score(reply)
             if score is None:
                 log.warning("response %d: no score 0-%d in the judge's reply %r; counted as unparsed", i, MAX_SCORE, reply[:80])
@@ -300,6 +320,7 @@ def judge_responses(
             "temperature": cfg.temperature,
             "seed": cfg.seed,
             "max_tokens": cfg.max_tokens,
+            "calibration_examples": cfg.calibration_examples,
             "prompt": PROMPT_NAME,
         },
     }

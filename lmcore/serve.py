@@ -12,7 +12,8 @@ Endpoints: POST /v1/chat/completions, GET /v1/models, GET /health. Errors come b
 shape, {"error": {"message", "type", "param", "code"}}, with 400 for a bad request (validation
 errors included) and 404 for an unknown model name.
 
-The prompt: for a model trained with its own chat template (config.json's "template" is "chat"; SmolLM2's ChatML)
+The prompt: for a model trained with its own chat template (config.json's "template" is "chat"; SmolLM2's ChatML),
+or a model with none recorded whose tokenizer has a chat template (a pretrained instruct base, SmolLM2-Instruct),
 the whole conversation, system and earlier turns included ("developer" as "system"), goes through that template
 (lmcore.chat), and the reply ends at the template's end of turn. For an instruction model in a book template
 (alpaca, phi3) the last user message is the instruction, in that template, with any system messages before it
@@ -259,6 +260,8 @@ def create_app(model_dir: Path, *, model_name: str, enc=None, device: str = "cpu
     """
     model_dir = Path(model_dir)
     model, template = _load(model_dir, device)
+    if template is None and getattr(enc if enc is not None else load_tokenizer(model_dir), "chat_template", None):
+        template = CHAT  # a model whose tokenizer has a chat template (a pretrained instruct base) chats in it
     enc = enc if enc is not None else load_tokenizer(model_dir)
     context_length = model.config.context_length
     check_vocab(enc, model.config.vocab_size, str(model_dir / MODEL_CONFIG))

@@ -396,7 +396,7 @@ def test_judge_through_lmcore_serve(tmp_path, responses_file, rows, one_thread):
         "n_items": 3,
         "n_scored": 3,
         "n_unparsed": 0,
-        "judge": {"url": url, "model": "judge-73", "temperature": 0.0, "seed": 123, "max_tokens": 16, "prompt": "book ch. 7 (0-100)"},
+        "judge": {"url": url, "model": "judge-73", "temperature": 0.0, "seed": 123, "max_tokens": 16, "calibration_examples": 0, "prompt": "book ch. 7 (0-100)"},
     }
     assert json.loads((tmp_path / "judge" / METRICS).read_text()) == metrics
     scores = read_scores(tmp_path / "judge")
@@ -429,3 +429,12 @@ def test_judge_stage_serves_its_own_judge_model(tmp_path, monkeypatch):
     assert summary["judge"]["model"] == "judge-73" and summary["judge"]["url"].startswith("http://127.0.0.1:")
     with pytest.raises(Exception, match="registered model, and nothing here resolves one"):
         judge_stage(StageContext(root=tmp_path, params=load_params(micro, overrides=["judge.serve=models:/x@y"])))
+
+
+def test_calibration_examples_go_before_each_request_as_earlier_turns():
+    from lmcore.judge import CALIBRATION, calibration_turns, judge_prompt
+
+    assert calibration_turns(0) == []
+    turns = calibration_turns(2)
+    assert [t["role"] for t in turns] == ["user", "assistant", "user", "assistant"]
+    assert turns[0]["content"] == judge_prompt(CALIBRATION[0][0]) and [turns[1]["content"], turns[3]["content"]] == ["95", "5"]
