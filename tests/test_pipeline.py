@@ -173,3 +173,16 @@ def test_editing_the_generator_marks_dpo_changed_under_dvc_status(tmp_path):
     status = json.loads(dvc(repo, "status", "--json", "collect", "dpo"))
     assert list(status) == ["dpo"]
     assert {"changed deps": {"lmcore/generation.py": "modified"}} in status["dpo"]
+
+
+def test_every_shipped_params_file_names_every_section_dvc_reads():
+    """`dvc repro` on a profile copied to params.yaml fails on a section the file leaves to the defaults."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    sections = {p.split(".")[0] for stage in pipeline.STAGES for p in stage.params}
+    # the files `dvc repro` runs on (params.yaml, and micro.yaml copied over it in tests/test_dvc.py), and the
+    # SmolLM2 profile; gpt2-124m.yaml is a pretraining profile for `lmcore run`/torchrun and names what it changes
+    for path in [root / "params.yaml", *(root / "profiles" / f"{p}.yaml" for p in ("micro", "llama-tiny", "smollm2"))]:
+        missing = sections - set(yaml.safe_load(path.read_text()))
+        assert not missing, f"{path.name} lacks {sorted(missing)}"
