@@ -193,7 +193,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "pretrain",
-        "a decoder from random weights on the token shards; registered as tracking.registered_model",
+        "a decoder on the token shards, from random weights or continuing the base model; registered as tracking.registered_model",
         deps=(TOKENS, BASE_SOURCE),
         outs=(model_path("base"), reports_path("pretrain")),
         plots=(
