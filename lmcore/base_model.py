@@ -46,8 +46,8 @@ from lmcore.tokenizer import (
     HFTokenizer,
     Tokenizer,
     TokenizerError,
-    _template_text,
-    _token_text,
+    template_text,
+    token_text,
     check_vocab,
     get_tokenizer,
     has_tokenizer,
@@ -230,8 +230,8 @@ def _hf_tokenizer(folder: Path, config: dict, vocab_size: int, name: str, ranks_
     if path.is_file():
         extra = read_tokenizer_config(folder / TOKENIZER_CONFIG)
         tok: Tokenizer = HFTokenizer(
-            path, name=name, bos_token=_token_text(extra.get("bos_token")), eos_token=_token_text(extra.get("eos_token")),
-            chat_template=_template_text(extra.get("chat_template")),
+            path, name=name, bos_token=token_text(extra.get("bos_token")), eos_token=token_text(extra.get("eos_token")),
+            chat_template=template_text(extra.get("chat_template")),
             extra_config={k: v for k, v in extra.items() if k not in _TOKENIZER_ARGS},
         )
         where = f"{where}/{HF_TOKENIZER_FILE}"

@@ -58,7 +58,7 @@ from lmcore.tokenizer import (
     HFTokenizer,
     TiktokenTokenizer,
     Tokenizer,
-    _byte_decoder,
+    byte_decoder,
     check_vocab,
     get_encoding,
     load_tokenizer,
@@ -385,7 +385,7 @@ def _gpt2_ranks(tokens: list[str], types: list[int]) -> bytes | None:
     tokenizer, whose sha256 other GPT-2 artifacts carry), else None. Tokens after <|endoftext|> may only be padding."""
     if len(tokens) <= GPT2_N_RANKS or tokens[GPT2_N_RANKS] != EOT or any(t != UNUSED for t in types[GPT2_N_RANKS + 1:]):
         return None
-    table = _byte_decoder()
+    table = byte_decoder()
     lines = []
     for rank, token in enumerate(tokens[:GPT2_N_RANKS]):
         if not all(c in table for c in token):
@@ -515,7 +515,7 @@ def import_gguf(src: str | Path, dst_dir: str | Path, *, name: str | None = None
 
 def _tokenizer_metadata(tok: Tokenizer, vocab_size: int, where: str) -> dict[str, Any]:
     """tokenizer.ggml.* and tokenizer.chat_template of an lmcore tokenizer, tokens padded to the model's vocabulary."""
-    spell = {b: c for c, b in _byte_decoder().items()}
+    spell = {b: c for c, b in byte_decoder().items()}
     meta: dict[str, Any] = {"model": "gpt2", "add_bos_token": False, "add_eos_token": False}
     if isinstance(tok, TiktokenTokenizer):
         ranks = tok.enc._mergeable_ranks  # noqa: SLF001 - tiktoken keeps no public accessor

@@ -51,7 +51,7 @@ from lmcore.tokenizer import (
     load_tokenizer,
     tiktoken_merges,
 )
-from lmcore.tokenizer import _byte_decoder as byte_decoder
+from lmcore.tokenizer import byte_decoder
 
 GPT2, LLAMA = "gpt2", "llama"
 ARCHITECTURES = {GPT2: "GPT2LMHeadModel", LLAMA: "LlamaForCausalLM"}

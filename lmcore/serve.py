@@ -260,9 +260,9 @@ def create_app(model_dir: Path, *, model_name: str, enc=None, device: str = "cpu
     """
     model_dir = Path(model_dir)
     model, template = _load(model_dir, device)
-    if template is None and getattr(enc if enc is not None else load_tokenizer(model_dir), "chat_template", None):
-        template = CHAT  # a model whose tokenizer has a chat template (a pretrained instruct base) chats in it
     enc = enc if enc is not None else load_tokenizer(model_dir)
+    if template is None and getattr(enc, "chat_template", None):
+        template = CHAT  # a model whose tokenizer has a chat template (a pretrained instruct base) chats in it
     context_length = model.config.context_length
     check_vocab(enc, model.config.vocab_size, str(model_dir / MODEL_CONFIG))
     if template == CHAT and not getattr(enc, "chat_template", None):

@@ -310,7 +310,7 @@ def get_tokenizer(name: str = "gpt2", ranks_file: str | Path | None = None) -> T
 
 
 @functools.lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
+def byte_decoder() -> dict[str, int]:
     """GPT-2's byte-level alphabet: the printable character each byte is written as, reversed."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -395,7 +395,7 @@ class HFTokenizer(Tokenizer):
         if piece in added:
             return piece.encode()
         if self._byte_level:
-            table = _byte_decoder()
+            table = byte_decoder()
             if all(c in table for c in piece):
                 return bytes(table[c] for c in piece)
             return piece.encode()
@@ -461,8 +461,8 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
         known = {LMCORE_KEY, "chat_template", "bos_token", "eos_token", "eot_token_text", "tokenizer_class"}
         return HFTokenizer(
             file, name=section.get("name"), eot_token=config.get("eot_token_text") or section.get("eot_token"),
-            bos_token=_token_text(config.get("bos_token")), eos_token=_token_text(config.get("eos_token")),
-            chat_template=_template_text(config.get("chat_template")),
+            bos_token=token_text(config.get("bos_token")), eos_token=token_text(config.get("eos_token")),
+            chat_template=template_text(config.get("chat_template")),
             extra_config={k: v for k, v in config.items() if k not in known},
         )
     raise TokenizerError(f"{config_path}: unknown tokenizer kind {kind!r} (expected {TIKTOKEN!r} or {HUGGINGFACE!r})")
@@ -488,14 +488,14 @@ def _names_gpt2(folder: Path) -> bool:
         return False
 
 
-def _token_text(value: Any) -> str | None:
+def token_text(value: Any) -> str | None:
     """HF writes special tokens as text or as {"content": text, ...}."""
     if isinstance(value, dict):
         return value.get("content")
     return value if isinstance(value, str) else None
 
 
-def _template_text(value: Any) -> str | None:
+def template_text(value: Any) -> str | None:
     """HF's chat_template is a string, or a list of {"name", "template"} of which "default" is the one."""
     if isinstance(value, list):
         named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
