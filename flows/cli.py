@@ -1,6 +1,7 @@
 """The `lmcore` command line.
 
-    lmcore pipeline                                  # the lifecycle flow on params.yaml
+    lmcore pipeline                                  # the lifecycle flow on params.yaml: the stages that changed
+    lmcore pipeline --force                          # every stage
     lmcore pipeline --params profiles/micro.yaml     # another profile (not recorded in dvc.lock)
     lmcore run pretrain --set pretrain.lr=3e-4       # one stage as its own Prefect flow
     lmcore dvc-yaml                                  # write dvc.yaml from the stage declarations (lmcore.pipeline)
@@ -111,6 +112,7 @@ def _quiet_terminal() -> None:
 ParamsOpt = Annotated[str, typer.Option("--params", "-p", help="params file (relative to --root)")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="override: dotted key=value (repeatable)")]
 RootOpt = Annotated[str, typer.Option("--root", help="project root: where data/, models/, reports/ land")]
+WaitOpt = Annotated[float, typer.Option("--wait", help="seconds to wait for another run working in the root (0: fail at once)")]
 
 
 def _fail(message: str) -> None:
@@ -124,13 +126,15 @@ def pipeline(
     set_: SetOpt = None,
     root: RootOpt = ".",
     commit_dvc: Annotated[bool, typer.Option(help="record outputs in dvc.lock (params.yaml runs only)")] = True,
+    force: Annotated[bool, typer.Option("--force", help="run every stage, even those DVC finds unchanged")] = False,
+    wait: WaitOpt = 0.0,
 ) -> None:
-    """Run the whole lifecycle as one Prefect flow; prints the run's summary."""
+    """Run the lifecycle as one Prefect flow, each stage only when it changed (see dvc.lock); prints the summary."""
     _check_params(root, params, set_)
     _quiet_terminal()
     from flows.lifecycle import lifecycle
 
-    result = lifecycle(params_file=params, overrides=set_ or [], root=root, commit_dvc=commit_dvc)
+    result = lifecycle(params_file=params, overrides=set_ or [], root=root, commit_dvc=commit_dvc, force=force, wait_s=wait)
     width = max(len(label) for label, _ in result["summary"])
     for label, value in result["summary"] + [("MLflow run", result["mlflow_run_id"]), ("DVC", result["dvc"])]:
         typer.echo(f"{label.ljust(width)}  {value}")
@@ -142,6 +146,7 @@ def run(
     params: ParamsOpt = "params.yaml",
     set_: SetOpt = None,
     root: RootOpt = ".",
+    wait: WaitOpt = 0.0,
 ) -> None:
     """Run one stage as its own Prefect flow (dvc.yaml calls this); prints its summary as JSON."""
     if stage not in stages.NAMES:
@@ -150,7 +155,7 @@ def run(
     _quiet_terminal()
     from flows.stage import stage_flow
 
-    result = stage_flow(stage, params_file=params, overrides=set_ or [], root=root)
+    result = stage_flow(stage, params_file=params, overrides=set_ or [], root=root, wait_s=wait)
     typer.echo(json.dumps(result, indent=2, default=str))
 
 
@@ -160,11 +165,11 @@ def dvc_yaml(
     check: Annotated[bool, typer.Option("--check", help="only compare: exit 1 when <root>/dvc.yaml differs")] = False,
 ) -> None:
     """Write dvc.yaml from the stage declarations (lmcore.pipeline); code deps are each stage's import closure."""
-    from flows.dvc_yaml import render
+    from flows.dvc_yaml import render_for
     from lmcore.io import write_text
 
     path = Path(root) / "dvc.yaml"
-    text = render()
+    text = render_for(root)
     current = path.read_text(encoding="utf-8") if path.is_file() else None
     if check:
         if current != text:

@@ -1,10 +1,8 @@
-"""What every flow does around its tasks: load params, point MLflow, tag lineage, version with DVC."""
+"""What every flow does around its tasks: resolve the root and params, point MLflow, tag lineage."""
 
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -42,22 +40,3 @@ def make_context(root: Path, params: Params, launcher: str) -> RunContext:
 
 def with_parent(ctx: RunContext, parent_run_id: str) -> RunContext:
     return replace(ctx, tracking=replace(ctx.tracking, parent_run_id=parent_run_id))
-
-
-def dvc_commit(root: Path, params_path: Path, overrides: list[str] | None) -> str:
-    """Record what the flow made in dvc.lock, so `dvc status` is clean and `dvc repro` runs nothing.
-
-    Only when the flow ran on the project's own params.yaml without overrides: otherwise the
-    outputs do not correspond to what dvc.yaml would produce, and committing them would lie.
-    """
-    if not (root / "dvc.yaml").is_file() or not (root / ".dvc").is_dir():
-        return "skipped: no DVC project at the root"
-    if params_path.resolve() != (root / "params.yaml").resolve() or overrides:
-        return "skipped: the run used other params than params.yaml"
-    proc = subprocess.run(
-        [sys.executable, "-m", "dvc", "commit", "--force", "--quiet"],
-        cwd=root, capture_output=True, text=True,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"dvc commit failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return "committed to dvc.lock"

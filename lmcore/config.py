@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lmcore.errors import InputError, one_line
 
@@ -346,6 +346,29 @@ class ModelConfig(_Section):
         return -(-8 * self.n_embd // 3 // 64) * 64
 
 
+def _known_probe_tasks(tasks: list[str]) -> list[str]:
+    """eval_benchmarks: task or group names lmcore.harness.benchmarks knows (ValueError with a hint otherwise)."""
+    from lmcore.harness.benchmarks import expand
+
+    expand(tasks)
+    return tasks
+
+
+class ContinuedConfig(_Section):
+    """The schedule of a run that continues the champion (`pretrain.init: champion`); null keeps the pretrain value.
+
+    A continued run starts a fresh AdamW (the registry keeps weights, not optimizer state), warms up again to a
+    peak usually below the first run's and decays to min_lr over its own max_steps: re-warming and re-decaying, as
+    continual pretraining does (Ibrahim et al. 2024, "Simple and Scalable Strategies to Continually Pre-train LLMs").
+    Its steps are numbered on from the champion's, so its metrics continue the champion's curve.
+    """
+
+    max_steps: int | None = Field(default=None, ge=0)
+    lr: float | None = Field(default=None, gt=0)
+    min_lr: float | None = Field(default=None, ge=0)
+    warmup_steps: int | None = Field(default=None, ge=0)
+
+
 class PretrainConfig(_Section):
     """Pretraining (lmcore.pretrain.pretrain); docs/models.md "## Training" explains each option.
 
@@ -355,8 +378,12 @@ class PretrainConfig(_Section):
 
     # scratch: `model` from random weights. base: continue pretraining the base model (`base_model`), whose
     # architecture and tokenizer it keeps (`model` is then not used); with max_steps 0 the base is taken as it is,
-    # so the fine-tuning stages start from it directly.
-    init: Literal["scratch", "base"] = "scratch"
+    # so the fine-tuning stages start from it directly. champion: continue the registered champion
+    # (models:/<tracking.registered_model>@champion) on the new shards with the `continued` schedule, when there
+    # is one with the shards' tokenizer and the architecture this run would otherwise train; else as base when
+    # base_model names one, else as scratch (the run says which, and why).
+    init: Literal["scratch", "base", "champion"] = "scratch"
+    continued: ContinuedConfig = ContinuedConfig()
     model: ModelConfig = ModelConfig()
     # Training window in tokens; null: the model's context_length (a base's may be 8k: far beyond a CPU's budget).
     seq_len: int | None = Field(default=None, ge=1)
@@ -372,6 +399,12 @@ class PretrainConfig(_Section):
     grad_clip: float = Field(default=1.0, ge=0)  # 0 disables clipping
     eval_interval: int = Field(default=25, ge=1)
     eval_batches: int = Field(default=8, ge=1)
+    # The in-training benchmark probe (lmcore.harness.probe): at step 0, every N steps and at the last step, score a
+    # fixed sample of `eval_benchmarks_limit` items per task (drawn with benchmark.sample_seed, zero-shot) and log
+    # train_bench.<task>.<metric>; null: off. It changes no weight, so a run may resume with other settings.
+    eval_benchmarks_every: int | None = Field(default=None, ge=1)
+    eval_benchmarks: list[str] = Field(default=["hellaswag"], min_length=1)  # benchmark task names (benchmark.tasks)
+    eval_benchmarks_limit: int = Field(default=50, ge=1)
     # Stop when val_loss has not improved on its best by more than min_delta for `patience` evaluations
     # in a row; null trains to max_steps.
     early_stopping_patience: int | None = Field(default=None, ge=1)
@@ -397,11 +430,22 @@ class PretrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     threads: int = Field(default=0, ge=0)  # torch intra-op threads; 0 keeps torch's default
 
+    _probe_tasks = field_validator("eval_benchmarks")(_known_probe_tasks)
+
     @model_validator(mode="after")
     def _consistent(self) -> PretrainConfig:
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        self.continuation()  # the continued schedule's min_lr must not exceed its lr either
         return self
+
+    def continuation(self) -> PretrainConfig:
+        """These settings with the `continued` schedule in place of the first run's."""
+        update = {k: v for k, v in self.continued.model_dump().items() if v is not None}
+        merged = self.model_copy(update=update)
+        if merged.min_lr > merged.lr:
+            raise ValueError(f"pretrain.continued: min_lr ({merged.min_lr}) must not exceed lr ({merged.lr})")
+        return merged
 
     def resume_key(self) -> dict[str, Any]:
         """The settings a checkpoint must share with the run resuming it: all but how it runs and saves."""
@@ -410,7 +454,8 @@ class PretrainConfig(_Section):
 
 # PretrainConfig keys a run may change when it resumes: they change how fast it runs or what it saves,
 # not which numbers it computes.
-RESUME_FREE_KEYS = ("threads", "checkpoint_interval", "keep_checkpoints", "resume", "peak_flops")
+RESUME_FREE_KEYS = ("threads", "checkpoint_interval", "keep_checkpoints", "resume", "peak_flops",
+                    "eval_benchmarks_every", "eval_benchmarks", "eval_benchmarks_limit")
 
 
 class EvaluateConfig(_Section):
@@ -530,6 +575,12 @@ class _Responses(FinetuneConfig):
     temperature: float = Field(default=0.0, ge=0)
     top_k: int | None = Field(default=None, ge=1)
     max_test_generations: int | None = Field(default=None, ge=0)  # null: the whole test split
+    # The in-training benchmark probe, as pretrain.eval_benchmarks_every / eval_benchmarks / eval_benchmarks_limit.
+    eval_benchmarks_every: int | None = Field(default=None, ge=1)
+    eval_benchmarks: list[str] = Field(default=["hellaswag"], min_length=1)
+    eval_benchmarks_limit: int = Field(default=50, ge=1)
+
+    _probe_tasks = field_validator("eval_benchmarks")(_known_probe_tasks)
 
 
 class InstructConfig(_Responses):
@@ -671,6 +722,10 @@ class TrackingConfig(_Section):
     instruct_model: str = "lmcore-instruct"  # the DPO model is a later version of it, alias "dpo"
 
 
+# The sections with the in-training benchmark probe (eval_benchmarks_every, eval_benchmarks, eval_benchmarks_limit).
+PROBE_SECTIONS = ("pretrain", "finetune_instruct", "dpo")
+
+
 class Params(_Section):
     seed: int = 1337
     collect: CollectConfig
@@ -685,6 +740,19 @@ class Params(_Section):
     benchmark: BenchmarkConfig = BenchmarkConfig()
     judge: JudgeConfig = JudgeConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _probe_sources(self) -> Params:
+        from lmcore.harness.benchmarks import check_tasks
+
+        for name in PROBE_SECTIONS:
+            section = getattr(self, name)
+            if section.eval_benchmarks_every is not None:
+                try:
+                    check_tasks(section.eval_benchmarks, 0, {s.name for s in self.benchmark.sources})
+                except ValueError as err:
+                    raise ValueError(f"{name}.eval_benchmarks: {err} (in benchmark.sources)") from None
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

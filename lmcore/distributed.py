@@ -142,3 +142,20 @@ def all_ranks_true(flag: bool, device: torch.device) -> bool:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+@contextlib.contextmanager
+def root_gathered(model: torch.nn.Module) -> Iterator[None]:
+    """Under fsdp, the root group's parameters (embeddings, final norm, head) gathered for calls that are not
+    `forward` (benchmark scoring calls `hidden`, then `lm_head` at a few positions); each block still gathers its
+    own when called. Collective: every rank enters it. A no-op for a model that is not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()

@@ -36,6 +36,12 @@ class MissingInputError(InputError, FileNotFoundError):
     """
 
 
+class NotRegisteredError(LookupError, ValueError):
+    """A model registry URI (`models:/name@alias`) that names no registered model, alias or version (yet).
+
+    Not an InputError: a run asked to continue the champion before there is one starts otherwise."""
+
+
 def one_line(text: object) -> str:
     """`text` on one line: line breaks (and the indentation after them) become "; ", for one-line messages."""
     return re.sub(r"\s*[\r\n]+\s*", "; ", str(text).strip())

@@ -16,6 +16,7 @@ METRICS = "metrics.json"
 SAMPLES = "samples.jsonl"
 TRAIN_LOSS = "train_loss.csv"
 VAL_LOSS = "val_loss.csv"
+BENCH_CURVE = "bench_curve.csv"  # the in-training benchmark probe's scores per step (lmcore.harness.probe)
 LOSS_PLOT = "loss.png"
 SUMMARY = "summary.json"
 # Fine-tuning.
@@ -26,6 +27,7 @@ ADAPTER = "adapter.safetensors"  # the LoRA adapter alone (the model folder hold
 ADAPTER_CONFIG = "adapter_config.json"
 FINETUNES = ("classifier", "instruct", "dpo")
 JUDGE_SCORES = "scores.jsonl"  # per judged response: the judge's reply and its score
+REGISTERED = ".registered.json"  # in a model folder downloaded from the registry: its name, version, run, aliases
 BASE_MANIFEST = "base.json"  # in models/base_model: where the base model came from (lmcore.base_model)
 
 

@@ -17,6 +17,7 @@ Adding a stage: docs/architecture.md, "Adding a stage".
 from __future__ import annotations
 
 import ast
+import glob
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from lmcore.config import BaseModelConfig, Params, Source
 from lmcore.paths import (
     BASE_SOURCE,
     BENCHMARK_DATA,
@@ -122,6 +124,31 @@ class Stage:
         """The lmcore source files the stage's function imports, directly or not (see `import_closure`)."""
         return import_closure(self.module)
 
+    def local_deps(self, params: Params | None, root: Path) -> list[str]:
+        """The local files and folders the stage reads because its params name them (a source's `path`, a base
+        model's file or folder): relative to `root` when inside it, a glob's fixed leading folder for a glob.
+        DVC deps, so that a new document in a source folder re-runs the stage."""
+        section = getattr(params, self.name, None) if params is not None else None
+        if section is None:
+            return []
+        paths = [src.path for src in [*getattr(section, "sources", []), getattr(section, "source", None)]
+                 if isinstance(src, Source) and src.path is not None]
+        if isinstance(section, BaseModelConfig) and section.source in ("gguf", "folder") and section.path:
+            paths.append(section.path)
+        return list(dict.fromkeys(_dep_path(p, Path(root)) for p in paths))
+
+
+def _dep_path(path: str, root: Path) -> str:
+    """A params path as dvc.yaml names it: relative to root when inside it; up to the first glob part for a glob."""
+    parts = Path(path).expanduser().parts
+    fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+    where = Path(*parts[:fixed]) if fixed else Path(".")
+    full = where if where.is_absolute() else Path(root).resolve() / where
+    try:
+        return full.resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return full.resolve().as_posix()
+
 
 # -- how stages read in the lifecycle summary ----------------------------------------------------------------
 
@@ -205,6 +232,7 @@ STAGES: tuple[Stage, ...] = (
         registers=Registers(model_path("base"), "registered_model"),
         summary=(
             Row("parameters", lambda s: f"{s['n_params']:,}"),
+            Row("started from", lambda s: s.get("continued_from") and f"{s['continued_from']} (@champion)" or s.get("init", "scratch")),
             Row("steps", lambda s: s["steps"]),
             Row("val loss (first → final)", lambda s: _arrow(s["first_val_loss"], s["final_val_loss"])),
             Row("tokens/s", lambda s: f"{s['tokens_per_s']:,.0f}" if s["tokens_per_s"] else "none (no update)"),
@@ -352,18 +380,45 @@ def downstream(name: str) -> list[str]:
 # -- what the lifecycle run reports, from the stages' summaries ----------------------------------------------
 
 
+UNCHANGED = "unchanged"  # in a stage's result: the stage did not run; the rest is the summary of the run that made its outputs
+
+
 def summary_rows(results: dict[str, dict]) -> list[tuple[str, str]]:
-    """(label, value) rows of every stage that ran, in stage order."""
-    return [(row.label, str(row.value(results[s.name]))) for s in STAGES if s.name in results for row in s.summary]
+    """(label, value) rows of every stage in `results`, in stage order. A stage that did not run (UNCHANGED) shows
+    the values of the run that made its outputs, marked "(unchanged)", or one row saying so when none is known."""
+    rows = []
+    for stage in (s for s in STAGES if s.name in results):
+        result = results[stage.name]
+        if not result.get(UNCHANGED):
+            rows += [(row.label, str(row.value(result))) for row in stage.summary]
+            continue
+        try:
+            rows += [(row.label, f"{row.value(result)} (unchanged)") for row in stage.summary]
+        except (KeyError, TypeError):  # no summary of the run that made the outputs
+            rows.append((stage.name, "unchanged (dvc.lock); no MLflow run in this store made its outputs"))
+    return rows
+
+
+def _from(results: dict[str, dict], what: str) -> dict:
+    """What the stages' `what` (parent_metrics, parent_tags) make of their results; a stage that did not run and
+    whose making run is unknown adds nothing."""
+    out: dict = {}
+    for stage in (s for s in STAGES if s.name in results and getattr(s, what)):
+        try:
+            out.update(getattr(stage, what)(results[stage.name]))
+        except (KeyError, TypeError):
+            if not results[stage.name].get(UNCHANGED):
+                raise
+    return out
 
 
 def parent_metrics(results: dict[str, dict]) -> dict[str, float]:
-    return {k: v for s in STAGES if s.name in results and s.parent_metrics for k, v in s.parent_metrics(results[s.name]).items()}
+    return _from(results, "parent_metrics")
 
 
 def parent_tags(results: dict[str, dict]) -> dict[str, str]:
     """Lineage keys for the lifecycle's run (recorded as "lmcore.<key>")."""
-    return {k: v for s in STAGES if s.name in results and s.parent_tags for k, v in s.parent_tags(results[s.name]).items()}
+    return _from(results, "parent_tags")
 
 
 # -- code deps: the import closure of a stage's module inside lmcore/ ------------------------------------------

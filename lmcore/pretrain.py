@@ -28,6 +28,11 @@ run continues from the latest complete one and ends with the weights an uninterr
 on CPU. A NaN/inf loss or gradient norm stops the run with FloatingPointError.
 
 Throughput: `tokens_per_s` (all ranks) and `mfu` (lmcore.training.flops_per_token) are logged every step.
+
+Benchmark probe (`eval_benchmarks_every`, off by default): a fixed sample of benchmark items (lmcore.harness.probe)
+scored at step 0, every N steps and at the last step, after val_loss, logged as train_bench.<task>.<metric> and
+written to bench_curve.csv; every rank scores it (the same forwards), rank 0 logs. From the command line the
+sample's benchmark sources are collected (mirror first) into a temporary folder, as the pretrain stage does.
 """
 
 from __future__ import annotations
@@ -47,11 +52,13 @@ from lmcore import distributed
 from lmcore.checkpoint import load_model, save_model
 from lmcore.config import ModelConfig, PretrainConfig, load_params
 from lmcore.data.loader import RANDOM, TokenDataset, TokenLoader
+from lmcore.harness.benchmarks import Item
+from lmcore.harness.probe import section_probe, write_curve
 from lmcore.io import atomic_dir, sha256_file, write_json, write_text
 from lmcore.model import GPT
-from lmcore.paths import CHECKPOINTS, LOSS_PLOT, MANIFEST, SUMMARY, TRAIN_LOSS, VAL_LOSS, WEIGHTS, Layout
+from lmcore.paths import BENCH_CURVE, CHECKPOINTS, LOSS_PLOT, MANIFEST, SUMMARY, TRAIN_LOSS, VAL_LOSS, WEIGHTS, Layout
 from lmcore.tokenizer import Tokenizer, TokenizerError, has_tokenizer, load_tokenizer
-from lmcore.tracking import NullTracker, Tracker
+from lmcore.tracking import NullTracker, OffsetTracker, Tracker
 from lmcore.training import (
     EarlyStopping,
     Precision,
@@ -76,6 +83,9 @@ from lmcore.training import (
 
 log = logging.getLogger(__name__)
 
+# config.json key of a pretrained model folder: the optimizer steps behind its weights, over every run it continued.
+PRETRAIN_STEPS = "pretrain_steps"
+
 # The pretrain stage's training checkpoints, relative to the project root (Layout.checkpoints("pretrain")).
 PRETRAIN_CHECKPOINTS = Path(CHECKPOINTS) / "pretrain"
 
@@ -92,6 +102,8 @@ def pretrain(
     checkpoint_dir: Path | None = None,
     resume: bool | None = None,
     init_dir: Path | None = None,
+    bench_items: list[Item] | None = None,
+    start_step: int = 0,
 ) -> dict:
     """Train a GPT on tokens_dir, from random weights or from a base model, and write the model and the loss reports.
 
@@ -108,13 +120,20 @@ def pretrain(
         checkpoint_dir: where training checkpoints go every `cfg.checkpoint_interval` steps; None writes none.
         resume: continue from the latest complete checkpoint in checkpoint_dir (a fresh start when there is
             none); None takes `cfg.resume`. Without resume, old checkpoints in checkpoint_dir are removed.
-        init_dir: with `cfg.init: base`, the model folder to continue from (its architecture replaces
-            `cfg.model`); its tokenizer must be the one the shards were made with.
+        init_dir: the model folder to continue from (the base, or the champion), whose architecture replaces
+            `cfg.model` and whose tokenizer must be the one the shards were made with; None: random weights
+            (refused with `cfg.init: base`).
+        bench_items: with `cfg.eval_benchmarks_every`, the benchmark probe's sample (lmcore.harness.probe.probe_items),
+            scored with the shards' tokenizer at step 0, every N steps and at the last step: tracker metrics
+            train_bench.<task>.<metric>, reports_dir/bench_curve.csv, summary eval_benchmarks_time_s.
+        start_step: the optimizer steps the model had before this run (a continued champion's): the tracker's
+            steps are numbered on from it, and the model folder records start_step + steps as `pretrain_steps`.
 
     The model folder carries the shards' tokenizer (tokens_dir's tokenizer files).
 
     Returns: the summary (also written to summary.json).
     Raises: ValueError if the model's vocabulary is smaller than the data's or an option cannot run here;
+        lmcore.harness.scoring.TooLongError, before training, when no sampled item of a probe task fits the context;
         TokenizerError when the base model's tokenizer is not the shards';
         lmcore.checkpoint.CheckpointError if the checkpoint to resume was written under other settings;
         FloatingPointError on a NaN/inf loss or gradient norm. On any error model_dir and reports_dir are
@@ -134,6 +153,7 @@ def pretrain(
     train_loader = TokenLoader(train, B, T, mode=RANDOM, seed=seed, rank=info.rank, world_size=W)
     # The same validation windows at every eval, so the val curve measures the model and not the sample.
     val_windows = next_batches(TokenLoader(val, B, T, mode=RANDOM, seed=seed), cfg.eval_batches, device)
+    probe = section_probe(cfg, bench_items, tokenizer, model.config.context_length, key="pretrain")  # checked before training
 
     model.to(device).train()
     wrapped = distributed.wrap(model, cfg.distributed, info, device)
@@ -146,7 +166,7 @@ def pretrain(
     loss_fn = functools.partial(next_token_loss, torch.compile(wrapped) if cfg.compile else wrapped)
     fpt = flops_per_token(model.config, model.num_params(non_embedding=True), T)
     peak = cfg.peak_flops or measure_peak_flops(device, precision.dtype)
-    log_metrics = tracker.log_metrics if info.is_main else NullTracker().log_metrics
+    log_metrics = OffsetTracker(tracker, start_step).log_metrics if info.is_main else NullTracker().log_metrics
 
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc="pretrain", unit="step", dynamic_ncols=True, disable=not info.is_main)
     for step in range(state.step, cfg.max_steps + 1):  # updates done so far
@@ -157,6 +177,10 @@ def pretrain(
                 state.val_rows.append((step, val_loss))
                 log_metrics({"val_loss": val_loss}, step=step)
                 stopped_early = early.update(step, val_loss) and step < cfg.max_steps
+            if probe is not None and probe.due(step, last=step == cfg.max_steps or stopped_early):
+                scores = probe.score(model)  # every rank: the same forwards
+                state.bench_rows.append((step, scores))
+                log_metrics(scores, step=step)
             if checkpoint_due(step, cfg.checkpoint_interval, checkpoint_dir):
                 save_checkpoint(checkpoint_dir, model, optimizer, state, run_config, cfg.keep_checkpoints, what="pretrain")
         if step == cfg.max_steps or stopped_early:
@@ -177,7 +201,9 @@ def pretrain(
 
     summary = make_summary(cfg, model, state, train_loader, val, precision, peak=peak, resumed_at=resumed_at,
                            stopped_early=stopped_early, seq_len=T)
-    summary.update(init=cfg.init, start=start, tokenizer=tokenizer.name if tokenizer else None)
+    summary.update(init=cfg.init, start=start, tokenizer=tokenizer.name if tokenizer else None, start_step=start_step,
+                   pretrain_steps=start_step + state.step)
+    summary.update(probe.summary() if probe is not None else {})
     write_outputs(cfg, model, state, summary, Path(model_dir), Path(reports_dir), params, tokenizer=tokenizer)
     return summary
 
@@ -205,11 +231,12 @@ def shards_tokenizer(tokens_dir: Path) -> Tokenizer | None:
 
 
 def initial_model(cfg: PretrainConfig, init_dir: Path | None, tokenizer: Tokenizer | None, tokens_dir: Path) -> tuple[GPT, str]:
-    """The model training starts from, and what it is: "scratch", or "<folder>@<weights sha256>" of the base."""
-    if cfg.init == "scratch":
-        return GPT(cfg.model), "scratch"
+    """The model training starts from, and what it is: "scratch", or "<folder>@<weights sha256>" of the model
+    folder it continues (the base, or the champion)."""
     if init_dir is None:
-        raise ValueError("pretrain.init: base needs the base model folder (the base_model stage's output)")
+        if cfg.init == "base":
+            raise ValueError("pretrain.init: base needs the base model folder (the base_model stage's output)")
+        return GPT(cfg.model), "scratch"
     base_tok = load_tokenizer(init_dir)
     if tokenizer is None or not base_tok.same_as(tokenizer):
         raise TokenizerError(
@@ -323,9 +350,12 @@ def write_outputs(
             train_csv = "".join(f"{s},{loss:.6f},{lr:.6g}\n" for s, loss, lr in state.train_rows)
             write_text(reports_tmp / TRAIN_LOSS, "step,train_loss,lr\n" + train_csv)
             write_text(reports_tmp / VAL_LOSS, "step,val_loss\n" + "".join(f"{s},{loss:.6f}\n" for s, loss in state.val_rows))
+            if state.bench_rows:
+                write_curve(reports_tmp / BENCH_CURVE, state.bench_rows)
             plot_losses(reports_tmp / LOSS_PLOT, state.train_rows, state.val_rows)
             write_json(reports_tmp / SUMMARY, summary)
-            save_model(out, model_tmp, params=params, extra={"tokenizer": tokenizer.name} if tokenizer else None)
+            extra = {PRETRAIN_STEPS: summary["pretrain_steps"], **({"tokenizer": tokenizer.name} if tokenizer else {})}
+            save_model(out, model_tmp, params=params, extra=extra)
             if tokenizer is not None:
                 tokenizer.save(model_tmp)
     distributed.barrier()
@@ -345,6 +375,10 @@ def main(argv: list[str] | None = None) -> dict:
     params = load_params(args.params, overrides=args.overrides)
     layout = Layout(Path(args.root))
     info = distributed.init_from_env(params.pretrain.device)
+    from lmcore.stages import StageContext
+    from lmcore.stages._probe import bench_sample
+
+    bench_items = bench_sample(StageContext(root=Path(args.root), params=params), "pretrain")  # None: probe off
     try:
         summary = pretrain(
             params.pretrain,
@@ -355,6 +389,7 @@ def main(argv: list[str] | None = None) -> dict:
             params=params.to_dict(),
             checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else layout.checkpoints("pretrain"),
             init_dir=layout.base_source if params.pretrain.init == "base" else None,
+            bench_items=bench_items,
         )
     finally:
         distributed.destroy()

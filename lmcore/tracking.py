@@ -25,3 +25,14 @@ class ListTracker:
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         self.records.append((step, dict(metrics)))
+
+
+class OffsetTracker:
+    """Passes metrics on to `tracker` with their steps moved by `offset`: a continued run's step 1 is the
+    champion's last step + 1."""
+
+    def __init__(self, tracker: Tracker, offset: int) -> None:
+        self.tracker, self.offset = tracker, offset
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.tracker.log_metrics(metrics, step=None if step is None else step + self.offset)

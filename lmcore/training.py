@@ -75,6 +75,7 @@ VAL_ROWS_KEY = "val_rows"
 TRAIN_TIME_KEY = "train_time_s"
 SCALER_KEY = "grad_scaler"
 EARLY_STOP_KEY = "early_stopping"
+BENCH_ROWS_KEY = "bench_rows"  # the in-training benchmark probe's scores (lmcore.harness.probe)
 
 # loss_fn(batch) -> (the batch's mean loss to backpropagate, metrics to log: {"loss": ..., ...} or {}).
 LossFn = Callable[[Any], tuple[torch.Tensor, dict[str, float]]]
@@ -353,7 +354,8 @@ class TrainState:
     """A run's progress besides the model and the optimizer: what a checkpoint's trainer_state.json holds.
 
     loader: the train batches (any object with state_dict / load_state_dict); scaler: fp16's GradScaler.
-    train_rows / val_rows: what the trainer logged, as (step, ...) tuples.
+    train_rows / val_rows / bench_rows: what the trainer logged, as (step, ...) tuples (bench_rows: the benchmark
+    probe's (step, {metric: value}); empty without the probe).
     """
 
     loader: Any = None
@@ -362,6 +364,7 @@ class TrainState:
     step: int = 0  # optimizer updates done
     train_rows: list[tuple] = field(default_factory=list)
     val_rows: list[tuple] = field(default_factory=list)
+    bench_rows: list[tuple] = field(default_factory=list)
     train_time_s: float = 0.0
 
     def state_dict(self) -> dict[str, Any]:
@@ -371,6 +374,7 @@ class TrainState:
             LOADER_KEY: self.loader.state_dict() if self.loader is not None else None,
             TRAIN_ROWS_KEY: list(self.train_rows),
             VAL_ROWS_KEY: list(self.val_rows),
+            BENCH_ROWS_KEY: list(self.bench_rows),
             TRAIN_TIME_KEY: self.train_time_s,
             SCALER_KEY: self.scaler.state_dict() if self.scaler is not None else None,
             EARLY_STOP_KEY: self.early_stopping.state_dict(),
@@ -380,6 +384,9 @@ class TrainState:
         self.step = int(state[STEP_KEY])
         self.train_rows = [tuple(r) for r in state[TRAIN_ROWS_KEY]]  # JSON made them lists
         self.val_rows = [tuple(r) for r in state[VAL_ROWS_KEY]]
+        if BENCH_ROWS_KEY not in state:  # written before the benchmark probe existed: it had no probe rows
+            log.info("training checkpoint without %r (written before the benchmark probe): none to restore", BENCH_ROWS_KEY)
+        self.bench_rows = [tuple(r) for r in state.get(BENCH_ROWS_KEY, [])]
         self.train_time_s = state[TRAIN_TIME_KEY]
         self.early_stopping.load_state_dict(state[EARLY_STOP_KEY])
         if self.loader is not None:

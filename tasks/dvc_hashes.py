@@ -96,7 +96,7 @@ def _repo_hashes(root: Path, stage: str, which: str) -> dict[str, str]:
 
     hashes: dict[str, str] = {}
     with Repo(str(root)) as repo:  # no lock taken: `dvc repro` holds it while `lmcore run` runs
-        (dvc_stage,) = repo.stage.collect(stage)
+        (dvc_stage,) = repo.stage.collect(f"{root / 'dvc.yaml'}:{stage}")  # not the current folder's dvc.yaml
         for item in getattr(dvc_stage, which):
             if isinstance(item, ParamsDependency):
                 continue

@@ -12,10 +12,8 @@ names the raw sources. tasks/lineage_print.py prints the chain for people.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import re
 import tempfile
 from pathlib import Path
@@ -23,12 +21,18 @@ from typing import Any
 
 from lmcore.errors import InputError
 from lmcore.paths import BASE_MANIFEST
-from lmcore.stages import BASE_MANIFEST_DIR, FINETUNE_MANIFEST_DIR, RAW_MANIFEST_DIR, TOKENS_MANIFEST_DIR
+from lmcore.stages import (
+    BASE_MANIFEST_DIR,
+    FINETUNE_MANIFEST_DIR,
+    RAW_MANIFEST_DIR,
+    TOKENS_MANIFEST_DIR,
+)
 from tasks.dvc_hashes import MISSING
 from tasks.tags import (
     PARENT_RUN,
     TAG_BASE_MANIFEST_SHA,
     TAG_BASE_WEIGHTS_SHA,
+    TAG_CONTINUED_WEIGHTS_SHA,
     TAG_DVC_DEP,
     TAG_DVC_DEPS_MD5,
     TAG_DVC_HASHED_BY,
@@ -44,6 +48,7 @@ from tasks.tags import (
     TAG_TOKENS_MANIFEST_SHA,
     TAG_WEIGHTS_SHA,
 )
+from tasks.tracking import no_progress_bar
 
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_-]+))$")
 DOCUMENTS_KEPT = "documents_out"  # the preprocess run's metric
@@ -122,6 +127,9 @@ class _Walk:
             self.finetune(mv, run, base_sha)
         elif TAG_TOKENS_MANIFEST_SHA in run.data.tags:
             self.pretrain(run)
+            continued = run.data.tags.get(TAG_CONTINUED_WEIGHTS_SHA)
+            if continued:  # the champion it continued, and that version's own chain
+                self.continued(mv, run, continued)
         else:
             self.warnings.append(f"run {run.info.run_id} ({_stage(run)}): no base weights or tokens manifest tag; the chain ends here")
 
@@ -135,6 +143,13 @@ class _Walk:
             self.warnings.append(f"{mv.name} v{mv.version}: no registered version has the base weights (sha256 {base_sha})")
             return
         self.version(base, found_by=f"the registered version whose weights sha256 is {mv.name} v{mv.version}'s base ({base_sha[:12]})")
+
+    def continued(self, mv, run, sha: str) -> None:
+        champion = self._version_with_weights(sha, before=run.info.start_time)
+        if champion is None:
+            self.warnings.append(f"{mv.name} v{mv.version}: continued weights (sha256 {sha[:12]}) that no registered version has")
+            return
+        self.version(champion, found_by=f"the champion {mv.name} v{mv.version} continued: its weights sha256 is {sha[:12]}")
 
     # the data side --------------------------------------------------------------------------------------------
 
@@ -255,28 +270,13 @@ class _Walk:
         from mlflow.exceptions import MlflowException
 
         path = f"{artifact_dir}/{name}" if artifact_dir else name
-        with tempfile.TemporaryDirectory(prefix="lmcore-lineage-") as tmp, _no_progress_bar():
+        with tempfile.TemporaryDirectory(prefix="lmcore-lineage-") as tmp, no_progress_bar():
             try:
                 local = Path(self.client.download_artifacts(run.info.run_id, path, tmp))
             except (MlflowException, OSError):
                 return None
             data = local.read_bytes()
         return {"sha256": hashlib.sha256(data).hexdigest(), "content": json.loads(data)}
-
-
-@contextlib.contextmanager
-def _no_progress_bar():
-    """MLflow draws a download bar per artifact on stderr; a few small manifests need none."""
-    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    before = os.environ.get(key)
-    os.environ[key] = "false"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = before
 
 
 # nodes ------------------------------------------------------------------------------------------------------
@@ -304,6 +304,7 @@ def _version_node(mv, found_by: str | None) -> dict:
         "created": _iso(mv.creation_timestamp),
         "finetune": tags.get(TAG_FINETUNE),
         "base_weights_sha256": tags.get(TAG_BASE_WEIGHTS_SHA),
+        "continued_weights_sha256": tags.get(TAG_CONTINUED_WEIGHTS_SHA),
         "tokens_manifest_sha256": tags.get(TAG_TOKENS_MANIFEST_SHA),
         "raw_manifest_sha256": tags.get(TAG_RAW_MANIFEST_SHA),
         "finetune_manifest_sha256": tags.get(TAG_FINETUNE_MANIFEST_SHA),

@@ -38,6 +38,7 @@ def _describe(node: dict) -> tuple[str, list[tuple[str, str]]]:
         add("created", node["created"])
         add("fine-tune", node["finetune"])
         add("base weights sha256", node["base_weights_sha256"])
+        add("continued weights sha256", node.get("continued_weights_sha256"))
         add("tokens manifest", node["tokens_manifest_sha256"])
         add("raw manifest", node["raw_manifest_sha256"])
         add("fine-tune data manifest", node["finetune_manifest_sha256"])

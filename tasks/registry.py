@@ -15,6 +15,9 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 import lmcore
+from lmcore.errors import NotRegisteredError
+from lmcore.io import write_json
+from lmcore.paths import REGISTERED
 from lmcore.promotion import CHAMPION, Champion, Score, decide
 from tasks.tags import BENCH_PREFIX, PARENT_RUN, PROMOTION_PREFIX, TAG_BENCH_SAMPLE, TAG_WEIGHTS_SHA
 from tasks.tracking import Tracking
@@ -99,19 +102,44 @@ def log_and_register(
 def download_model_dir(uri: str, tracking_uri: str, dst: Path | None = None) -> Path:
     """The lmcore model folder inside a logged model (`models:/name@alias`, `models:/name/3`, `runs:/...`), downloaded.
 
-    Raises: ValueError when the logged model holds no lmcore model folder.
+    A registered model's folder gets `.registered.json` (lmcore.paths.REGISTERED): its name, version, run and
+    aliases, for the lineage of what starts from it. An alias is resolved once, before the download, so the files
+    are the version named even if the alias moves meanwhile.
+
+    Raises: NotRegisteredError when the URI names no registered model, alias or version; ValueError when the
+    logged model holds no lmcore model folder.
     """
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
+    version = _registered_version(uri, tracking_uri)
+    source = f"models:/{version.name}/{version.version}" if version is not None else uri
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=None if dst is None else str(dst)))
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=None if dst is None else str(dst)))
     except mlflow.exceptions.MlflowException as err:
         raise ValueError(f"{uri}: {err.message}") from None
     # the pyfunc layout: <model>/artifacts/<model_dir name>/config.json
     found = next(local.glob("artifacts/*/config.json"), None)
     if found is None:
         raise ValueError(f"{uri}: no lmcore model folder inside the logged model")
+    if version is not None:
+        write_json(found.parent / REGISTERED, {"uri": uri, "name": version.name, "version": str(version.version),
+                                               "run_id": version.run_id, "aliases": sorted(version.aliases)})
     return found.parent
+
+
+def _registered_version(uri: str, tracking_uri: str):
+    """The ModelVersion a `models:/name@alias` or `models:/name/<version>` URI names (None for other URIs)."""
+    match = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", uri)
+    if match is None:
+        return None
+    name, alias, number = match.groups()
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
+    except mlflow.exceptions.MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in err.message:
+            raise NotRegisteredError(f"{uri}: {err.message}") from None
+        raise
 
 
 def find_version(tracking: Tracking, name: str, weights_sha256: str) -> str | None:

@@ -22,24 +22,42 @@ import logging
 import tempfile
 import traceback
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, State
 
 from lmcore.config import Params
 from lmcore.errors import is_input_error, is_transient
 from lmcore.io import sha256_file
 from lmcore.paths import WEIGHTS
-from lmcore.pipeline import STAGES, Stage
+from lmcore.pipeline import STAGES, UNCHANGED, Stage
 from lmcore.stages import StageContext, StageResult
 from tasks import failures
 from tasks.context import RunContext, logger
-from tasks.registry import champion_version, download_model_dir, find_version, log_and_register, promote, registry_lock, tag_scores
+from tasks.incremental import STAGE_SUMMARY
+from tasks.registry import (
+    champion_version,
+    download_model_dir,
+    find_version,
+    log_and_register,
+    promote,
+    registry_lock,
+    tag_scores,
+)
 from tasks.retries import RETRY_DELAY_S, retry_transient
-from tasks.tags import PROMOTION_ARTIFACT, PROMOTION_PREFIX, TAG_BENCH_SAMPLE, TAG_PARAMS_SHA, TAG_WEIGHTS_SHA, tag
+from tasks.tags import (
+    PROMOTION_ARTIFACT,
+    PROMOTION_PREFIX,
+    TAG_BENCH_SAMPLE,
+    TAG_PARAMS_SHA,
+    TAG_WEIGHTS_SHA,
+    tag,
+)
 from tasks.tracking import MlflowTracker
 
 
@@ -94,6 +112,8 @@ def execute(stage: Stage, rc: RunContext) -> dict[str, Any]:
             summary.update(gate(rc, stage, result, run))
         for table in result.tables:
             create_table_artifact(table.rows, key=table.key, description=table.description)
+        # what a later run that finds this stage unchanged reports for it (tasks.incremental.made_by)
+        run.client.log_text(run.run_id, json.dumps(summary, indent=2, default=str), STAGE_SUMMARY)
     return {**summary, "run_id": run.run_id}
 
 
@@ -186,10 +206,29 @@ def stage_log(path: Path, stage: str) -> Iterator[None]:
         handler.close()
 
 
-def stage_task(stage: Stage):
-    """The Prefect task that runs `stage` (`execute`), retrying transient failures `stage.retries` times."""
+@dataclass(frozen=True)
+class Unchanged:
+    """A stage the flow does not run: its outputs are dvc.lock's, made by MLflow run `run_id` (None: no run in
+    this store made them), whose summary is `summary`."""
 
-    def run_stage(rc: RunContext) -> dict[str, Any]:
+    run_id: str | None
+    summary: dict[str, Any]
+
+    @property
+    def message(self) -> str:
+        return f"unchanged since MLflow run {self.run_id}" if self.run_id else "unchanged (dvc.lock); no MLflow run here made its outputs"
+
+
+def stage_task(stage: Stage):
+    """The Prefect task that runs `stage` (`execute`), retrying transient failures `stage.retries` times; given
+    `unchanged`, it runs nothing and ends in the state Skipped, carrying the summary of the run that made the
+    outputs (call it with return_state=True)."""
+
+    def run_stage(rc: RunContext, unchanged: Unchanged | None = None) -> dict[str, Any] | State:
+        if unchanged is not None:
+            logger().info("%s: %s: skipped", stage.name, unchanged.message)
+            data = {**unchanged.summary, "run_id": unchanged.run_id, UNCHANGED: True}
+            return Completed(data=data, name="Skipped", message=unchanged.message)
         return execute(stage, rc)
 
     run_stage.__name__ = run_stage.__qualname__ = f"run_{stage.name}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 from lmcore.stages import (
     BASE_MANIFEST_SHA,
     BASE_WEIGHTS_SHA,
+    CONTINUED_WEIGHTS_SHA,
     FINETUNE,
     FINETUNE_MANIFEST_SHA,
     RAW_MANIFEST_SHA,
@@ -37,6 +38,7 @@ TAG_TOKENS_MANIFEST_SHA = tag(TOKENS_MANIFEST_SHA)
 TAG_BASE_MANIFEST_SHA = tag(BASE_MANIFEST_SHA)  # a pretrain run that continued a pretrained base
 TAG_WEIGHTS_SHA = tag(WEIGHTS_SHA)
 TAG_BASE_WEIGHTS_SHA = tag(BASE_WEIGHTS_SHA)  # the model a fine-tune started from
+TAG_CONTINUED_WEIGHTS_SHA = tag(CONTINUED_WEIGHTS_SHA)  # the registered champion a pretrain run continued
 TAG_FINETUNE = tag(FINETUNE)  # classifier | instruct | dpo
 TAG_FINETUNE_MANIFEST_SHA = tag(FINETUNE_MANIFEST_SHA)  # the data a fine-tune collected
 TAG_REGISTERED_MODEL = "lmcore.registered_model"  # on the lifecycle run
@@ -47,6 +49,11 @@ TAG_DVC_OUT = "lmcore.dvc.out."
 TAG_DVC_DEPS_MD5 = "lmcore.dvc.deps_md5"  # md5 of all the deps' hashes: runs with equal inputs share it
 TAG_DVC_HASHED_BY = "lmcore.dvc.hashed_by"  # DVC on the project at the root, or dvc_data without one
 PARENT_RUN = "mlflow.parentRunId"
+# On the lifecycle run: which stages ran and which DVC found unchanged (comma-separated), and per stage why
+# ("changed: deps data/raw modified", "forced") or which run made its outputs ("unchanged since run <id>").
+TAG_STAGES_RUN = "lmcore.stages_run"
+TAG_STAGES_SKIPPED = "lmcore.stages_skipped"
+TAG_STAGE_DECISION = "lmcore.decision."  # + the stage name
 
 # Model version tags of the benchmark stage and the promotion gate.
 BENCH_PREFIX = "bench."  # bench.<task>.<metric>, bench.<task>.<metric>_stderr

@@ -155,3 +155,18 @@ class Tracking:
             client.set_terminated(run.info.run_id, "FAILED")
             raise
         client.set_terminated(run.info.run_id, "FINISHED")
+
+
+@contextlib.contextmanager
+def no_progress_bar():
+    """MLflow draws a download bar per artifact on stderr; a few small files need none."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before

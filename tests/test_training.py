@@ -124,7 +124,9 @@ def test_outputs(tmp_path, pattern_tokens):
         "n_params", "steps", "resumed_from_step", "tokens_seen", "train_time_s", "tokens_per_s", "mfu", "peak_flops", "precision", "world_size",
         "first_val_loss", "final_val_loss", "best_val_loss", "best_step", "stopped_early", "final_train_loss",
         "train_tokens", "val_tokens", "documents_longer_than_context", "loader_state", "init", "start", "tokenizer",
+        "start_step", "pretrain_steps",
     }
+    assert (summary["start_step"], summary["pretrain_steps"]) == (0, 23)
     assert (summary["train_tokens"], summary["val_tokens"], summary["documents_longer_than_context"]) == (900, 124, 2)
     assert summary["loader_state"]["mode"] == "random" and summary["loader_state"]["step"] == 23
     assert summary["steps"] == 23 and summary["tokens_seen"] == 23 * 8 * 16 and summary["resumed_from_step"] is None
@@ -271,7 +273,7 @@ def test_train_state_round_trips_through_json(tmp_path, pattern_tokens):
     state.val_rows = [(0, 2.77), (4, 1.5)]
     state.early_stopping.update(0, 2.77), state.early_stopping.update(4, 2.70)  # one bad eval
     saved = json.loads(json.dumps(state.state_dict()))  # what trainer_state.json holds
-    assert saved.keys() == {"step", "loader", "train_rows", "val_rows", "train_time_s", "grad_scaler", "early_stopping"}
+    assert saved.keys() == {"step", "loader", "train_rows", "val_rows", "bench_rows", "train_time_s", "grad_scaler", "early_stopping"}
 
     fresh_loader = TokenLoader(TokenDataset(pattern_tokens, "train"), 4, 16, mode=RANDOM, seed=3)
     fresh = training.TrainState(loader=fresh_loader, scaler=torch.amp.GradScaler("cpu"),

@@ -28,6 +28,8 @@ from lmcore.finetune.common import add_lora, check_length, log_trainable, read_s
 from lmcore.finetune.data import IGNORE_INDEX, collate_eot, collate_instruct, encode_instruction
 from lmcore.finetune.instruct import check_chat_template, generate_responses, template_of, write_outputs
 from lmcore.finetune.trainer import batches, fit
+from lmcore.harness.benchmarks import Item
+from lmcore.harness.probe import section_probe
 from lmcore.model import GPT
 from lmcore.tracking import NullTracker, Tracker
 
@@ -72,6 +74,7 @@ def train_dpo(
     params: dict | None = None,
     tracker: Tracker = NullTracker(),
     checkpoint_dir: Path | None = None,
+    bench_items: list[Item] | None = None,
 ) -> dict:
     """Preference-tune the instruction model with DPO against a frozen copy of itself.
 
@@ -83,6 +86,7 @@ def train_dpo(
         model_dir: replaced by the preference-tuned model.
         reports_dir: replaced by curves (loss, rewards, margin), metrics.json, summary.json, test_responses.jsonl.
         checkpoint_dir: training checkpoints every cfg.checkpoint_interval steps, resumed with cfg.resume; None: none.
+        bench_items: with cfg.eval_benchmarks_every, the benchmark probe's sample (as finetune_instruct's).
 
     Returns: the summary: first/final val loss and reward margin, reward accuracy, trainable parameters.
     """
@@ -96,6 +100,7 @@ def train_dpo(
     if not wrapped:
         policy.requires_grad_(True)
     counts = log_trainable(policy, tracker)
+    probe = section_probe(cfg, bench_items, enc, policy.config.context_length, key="dpo")
 
     def encode(rows: list[dict]) -> list[tuple[tuple[list[int], int], tuple[list[int], int]]]:
         return [
@@ -130,7 +135,7 @@ def train_dpo(
         return {k: sum(m[k] * size for m, size in rows) / n for k in rows[0][0]}
 
     history = fit(policy, cfg, encode(train_rows), collate, loss_fn, evaluate_fn, seed=seed, tracker=tracker, desc="dpo",
-                  checkpoint_dir=checkpoint_dir, start=instruct_model_dir)
+                  checkpoint_dir=checkpoint_dir, start=instruct_model_dir, probe=probe)
     policy.eval()
     n_gen = len(test_rows) if cfg.max_test_generations is None else min(cfg.max_test_generations, len(test_rows))
     responses = generate_responses(
@@ -156,6 +161,7 @@ def train_dpo(
         "steps": history.steps,
         "train_time_s": round(history.train_time_s, 3),
         "test_responses": len(responses),
+        **(probe.summary() if probe is not None else {}),
     }
     write_outputs(policy, model_dir, reports_dir, history, metrics, summary, responses, cfg, wrapped, params, enc, "DPO")
     return summary

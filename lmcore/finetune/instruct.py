@@ -55,6 +55,8 @@ from lmcore.finetune.data import (
 from lmcore.finetune.trainer import batches, fit, write_curves
 from lmcore.generation import stream_text
 from lmcore.errors import InputError
+from lmcore.harness.benchmarks import Item
+from lmcore.harness.probe import section_probe
 from lmcore.io import atomic_dir, atomic_file, write_json
 from lmcore.model import GPT
 from lmcore.paths import METRICS, SUMMARY, TEST_RESPONSES
@@ -138,6 +140,7 @@ def finetune_instruct(
     params: dict | None = None,
     tracker: Tracker = NullTracker(),
     checkpoint_dir: Path | None = None,
+    bench_items: list[Item] | None = None,
 ) -> dict:
     """Instruction-tune the pretrained model (all weights, or LoRA adapters merged at the end).
 
@@ -149,8 +152,11 @@ def finetune_instruct(
         model_dir: replaced by the instruction model (config.json records the resolved template) and its tokenizer.
         reports_dir: replaced by loss curves, metrics.json, summary.json and test_responses.jsonl.
         checkpoint_dir: training checkpoints every cfg.checkpoint_interval steps, resumed with cfg.resume; None: none.
+        bench_items: with cfg.eval_benchmarks_every, the benchmark probe's sample (lmcore.harness.probe.probe_items),
+            scored at step 0, every N steps and at the end: train_bench.<task>.<metric>, bench_curve.csv.
 
-    Returns: the summary: first/final val loss, test loss, trainable parameters, steps, the resolved template.
+    Returns: the summary: first/final val loss, test loss, trainable parameters, steps, the resolved template
+        (and the probe's item count and time, when it ran).
     """
     template = resolve_template(cfg.template, enc)
     log.info("finetune_instruct: %s template%s", template, f" ({cfg.template})" if template != cfg.template else "")
@@ -161,6 +167,7 @@ def finetune_instruct(
     if not wrapped:
         model.requires_grad_(True)
     counts = log_trainable(model, tracker)
+    probe = section_probe(cfg, bench_items, enc, model.config.context_length, key="finetune_instruct")
 
     def encode(rows: list[dict]) -> list[tuple[list[int], int]]:
         return [encode_instruction(r, enc, template) for r in rows]
@@ -185,7 +192,7 @@ def finetune_instruct(
         return {"loss": mean_loss(model, val_batches[:max_batches] if max_batches else val_batches)}
 
     history = fit(model, cfg, train, to_device, loss_fn, evaluate_fn, seed=seed, tracker=tracker, desc="finetune_instruct",
-                  checkpoint_dir=checkpoint_dir, start=base_model_dir)
+                  checkpoint_dir=checkpoint_dir, start=base_model_dir, probe=probe)
     model.eval()
     test_loss = mean_loss(model, test_batches)
     n_gen = len(test_rows) if cfg.max_test_generations is None else min(cfg.max_test_generations, len(test_rows))
@@ -205,6 +212,7 @@ def finetune_instruct(
         "steps": history.steps,
         "train_time_s": round(history.train_time_s, 3),
         "test_responses": len(responses),
+        **(probe.summary() if probe is not None else {}),
     }
     write_outputs(model, model_dir, reports_dir, history, metrics, summary, responses, cfg, wrapped, params, enc, "instruction fine-tuning")
     return summary

@@ -18,6 +18,9 @@ a time (the last batch of an epoch may be smaller); the epochs form one stream, 
 Step numbering as in pretraining: train metrics of the k-th update at step k = 1..total; validation
 at step 0 (before any update), every `eval_interval` steps and after the last update (on the whole split).
 
+With a `probe` (lmcore.harness.probe.BenchProbe) a fixed benchmark sample is scored at step 0, every N steps and
+after the last update, logged as train_bench.<task>.<metric> and kept in History.bench (bench_curve.csv).
+
 Checkpoints (lmcore.training.save_checkpoint) every `checkpoint_interval` steps into `checkpoint_dir`: the
 model (LoRA adapters and heads included), the optimizer, the RNG states (dropout) and the position in the batch
 stream. With `resume` the run continues from the latest one and ends as an uninterrupted run ends, bit for bit
@@ -32,14 +35,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from tqdm import tqdm
 
 from lmcore.config import RESUME_FREE_KEYS, FinetuneConfig
 from lmcore.io import sha256_file, write_text
-from lmcore.paths import LOSS_PLOT, TRAIN_LOSS, VAL_LOSS, WEIGHTS
+from lmcore.paths import BENCH_CURVE, LOSS_PLOT, TRAIN_LOSS, VAL_LOSS, WEIGHTS
 from lmcore.tracking import NullTracker, Tracker
 from lmcore.training import (
     Precision,
@@ -62,6 +65,14 @@ EvalFn = Callable[[torch.nn.Module, int | None], dict[str, float]]
 STREAM_STATE_VERSION = 1
 
 
+class Probe(Protocol):
+    """What fit needs of lmcore.harness.probe.BenchProbe: when to score, and the scores (model back in its mode)."""
+
+    def due(self, step: int, *, last: bool) -> bool: ...
+
+    def score(self, model: torch.nn.Module) -> dict[str, float]: ...
+
+
 @dataclass
 class History:
     """Per-step train metrics (with lr) and periodic validation metrics, as (step, {name: value}) rows."""
@@ -69,6 +80,7 @@ class History:
     train: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     val: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     train_time_s: float = 0.0
+    bench: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # the benchmark probe's scores, if any
 
     @property
     def steps(self) -> int:
@@ -158,6 +170,7 @@ def fit(
     desc: str = "finetune",
     checkpoint_dir: Path | None = None,
     start: Path | None = None,
+    probe: Probe | None = None,
 ) -> History:
     """Train the parameters of `model` that require grad.
 
@@ -174,6 +187,7 @@ def fit(
             With `cfg.resume` the run continues from the latest one there; without, old ones are removed.
         start: the model folder training started from; its weights' sha256 is part of the checkpoints' config, so a
             run does not resume from checkpoints of another start model.
+        probe: a benchmark probe scored when `probe.due(step)`, its metrics logged at that step.
 
     Returns: the History.
     Raises: FloatingPointError on a NaN/inf loss or gradient norm, naming the step; CheckpointError when the
@@ -204,6 +218,10 @@ def fit(
                 check_finite(metrics["loss"], f"{desc}: val loss", step, lr_at(step, cfg, total), checkpoint_dir)
                 state.val_rows.append((step, metrics))
                 tracker.log_metrics({f"val_{k}": v for k, v in metrics.items()}, step=step)
+            if probe is not None and probe.due(step, last=step == total):
+                scores = probe.score(model)
+                state.bench_rows.append((step, scores))
+                tracker.log_metrics(scores, step=step)
             if checkpoint_due(step, cfg.checkpoint_interval, checkpoint_dir):
                 save_checkpoint(checkpoint_dir, model, optimizer, state, run_config, cfg.keep_checkpoints, what=desc)
         if step == total:
@@ -221,7 +239,7 @@ def fit(
         bar.set_postfix(loss=f"{out.metrics['loss']:.4f}", val=f"{state.val_rows[-1][1]['loss']:.4f}", refresh=False)
         bar.update()
     bar.close()
-    return History(train=state.train_rows, val=state.val_rows, train_time_s=state.train_time_s)
+    return History(train=state.train_rows, val=state.val_rows, train_time_s=state.train_time_s, bench=state.bench_rows)
 
 
 def validate(model: torch.nn.Module, evaluate_fn: EvalFn, max_batches: int | None, precision: Precision) -> dict[str, float]:
@@ -235,16 +253,19 @@ def validate(model: torch.nn.Module, evaluate_fn: EvalFn, max_batches: int | Non
 
 def _csv(rows: list[tuple[int, dict[str, float]]], prefix: str) -> str:
     names = list(dict.fromkeys(k for _, row in rows for k in row))  # first-seen order
-    header = ["step"] + [k if k in ("lr", "grad_norm") else f"{prefix}_{k}" for k in names]
+    header = ["step"] + [k if k in ("lr", "grad_norm") or not prefix else f"{prefix}_{k}" for k in names]  # "": as logged
     lines = [",".join(header)]
     lines += [",".join([str(step)] + [f"{row[k]:.6g}" if k in row else "" for k in names]) for step, row in rows]
     return "\n".join(lines) + "\n"
 
 
 def write_curves(out_dir: Path, history: History, title: str | None = None) -> None:
-    """train_loss.csv (step, train_<metric>.., lr, grad_norm), val_loss.csv (step, val_<metric>..) and loss.png."""
+    """train_loss.csv (step, train_<metric>.., lr, grad_norm), val_loss.csv (step, val_<metric>..) and loss.png;
+    bench_curve.csv (step, train_bench.<task>.<metric>..) when a benchmark probe ran."""
     write_text(out_dir / TRAIN_LOSS, _csv(history.train, "train"))
     write_text(out_dir / VAL_LOSS, _csv(history.val, "val"))
+    if history.bench:
+        write_text(out_dir / BENCH_CURVE, _csv(history.bench, ""))
     plot_losses(
         out_dir / LOSS_PLOT,
         [(s, row["loss"], row["lr"]) for s, row in history.train],

@@ -6,4 +6,5 @@ them (same prompts, tokenization split, truncation, acc / acc_norm / mc2, standa
                 only at the scored positions
     metrics.py  acc, acc_norm, mc2, standard errors, size-weighted groups
     run.py      run_benchmarks: sample, score, write results.json / metrics.json / samples/*.jsonl / table.md / scores.png
+    probe.py    BenchProbe: a fixed small sample scored every N training steps (train_bench.<task>.<metric>)
 """

@@ -33,6 +33,7 @@ BASE_WEIGHTS_SHA = "base_weights_sha256"  # the weights a fine-tune started from
 FINETUNE = "finetune"  # classifier | instruct | dpo
 FINETUNE_MANIFEST_SHA = "finetune_manifest_sha256"  # the data a fine-tune collected
 BASE_MANIFEST_SHA = "base_manifest_sha256"  # sha256 of models/base_model/base.json: the model a run started from
+CONTINUED_WEIGHTS_SHA = "continued_weights_sha256"  # the registered champion a pretrain run continued (its weights)
 # Artifact folders of the manifests a model-making stage logs with its run (`manifest_tags`).
 RAW_MANIFEST_DIR = "data/raw"
 TOKENS_MANIFEST_DIR = "data/tokens"

@@ -10,7 +10,7 @@ from pathlib import Path
 from lmcore.config import Source
 from lmcore.data.collect import collect, mirror_from_env
 from lmcore.io import sha256_file
-from lmcore.paths import ADAPTER, ADAPTER_CONFIG, LOSS_PLOT, METRICS, MODEL_CONFIG, STATS, SUMMARY, TRAIN_LOSS, VAL_LOSS, WEIGHTS
+from lmcore.paths import ADAPTER, ADAPTER_CONFIG, BENCH_CURVE, LOSS_PLOT, METRICS, MODEL_CONFIG, STATS, SUMMARY, TRAIN_LOSS, VAL_LOSS, WEIGHTS
 from lmcore.stages import BASE_WEIGHTS_SHA, FINETUNE_MANIFEST_DIR, FINETUNE_MANIFEST_SHA, Artifact, StageContext, StageResult, manifest_tags
 
 CURVES = (TRAIN_LOSS, VAL_LOSS, LOSS_PLOT, METRICS, SUMMARY)  # every fine-tune's report files
@@ -49,6 +49,7 @@ def finetuned(
     """The StageResult of a fine-tune that wrote models/<name> and reports/<name>, starting from the folder `start`."""
     model_dir, reports_dir = ctx.layout.model(name), ctx.layout.reports(name)
     artifacts = [*data.artifacts, *(Artifact(reports_dir / f, "reports") for f in reports)]
+    artifacts += [Artifact(reports_dir / f, "reports") for f in (BENCH_CURVE,) if (reports_dir / f).is_file()]  # the probe's
     artifacts += [Artifact(model_dir / f, "checkpoint") for f in (MODEL_CONFIG, ADAPTER_CONFIG, ADAPTER) if (model_dir / f).is_file()]
     return StageResult(
         summary=summary,

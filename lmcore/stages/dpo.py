@@ -13,6 +13,7 @@ from lmcore.finetune.instruct import prepare_instructions
 from lmcore.paths import TEST_RESPONSES
 from lmcore.stages import StageContext, StageResult
 from lmcore.stages._finetune import CURVES, finetuned, prepare_data
+from lmcore.stages._probe import PROBE_SUMMARY_KEYS, bench_sample
 from lmcore.tokenizer import load_tokenizer
 
 SUMMARY_KEYS = ("first_val_loss", "final_val_loss", "first_val_reward_margin", "final_val_reward_margin",
@@ -27,11 +28,11 @@ def run(ctx: StageContext) -> StageResult:
     summary = train_dpo(
         cfg, start, data.splits, layout.model("dpo"), layout.reports("dpo"),
         seed=seed, enc=load_tokenizer(start), params=ctx.params.to_dict(), tracker=ctx.tracker,
-        checkpoint_dir=layout.checkpoints("dpo"),
+        checkpoint_dir=layout.checkpoints("dpo"), bench_items=bench_sample(ctx, "dpo"),
     )
     return finetuned(
         ctx, "dpo", start=start, data=data, reports=CURVES + (TEST_RESPONSES,),
-        summary={k: summary[k] for k in SUMMARY_KEYS},
+        summary={k: summary[k] for k in SUMMARY_KEYS + PROBE_SUMMARY_KEYS if k in summary},
         version_tags={"template": summary["template"], "eval.val_reward_margin": f"{summary['final_val_reward_margin']:.6f}"},
         log=f"dpo: val loss {summary['first_val_loss']:.4f} -> {summary['final_val_loss']:.4f}, reward margin "
             f"{summary['first_val_reward_margin']:.4f} -> {summary['final_val_reward_margin']:.4f}",

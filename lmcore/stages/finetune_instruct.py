@@ -12,6 +12,7 @@ from lmcore.finetune.instruct import finetune_instruct, prepare_instructions
 from lmcore.paths import TEST_RESPONSES
 from lmcore.stages import StageContext, StageResult
 from lmcore.stages._finetune import CURVES, finetuned, prepare_data
+from lmcore.stages._probe import PROBE_SUMMARY_KEYS, bench_sample
 from lmcore.tokenizer import load_tokenizer
 
 SUMMARY_KEYS = ("first_val_loss", "final_val_loss", "test_loss", "trainable_params", "test_responses")
@@ -23,11 +24,11 @@ def run(ctx: StageContext) -> StageResult:
     summary = finetune_instruct(
         cfg, layout.base_model, data.splits, layout.model("instruct"), layout.reports("instruct"),
         seed=seed, enc=load_tokenizer(layout.base_model), params=ctx.params.to_dict(), tracker=ctx.tracker,
-        checkpoint_dir=layout.checkpoints("finetune_instruct"),
+        checkpoint_dir=layout.checkpoints("finetune_instruct"), bench_items=bench_sample(ctx, "finetune_instruct"),
     )
     return finetuned(
         ctx, "instruct", start=layout.base_model, data=data, reports=CURVES + (TEST_RESPONSES,),
-        summary={k: summary[k] for k in SUMMARY_KEYS},
+        summary={k: summary[k] for k in SUMMARY_KEYS + PROBE_SUMMARY_KEYS if k in summary},
         version_tags={
             "template": summary["template"],
             "eval.val_loss": f"{summary['final_val_loss']:.6f}",

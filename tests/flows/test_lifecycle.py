@@ -33,7 +33,9 @@ def test_outputs_land_where_the_layout_says(lifecycle_run):
     metrics = json.loads((layout.evaluate_reports / METRICS).read_text())
     assert metrics["perplexity"] > 1
     assert (layout.evaluate_reports / SAMPLES).read_text().count("\n") == 1
-    assert result["dvc"].startswith("skipped")  # the tmp root is no DVC project
+    assert result["dvc"].startswith("not recorded: no DVC project")  # the tmp root is no DVC project
+    assert result["plan"]["checked_against_dvc_lock"] is False  # so every stage ran
+    assert [s["stage"] for s in result["plan"]["stages"] if s["run"]] == list(STAGES)
 
 
 def test_mlflow_parent_and_nested_runs(lifecycle_run):

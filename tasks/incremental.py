@@ -1,0 +1,262 @@
+"""Run only what changed, and one run at a time per project root.
+
+Before each stage the lifecycle flow asks DVC, with DVC's own code, whether the stage is changed: its deps,
+params, command and outs against dvc.lock (`dvc.stage.Stage.status`, what `dvc status` prints and what
+`dvc repro` decides on). Asked stage by stage, after the stages before it ran and were committed, the answers
+are the ones `dvc repro` would give: a stage whose inputs came out byte-identical is not run again.
+
+    plan = Plan.open(root, params_path, overrides, force=False)
+    decision = plan.decide("pretrain")       # Decision(run=False, reason="unchanged", ...)
+    ...                                      # run the stage when decision.run
+    plan.commit("pretrain")                  # dvc.lock records it now: a run killed later keeps it
+
+The check applies only where dvc.lock can speak for the run: a DVC project at the root, run on its own
+params.yaml without overrides. Anywhere else every stage runs and the decision says why.
+
+A skipped stage's summary is the one the run that made its outputs logged (`made_by`): the newest finished
+MLflow run of that stage whose output hashes (`lmcore.dvc.out.*`) are dvc.lock's.
+
+`root_lock`: a lifecycle run and `lmcore run <stage>` hold <root>/.lmcore/run.lock while they work, so two runs
+in one root never execute a stage on the same outputs; the second waits up to `wait_s` seconds, then fails
+with one line naming the holder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import socket
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from filelock import FileLock, Timeout
+
+from lmcore.errors import InputError
+from lmcore.io import write_json
+from tasks.dvc_hashes import is_dvc_project
+from tasks.tags import TAG_DVC_OUT, TAG_STAGE
+from tasks.tracking import Tracking, no_progress_bar
+
+log = logging.getLogger("lmcore.incremental")
+
+LOCK_DIR = ".lmcore"  # in the project root; git- and DVC-ignored
+RUN_LOCK = "run.lock"
+HOLDER = "run.lock.json"  # who holds the lock: pid, host, what, since
+STAGE_SUMMARY = "stage_summary.json"  # the artifact every stage run logs: its summary, for later skipped runs
+MAX_SHOWN = 4  # changed paths named in a reason; the rest are counted
+
+
+class RootBusyError(InputError):
+    """Another lmcore run (or DVC command) works in this project root. Not retried: wait for it, then run again."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether a stage runs, and why: "forced", "changed: <what>", "unchanged", "not checked: <why>"."""
+
+    stage: str
+    run: bool
+    reason: str
+    changes: list = field(default_factory=list)  # DVC's status entries for the stage (empty when unchanged)
+
+
+@dataclass
+class Plan:
+    """Stage-by-stage run decisions for one lifecycle run in `root`.
+
+    checked_against: None when dvc.lock speaks for the run, else why it cannot (every stage then runs).
+    force: every stage runs (`lmcore pipeline --force`).
+    """
+
+    root: Path
+    checked_against: str | None
+    force: bool = False
+    decisions: list[Decision] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, root: Path, params_path: Path, overrides: list[str] | None, force: bool = False) -> Plan:
+        return cls(Path(root).resolve(), not_checkable(root, params_path, overrides), force)
+
+    @property
+    def checks(self) -> bool:
+        return self.checked_against is None
+
+    def decide(self, stage: str) -> Decision:
+        if self.force:
+            decision = Decision(stage, True, "forced")
+        elif not self.checks:
+            decision = Decision(stage, True, f"not checked: {self.checked_against}")
+        else:
+            changes = stage_status(self.root, stage)
+            decision = Decision(stage, True, f"changed: {describe(changes)}", changes) if changes else Decision(stage, False, "unchanged")
+        self.decisions.append(decision)
+        return decision
+
+    def commit(self, stage: str) -> bool:
+        """Record the stage's deps, params and outs in dvc.lock (and its outs in DVC's cache) now; False when
+        dvc.lock does not speak for this run."""
+        if not self.checks:
+            return False
+        dvc_log = logging.getLogger("dvc")
+        level = dvc_log.level
+        dvc_log.setLevel(logging.WARNING)  # not "Updating lock file 'dvc.lock'" per stage
+        try:
+            with dvc_repo(self.root, locked=False) as repo:
+                repo.commit(target(self.root, stage), force=True)  # takes DVC's lock itself
+        finally:
+            dvc_log.setLevel(level)
+        return True
+
+    @property
+    def ran(self) -> list[str]:
+        return [d.stage for d in self.decisions if d.run]
+
+    @property
+    def skipped(self) -> list[str]:
+        return [d.stage for d in self.decisions if not d.run]
+
+    def to_dict(self) -> dict:
+        return {
+            "checked_against_dvc_lock": self.checks,
+            "why_not": self.checked_against,
+            "force": self.force,
+            "stages": [{"stage": d.stage, "run": d.run, "reason": d.reason, "changes": d.changes} for d in self.decisions],
+        }
+
+
+def not_checkable(root: Path, params_path: Path, overrides: list[str] | None) -> str | None:
+    """Why dvc.lock cannot decide for a run (None: it can)."""
+    root = Path(root).resolve()
+    if not is_dvc_project(root):
+        return f"no DVC project at {root}"
+    if Path(params_path).resolve() != (root / "params.yaml").resolve():
+        return f"the run uses {params_path}, not the root's params.yaml"
+    if overrides:
+        return f"the run overrides params ({', '.join(overrides)})"
+    return None
+
+
+@contextlib.contextmanager
+def dvc_repo(root: Path, locked: bool = True) -> Iterator:
+    """DVC's Repo at `root`, holding DVC's repo lock when `locked` (what `dvc status` takes; `Repo.commit` takes
+    it itself); a busy DVC (`dvc repro` running here) is a RootBusyError."""
+    from dvc.lock import LockError
+    from dvc.repo import Repo
+
+    # DVC resolves some paths against the current folder (a stage's wdir in `commit`): be in the root meanwhile
+    with contextlib.chdir(root), Repo(str(root)) as repo:
+        try:
+            with repo.lock if locked else contextlib.nullcontext():
+                yield repo
+        except LockError as err:
+            raise RootBusyError(f"{root}: another DVC command holds {root / '.dvc' / 'tmp' / 'lock'} ({err}); "
+                                "run again when it has finished") from None
+
+
+def target(root: Path, stage: str) -> str:
+    """A stage as DVC's API addresses it whatever the current folder: "<root>/dvc.yaml:<stage>" (a bare stage
+    name is looked up in the dvc.yaml of the current folder)."""
+    return f"{Path(root).resolve() / 'dvc.yaml'}:{stage}"
+
+
+def stage_status(root: Path, stage: str) -> list:
+    """DVC's status entries of `stage` (what `dvc status <stage>` prints; empty when unchanged)."""
+    with dvc_repo(root) as repo:
+        (dvc_stage,) = repo.stage.collect(target(root, stage))
+        return dvc_stage.status().get(dvc_stage.addressing, [])
+
+
+def describe(changes: list) -> str:
+    """DVC's status entries in one line: "deps data/raw modified, lmcore/io.py modified (+3 more); params tokenize"."""
+    parts = []
+    for entry in changes:
+        if isinstance(entry, str):  # "changed command", "always changed"
+            parts.append(entry)
+            continue
+        for kind, paths in entry.items():
+            named, params = [], []
+            for path, status in paths.items():
+                if isinstance(status, dict):  # params.yaml: {"dpo": "modified"}
+                    params += [f"{key} {value}" for key, value in status.items()]
+                else:
+                    named.append(f"{path} {status}")
+            if named:
+                more = f" (+{len(named) - MAX_SHOWN} more)" if len(named) > MAX_SHOWN else ""
+                parts.append(f"{kind.removeprefix('changed ')} {', '.join(named[:MAX_SHOWN])}{more}")
+            if params:
+                parts.append(f"params {', '.join(params)}")
+    return "; ".join(parts) or "changed"
+
+
+def locked_outs(root: Path, stage: str) -> dict[str, str]:
+    """The md5 dvc.lock records for each of the stage's outs."""
+    lock = Path(root) / "dvc.lock"
+    if not lock.is_file():
+        return {}
+    entry = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {}).get(stage, {})
+    return {o["path"]: o["md5"] for o in entry.get("outs", []) if "md5" in o}
+
+
+def made_by(tracking: Tracking, root: Path, stage: str) -> tuple[str | None, dict]:
+    """The MLflow run that made the stage's current outputs (the newest finished run of the stage whose output
+    hashes are dvc.lock's) and the summary it logged; (None, {}) when no run in this store did."""
+    outs = locked_outs(root, stage)
+    client = tracking.client()
+    exp = client.get_experiment_by_name(tracking.experiment)
+    if not outs or exp is None:
+        return None, {}
+    conditions = [f"tags.`{TAG_STAGE}` = '{stage}'", "attributes.status = 'FINISHED'"]
+    conditions += [f"tags.`{TAG_DVC_OUT}{path}` = '{md5}'" for path, md5 in outs.items()]
+    runs = client.search_runs([exp.experiment_id], " and ".join(conditions), order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        return None, {}
+    run_id = runs[0].info.run_id
+    try:
+        with tempfile.TemporaryDirectory(prefix="lmcore-summary-") as tmp, no_progress_bar():
+            path = client.download_artifacts(run_id, STAGE_SUMMARY, tmp)
+            return run_id, json.loads(Path(path).read_text(encoding="utf-8"))
+    except Exception as err:  # noqa: BLE001 - a run from before stage summaries were logged
+        log.info("run %s of %s has no %s (%s)", run_id, stage, STAGE_SUMMARY, err)
+        return run_id, {}
+
+
+@contextlib.contextmanager
+def root_lock(root: Path, what: str, wait_s: float = 0.0) -> Iterator[None]:
+    """Hold <root>/.lmcore/run.lock for the block: the only lmcore run working in `root`.
+
+    The lock is the operating system's (flock): a killed holder releases it. `what` (e.g. "lifecycle flow run
+    <id>") is recorded beside it so that a run turned away can say who holds it.
+
+    Raises: RootBusyError when another run holds it for longer than `wait_s` seconds.
+    """
+    folder = Path(root).resolve() / LOCK_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(folder / RUN_LOCK, timeout=max(wait_s, 0.0))
+    try:
+        lock.acquire()
+    except Timeout:
+        waited = f" after waiting {wait_s:g} s" if wait_s > 0 else ""
+        raise RootBusyError(f"{root}: another lmcore run is working in this project root ({holder(folder)}){waited}; "
+                            "let it finish, or pass --wait SECONDS to queue behind it") from None
+    try:
+        write_json(folder / HOLDER, {"what": what, "pid": os.getpid(), "host": socket.gethostname(),
+                                     "since": dt.datetime.now().isoformat(timespec="seconds")})
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            (folder / HOLDER).unlink()
+        lock.release()
+
+
+def holder(folder: Path) -> str:
+    try:
+        info = json.loads((folder / HOLDER).read_text(encoding="utf-8"))
+        return f"{info['what']}, pid {info['pid']} on {info['host']}, since {info['since']}"
+    except (OSError, ValueError, KeyError):
+        return f"holder unknown; lock file {folder / RUN_LOCK}"
