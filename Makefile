@@ -27,10 +27,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -c constraints.txt -e '.[dev]'
 	touch $@
 
-pipeline: setup  ## the lifecycle flow on $(PARAMS)
+pipeline: setup  ## the lifecycle flow on $(PARAMS): the stages that changed since dvc.lock (all of them for another profile)
 	$(BIN)/lmcore pipeline --params $(PARAMS)
 
-repro: setup  ## the same stages through DVC
+repro: setup  ## the same stages through DVC (dvc.yaml first brought up to date with params.yaml's local source paths)
+	$(BIN)/lmcore dvc-yaml
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc repro
 
 dvc-yaml: setup  ## write dvc.yaml from the stage declarations in lmcore/pipeline.py (code deps computed)

@@ -1,7 +1,9 @@
 """Scheduled runs on real servers: a `prefect server`, an `mlflow server`, and the lifecycle deployment
-served by `python -m flows.deploy` (what `make serve` runs). One triggered run of the micro profile
-logs to the MLflow server over HTTP; the tests then read the schedule, the flow run, the MLflow runs
-tagged with its id and the registered model back from the servers."""
+served by `python -m flows.deploy` (what `make serve` runs) for a DVC project on the micro profile. Three
+triggered runs log to the MLflow server over HTTP: the first runs every stage; the second, with nothing changed,
+runs none and registers nothing; the third, after a new document in the folder source, runs the affected stages
+and continues the champion. The tests read the schedule, the flow runs, the MLflow runs tagged with their ids
+and the registered models back from the servers."""
 
 from __future__ import annotations
 
@@ -13,8 +15,11 @@ import urllib.parse
 import urllib.request
 
 import pytest
+import yaml
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from tests.conftest import MICRO, ROOT
+from tests.projects import make_project
 from tests.servers import background, mlflow_server, prefect_server
 
 pytestmark = pytest.mark.slow
@@ -27,16 +32,40 @@ def get_json(url: str, **query) -> dict:
         return json.loads(resp.read())
 
 
+def finish(client, flow_run, serve, log):
+    """Wait for a triggered flow run to end; it must complete."""
+    deadline = time.monotonic() + 600
+    while not (flow_run := client.read_flow_run(flow_run.id)).state.is_final():
+        assert serve.poll() is None, f"flows.deploy exited:\n{log.read_text()[-4000:]}"
+        assert time.monotonic() < deadline, f"run not finished in 600 s:\n{log.read_text()[-4000:]}"
+        time.sleep(2)
+    assert flow_run.state.is_completed(), f"{flow_run.state}:\n{log.read_text()[-6000:]}"
+    return flow_run
+
+
+def versions(mlflow_url: str) -> dict[str, list[str]]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_url, registry_uri=mlflow_url)
+    return {m.name: sorted(str(v.version) for v in client.search_model_versions(f"name = '{m.name}'"))
+            for m in client.search_registered_models()}
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """Servers up, the deployment served, one run triggered and finished: (prefect, mlflow, flow run, root)."""
+    """Servers up, the deployment of a DVC project (micro, a folder source, pretrain.init: champion) served, and
+    three runs triggered: the first runs everything, the second (nothing changed) nothing, the third after a new
+    document in the folder source. Yields the servers, the flow runs, the registry after each run and the root."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     work = tmp_path_factory.mktemp("ops")
-    root = work / "project"
-    root.mkdir()
+    params = yaml.safe_load(MICRO.read_text())
+    params["collect"]["sources"].append({"name": "notes", "path": "corpus", "license": "test"})
+    params["pretrain"].update(init="champion", continued={"max_steps": 6, "lr": 0.001, "warmup_steps": 1})
+    corpus = {"corpus/a.txt": "\n\n".join(f"Paragraph {i}: the lamp was lit early and the street was quiet again." for i in range(6))}
+    root, _ = make_project(work / "project", params, corpus)
     fast_scheduler = {"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2"}
     with prefect_server(work / "prefect", env=fast_scheduler) as prefect, mlflow_server(work / "mlflow") as mlflow:
         env = {
@@ -47,7 +76,7 @@ def served(tmp_path_factory):
             "PREFECT_LOGGING_LEVEL": "INFO",
         }
         cmd = [sys.executable, "-m", "flows.deploy", "--name", "nightly-test", "--cron", CRON,
-               "--params", str(MICRO), "--root", str(root)]
+               "--params", "params.yaml", "--root", str(root)]
         log = work / "serve.log"
         with background(cmd, log, env=env, cwd=ROOT) as serve, temporary_settings({PREFECT_API_URL: prefect.api_url}):
             with get_client(sync_client=True) as client:
@@ -60,28 +89,41 @@ def served(tmp_path_factory):
                     except Exception:
                         assert time.monotonic() < deadline, f"no deployment after 120 s:\n{log.read_text()[-4000:]}"
                         time.sleep(1)
-                flow_run = run_deployment(DEPLOYMENT, timeout=0)
-                deadline = time.monotonic() + 600
-                while not (flow_run := client.read_flow_run(flow_run.id)).state.is_final():
-                    assert serve.poll() is None, f"flows.deploy exited:\n{log.read_text()[-4000:]}"
-                    assert time.monotonic() < deadline, f"run not finished in 600 s:\n{log.read_text()[-4000:]}"
-                    time.sleep(2)
+                runs, registry = [], []
+                for i in range(3):
+                    if i == 2:
+                        (root / "corpus" / "b.txt").write_text(
+                            "A new document: the river rose in the night and the bridge held.\n\n"
+                            "By morning the water had gone down, and the baker opened his shop as on any other day.\n")
+                    runs.append(finish(client, run_deployment(DEPLOYMENT, timeout=0), serve, log))
+                    registry.append(versions(mlflow.url))
                 scheduled = client.read_flow_runs(limit=20)
-            assert flow_run.state.is_completed(), f"{flow_run.state}:\n{log.read_text()[-6000:]}"
-            yield {"prefect": prefect, "mlflow": mlflow, "flow_run": flow_run, "deployment": deployment,
-                   "runs": scheduled, "root": root}
+                task_runs = {i: client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[r.id])))
+                             for i, r in enumerate(runs)}
+            yield {"prefect": prefect, "mlflow": mlflow, "flow_run": runs[0], "flow_runs": runs, "deployment": deployment,
+                   "runs": scheduled, "root": root, "registry": registry, "task_runs": task_runs}
+
+
+def stage_runs(served, i: int) -> dict:
+    """The MLflow runs of the i-th triggered flow run, by stage."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(served["mlflow"].url)
+    exp = client.get_experiment_by_name("lmcore-micro")
+    runs = client.search_runs([exp.experiment_id], f"tags.`lmcore.prefect_flow_run_id` = '{served['flow_runs'][i].id}'")
+    return {r.data.tags["lmcore.stage"]: r for r in runs}
 
 
 def test_deployment_has_the_cron_schedule_and_parameters(served):
     deployment = served["deployment"]
     assert [s.schedule.cron for s in deployment.schedules] == [CRON]
-    assert deployment.parameters["params_file"] == str(MICRO)
+    assert deployment.parameters["params_file"] == "params.yaml"
     assert deployment.parameters["root"] == str(served["root"])
     # one run at a time: runs of one deployment share their output folders
     assert deployment.global_concurrency_limit is not None and deployment.global_concurrency_limit.limit == 1
     # the server's scheduler put the next nightly runs on the calendar, at 03:17 UTC
     upcoming = [r for r in served["runs"] if r.deployment_id == deployment.id and r.state.is_scheduled()
-                and r.id != served["flow_run"].id]
+                and r.id not in {f.id for f in served["flow_runs"]}]
     assert upcoming, "the scheduler created no scheduled runs"
     assert all((r.expected_start_time.hour, r.expected_start_time.minute) == (3, 17) for r in upcoming)
 
@@ -127,3 +169,38 @@ def test_registered_model_reads_back_over_http(served, tmp_path):
         mlflow.set_tracking_uri(None)
         mlflow.set_registry_uri(None)
     assert len(out) == 1 and isinstance(out[0], str) and out[0].strip()  # the continuation
+
+
+def test_a_second_run_with_nothing_changed_runs_nothing_and_registers_nothing(served):
+    from lmcore.pipeline import NAMES as STAGES
+
+    first, second = served["registry"][:2]
+    assert second == first and first["lmcore-base"] == ["1"]
+    runs = stage_runs(served, 1)
+    assert list(runs) == ["lifecycle"]  # no stage run: only the lifecycle's own
+    tags = runs["lifecycle"].data.tags
+    assert tags["lmcore.stages_run"] == "none" and tags["lmcore.stages_skipped"] == ",".join(STAGES)
+    made = stage_runs(served, 0)
+    assert tags["lmcore.decision.pretrain"] == f"unchanged since run {made['pretrain'].info.run_id}"
+    # in Prefect: a task run per stage, each Skipped
+    assert sorted(t.state.name for t in served["task_runs"][1]) == ["Skipped"] * len(STAGES)
+
+
+def test_a_new_document_runs_the_affected_stages_and_continues_the_champion(served):
+    from mlflow.tracking import MlflowClient
+
+    runs = stage_runs(served, 2)
+    ran = runs["lifecycle"].data.tags["lmcore.stages_run"].split(",")
+    assert ran[:2] == ["collect", "preprocess"] and "base_model" not in ran and "pretrain" in ran
+    assert sorted(runs) == sorted([*ran, "lifecycle"])
+    assert runs["lifecycle"].data.tags["lmcore.decision.collect"] == "changed: deps corpus modified"
+    # pretraining continued the champion (v1), on the new shards, with the continued schedule
+    client = MlflowClient(served["mlflow"].url)
+    v1 = client.get_model_version("lmcore-base", "1")
+    pretrain = runs["pretrain"]
+    assert pretrain.data.tags["lmcore.continued_weights_sha256"] == v1.tags["lmcore.weights_sha256"]
+    assert pretrain.data.metrics["start_step"] == 12 and pretrain.data.metrics["steps"] == 6
+    assert served["registry"][2]["lmcore-base"] == ["1", "2"]
+    # the gate decided on v2 against the champion, and said so
+    assert runs["benchmark"].data.tags["promotion.alias"] in ("champion", "challenger")
+    assert runs["benchmark"].data.tags["promotion.reason"]

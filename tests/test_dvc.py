@@ -8,11 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
-import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,55 +15,22 @@ import pytest
 import yaml
 
 from lmcore import pipeline
-from tests.conftest import MICRO, ROOT
+from tests.projects import dvc, make_project, repro_ran, sh
 
 pytestmark = pytest.mark.slow
 STAGES = list(pipeline.NAMES)
 # the judge stage re-runs only when the responses it judges changed (a micro model's may not): checked apart
 DOWNSTREAM_OF_PRETRAIN = [s for s in pipeline.downstream("pretrain") if s != "judge"]
 RESPONSES = ["reports/instruct/test_responses.jsonl", "reports/dpo/test_responses.jsonl"]  # the judge stage's inputs
-COPY = ["lmcore", "tasks", "flows", "dvc.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore", ".gitignore"]
 
 
 def make_repo(tmp_path: Path) -> tuple[Path, dict]:
-    repo = tmp_path / "repo"  # the default remote (../../lmcore-dvc-remote from .dvc/) is tmp_path/lmcore-dvc-remote
-    repo.mkdir()
-    for name in COPY:
-        src, dst = ROOT / name, repo / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
-    shutil.copy2(MICRO, repo / "params.yaml")
-    # the checkout's .gitignore: DVC outs (/data/, /models/, /reports/), mlflow.db, mlruns/, dvc_plots/ stay out of git
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env["PYTHONPATH"] = str(repo)  # the copied code, not the checkout's
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{repo / 'mlflow.db'}"
-    # One Prefect server for every `lmcore run` the stages start (the session's), not a temporary one each
-    from prefect.settings import PREFECT_API_URL
-
-    env["PREFECT_API_URL"] = PREFECT_API_URL.value()
-    env["GIT_AUTHOR_NAME"] = env["GIT_COMMITTER_NAME"] = "lmcore-test"
-    env["GIT_AUTHOR_EMAIL"] = env["GIT_COMMITTER_EMAIL"] = "test@lmcore.invalid"
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
-        subprocess.run(cmd, cwd=repo, env=env, check=True)
-    return repo, env
-
-
-def sh(repo: Path, env: dict, *cmd: str) -> str:
-    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc.stdout + proc.stderr
+    # the default remote (../../lmcore-dvc-remote from .dvc/) is tmp_path/lmcore-dvc-remote
+    return make_project(tmp_path / "repo")
 
 
 def ran(output: str) -> list[str]:
-    return re.findall(r"Running stage '(\w+)'", output)
-
-
-def dvc(repo, env, *args):
-    return sh(repo, env, sys.executable, "-m", "dvc", *args)
+    return repro_ran(output)
 
 
 def tracked_outputs(repo: Path) -> list[str]:
