@@ -6,7 +6,8 @@
 
 The deployment is `lmcore-lifecycle/<name>` (default `scheduled`): a cron schedule, the flow's parameters
 (params file and project root, stored with the deployment) and at most one run at a time, since runs of one
-deployment share their output folders. Trigger one now with
+deployment share their output folders. A run due while a manual run works in the root waits for it (`--wait`,
+an hour by default), then runs only what is still changed. Trigger one now with
 
     prefect deployment run lmcore-lifecycle/scheduled
 
@@ -42,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--root", default=".", help="project root the runs write under (default: the current folder)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a params override for every run, e.g. pretrain.max_steps=50 (repeatable)")
+    p.add_argument("--wait", type=float, default=3600, metavar="SECONDS",
+                   help="how long a run waits for another lmcore run working in the root, e.g. a manual one, before "
+                        "it fails (default: %(default)s)")
     p.add_argument("--paused", action="store_true", help="create the schedule paused (runs only when triggered)")
     p.add_argument("--start-server", action="store_true",
                    help="start a Prefect server on 127.0.0.1:--port first, unless one answers there")
@@ -101,7 +105,7 @@ def serve(args: argparse.Namespace) -> None:
     lifecycle.serve(
         name=args.name,
         schedule=CronSchedule(cron=args.cron, timezone=args.timezone),
-        parameters={"params_file": str(params_file), "root": str(root), "overrides": args.overrides or None},
+        parameters={"params_file": str(params_file), "root": str(root), "overrides": args.overrides or None, "wait_s": args.wait},
         paused=args.paused,
         global_limit=1,
         tags=["lmcore"],

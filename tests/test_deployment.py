@@ -119,6 +119,7 @@ def test_deployment_has_the_cron_schedule_and_parameters(served):
     assert [s.schedule.cron for s in deployment.schedules] == [CRON]
     assert deployment.parameters["params_file"] == str(served["root"] / "params.yaml")
     assert deployment.parameters["root"] == str(served["root"])
+    assert deployment.parameters["wait_s"] == 3600  # a run due beside a manual one waits for it
     # one run at a time: runs of one deployment share their output folders
     assert deployment.global_concurrency_limit is not None and deployment.global_concurrency_limit.limit == 1
     # the server's scheduler put the next nightly runs on the calendar, at 03:17 UTC
