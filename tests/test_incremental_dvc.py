@@ -27,7 +27,7 @@ CORPUS = {f"corpus/doc{i}.txt": "\n\n".join(f"Paragraph {j} of document {i}: the
 
 
 def lifecycle_runs(repo, env):
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])  # not a process-wide registry URI
     exp = client.get_experiment_by_name("lmcore-micro")
     return client, client.search_runs([exp.experiment_id], "tags.`lmcore.stage` = 'lifecycle'", order_by=["attributes.start_time ASC"])
 
