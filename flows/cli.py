@@ -68,7 +68,7 @@ class _OneLineErrors(TyperGroup):
             if VERBOSE:
                 traceback.print_exception(err, file=sys.stderr)
             recorded = failures.RECORDED.get(str(err))
-            detail = f"  [traceback: {recorded.log}]" if recorded and not VERBOSE else ""
+            detail = f"  [traceback: {recorded.log}]" if recorded and recorded.log and not VERBOSE else ""
             typer.secho(f"{err}{detail}", fg=typer.colors.RED, err=True)
             raise typer.Exit(2 if is_input_error(err) else 1) from None
 

@@ -10,9 +10,10 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Failure:
-    """Where the traceback is, and whether the failure was bad input (else transient)."""
+    """Where the traceback is (None: a refusal before any stage ran, with nothing worth a traceback), and whether
+    the failure was bad input (else transient)."""
 
-    log: Path
+    log: Path | None
     bad_input: bool
 
 

@@ -39,6 +39,7 @@ from filelock import FileLock, Timeout
 
 from lmcore.errors import InputError
 from lmcore.io import write_json
+from tasks import failures
 from tasks.dvc_hashes import is_dvc_project
 from tasks.tags import TAG_DVC_OUT, TAG_STAGE
 from tasks.tracking import Tracking, no_progress_bar
@@ -242,8 +243,10 @@ def root_lock(root: Path, what: str, wait_s: float = 0.0) -> Iterator[None]:
         lock.acquire()
     except Timeout:
         waited = f" after waiting {wait_s:g} s" if wait_s > 0 else ""
-        raise RootBusyError(f"{root}: another lmcore run is working in this project root ({holder(folder)}){waited}; "
-                            "let it finish, or pass --wait SECONDS to queue behind it") from None
+        err = RootBusyError(f"{root}: another lmcore run is working in this project root ({holder(folder)}){waited}; "
+                            "let it finish, or pass --wait SECONDS to queue behind it")
+        failures.RECORDED[str(err)] = failures.Failure(None, bad_input=True)  # the CLI shows it once, as one line
+        raise err from None
     try:
         write_json(folder / HOLDER, {"what": what, "pid": os.getpid(), "host": socket.gethostname(),
                                      "since": dt.datetime.now().isoformat(timespec="seconds")})
