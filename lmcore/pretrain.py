@@ -53,7 +53,7 @@ from lmcore.checkpoint import load_model, save_model
 from lmcore.config import ModelConfig, PretrainConfig, load_params
 from lmcore.data.loader import RANDOM, TokenDataset, TokenLoader
 from lmcore.harness.benchmarks import Item
-from lmcore.harness.probe import section_probe, write_curve
+from lmcore.harness.probe import section_probe
 from lmcore.io import atomic_dir, sha256_file, write_json, write_text
 from lmcore.model import GPT
 from lmcore.paths import BENCH_CURVE, CHECKPOINTS, LOSS_PLOT, MANIFEST, SUMMARY, TRAIN_LOSS, VAL_LOSS, WEIGHTS, Layout
@@ -71,6 +71,7 @@ from lmcore.training import (
     lr_at,
     make_optimizer,
     measure_peak_flops,
+    metrics_csv,
     plot_losses,
     resolve_device,
     resolve_precision,
@@ -351,7 +352,7 @@ def write_outputs(
             write_text(reports_tmp / TRAIN_LOSS, "step,train_loss,lr\n" + train_csv)
             write_text(reports_tmp / VAL_LOSS, "step,val_loss\n" + "".join(f"{s},{loss:.6f}\n" for s, loss in state.val_rows))
             if state.bench_rows:
-                write_curve(reports_tmp / BENCH_CURVE, state.bench_rows)
+                write_text(reports_tmp / BENCH_CURVE, metrics_csv(state.bench_rows))
             plot_losses(reports_tmp / LOSS_PLOT, state.train_rows, state.val_rows)
             write_json(reports_tmp / SUMMARY, summary)
             extra = {PRETRAIN_STEPS: summary["pretrain_steps"], **({"tokenizer": tokenizer.name} if tokenizer else {})}

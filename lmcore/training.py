@@ -527,6 +527,15 @@ def checkpoint_due(step: int, interval: int | None, checkpoint_dir: Path | None)
     return checkpoint_dir is not None and bool(interval) and step > 0 and step % interval == 0
 
 
+def metrics_csv(rows: list[tuple[int, dict[str, float]]], column=lambda name: name) -> str:
+    """(step, {metric: value}) rows as CSV: `step`, then a column per metric in first-seen order (its header
+    `column(name)`); a metric a row lacks is an empty cell."""
+    names = list(dict.fromkeys(k for _, row in rows for k in row))
+    lines = [",".join(["step", *map(column, names)])]
+    lines += [",".join([str(step)] + [f"{row[k]:.6g}" if k in row else "" for k in names]) for step, row in rows]
+    return "\n".join(lines) + "\n"
+
+
 def plot_losses(path: Path, train: list[tuple[int, float, float]], val: list[tuple[int, float]], title: str | None = None) -> None:
     """Train (step, loss, lr) and val (step, loss) curves as a PNG at `path` (inside an atomic_dir)."""
     # Figure without pyplot: no global backend switch, renders with Agg.

@@ -51,6 +51,7 @@ from lmcore.training import (
     checkpoint_due,
     lr_at,
     make_optimizer,
+    metrics_csv,
     plot_losses,
     resolve_precision,
     save_checkpoint,
@@ -252,11 +253,7 @@ def validate(model: torch.nn.Module, evaluate_fn: EvalFn, max_batches: int | Non
 
 
 def _csv(rows: list[tuple[int, dict[str, float]]], prefix: str) -> str:
-    names = list(dict.fromkeys(k for _, row in rows for k in row))  # first-seen order
-    header = ["step"] + [k if k in ("lr", "grad_norm") or not prefix else f"{prefix}_{k}" for k in names]  # "": as logged
-    lines = [",".join(header)]
-    lines += [",".join([str(step)] + [f"{row[k]:.6g}" if k in row else "" for k in names]) for step, row in rows]
-    return "\n".join(lines) + "\n"
+    return metrics_csv(rows, lambda k: k if k in ("lr", "grad_norm") else f"{prefix}_{k}")
 
 
 def write_curves(out_dir: Path, history: History, title: str | None = None) -> None:
@@ -265,7 +262,7 @@ def write_curves(out_dir: Path, history: History, title: str | None = None) -> N
     write_text(out_dir / TRAIN_LOSS, _csv(history.train, "train"))
     write_text(out_dir / VAL_LOSS, _csv(history.val, "val"))
     if history.bench:
-        write_text(out_dir / BENCH_CURVE, _csv(history.bench, ""))
+        write_text(out_dir / BENCH_CURVE, metrics_csv(history.bench))
     plot_losses(
         out_dir / LOSS_PLOT,
         [(s, row["loss"], row["lr"]) for s, row in history.train],

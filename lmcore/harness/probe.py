@@ -35,7 +35,6 @@ from lmcore import distributed
 from lmcore.harness.benchmarks import ACC, ACC_NORM, GROUPS, SPECS, Item, expand, groups_of, sample, task_items
 from lmcore.harness.metrics import group_scores, item_result, task_scores
 from lmcore.harness.scoring import TooLongError, encode_choices, score_items
-from lmcore.io import write_text
 
 log = logging.getLogger(__name__)
 
@@ -139,12 +138,4 @@ def section_probe(section, items: list[Item] | None, enc, context_length: int, *
     return BenchProbe(items, enc, context_length=context_length, every=section.eval_benchmarks_every, key=key)
 
 
-def write_curve(path: Path, rows: list[tuple[int, dict[str, float]]]) -> None:
-    """The probe's scores as CSV (atomic): a `step` column, then one column per metric ("train_bench.hellaswag.acc")."""
-    names = list(dict.fromkeys(k for _, row in rows for k in row))
-    lines = [",".join(["step", *names])]
-    lines += [",".join([str(step)] + [f"{row[k]:.6g}" if k in row else "" for k in names]) for step, row in rows]
-    write_text(path, "\n".join(lines) + "\n")
-
-
-__all__ = ["BenchProbe", "PREFIX", "TIME_KEY", "probe_items", "probe_sources", "section_probe", "write_curve"]
+__all__ = ["BenchProbe", "PREFIX", "TIME_KEY", "probe_items", "probe_sources", "section_probe"]
