@@ -1,7 +1,7 @@
 """Tokenize throughput: the whole tokenize stage against raw tiktoken on the same text, in one process.
 
     .venv/bin/python -m benchmarks.tokenize_speed                  # >= 100 MB from ../shared/data/corpus
-    .venv/bin/python -m benchmarks.tokenize_speed --mb 20 --repeats 1
+    .venv/bin/python -m benchmarks.tokenize_speed --mb 20 --repeats 1 --vocab 8192
 
 The text is every corpus file of the offline mirror cut into blank-line paragraphs, repeated until it
 reaches `--mb` megabytes, written as the preprocess stage writes it (documents.jsonl). Then, `--repeats`
@@ -15,14 +15,18 @@ times each, alternating:
   share one interpreter, so the stage, which encodes in processes, can pass the threaded ceiling; this
   row shows the ceiling of processes too.
 
-Throughput is megabytes of UTF-8 text per second (the same numerator for all rows); ratios are stage / raw.
-Medians are printed.
+The same rows again for a BPE trained on the text (`--vocab`, the train_tokenizer stage's trainer; 0 leaves it
+out), which lmcore encodes through tiktoken, and one row of the same tokenizer through Hugging Face `tokenizers`
+(`encode_batch`), the encoder it would otherwise use. Throughput is megabytes of UTF-8 text per second (the same
+numerator for all rows); ratios are stage / raw of the same tokenizer, and each raw row against GPT-2's raw
+ceiling. Medians are printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import functools
 import json
 import multiprocessing
 import os
@@ -32,9 +36,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from lmcore.bpe import save_trained, train_bpe
 from lmcore.config import TokenizeConfig
 from lmcore.data.tokenize import tokenize
-from lmcore.tokenizer import get_encoding
+from lmcore.tokenizer import Tokenizer, get_tokenizer, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "data" / "corpus"
@@ -71,9 +76,45 @@ def batches(texts: list[str]) -> list[list[str]]:
     return out + ([cur] if cur else [])
 
 
-def _encode_batch(texts: list[str]) -> int:
-    enc = get_encoding("gpt2", RANKS)
-    return sum(map(len, enc.encode_ordinary_batch(texts, num_threads=1)))
+TRAIN_CHARS = 20_000_000  # the trained tokenizer learns from the first 20M characters
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(folder: str) -> Tokenizer:
+    return load_tokenizer(folder)
+
+
+def _encode_batch(job: tuple[str, list[str]]) -> int:
+    folder, texts = job
+    return sum(map(len, _tokenizer(folder).encode_ordinary_batch(texts, num_threads=1)))
+
+
+def measure(tok: Tokenizer, folder: Path, texts: list[str], chunks: list[list[str]], clean: Path, cfg: TokenizeConfig,
+            pool: cf.ProcessPoolExecutor, repeats: int, mb: float, cores: int) -> dict[str, float]:
+    """Median seconds of raw threads, the stage and raw processes for one tokenizer (`folder` carries it)."""
+    raw, stage, procs = [], [], []
+    list(pool.map(_encode_batch, [(str(folder), ["warm up"])] * cores))  # load it in every worker before timing
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        raw_tokens = sum(sum(map(len, tok.encode_ordinary_batch(c, num_threads=cores))) for c in chunks)
+        raw.append(time.perf_counter() - t0)
+
+        out = clean.parent / f"tokens-{tok.name}-{r}"
+        t0 = time.perf_counter()
+        manifest = tokenize(cfg, clean, out, seed=1337, tokenizer=tok, workers=cores)
+        stage.append(time.perf_counter() - t0)
+        stage_tokens = sum(s["tokens"] for s in manifest["splits"].values())
+        shutil.rmtree(out)
+
+        t0 = time.perf_counter()
+        proc_tokens = sum(pool.map(_encode_batch, [(str(folder), c) for c in chunks]))
+        procs.append(time.perf_counter() - t0)
+        print(f"  {tok.name} repeat {r + 1}: raw {mb / raw[-1]:.2f} MB/s, stage {mb / stage[-1]:.2f} MB/s, "
+              f"raw processes {mb / procs[-1]:.2f} MB/s")
+    # The stage adds one end-of-text token per document; everything else must be the same tokens.
+    assert stage_tokens == raw_tokens + len(texts) == proc_tokens + len(texts), (stage_tokens, raw_tokens, proc_tokens)
+    return {"raw": statistics.median(raw), "stage": statistics.median(stage), "procs": statistics.median(procs),
+            "tokens": raw_tokens}
 
 
 def main() -> None:
@@ -81,9 +122,9 @@ def main() -> None:
     ap.add_argument("--mb", type=float, default=100.0, help="megabytes of text (default 100)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--shard-mb", type=float, default=4.0, help="tokenize.shard_bytes in MB (default 4)")
+    ap.add_argument("--vocab", type=int, default=4096, help="a trained BPE's vocabulary size (default 4096; 0: GPT-2 only)")
     args = ap.parse_args()
     cores = os.cpu_count() or 1
-    enc = get_encoding("gpt2", RANKS)
 
     texts = build_texts(args.mb)
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
@@ -93,43 +134,52 @@ def main() -> None:
         clean = work / "clean"
         clean.mkdir()
         with open(clean / "documents.jsonl", "w", encoding="utf-8") as f:
-            for i, t in enumerate(texts):
-                f.write(json.dumps({"id": f"bench/{i}", "source": "bench", "text": t}, ensure_ascii=False) + "\n")
+            f.writelines(json.dumps({"id": f"bench/{i}", "source": "bench", "text": t}, ensure_ascii=False) + "\n" for i, t in enumerate(texts))
         chunks = batches(texts)
         cfg = TokenizeConfig(ranks_file=RANKS, shard_bytes=int(args.shard_mb * 2**20))
         print(f"{len(texts):,} documents, {mb:.1f} MB of text; {cores} cores; shard_bytes {cfg.shard_bytes:,}")
 
-        raw, stage, procs = [], [], []
+        tokenizers = [(get_tokenizer("gpt2", RANKS), work / "gpt2")]
+        tokenizers[0][0].save(tokenizers[0][1])
+        if args.vocab:
+            sample, size = [], 0
+            for t in texts:
+                if size >= TRAIN_CHARS:
+                    break
+                sample.append(t)
+                size += len(t)
+            t0 = time.perf_counter()
+            trained = save_trained(train_bpe(sample, vocab_size=args.vocab, special_tokens=["<|endoftext|>"]),
+                                   work / "trained", name=f"bpe-{args.vocab}", eot="<|endoftext|>")
+            print(f"trained {trained.name} on {size / 1e6:.1f}M characters in {time.perf_counter() - t0:.1f} s")
+            tokenizers.append((trained, work / "trained"))
+
+        med = {}
         ctx = multiprocessing.get_context("spawn")
         with cf.ProcessPoolExecutor(cores, mp_context=ctx) as pool:
-            list(pool.map(_encode_batch, [["warm up"]] * cores))  # start the workers before timing
-            for r in range(args.repeats):
-                t0 = time.perf_counter()
-                raw_tokens = sum(sum(map(len, enc.encode_ordinary_batch(c, num_threads=cores))) for c in chunks)
-                raw.append(time.perf_counter() - t0)
-
-                out = work / f"tokens-{r}"
-                t0 = time.perf_counter()
-                manifest = tokenize(cfg, clean, out, seed=1337, workers=cores)
-                stage.append(time.perf_counter() - t0)
-                stage_tokens = sum(s["tokens"] for s in manifest["splits"].values())
-                shutil.rmtree(out)
-
-                t0 = time.perf_counter()
-                proc_tokens = sum(pool.map(_encode_batch, chunks))
-                procs.append(time.perf_counter() - t0)
-                print(f"  repeat {r + 1}: raw {mb / raw[-1]:.2f} MB/s, stage {mb / stage[-1]:.2f} MB/s, raw processes {mb / procs[-1]:.2f} MB/s")
-        # The stage adds one end-of-text token per document; everything else must be the same tokens.
-        assert stage_tokens == raw_tokens + len(texts) == proc_tokens + len(texts), (stage_tokens, raw_tokens, proc_tokens)
-
-        med = {k: statistics.median(v) for k, v in {"raw": raw, "stage": stage, "procs": procs}.items()}
+            for tok, folder in tokenizers:
+                med[tok.name] = measure(tok, folder, texts, chunks, clean, cfg, pool, args.repeats, mb, cores)
+        hf_s = None
+        if args.vocab:  # the trained tokenizer through Hugging Face tokenizers: what tiktoken replaces
+            tok = tokenizers[1][0]
+            t0 = time.perf_counter()
+            hf_tokens = sum(len(e.ids) for c in chunks for e in tok._plain.encode_batch(c, add_special_tokens=False))
+            hf_s = time.perf_counter() - t0
+            assert hf_tokens == med[tok.name]["tokens"], (hf_tokens, med[tok.name]["tokens"])
+        ceiling = med["gpt2"]["raw"]
         print()
-        print("| run | MB/s (median) | stage / run |")
-        print("|---|---|---|")
-        print(f"| raw tiktoken encode_ordinary_batch, {cores} threads | {mb / med['raw']:.2f} | {med['raw'] / med['stage']:.2f}x |")
-        print(f"| raw tiktoken, {cores} processes | {mb / med['procs']:.2f} | {med['procs'] / med['stage']:.2f}x |")
-        print(f"| lmcore tokenize stage (read, encode, Arrow shards), {cores} workers | {mb / med['stage']:.2f} | 1.00x |")
-        print(f"\n{raw_tokens:,} tokens; stage / raw threads = {med['raw'] / med['stage']:.2f} (target >= 0.9)")
+        print("| tokenizer | run | MB/s (median) | stage / run | MB/s against GPT-2 raw threads |")
+        print("|---|---|---|---|---|")
+        for name, m in med.items():
+            print(f"| {name} | raw tiktoken encode_ordinary_batch, {cores} threads | {mb / m['raw']:.2f} | {m['raw'] / m['stage']:.2f}x | {ceiling / m['raw']:.2f}x |")
+            print(f"| {name} | raw tiktoken, {cores} processes | {mb / m['procs']:.2f} | {m['procs'] / m['stage']:.2f}x | {ceiling / m['procs']:.2f}x |")
+            print(f"| {name} | lmcore tokenize stage (read, encode, Arrow shards), {cores} workers | {mb / m['stage']:.2f} | 1.00x | {ceiling / m['stage']:.2f}x |")
+        if hf_s is not None:
+            name = tokenizers[1][0].name
+            print(f"| {name} | Hugging Face tokenizers encode_batch | {mb / hf_s:.2f} | {hf_s / med[name]['stage']:.2f}x | {ceiling / hf_s:.2f}x |")
+        for name, m in med.items():
+            print(f"\n{name}: {m['tokens']:,} tokens ({n_bytes / m['tokens']:.2f} bytes/token); stage / raw threads = "
+                  f"{m['raw'] / m['stage']:.2f} (target >= 0.9)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -245,10 +245,41 @@ class BaseModelConfig(_Section):
         return self
 
 
+class TrainTokenizerConfig(_Section):
+    """A byte-level BPE trained on the train split of the cleaned corpus (lmcore.bpe), into models/tokenizer."""
+
+    # Tokens in all: the 256 bytes, the merges and the special tokens (fewer when the corpus runs out of pairs).
+    vocab_size: int = Field(default=8192, ge=1)
+    special_tokens: list[str] = Field(default_factory=lambda: ["<|endoftext|>"])  # the first ends every document
+    pattern: Literal["gpt2", "gpt4"] = "gpt2"  # tiktoken's split regex: GPT-2's, or GPT-4's cl100k (digits by 3)
+    min_frequency: int = Field(default=2, ge=1)  # a pair seen fewer times is never merged
+    max_chars: int | None = Field(default=None, ge=1)  # train on the first N characters of the train split; null: all
+    # Texts the tokenizer report measures bytes per token on, besides the corpus: benchmark items (contexts and
+    # choices) of these tasks (files from benchmark.sources), `eval_benchmarks_limit` each, drawn with
+    # benchmark.sample_seed. []: none (params.yaml names hellaswag and arc_easy).
+    eval_benchmarks: list[str] = Field(default_factory=list)
+    eval_benchmarks_limit: int = Field(default=200, ge=1)
+
+    @model_validator(mode="after")
+    def _fits(self) -> TrainTokenizerConfig:
+        smallest = 256 + len(self.special_tokens)  # the byte alphabet and the special tokens: lmcore.bpe.min_vocab_size
+        if not self.special_tokens or any(not t for t in self.special_tokens):
+            raise ValueError("train_tokenizer.special_tokens: needs the end-of-text token first (e.g. <|endoftext|>), no empty names")
+        if len(set(self.special_tokens)) != len(self.special_tokens):
+            raise ValueError(f"train_tokenizer.special_tokens: {self.special_tokens} names a token twice")
+        if self.vocab_size < smallest:
+            raise ValueError(
+                f"train_tokenizer.vocab_size {self.vocab_size} is smaller than the byte alphabet plus the special tokens "
+                f"(256 + {len(self.special_tokens)} = {smallest})"
+            )
+        return self
+
+
 class TokenizeConfig(_Section):
     # auto: the base model's tokenizer when `base_model.source` is not scratch, else gpt2. gpt2: GPT-2's BPE
-    # (tiktoken). base: the base model's. A path (relative to the project root): a folder carrying a tokenizer
-    # (tokenizer_config.json + its file, e.g. a model folder) or a Hugging Face tokenizer.json.
+    # (tiktoken). trained: the train_tokenizer stage's (models/tokenizer). base: the base model's. A path
+    # (relative to the project root): a folder carrying a tokenizer (tokenizer_config.json + its file, e.g. a
+    # model folder) or a Hugging Face tokenizer.json.
     tokenizer: str = Field(default="auto", min_length=1)
     # A local tiktoken ranks file for gpt2; when null, LMCORE_TIKTOKEN_FILE, else tiktoken's own (online) loader.
     ranks_file: str | None = None
@@ -662,6 +693,9 @@ class BenchmarkConfig(_Section):
     # this metric by more than the combined standard error; otherwise the version becomes `challenger`.
     # null: the first task's headline metric (acc_norm for hellaswag and arc, else acc).
     primary_metric: str | None = "hellaswag.acc_norm"
+    # A task with more than this share of its sampled items cut to fit the model's context (or left out) is n/a:
+    # reported, logged and promoted on as no score (lmcore.harness.run.MAX_CUT_FRACTION). 1: every task is scored.
+    max_cut_fraction: float = Field(default=0.5, ge=0, le=1)
 
     @model_validator(mode="after")
     def _known_tasks(self) -> BenchmarkConfig:
@@ -731,6 +765,7 @@ class Params(_Section):
     collect: CollectConfig
     preprocess: PreprocessConfig = PreprocessConfig()
     base_model: BaseModelConfig = BaseModelConfig()
+    train_tokenizer: TrainTokenizerConfig = TrainTokenizerConfig()
     tokenize: TokenizeConfig = TokenizeConfig()
     pretrain: PretrainConfig = PretrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
@@ -740,6 +775,16 @@ class Params(_Section):
     benchmark: BenchmarkConfig = BenchmarkConfig()
     judge: JudgeConfig = JudgeConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _trained_vocab_fits(self) -> Params:
+        vocab = self.train_tokenizer.vocab_size
+        if self.tokenize.tokenizer == "trained" and self.base_model.source == "scratch" and self.pretrain.model.vocab_size < vocab:
+            raise ValueError(
+                f"pretrain.model.vocab_size {self.pretrain.model.vocab_size} is smaller than train_tokenizer.vocab_size "
+                f"{vocab}, the tokenizer tokenize.tokenizer 'trained' uses; make them equal"
+            )
+        return self
 
     @model_validator(mode="after")
     def _probe_sources(self) -> Params:
@@ -752,6 +797,11 @@ class Params(_Section):
                     check_tasks(section.eval_benchmarks, 0, {s.name for s in self.benchmark.sources})
                 except ValueError as err:
                     raise ValueError(f"{name}.eval_benchmarks: {err} (in benchmark.sources)") from None
+        if self.train_tokenizer.eval_benchmarks:
+            try:
+                check_tasks(self.train_tokenizer.eval_benchmarks, 0, {s.name for s in self.benchmark.sources})
+            except ValueError as err:
+                raise ValueError(f"train_tokenizer.eval_benchmarks: {err} (in benchmark.sources)") from None
         return self
 
     def to_dict(self) -> dict[str, Any]:

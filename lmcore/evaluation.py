@@ -1,11 +1,15 @@
-"""Evaluation of a trained model: validation loss and perplexity, and seeded text samples.
+"""Evaluation of a trained model: validation loss, perplexity and bits per byte, and seeded text samples.
 
     metrics = evaluate(params.evaluate, Path("models/base"), Path("data/tokens"), Path("reports/evaluate"),
                        seed=params.seed, enc=load_tokenizer("models/base"))
 
 Outputs (out_dir, replaced whole):
-    metrics.json   {"val_loss", "perplexity", "val_tokens"}
+    metrics.json   {"val_loss", "perplexity", "val_tokens", "val_bpb", "val_bytes"}
     samples.jsonl  one line per prompt: {"prompt", "completion", "temperature", "top_k", "max_new_tokens", "seed"}
+
+val_bpb (lmcore.training.bpb_sums) is the loss over the same tokens in bits per UTF-8 byte of the text they stand
+for (special tokens left out; val_bytes of them): unlike val_loss and perplexity it compares models with different
+tokenizers.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +30,19 @@ from lmcore.generation import generate_text
 from lmcore.io import atomic_dir, write_json, write_text
 from lmcore.model import GPT
 from lmcore.paths import MANIFEST, METRICS, SAMPLES
-from lmcore.tokenizer import TokenizerError, has_tokenizer, load_tokenizer
+from lmcore.tokenizer import Tokenizer, TokenizerError, has_tokenizer, load_tokenizer
 from lmcore.tracking import NullTracker, Tracker
-from lmcore.training import resolve_device
+from lmcore.training import bits_per_byte, bpb_sums, resolve_device, token_bytes
+
+
+class ValScore(NamedTuple):
+    """What `perplexity` measured: mean loss in nats per token over `tokens` predicted tokens, and bits per byte
+    over the `bytes` they stand for (None without a tokenizer, or when no byte was scored)."""
+
+    loss: float
+    tokens: int
+    bpb: float | None = None
+    bytes: int = 0
 
 
 @torch.no_grad()
@@ -38,20 +53,27 @@ def perplexity(
     context_length: int,
     max_batches: int | None,
     device: str | torch.device,
-) -> tuple[float, int]:
-    """Token-weighted mean cross-entropy over the dataset's non-overlapping windows.
+    bytes_per_token: torch.Tensor | None = None,
+) -> ValScore:
+    """Token-weighted mean cross-entropy over the dataset's non-overlapping windows, and their bits per byte.
 
-    Returns: (mean loss in nats per token, number of predicted tokens); perplexity is exp(loss).
+    Args: bytes_per_token: lmcore.training.token_bytes of the model's tokenizer; None: no bits per byte.
+    Returns: the ValScore; perplexity is exp(loss).
     """
     model.eval()
-    total, n_tokens = 0.0, 0
+    total, n_tokens, nats, n_bytes = 0.0, 0, 0.0, 0.0
     for x, y in dataset.sequential_batches(batch_size, context_length, max_batches):
         x, y = x.to(device), y.to(device)  # (B, T) each
         logits, _ = model(x)  # (B, T, V)
+        losses = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none")  # (B*T,)
         # Summed, not averaged, per batch: the last batch may be smaller and must weigh by its tokens.
-        total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
+        total += losses.sum().item()
         n_tokens += y.numel()
-    return total / n_tokens, n_tokens
+        if bytes_per_token is not None:
+            batch_nats, batch_bytes = bpb_sums(losses, y, bytes_per_token.to(y.device))
+            nats, n_bytes = nats + batch_nats.item(), n_bytes + batch_bytes.item()
+    bpb = bits_per_byte(nats, n_bytes) if bytes_per_token is not None else None
+    return ValScore(total / n_tokens, n_tokens, bpb, int(n_bytes))
 
 
 def evaluate(
@@ -94,11 +116,14 @@ def evaluate(
         )
 
     seq_len = min(cfg.seq_len or model.config.context_length, model.config.context_length)
-    loss, n_tokens = perplexity(model, val, cfg.batch_size, seq_len, cfg.max_batches, device)
+    # bits per byte needs the tokenizer's bytes per token (a bare tiktoken Encoding has no special_ids)
+    bytes_per_token = token_bytes(enc, model.config.vocab_size) if isinstance(enc, Tokenizer) else None
+    score = perplexity(model, val, cfg.batch_size, seq_len, cfg.max_batches, device, bytes_per_token)
     metrics = {
-        "val_loss": round(loss, 6),
-        "perplexity": round(math.exp(loss), 6) if loss < 700 else math.inf,
-        "val_tokens": n_tokens,
+        "val_loss": round(score.loss, 6),
+        "perplexity": round(math.exp(score.loss), 6) if score.loss < 700 else math.inf,
+        "val_tokens": score.tokens,
+        **({"val_bpb": round(score.bpb, 6), "val_bytes": score.bytes} if score.bpb is not None else {}),
     }
 
     samples = [

@@ -39,6 +39,9 @@ TOKENS = "data/tokens"
 BENCHMARK_DATA = "data/benchmarks"
 FINETUNE_DATA = "data/finetune"  # + /<name>: raw/ (collected) and splits/
 MODELS = "models"  # + /<name>: base, classifier, instruct, dpo
+TOKENIZER = "models/tokenizer"  # the train_tokenizer stage's trained BPE (tokenizer.json + tokenizer_config.json)
+TOKENIZER_RECORD = "train.json"  # in models/tokenizer: what it was trained on, with which params, how it encodes
+TOK_EVAL = "tok_eval.json"  # in reports/tokenizer: bytes per token of the trained tokenizer and GPT-2's
 BASE_SOURCE = "models/base_model"  # the model a run starts from (the base_model stage); models/base is pretrain's
 REPORTS = "reports"  # + /<stage>
 CHECKPOINTS = "models/checkpoints"  # + /<stage>: training checkpoints; outside every stage's outputs
@@ -79,6 +82,11 @@ class Layout:
     @property
     def base_model(self) -> Path:
         return self.model("base")
+
+    @property
+    def tokenizer(self) -> Path:
+        """models/tokenizer: the tokenizer the train_tokenizer stage trained on the corpus."""
+        return self.root / TOKENIZER
 
     @property
     def base_source(self) -> Path:

@@ -16,7 +16,8 @@ and checkpoint folder. No MLflow here: `torchrun ... -m flows.torchrun` is the t
 Step numbering: the train metrics of the k-th optimizer update (its batch loss, lr and gradient norm)
 are logged at step k = 1 .. max_steps, as litgpt and the HF Trainer count; "val_loss at step k" is
 the model after k updates: step 0 (the initial model), every `eval_interval` steps and at the last step
-(max_steps, or where early stopping ended the run).
+(max_steps, or where early stopping ended the run). The same windows also give `val_bpb`, bits per byte
+(lmcore.training.bpb_sums; shards without a tokenizer have none), which compares across tokenizers.
 
 One update (lmcore.training.train_step): `grad_accum_steps` micro-batches of `batch_size` windows. Under
 torchrun every rank does the same on its own batches and gradients are averaged (lmcore.distributed); rank r's
@@ -46,6 +47,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from lmcore import distributed
@@ -63,6 +65,8 @@ from lmcore.training import (
     EarlyStopping,
     Precision,
     TrainState,
+    bits_per_byte,
+    bpb_sums,
     check_compile,
     check_finite,
     checkpoint_due,
@@ -79,6 +83,7 @@ from lmcore.training import (
     seed_everything,
     start_or_resume,
     tied_aliases,
+    token_bytes,
     train_step,
 )
 
@@ -116,8 +121,8 @@ def pretrain(
         seed: seeds python, numpy, torch and the batch sampling (train batch k is a pure function of
             (seed, k); summary["loader_state"] is the train loader's state_dict after the last step).
         params: the resolved params dict, saved beside the weights.
-        tracker: receives train_loss, lr, grad_norm, tokens_per_s and mfu each step and val_loss at each eval
-            (rank 0 only under torchrun).
+        tracker: receives train_loss, lr, grad_norm, tokens_per_s and mfu each step and val_loss (and val_bpb when
+            the shards carry their tokenizer) at each eval (rank 0 only under torchrun).
         checkpoint_dir: where training checkpoints go every `cfg.checkpoint_interval` steps; None writes none.
         resume: continue from the latest complete checkpoint in checkpoint_dir (a fresh start when there is
             none); None takes `cfg.resume`. Without resume, old checkpoints in checkpoint_dir are removed.
@@ -154,6 +159,7 @@ def pretrain(
     train_loader = TokenLoader(train, B, T, mode=RANDOM, seed=seed, rank=info.rank, world_size=W)
     # The same validation windows at every eval, so the val curve measures the model and not the sample.
     val_windows = next_batches(TokenLoader(val, B, T, mode=RANDOM, seed=seed), cfg.eval_batches, device)
+    val_bytes = token_bytes(tokenizer, model.config.vocab_size).to(device) if tokenizer is not None else None
     probe = section_probe(cfg, bench_items, tokenizer, model.config.context_length, key="pretrain")  # checked before training
 
     model.to(device).train()
@@ -162,6 +168,8 @@ def pretrain(
     early = EarlyStopping(cfg.early_stopping_patience, cfg.early_stopping_min_delta)
     state = TrainState(loader=train_loader, scaler=precision.grad_scaler(), early_stopping=early)
     resumed_at = start_or_resume(checkpoint_dir, resume, model, optimizer, state, run_config, what="pretrain")
+    if any(len(row) < 3 for row in state.val_rows):
+        log.info("pretrain: the checkpoint's val rows predate val_bpb; their val_bpb cells stay empty")
     # A run resumed from the checkpoint of an evaluation that ended it early stays stopped.
     stopped_early = early.stopped and state.step < cfg.max_steps
     loss_fn = functools.partial(next_token_loss, torch.compile(wrapped) if cfg.compile else wrapped)
@@ -173,10 +181,10 @@ def pretrain(
     for step in range(state.step, cfg.max_steps + 1):  # updates done so far
         if step != resumed_at:  # a resumed step was evaluated and saved before the checkpoint was written
             if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-                val_loss = validation_loss(model, val_windows, precision)
+                val_loss, val_bpb = validation_loss(model, val_windows, precision, val_bytes)
                 check_finite(val_loss, "pretrain: val loss", step, lr_at(step, cfg), checkpoint_dir)
-                state.val_rows.append((step, val_loss))
-                log_metrics({"val_loss": val_loss}, step=step)
+                state.val_rows.append((step, val_loss, val_bpb))
+                log_metrics({"val_loss": val_loss, **({"val_bpb": val_bpb} if val_bpb is not None else {})}, step=step)
                 stopped_early = early.update(step, val_loss) and step < cfg.max_steps
             if probe is not None and probe.due(step, last=step == cfg.max_steps or stopped_early):
                 scores = probe.score(model)  # every rank: the same forwards
@@ -281,11 +289,18 @@ def next_token_loss(forward: torch.nn.Module, batch: tuple[torch.Tensor, torch.T
 
 
 @torch.no_grad()
-def validation_loss(model: torch.nn.Module, windows: list[tuple[torch.Tensor, torch.Tensor]], precision: Precision) -> float:
-    """Mean loss over the validation batches; under torchrun each rank scores its share and the sums meet.
+def validation_loss(
+    model: torch.nn.Module, windows: list[tuple[torch.Tensor, torch.Tensor]], precision: Precision,
+    bytes_per_token: torch.Tensor | None = None,
+) -> tuple[float, float | None]:
+    """Mean loss over the validation batches, and their bits per byte; under torchrun each rank scores its share
+    and the sums meet.
 
     Every rank runs the same number of forwards (FSDP gathers parameters collectively): a rank short of one
     scores its last batch again with weight 0.
+
+    Args: bytes_per_token: lmcore.training.token_bytes of the shards' tokenizer, on the device; None: no bpb.
+    Returns: (mean loss, bits per byte or None).
     """
     info = distributed.current()
     mine = windows[info.rank :: info.world_size]
@@ -293,12 +308,17 @@ def validation_loss(model: torch.nn.Module, windows: list[tuple[torch.Tensor, to
     weights = [1.0] * len(mine) + [0.0] * (share - len(mine))
     mine = mine + [windows[-1]] * (share - len(mine))
     model.eval()
-    total = torch.zeros((), device=windows[0][0].device, dtype=torch.float64)
+    sums = torch.zeros(3, device=windows[0][0].device, dtype=torch.float64)  # loss, nats, bytes
     for (x, y), w in zip(mine, weights):
         with precision.autocast():
-            total += w * model(x, y)[1].double()
+            logits, loss = model(x, y)  # (B, T, V), the batch's mean loss
+            sums[0] += w * loss.double()
+            if bytes_per_token is not None:
+                losses = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none")  # (B*T,)
+                sums[1:] += w * torch.stack(bpb_sums(losses, y, bytes_per_token))
     model.train()
-    return distributed.all_reduce_sum(total).item() / len(windows)
+    loss, nats, n_bytes = distributed.all_reduce_sum(sums).tolist()
+    return loss / len(windows), bits_per_byte(nats, n_bytes) if bytes_per_token is not None else None
 
 
 def make_summary(
@@ -322,6 +342,8 @@ def make_summary(
         "world_size": W,
         "first_val_loss": state.val_rows[0][1],
         "final_val_loss": state.val_rows[-1][1],
+        "first_val_bpb": val_bpb(state.val_rows[0]),  # None: shards without a tokenizer
+        "final_val_bpb": val_bpb(state.val_rows[-1]),
         "best_val_loss": state.early_stopping.best_loss,
         "best_step": state.early_stopping.best_step,
         "stopped_early": stopped_early,
@@ -332,6 +354,11 @@ def make_summary(
         "documents_longer_than_context": train_loader.documents_longer_than_context,
         "loader_state": train_loader.state_dict(),  # resume: TokenLoader.from_state_dict(train, loader_state)
     }
+
+
+def val_bpb(row: tuple) -> float | None:
+    """The bits per byte of a (step, val_loss, val_bpb) row; None for one from a checkpoint that predates it."""
+    return row[2] if len(row) > 2 else None
 
 
 def write_outputs(
@@ -350,7 +377,9 @@ def write_outputs(
         with atomic_dir(model_dir) as model_tmp, atomic_dir(reports_dir) as reports_tmp:
             train_csv = "".join(f"{s},{loss:.6f},{lr:.6g}\n" for s, loss, lr in state.train_rows)
             write_text(reports_tmp / TRAIN_LOSS, "step,train_loss,lr\n" + train_csv)
-            write_text(reports_tmp / VAL_LOSS, "step,val_loss\n" + "".join(f"{s},{loss:.6f}\n" for s, loss in state.val_rows))
+            val_rows = [(row[0], {"val_loss": row[1], **({"val_bpb": val_bpb(row)} if val_bpb(row) is not None else {})})
+                        for row in state.val_rows]
+            write_text(reports_tmp / VAL_LOSS, metrics_csv(val_rows, fmt=".6f"))
             if state.bench_rows:
                 write_text(reports_tmp / BENCH_CURVE, metrics_csv(state.bench_rows))
             plot_losses(reports_tmp / LOSS_PLOT, state.train_rows, state.val_rows)

@@ -5,10 +5,17 @@ alias.
     decide("hellaswag.acc_norm", "3", Score(0.31, 0.02, "s1"), Champion("2", Score(0.26, 0.02, "s1")))
     # {"alias": "champion", "reason": "beats v2 by more than the combined stderr", "difference": 0.05, ...}
 
+A new version whose metric is not meaningful for it (no score: most of its benchmark prompts were cut to fit its
+context, lmcore.harness.run.coverage; `note` says so) is not compared: it becomes champion only when there is
+none yet, else `challenger`.
+
 Rules, in order: the first version ever scored becomes champion; the champion scored again stays champion; a
-champion with no score on the metric yields to the new version; scores on other items (another task list, limit
-or sample seed) are not compared and the new version is `challenger`; otherwise the new version takes `champion`
-only when it beats the champion by more than the combined standard error sqrt(se_new^2 + se_champion^2).
+champion with no score on the metric yields to the new version; a per-token loss (`per_token`: val_loss, loss,
+perplexity) of versions with different tokenizers is not compared (a token is another unit of text) and the new
+version is `challenger`; so are scores on other items (another task list, limit or sample seed); otherwise the new
+version takes `champion` only when it beats the champion by more than the combined standard error
+sqrt(se_new^2 + se_champion^2): higher is better, lower for losses, perplexity and bits per byte
+(`lower_is_better`). Bits per byte and benchmark accuracies compare across tokenizers.
 """
 
 from __future__ import annotations
@@ -21,13 +28,35 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 
 
+def per_token(metric: str) -> bool:
+    """Whether `metric` is a per-token loss (its name ends in val_loss, loss or perplexity): its value depends on
+    the tokenizer, what a token is."""
+    return metric.endswith(("loss", "perplexity"))
+
+
+def lower_is_better(metric: str) -> bool:
+    """Losses, perplexity and bits per byte improve downwards; accuracies and scores upwards."""
+    return per_token(metric) or metric.endswith("bpb")
+
+
 @dataclass(frozen=True)
 class Score:
-    """A version's score on the metric, its standard error, and which items it was computed on."""
+    """A version's score on the metric, its standard error, which items it was computed on, and the tokenizer of
+    the version (its name and sha256; None when not recorded)."""
 
     value: float
     stderr: float
     sample_sha256: str | None
+    tokenizer_sha256: str | None = None
+    tokenizer: str | None = None
+
+
+def _tokenizers(a: Score, b: Score) -> str:
+    """"name a vs name b", with sha256 prefixes when the names alone do not tell them apart."""
+    names = [s.tokenizer or "unnamed" for s in (a, b)]
+    if names[0] == names[1]:
+        names = [f"{n} ({(s.tokenizer_sha256 or '')[:12]})" for n, s in zip(names, (a, b))]
+    return " vs ".join(names)
 
 
 @dataclass(frozen=True)
@@ -38,12 +67,15 @@ class Champion:
     score: Score | None
 
 
-def decide(metric: str, version: str, score: Score, champion: Champion | None) -> dict[str, Any]:
+def decide(metric: str, version: str, score: Score | None, champion: Champion | None, *, note: str | None = None) -> dict[str, Any]:
     """Which alias `version` gets, why, and the numbers behind it.
 
+    score: None when `metric` is not meaningful for `version` (`note` says why): nothing is compared.
     Returns: {"metric", "value", "stderr", "version", "alias", "reason"} and, when compared with a champion,
         "champion_version", "champion_value", "champion_stderr", "difference", "combined_stderr".
     """
+    if score is None:
+        return _not_meaningful(metric, str(version), champion, note)
     decision: dict[str, Any] = {"metric": metric, "value": score.value, "stderr": score.stderr, "version": str(version)}
     if champion is None:
         return {**decision, "alias": CHAMPION, "reason": "no champion yet"}
@@ -52,11 +84,15 @@ def decide(metric: str, version: str, score: Score, champion: Champion | None) -
         return {**decision, "alias": CHAMPION, "reason": "already the champion"}
     if champion.score is None:
         return {**decision, "alias": CHAMPION, "reason": f"champion v{champion.version} has no {metric} score"}
+    shas = (score.tokenizer_sha256, champion.score.tokenizer_sha256)
+    if per_token(metric) and None not in shas and shas[0] != shas[1]:  # unrecorded (older versions): compared
+        return {**decision, "alias": CHALLENGER, "reason": f"per-token {metric} is not comparable across tokenizers "
+                                                           f"({_tokenizers(score, champion.score)}); compare val_bpb"}
     if champion.score.sample_sha256 != score.sample_sha256:
         return {**decision, "alias": CHALLENGER, "reason": f"champion v{champion.version} was scored on other items; not compared"}
     margin = math.sqrt(score.stderr**2 + champion.score.stderr**2)
     difference = score.value - champion.score.value
-    beats = difference > margin
+    beats = (-difference if lower_is_better(metric) else difference) > margin
     return {
         **decision,
         "alias": CHAMPION if beats else CHALLENGER,
@@ -66,3 +102,15 @@ def decide(metric: str, version: str, score: Score, champion: Champion | None) -
         "difference": difference,
         "combined_stderr": margin,
     }
+
+
+def _not_meaningful(metric: str, version: str, champion: Champion | None, note: str | None) -> dict[str, Any]:
+    """`version` has no value on `metric` (not meaningful for it): champion only when there is none yet."""
+    decision: dict[str, Any] = {"metric": metric, "value": None, "stderr": None, "version": version}
+    why = f"{metric} is not meaningful for v{version}" + (f" ({note})" if note else "")
+    if champion is None:
+        return {**decision, "alias": CHAMPION, "reason": f"no champion yet; {why}"}
+    decision["champion_version"] = str(champion.version)
+    if str(champion.version) == version:
+        return {**decision, "alias": CHAMPION, "reason": f"already the champion; {why}"}
+    return {**decision, "alias": CHALLENGER, "reason": f"{why}; not compared with v{champion.version}"}

@@ -95,6 +95,12 @@ class Tokenizer(ABC):
         return [self.eot_token]
 
     @property
+    @abstractmethod
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the special tokens (end of text, chat markers): control symbols, not text; they stand for no bytes
+        of the text (bits per byte counts neither their bytes nor their loss)."""
+
+    @property
     def identity(self) -> dict[str, Any]:
         """What a manifest records of the tokenizer: enough to refuse another one."""
         return {"kind": self.kind, "name": self.name, "sha256": self.sha256, "n_vocab": self.n_vocab}
@@ -133,9 +139,9 @@ class Tokenizer(ABC):
         """Write this tokenizer's files into `folder` (each atomically), replacing any other tokenizer there."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        for stale in (HF_TOKENIZER_FILE, TIKTOKEN_FILE):
-            (folder / stale).unlink(missing_ok=True)
         extra = self._write_files(folder)
+        for stale in {HF_TOKENIZER_FILE, TIKTOKEN_FILE} - {extra["file"]}:  # another tokenizer's file
+            (folder / stale).unlink(missing_ok=True)
         section = {"kind": self.kind, "name": self.name, "file": extra.pop("file"), "sha256": self.sha256,
                    "eot_token": self.decode_single_token_bytes(self.eot_token).decode("utf-8", "replace")}
         write_json(folder / TOKENIZER_CONFIG, {**extra, "chat_template": self.chat_template, LMCORE_KEY: section})
@@ -156,6 +162,10 @@ class TiktokenTokenizer(Tokenizer):
         self.sha256 = sha256_file(self.ranks_file) if self.ranks_file else hashlib.sha256(self._ranks_bytes()).hexdigest()
         self.n_vocab = enc.n_vocab
         self.eot_token = enc.eot_token
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        return frozenset(self.enc.encode_single_token(t) for t in self.enc.special_tokens_set)
 
     def encode_ordinary(self, text: str) -> list[int]:
         return self.enc.encode_ordinary(text)
@@ -180,7 +190,7 @@ class TiktokenTokenizer(Tokenizer):
 
     def _ranks_bytes(self) -> bytes:
         """The ranks in tiktoken's file format (base64 token, space, rank; by rank), as gpt2.tiktoken has them."""
-        ranks = self.enc._mergeable_ranks  # noqa: SLF001 - tiktoken keeps no public accessor
+        ranks = self.enc._mergeable_ranks
         return b"".join(base64.b64encode(t) + b" " + str(r).encode() + b"\n" for t, r in sorted(ranks.items(), key=lambda kv: kv[1]))
 
     def _write_files(self, folder: Path) -> dict[str, Any]:
@@ -194,7 +204,7 @@ class TiktokenTokenizer(Tokenizer):
 
 @functools.lru_cache(maxsize=4)
 def _merges_of(ranks_sha256: str, enc: tiktoken.Encoding) -> tuple[tuple[bytes, bytes], ...]:
-    ranks = enc._mergeable_ranks  # noqa: SLF001 - tiktoken keeps no public accessor
+    ranks = enc._mergeable_ranks
     merges = []
     for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
         if len(token) < 2:
@@ -363,31 +373,40 @@ class HFTokenizer(Tokenizer):
         self.eot_token = eot
         self.bos_token = self._plain.token_to_id(bos_token) if bos_token else None
         self.eos_token = self._plain.token_to_id(eos_token) if eos_token else None
-        self._byte_level = self._is_byte_level()
-
-    def _is_byte_level(self) -> bool:
         config = json.loads(self._plain.to_str())
-        decoder = config.get("decoder") or {}
-        kinds = [decoder.get("type")] + [d.get("type") for d in decoder.get("decoders") or []]
-        return "ByteLevel" in kinds
+        self._byte_level = _is_byte_level(config)
+        # tiktoken's encoder where this tokenizer is one tiktoken can run (a trained BPE is): the same ids, faster.
+        self.fast = _tiktoken_of(self.path, self.sha256, self.name, config)
 
     @property
     def stop_tokens(self) -> list[int]:
         return list(dict.fromkeys(t for t in (self.eot_token, self.eos_token) if t is not None))
 
+    @property
+    def special_ids(self) -> frozenset[int]:
+        return frozenset(i for i, t in self._plain.get_added_tokens_decoder().items() if t.special)
+
     def encode_ordinary(self, text: str) -> list[int]:
+        if self.fast is not None:
+            return self.fast.encode_ordinary(text)
         return self._plain.encode(text, add_special_tokens=False).ids
 
     def encode_ordinary_batch(self, texts: Sequence[str], num_threads: int = 8) -> list[list[int]]:
+        if self.fast is not None:
+            return self.fast.encode_ordinary_batch(list(texts), num_threads=num_threads)
         return [e.ids for e in self._plain.encode_batch(list(texts), add_special_tokens=False)]
 
     def encode(self, text: str) -> list[int]:
+        if self.fast is not None:
+            return self.fast.encode(text, allowed_special="all")
         return self._special.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._plain.decode(list(ids), skip_special_tokens=False)
 
     def decode_single_token_bytes(self, token: int) -> bytes:
+        if self.fast is not None:
+            return self.fast.decode_single_token_bytes(int(token))
         piece = self._plain.id_to_token(int(token))
         if piece is None:
             return b""
@@ -414,6 +433,81 @@ class HFTokenizer(Tokenizer):
         return {**self.extra_config, "file": HF_TOKENIZER_FILE, "tokenizer_class": "PreTrainedTokenizerFast",
                 "bos_token": self.bos_name, "eos_token": self.eos_name,
                 "eot_token_text": self._plain.id_to_token(self.eot_token)}
+
+
+def _is_byte_level(config: dict) -> bool:
+    decoder = config.get("decoder") or {}
+    kinds = [decoder.get("type")] + [d.get("type") for d in decoder.get("decoders") or []]
+    return "ByteLevel" in kinds
+
+
+def _split_pattern(pre: dict | None) -> str | None:
+    """The regex a tokenizer.json's pre-tokenizer splits text with, where tiktoken can split alike: ByteLevel with
+    its built-in GPT-2 regex, or a regex Split (isolated) followed by ByteLevel without one. None otherwise
+    (digit splitting, Metaspace, a prefix space, ...)."""
+    if not pre:
+        return None
+    if pre.get("type") == "ByteLevel":
+        return r50k_pat_str if pre.get("use_regex", True) and not pre.get("add_prefix_space") else None
+    steps = pre.get("pretokenizers") or []
+    if pre.get("type") != "Sequence" or len(steps) != 2:
+        return None
+    split, byte_level = steps
+    regex = (split.get("pattern") or {}).get("Regex")
+    if (split.get("type") != "Split" or regex is None or split.get("behavior") != "Isolated" or split.get("invert")
+            or byte_level.get("type") != "ByteLevel" or byte_level.get("use_regex", True) or byte_level.get("add_prefix_space")):
+        return None
+    return regex
+
+
+_FAST: dict[tuple[str, str], tiktoken.Encoding | None] = {}  # (tokenizer.json sha256, name) -> tiktoken_encoding
+
+
+def _tiktoken_of(path: Path, sha256: str, name: str, config: dict) -> tiktoken.Encoding | None:
+    """tiktoken_encoding, once per file and name in a process (deriving the merges takes a second for 50k tokens)."""
+    if (sha256, name) not in _FAST:
+        _FAST[sha256, name] = tiktoken_encoding(config, sha256, name)
+    return _FAST[sha256, name]
+
+
+def tiktoken_encoding(config: dict, sha256: str, name: str) -> tiktoken.Encoding | None:
+    """A tiktoken Encoding that encodes exactly as the tokenizer.json `config` does, or None where tiktoken cannot.
+
+    It can when the tokenizer is a byte-level BPE with no normalizer, a pre-tokenizer regex tiktoken runs
+    (`_split_pattern`), every byte a token, only special added tokens, and merges that are exactly those tiktoken's
+    rank order implies (each token's two parts are what BPE leaves of it with the lower-ranked merges alone, as
+    GPT-2's are). The vocabulary ids are then tiktoken's ranks. lmcore's trained tokenizers are such tokenizers.
+    """
+    model = config.get("model") or {}
+    pattern = _split_pattern(config.get("pre_tokenizer"))
+    if (model.get("type") != "BPE" or pattern is None or config.get("normalizer") or not _is_byte_level(config)
+            or model.get("byte_fallback") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix")):
+        return None
+    added = config.get("added_tokens") or []
+    if not all(t.get("special") for t in added):
+        return None
+    specials = {t["content"]: t["id"] for t in added}
+    table = byte_decoder()
+    try:
+        ranks = {bytes(table[c] for c in piece): i for piece, i in model["vocab"].items() if piece not in specials}
+    except KeyError:  # a piece outside the byte-level alphabet
+        return None
+    if sum(len(t) == 1 for t in ranks) != 256 or len(set(ranks.values())) != len(ranks):
+        return None
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges") or []]
+    try:
+        written = [(bytes(table[c] for c in a), bytes(table[c] for c in b)) for a, b in merges]
+        enc = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+    except (KeyError, ValueError):
+        return None
+    try:
+        implied = list(_merges_of(sha256, enc))
+    except TokenizerError:  # a token that is not two lower-ranked tokens merged
+        return None
+    if written != implied:
+        log.debug("%s: merges are not tiktoken's rank order; encoding with tokenizers", name)
+        return None
+    return enc
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -521,19 +615,25 @@ def configured_ranks_file(ranks_file: str | None, root: str | Path) -> str | Non
     return os.environ.get(RANKS_ENV) or None
 
 
-def resolve_tokenizer(spec: str, *, root: str | Path, ranks_file: str | None, base_dir: Path | None) -> Tokenizer:
+def resolve_tokenizer(spec: str, *, root: str | Path, ranks_file: str | None, base_dir: Path | None,
+                      trained_dir: Path | None = None) -> Tokenizer:
     """The tokenizer `tokenize.tokenizer` names.
 
     Args:
-        spec: auto (the base model's when there is one, else gpt2) | gpt2 | base | a path, relative to `root`, to
-            a folder carrying a tokenizer or to a Hugging Face tokenizer.json.
+        spec: auto (the base model's when there is one, else gpt2) | gpt2 | trained | base | a path, relative to
+            `root`, to a folder carrying a tokenizer or to a Hugging Face tokenizer.json.
         ranks_file: GPT-2's local ranks file (configured_ranks_file), or None for tiktoken's own loader.
         base_dir: the base model folder, or None when the run starts from scratch.
+        trained_dir: the train_tokenizer stage's folder (models/tokenizer).
     """
     if spec == "auto":
         spec = "base" if base_dir is not None else "gpt2"
     if spec == "gpt2":
         return get_tokenizer("gpt2", ranks_file)
+    if spec == "trained":
+        if trained_dir is None or not has_tokenizer(trained_dir):
+            raise MissingInputError(f"tokenize.tokenizer: 'trained', but {trained_dir} holds no tokenizer: run train_tokenizer first")
+        return load_tokenizer(trained_dir)
     if spec == "base":
         if base_dir is None:
             raise TokenizerError("tokenize.tokenizer: 'base', but base_model.source is scratch: there is no base tokenizer")
@@ -543,7 +643,7 @@ def resolve_tokenizer(spec: str, *, root: str | Path, ranks_file: str | None, ba
         return HFTokenizer(path, name=path.parent.name)
     if path.is_dir():
         return load_tokenizer(path)
-    raise MissingInputError(f"tokenize.tokenizer: {spec!r} is not auto, gpt2, base, a folder or a tokenizer.json ({path} does not exist)")
+    raise MissingInputError(f"tokenize.tokenizer: {spec!r} is not auto, gpt2, trained, base, a folder or a tokenizer.json ({path} does not exist)")
 
 
 def encoding_for(cfg: TokenizeConfig, root: str | Path) -> tiktoken.Encoding:

@@ -28,6 +28,11 @@ written from finite weights, so the last one on disk is the last good state.
 MFU = FLOPs per token x tokens per second per device / peak FLOP/s of the device in the precision used, with
 FLOPs per token = 6N + 12 L H Q T (PaLM, appendix B; N the non-embedding parameters, L layers, H heads, Q head
 size, T context); the peak is `peak_flops` or measured once by `measure_peak_flops`.
+
+Bits per byte (`token_bytes`, `bpb_sums`, `bits_per_byte`), as nanochat's evaluate_bpb: the summed next-token
+loss in nats / ln 2 / the UTF-8 bytes of the targets scored. Special tokens and ids past the tokenizer's
+vocabulary stand for no bytes, and their loss is left out too. Unlike a per-token loss it does not depend on
+the tokenizer, so runs with different vocabularies compare.
 """
 
 from __future__ import annotations
@@ -76,6 +81,8 @@ TRAIN_TIME_KEY = "train_time_s"
 SCALER_KEY = "grad_scaler"
 EARLY_STOP_KEY = "early_stopping"
 BENCH_ROWS_KEY = "bench_rows"  # the in-training benchmark probe's scores (lmcore.harness.probe)
+
+_TOKEN_BYTES: dict[tuple[str, int], torch.Tensor] = {}  # (tokenizer sha256, vocabulary size) -> token_bytes
 
 # loss_fn(batch) -> (the batch's mean loss to backpropagate, metrics to log: {"loss": ..., ...} or {}).
 LossFn = Callable[[Any], tuple[torch.Tensor, dict[str, float]]]
@@ -527,24 +534,68 @@ def checkpoint_due(step: int, interval: int | None, checkpoint_dir: Path | None)
     return checkpoint_dir is not None and bool(interval) and step > 0 and step % interval == 0
 
 
-def metrics_csv(rows: list[tuple[int, dict[str, float]]], column=lambda name: name) -> str:
+def token_bytes(tok, size: int) -> torch.Tensor:
+    """The UTF-8 bytes each token id stands for, for bits per byte.
+
+    Args:
+        tok: a lmcore.tokenizer.Tokenizer (decode_single_token_bytes, special_ids, n_vocab, sha256).
+        size: the model's vocabulary size (it may pad the tokenizer's).
+
+    Returns: (size,) int64 on the CPU; special tokens and ids from tok.n_vocab on count 0. Cached per tokenizer
+        sha256 and size.
+    """
+    key = (tok.sha256, size)
+    if key not in _TOKEN_BYTES:
+        special, counts = tok.special_ids, []
+        for i in range(min(size, tok.n_vocab)):
+            try:
+                counts.append(0 if i in special else len(tok.decode_single_token_bytes(i)))
+            except KeyError:  # a hole in tiktoken's ranks: no token there
+                counts.append(0)
+        _TOKEN_BYTES[key] = torch.tensor(counts + [0] * (size - len(counts)), dtype=torch.long)
+    return _TOKEN_BYTES[key]
+
+
+def bpb_sums(losses: torch.Tensor, targets: torch.Tensor, bytes_per_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (nats, bytes) that bits per byte divides, of per-token losses: only targets that stand for bytes count.
+
+    Args:
+        losses: per-token cross-entropy in nats (F.cross_entropy(..., reduction="none")), any shape.
+        targets: their target ids, the same number; ids outside token_bytes (an ignore_index) count 0.
+        bytes_per_token: `token_bytes`, on the targets' device.
+
+    Returns: two float64 scalars, summed over the tokens; add them up over batches (and ranks) before dividing.
+    """
+    targets = targets.flatten()
+    inside = (targets >= 0) & (targets < bytes_per_token.numel())
+    n_bytes = torch.where(inside, bytes_per_token[targets.clamp(0, bytes_per_token.numel() - 1)], 0)
+    nats = torch.where(n_bytes > 0, losses.flatten().double(), 0.0).sum()
+    return nats, n_bytes.sum().double()
+
+
+def bits_per_byte(nats: float, n_bytes: float) -> float | None:
+    """nats / ln 2 / bytes; None when no byte was scored."""
+    return nats / (math.log(2) * n_bytes) if n_bytes > 0 else None
+
+
+def metrics_csv(rows: list[tuple[int, dict[str, float]]], column=lambda name: name, fmt: str = ".6g") -> str:
     """(step, {metric: value}) rows as CSV: `step`, then a column per metric in first-seen order (its header
-    `column(name)`); a metric a row lacks is an empty cell."""
+    `column(name)`, its values formatted with `fmt`); a metric a row lacks is an empty cell."""
     names = list(dict.fromkeys(k for _, row in rows for k in row))
     lines = [",".join(["step", *map(column, names)])]
-    lines += [",".join([str(step)] + [f"{row[k]:.6g}" if k in row else "" for k in names]) for step, row in rows]
+    lines += [",".join([str(step)] + [format(row[k], fmt) if k in row else "" for k in names]) for step, row in rows]
     return "\n".join(lines) + "\n"
 
 
 def plot_losses(path: Path, train: list[tuple[int, float, float]], val: list[tuple[int, float]], title: str | None = None) -> None:
-    """Train (step, loss, lr) and val (step, loss) curves as a PNG at `path` (inside an atomic_dir)."""
+    """Train (step, loss, lr) and val (step, loss, ...) curves as a PNG at `path` (inside an atomic_dir)."""
     # Figure without pyplot: no global backend switch, renders with Agg.
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4), dpi=100)
     ax = fig.subplots()
     ax.plot([s for s, _, _ in train], [loss for _, loss, _ in train], label="train", linewidth=1, alpha=0.7)
-    ax.plot([s for s, _ in val], [loss for _, loss in val], label="val", marker="o", markersize=3)
+    ax.plot([r[0] for r in val], [r[1] for r in val], label="val", marker="o", markersize=3)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy loss")
     ax.grid(alpha=0.3)
@@ -557,8 +608,8 @@ def plot_losses(path: Path, train: list[tuple[int, float, float]], val: list[tup
 
 
 __all__ = [
-    "EarlyStopping", "LossFn", "Precision", "StepResult", "TrainState", "check_compile", "check_finite", "checkpoint_due",
-    "cpu_has_native_bf16", "decay_groups", "flops_per_token", "full_state", "kept_message", "lr_at", "make_optimizer",
-    "measure_peak_flops", "plot_losses", "resolve_device", "resolve_precision", "restore_checkpoint", "save_checkpoint",
-    "seed_everything", "start_or_resume", "tied_aliases", "train_step",
+    "EarlyStopping", "LossFn", "Precision", "StepResult", "TrainState", "bits_per_byte", "bpb_sums", "check_compile",
+    "check_finite", "checkpoint_due", "cpu_has_native_bf16", "decay_groups", "flops_per_token", "full_state", "kept_message",
+    "lr_at", "make_optimizer", "measure_peak_flops", "metrics_csv", "plot_losses", "resolve_device", "resolve_precision",
+    "restore_checkpoint", "save_checkpoint", "seed_everything", "start_or_resume", "tied_aliases", "token_bytes", "train_step",
 ]

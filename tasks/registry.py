@@ -19,7 +19,16 @@ from lmcore.errors import NotRegisteredError
 from lmcore.io import write_json
 from lmcore.paths import REGISTERED
 from lmcore.promotion import CHAMPION, Champion, Score, decide
-from tasks.tags import BENCH_PREFIX, PARENT_RUN, PROMOTION_PREFIX, TAG_BENCH_SAMPLE, TAG_WEIGHTS_SHA
+from lmcore.tokenizer import has_tokenizer, load_tokenizer
+from tasks.tags import (
+    BENCH_PREFIX,
+    PARENT_RUN,
+    PROMOTION_PREFIX,
+    TAG_BENCH_SAMPLE,
+    TAG_TOKENIZER,
+    TAG_TOKENIZER_SHA,
+    TAG_WEIGHTS_SHA,
+)
 from tasks.tracking import Tracking
 
 LMCORE_SRC = Path(lmcore.__file__).parent
@@ -58,6 +67,14 @@ def _requirements() -> list[str]:
     return pins
 
 
+def tokenizer_tags(model_dir: Path) -> dict[str, str]:
+    """The version tags naming the tokenizer `model_dir` carries ({} when it carries none)."""
+    if not has_tokenizer(model_dir):
+        return {}
+    tok = load_tokenizer(model_dir)
+    return {TAG_TOKENIZER: tok.name, TAG_TOKENIZER_SHA: tok.sha256}
+
+
 def log_and_register(
     tracking: Tracking,
     run_id: str,
@@ -71,6 +88,7 @@ def log_and_register(
     """Log `model_dir` as a pyfunc in run `run_id`, register it as `name`, return the version.
 
     kind: "generator" (text in, text out; instruction models apply their template) or "classifier".
+    tags: set on the new version, besides `tokenizer_tags` of the folder.
     aliases: set on the new version (moved from any older version that had them).
     """
     code, signature = KINDS[kind]
@@ -92,7 +110,7 @@ def log_and_register(
         )
     version = str(info.registered_model_version)
     client = tracking.client()
-    for key, value in tags.items():
+    for key, value in {**tokenizer_tags(model_dir), **tags}.items():
         client.set_model_version_tag(name, version, key, value)
     for alias in aliases:
         client.set_registered_model_alias(name, alias, version)
@@ -170,8 +188,13 @@ def champion_version(tracking: Tracking, name: str):
 
 
 def tag_scores(tracking: Tracking, name: str, version: str, scores: dict[str, float], sample_sha256: str) -> None:
-    """Record benchmark scores on a model version (bench.<metric> tags) and the sample they were computed on."""
+    """Record benchmark scores on a model version (bench.<metric> tags) and the sample they were computed on. Scores
+    of an earlier sample that this one has not (a task not meaningful on it, or not run) are removed: they would
+    read as scores on this sample."""
     client = tracking.client()
+    for key in client.get_model_version(name, version).tags:
+        if key.startswith(BENCH_PREFIX) and key != TAG_BENCH_SAMPLE and key[len(BENCH_PREFIX):] not in scores:
+            client.delete_model_version_tag(name, version, key)
     for key, value in scores.items():
         client.set_model_version_tag(name, version, f"{BENCH_PREFIX}{key}", repr(float(value)))
     client.set_model_version_tag(name, version, TAG_BENCH_SAMPLE, sample_sha256)
@@ -199,26 +222,30 @@ def registry_lock(name: str, timeout_s: float = 900) -> Iterator[None]:
 
 
 def _score(tags: dict[str, str], metric: str) -> Score | None:
-    """A version's score on `metric` from its bench.* tags; None when it has none."""
+    """A version's score on `metric` from its bench.* tags, with its tokenizer (`tokenizer_tags`; None for a
+    version registered before they were recorded); None when it has no score."""
     if f"{BENCH_PREFIX}{metric}" not in tags:
         return None
-    return Score(float(tags[f"{BENCH_PREFIX}{metric}"]), float(tags.get(f"{BENCH_PREFIX}{metric}_stderr", "0")), tags.get(TAG_BENCH_SAMPLE))
+    return Score(float(tags[f"{BENCH_PREFIX}{metric}"]), float(tags.get(f"{BENCH_PREFIX}{metric}_stderr", "0")), tags.get(TAG_BENCH_SAMPLE),
+                 tokenizer_sha256=tags.get(TAG_TOKENIZER_SHA), tokenizer=tags.get(TAG_TOKENIZER))
 
 
-def promote(tracking: Tracking, name: str, version: str, metric: str) -> dict:
+def promote(tracking: Tracking, name: str, version: str, metric: str, *, note: str | None = None) -> dict:
     """Eval-gated promotion of `version` of `name` on `metric` (lmcore.promotion.decide): `champion` moves to it
     only when it beats the current champion by more than the combined standard error, otherwise it becomes
-    `challenger`. Both versions carry their scores as tags (`tag_scores`); hold `registry_lock(name)` around it.
+    `challenger` (so also when `metric` is a per-token loss and the two versions carry different tokenizers). Both versions carry their scores as tags (`tag_scores`); hold `registry_lock(name)` around it.
+
+    note: `metric` is not meaningful for `version` (why; lmcore.harness.run.coverage): it is not compared.
 
     Returns: the decision and its numbers (its alias and reason also set as tags `promotion.*` on `version`).
     """
     client = tracking.client()
-    score = _score(client.get_model_version(name, version).tags, metric)
-    if score is None:
+    score = None if note is not None else _score(client.get_model_version(name, version).tags, metric)
+    if score is None and note is None:
         raise ValueError(f"{name} v{version} has no {metric} score to promote on; tag_scores first")
     current = champion_version(tracking, name)
     champion = None if current is None else Champion(str(current.version), _score(current.tags, metric))
-    decision = decide(metric, version, score, champion)
+    decision = decide(metric, version, score, champion, note=note)
     client.set_registered_model_alias(name, decision["alias"], version)
     for key in ("alias", "reason"):
         client.set_model_version_tag(name, version, f"{PROMOTION_PREFIX}{key}", str(decision[key]))

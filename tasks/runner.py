@@ -160,7 +160,7 @@ def gate(rc: RunContext, stage: Stage, result: StageResult, run: MlflowTracker) 
     tag_scores(rc.tracking, name, version, scores.values, scores.sample_sha256)
     with registry_lock(name):  # another run may be promoting a version of `name` right now
         rescore_champion(rc, stage, name, version, scores.sample_sha256)
-        decision = promote(rc.tracking, name, version, scores.metric)
+        decision = promote(rc.tracking, name, version, scores.metric, note=scores.note)
     run.set_tags({f"{PROMOTION_PREFIX}{k}": str(v) for k, v in decision.items() if isinstance(v, str)})
     run.log_metrics({f"{PROMOTION_PREFIX}{k}": v for k, v in decision.items() if isinstance(v, float)})
     run.client.log_text(run.run_id, json.dumps(decision, indent=2), PROMOTION_ARTIFACT)

@@ -41,6 +41,10 @@ TAG_BASE_WEIGHTS_SHA = tag(BASE_WEIGHTS_SHA)  # the model a fine-tune started fr
 TAG_CONTINUED_WEIGHTS_SHA = tag(CONTINUED_WEIGHTS_SHA)  # the registered champion a pretrain run continued
 TAG_FINETUNE = tag(FINETUNE)  # classifier | instruct | dpo
 TAG_FINETUNE_MANIFEST_SHA = tag(FINETUNE_MANIFEST_SHA)  # the data a fine-tune collected
+# The tokenizer a model version carries (and the tokenize run used): the promotion gate compares per-token losses
+# only between versions with the same one.
+TAG_TOKENIZER = tag("tokenizer")
+TAG_TOKENIZER_SHA = tag("tokenizer_sha256")
 TAG_REGISTERED_MODEL = "lmcore.registered_model"  # on the lifecycle run
 TAG_MODEL_VERSION = "lmcore.model_version"
 # DVC hashes (md5, as dvc.lock records them) of a stage run's inputs and outputs: one tag per path.

@@ -87,13 +87,13 @@ def test_perplexity_matches_a_manual_computation(setup, val_streams):
     model, _, tokens_dir = setup
     val = TokenDataset(tokens_dir, "val")
     # batch_size 4 over 10 windows: batches of 4, 4 and 2, which must weigh by their tokens
-    loss, n_tokens = perplexity(model, val, 4, T, None, "cpu")
+    loss, n_tokens, *_ = perplexity(model, val, 4, T, None, "cpu")
     expected, expected_n = manual_val_loss(model, val_streams)
     assert n_tokens == expected_n == 10 * T
     assert loss == pytest.approx(expected, rel=1e-5)
     assert loss == pytest.approx(math.log(GPT2_VOCAB), abs=0.3)  # untrained: about uniform
 
-    loss2, n2 = perplexity(model, val, 4, T, 2, "cpu")
+    loss2, n2, *_ = perplexity(model, val, 4, T, 2, "cpu")
     assert n2 == 8 * T
     assert loss2 == pytest.approx(manual_val_loss(model, [val_streams[0], val_streams[1][:T + 1]])[0], rel=1e-5)
 
@@ -104,10 +104,15 @@ def test_evaluate_writes_metrics_and_samples(tmp_path, setup, val_streams, enc):
     tracker = ListTracker()
     metrics = evaluate(cfg, model_dir, tokens_dir, tmp_path / "eval", seed=11, enc=enc, tracker=tracker)
 
-    assert metrics.keys() == {"val_loss", "perplexity", "val_tokens"}
+    assert metrics.keys() == {"val_loss", "perplexity", "val_tokens", "val_bpb", "val_bytes"}
     assert metrics["perplexity"] == pytest.approx(math.exp(metrics["val_loss"]), rel=1e-5)
     assert metrics["val_loss"] == pytest.approx(manual_val_loss(model, val_streams)[0], abs=2e-6)
     assert metrics["val_tokens"] == 10 * T
+    # bits per byte over the same targets: their UTF-8 bytes (no <|endoftext|> among them), the same nats
+    targets = [int(t) for s in val_streams for off in range(0, len(s) - T, T) for t in s[off + 1 : off + T + 1]]
+    assert enc.eot_token not in targets
+    assert metrics["val_bytes"] == sum(len(enc.decode_single_token_bytes(t)) for t in targets)
+    assert metrics["val_bpb"] == pytest.approx(metrics["val_loss"] * 10 * T / math.log(2) / metrics["val_bytes"], rel=1e-5)
     assert json.loads((tmp_path / "eval" / METRICS).read_text()) == metrics
     assert tracker.records == [(None, metrics)]
 

@@ -263,10 +263,17 @@ def test_export_carries_the_models_tokenizer_for_transformers(tmp_path):
     from lmcore.tokenizer import HFTokenizer, get_tokenizer
     from tests.test_tokenizer import SHARED, TEXTS, tiny_hf_tokenizer
 
+    from lmcore.bpe import save_trained, train_bpe
+
     gpt2 = get_tokenizer("gpt2", SHARED / "tokenizers" / "gpt2.tiktoken")
     bpe = HFTokenizer(tiny_hf_tokenizer(tmp_path / "tokenizer.json"), name="tiny", eos_token="<|im_end|>")
+    shakespeare = (SHARED / "data" / "corpus" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:200_000]
+    trained = save_trained(train_bpe(shakespeare.split("\n\n"), vocab_size=400, special_tokens=["<|endoftext|>"]),
+                           tmp_path / "trained-tok", name="bpe-400", eot="<|endoftext|>")  # the train_tokenizer stage's
+    assert trained.fast is not None  # lmcore encodes it through tiktoken; transformers must agree
     for name, tok, cfg in (("gpt2", gpt2, ModelConfig(n_layer=1, n_embd=16, n_head=2, context_length=32)),
-                           ("bpe", bpe, ModelConfig(vocab_size=320, n_layer=1, n_embd=16, n_head=2, context_length=32))):
+                           ("bpe", bpe, ModelConfig(vocab_size=320, n_layer=1, n_embd=16, n_head=2, context_length=32)),
+                           ("trained", trained, ModelConfig(vocab_size=400, n_layer=1, n_embd=16, n_head=2, context_length=32))):
         save_model(GPT(cfg), tmp_path / name, extra={"tokenizer": tok.name})
         tok.save(tmp_path / name)
         export_hf(tmp_path / name, tmp_path / f"hf-{name}")

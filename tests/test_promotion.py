@@ -8,9 +8,12 @@ import math
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lmcore.promotion import Champion, Score, decide
-from tasks.registry import promote, tag_scores
+from lmcore.promotion import Champion, Score, decide, lower_is_better, per_token
+from lmcore.tokenizer import get_tokenizer
+from tasks.registry import promote, tag_scores, tokenizer_tags
+from tasks.tags import TAG_TOKENIZER, TAG_TOKENIZER_SHA
 from tasks.tracking import Tracking
+from tests.test_tokenizer import SHARED
 
 METRIC = "hellaswag.acc_norm"
 
@@ -32,6 +35,45 @@ def test_decision_rules_without_a_registry():
     # exactly the combined stderr is not enough: it must be beaten
     edge = decide(METRIC, "2", Score(0.35, 0.03, "s1"), Champion("1", Score(0.30, 0.04, "s1")))
     assert edge["combined_stderr"] == pytest.approx(0.05) and edge["alias"] == "challenger"
+
+
+def test_a_metric_that_is_not_meaningful_is_never_compared():
+    note = "n/a: 71% of 400 items cut to fit the 128-token context"
+    first = decide(METRIC, "1", None, None, note=note)
+    assert first["alias"] == "champion" and first["value"] is None
+    assert first["reason"] == f"no champion yet; {METRIC} is not meaningful for v1 ({note})"
+    later = decide(METRIC, "2", None, Champion("1", Score(0.25, 0.01, "s1")), note=note)
+    assert later["alias"] == "challenger" and later["reason"] == f"{METRIC} is not meaningful for v2 ({note}); not compared with v1"
+    assert "difference" not in later and decide(METRIC, "1", None, Champion("1", None), note=note)["alias"] == "champion"
+
+
+GPT2, BPE = ("a" * 64, "gpt2"), ("b" * 64, "bpe-4096")  # (sha256, name) of two tokenizers
+
+
+def test_per_token_losses_are_not_compared_across_tokenizers():
+    assert [per_token(m) for m in ("val_loss", "eval.val_loss", "test_loss", "perplexity", "val_bpb", "hellaswag.acc_norm")] == [
+        True, True, True, True, False, False]
+    assert [lower_is_better(m) for m in ("val_loss", "perplexity", "val_bpb", "hellaswag.acc_norm")] == [True, True, True, False]
+
+    # v2 (a 4k BPE) has a far lower per-token loss than v1 (GPT-2): its tokens are shorter, not its model better
+    refused = decide("val_loss", "2", Score(3.1, 0.01, "s1", *BPE), Champion("1", Score(4.2, 0.01, "s1", *GPT2)))
+    assert refused["alias"] == "challenger"
+    assert refused["reason"] == "per-token val_loss is not comparable across tokenizers (bpe-4096 vs gpt2); compare val_bpb"
+    # two tokenizers with one name are told apart by their sha256
+    same_name = decide("perplexity", "2", Score(20.0, 0.1, "s1", "c" * 64, "bpe"), Champion("1", Score(40.0, 0.1, "s1", "d" * 64, "bpe")))
+    assert same_name["reason"] == f"per-token perplexity is not comparable across tokenizers (bpe ({'c' * 12}) vs bpe ({'d' * 12})); compare val_bpb"
+
+    # bits per byte and accuracies compare across tokenizers, each in its direction
+    bpb = decide("val_bpb", "2", Score(1.10, 0.01, "s1", *BPE), Champion("1", Score(1.20, 0.01, "s1", *GPT2)))
+    assert bpb["alias"] == "champion" and bpb["difference"] == pytest.approx(-0.10)
+    worse = decide("val_bpb", "2", Score(1.30, 0.01, "s1", *BPE), Champion("1", Score(1.20, 0.01, "s1", *GPT2)))
+    assert worse["alias"] == "challenger" and worse["reason"] == "does not beat v1 by more than the combined stderr"
+    acc = decide(METRIC, "2", Score(0.40, 0.02, "s1", *BPE), Champion("1", Score(0.30, 0.03, "s1", *GPT2)))
+    assert acc["alias"] == "champion" and acc["reason"] == "beats v1 by more than the combined stderr"
+    # one tokenizer (or one not recorded, a version from before): a per-token loss compares, lower is better
+    same = decide("val_loss", "2", Score(3.1, 0.01, "s1", *GPT2), Champion("1", Score(4.2, 0.01, "s1", *GPT2)))
+    assert same["alias"] == "champion" and same["difference"] == pytest.approx(-1.1)
+    assert decide("val_loss", "2", Score(3.1, 0.01, "s1", *BPE), Champion("1", Score(4.2, 0.01, "s1")))["alias"] == "champion"
 
 
 def registry(tmp_path, n: int) -> tuple[Tracking, MlflowClient, list[str]]:
@@ -70,12 +112,56 @@ def test_champion_moves_only_beyond_the_combined_stderr(tmp_path):
     assert scored(tracking, v3, 0.40, 0.02)["reason"] == "already the champion"
 
 
+def test_a_version_not_meaningful_on_its_sample_is_challenger(tmp_path):
+    tracking, client, (v1, v2) = registry(tmp_path, 2)
+    scored(tracking, v1, 0.25, 0.01)
+    tag_scores(tracking, "m", v2, {"mmlu.acc": 0.3}, "s1")  # no METRIC: not meaningful on s1
+    decision = promote(tracking, "m", v2, METRIC, note="n/a: 100% of 8 items cut to fit the 16-token context")
+    assert decision["alias"] == "challenger" and "not meaningful for v2" in decision["reason"]
+    assert client.get_model_version("m", v2).tags["promotion.alias"] == "challenger"
+    with pytest.raises(ValueError, match="no hellaswag.acc_norm score"):
+        promote(tracking, "m", v2, METRIC)
+    # the champion re-scored on a sample where the metric is not meaningful keeps no stale score for it
+    tag_scores(tracking, "m", v1, {"mmlu.acc": 0.3}, "s2")
+    tags = client.get_model_version("m", v1).tags
+    assert f"bench.{METRIC}" not in tags and f"bench.{METRIC}_stderr" not in tags and tags["bench.sample_sha256"] == "s2"
+
+
 def test_scores_on_other_items_are_not_compared(tmp_path):
     tracking, client, (v1, v2) = registry(tmp_path, 2)
     scored(tracking, v1, 0.25, 0.01, sample="s1")
     other = scored(tracking, v2, 0.90, 0.01, sample="s2")  # far better, but on another sample
     assert other["alias"] == "challenger" and "scored on other items" in other["reason"]
     assert str(client.get_model_version_by_alias("m", "champion").version) == v1
+
+
+def test_the_registry_reads_each_versions_tokenizer(tmp_path):
+    """Versions carry their model folder's tokenizer as tags (log_and_register sets tokenizer_tags); promotion on a
+    per-token loss refuses versions with different ones and still compares acc_norm."""
+    folder = tmp_path / "model"
+    get_tokenizer("gpt2", SHARED / "tokenizers" / "gpt2.tiktoken").save(folder)
+    gpt2_tags = tokenizer_tags(folder)
+    assert gpt2_tags == {TAG_TOKENIZER: "gpt2", TAG_TOKENIZER_SHA: "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"}
+    assert tokenizer_tags(tmp_path) == {}
+
+    tracking, client, (v1, v2, v3) = registry(tmp_path, 3)
+    for version, tags in ((v1, gpt2_tags), (v2, {TAG_TOKENIZER: BPE[1], TAG_TOKENIZER_SHA: BPE[0]})):
+        for key, value in tags.items():
+            client.set_model_version_tag("m", version, key, value)
+        tag_scores(tracking, "m", version, {"val_loss": 4.2 if version == v1 else 3.1, "val_loss_stderr": 0.01}, "s1")
+    assert promote(tracking, "m", v1, "val_loss")["alias"] == "champion"
+    refused = promote(tracking, "m", v2, "val_loss")
+    assert refused["alias"] == "challenger"
+    assert refused["reason"] == "per-token val_loss is not comparable across tokenizers (bpe-4096 vs gpt2); compare val_bpb"
+    assert client.get_model_version("m", v2).tags["promotion.reason"] == refused["reason"]
+    assert str(client.get_model_version_by_alias("m", "champion").version) == v1
+
+    scored(tracking, v1, 0.30, 0.03)
+    assert scored(tracking, v2, 0.40, 0.02)["alias"] == "champion"  # acc_norm: compared across tokenizers
+    # a version registered before tokenizers were tagged is compared as before
+    tag_scores(tracking, "m", v3, {"val_loss": 2.0, "val_loss_stderr": 0.01}, "s1")
+    tag_scores(tracking, "m", v2, {"val_loss": 3.1, "val_loss_stderr": 0.01}, "s1")
+    assert promote(tracking, "m", v3, "val_loss")["alias"] == "champion"
 
 
 def test_registry_lock_serialises_promotions_across_processes(tmp_path, prefect_harness):

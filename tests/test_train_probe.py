@@ -191,7 +191,7 @@ def test_params_name_the_key_of_an_unknown_task_or_a_missing_source(section):
         params_from_dict(base, overrides=[f"{section}.eval_benchmarks_every=0"])
     # a task whose source benchmark.sources lacks: named when the probe is on, not when it is off
     no_arc = [f"{section}.eval_benchmarks=[arc_easy]", "benchmark.tasks=[hellaswag]", "benchmark.primary_metric=null",
-              "benchmark.sources=[{name: hellaswag, sha256: " + "a" * 64 + "}]"]
+              "benchmark.sources=[{name: hellaswag, sha256: " + "a" * 64 + "}]", "train_tokenizer.eval_benchmarks=[]"]
     params_from_dict(base, overrides=no_arc)
     with pytest.raises(ParamsError, match=rf"{section}\.eval_benchmarks: tasks \['arc_easy'\] need benchmark sources \['arc-easy'\]"):
         params_from_dict(base, overrides=[*no_arc, f"{section}.eval_benchmarks_every=10"])

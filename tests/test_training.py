@@ -122,10 +122,11 @@ def test_outputs(tmp_path, pattern_tokens):
     assert json.loads((reports_dir / SUMMARY).read_text()) == summary
     assert summary.keys() == {
         "n_params", "steps", "resumed_from_step", "tokens_seen", "train_time_s", "tokens_per_s", "mfu", "peak_flops", "precision", "world_size",
-        "first_val_loss", "final_val_loss", "best_val_loss", "best_step", "stopped_early", "final_train_loss",
-        "train_tokens", "val_tokens", "documents_longer_than_context", "loader_state", "init", "start", "tokenizer",
-        "start_step", "pretrain_steps",
+        "first_val_loss", "final_val_loss", "first_val_bpb", "final_val_bpb", "best_val_loss", "best_step", "stopped_early",
+        "final_train_loss", "train_tokens", "val_tokens", "documents_longer_than_context", "loader_state", "init", "start",
+        "tokenizer", "start_step", "pretrain_steps",
     }
+    assert summary["first_val_bpb"] is None and summary["final_val_bpb"] is None  # shards without a tokenizer: no bpb
     assert (summary["start_step"], summary["pretrain_steps"]) == (0, 23)
     assert (summary["train_tokens"], summary["val_tokens"], summary["documents_longer_than_context"]) == (900, 124, 2)
     assert summary["loader_state"]["mode"] == "random" and summary["loader_state"]["step"] == 23

@@ -10,6 +10,9 @@ prompt, or Phi-3's, with end-of-text after the response.
     summary = finetune_instruct(params.finetune_instruct, Path("models/base"), splits_dir,
                                 Path("models/instruct"), Path("reports/instruct"), seed=params.seed, enc=enc)
 
+Validation also reports bits per byte (`val_bpb`): the unmasked targets' loss over the UTF-8 bytes they stand for,
+special tokens (end of text, end of turn) left out, comparable across tokenizers.
+
 After training, responses to the test split are generated (greedy by default) and saved as
 test_responses.jsonl beside the reference outputs: the input of LLM-as-judge scoring.
 The model folder's config.json records the template ("chat" for the model's own), and the folder carries the
@@ -61,6 +64,7 @@ from lmcore.io import atomic_dir, atomic_file, write_json
 from lmcore.model import GPT
 from lmcore.paths import METRICS, SUMMARY, TEST_RESPONSES
 from lmcore.tracking import NullTracker, Tracker
+from lmcore.training import bits_per_byte, bpb_sums, token_bytes
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +108,19 @@ def token_loss(model: GPT, inputs: torch.Tensor, targets: torch.Tensor) -> tuple
     return loss, int((targets != IGNORE_INDEX).sum())
 
 
-def mean_loss(model: GPT, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Token-weighted mean loss over batches (every response token counts the same)."""
-    total, n = 0.0, 0
+def val_metrics(model: GPT, batches: list[tuple[torch.Tensor, torch.Tensor]], bytes_per_token: torch.Tensor) -> dict[str, float]:
+    """Token-weighted mean loss over batches ("loss": every response token counts the same) and its bits per byte ("bpb", lmcore.training.bpb_sums: the
+    unmasked targets' nats over their bytes; absent when they stand for no byte)."""
+    total, n, nats, n_bytes = 0.0, 0, 0.0, 0.0
     with torch.no_grad():
         for inputs, targets in batches:
-            loss, count = token_loss(model, inputs, targets)
-            total, n = total + loss.item(), n + count
-    return total / max(1, n)
+            logits, _ = model(inputs)  # (B, T, V)
+            losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+            batch_nats, batch_bytes = bpb_sums(losses, targets, bytes_per_token)
+            total, n = total + losses.sum().item(), n + int((targets != IGNORE_INDEX).sum())
+            nats, n_bytes = nats + batch_nats.item(), n_bytes + batch_bytes.item()
+    bpb = bits_per_byte(nats, n_bytes)
+    return {"loss": total / max(1, n), **({"bpb": bpb} if bpb is not None else {})}
 
 
 def generate_responses(
@@ -155,7 +164,7 @@ def finetune_instruct(
         bench_items: with cfg.eval_benchmarks_every, the benchmark probe's sample (lmcore.harness.probe.probe_items),
             scored at step 0, every N steps and at the end: train_bench.<task>.<metric>, bench_curve.csv.
 
-    Returns: the summary: first/final val loss, test loss, trainable parameters, steps, the resolved template
+    Returns: the summary: first/final val loss, final val bits per byte, test loss, trainable parameters, steps, the resolved template
         (and the probe's item count and time, when it ran).
     """
     template = resolve_template(cfg.template, enc)
@@ -182,6 +191,7 @@ def finetune_instruct(
     train = encode(train_rows)
     val_batches = [to_device(b) for b in batches(encode(val_rows), cfg.batch_size)]
     test_batches = [to_device(b) for b in batches(encode(test_rows), cfg.batch_size)]
+    bytes_per_token = token_bytes(enc, model.config.vocab_size).to(device)
 
     def loss_fn(model: GPT, batch) -> tuple[torch.Tensor, dict[str, float]]:
         loss_sum, n = token_loss(model, *batch)
@@ -189,18 +199,19 @@ def finetune_instruct(
         return loss, {"loss": loss.item()}
 
     def evaluate_fn(model: GPT, max_batches: int | None) -> dict[str, float]:
-        return {"loss": mean_loss(model, val_batches[:max_batches] if max_batches else val_batches)}
+        return val_metrics(model, val_batches[:max_batches] if max_batches else val_batches, bytes_per_token)
 
     history = fit(model, cfg, train, to_device, loss_fn, evaluate_fn, seed=seed, tracker=tracker, desc="finetune_instruct",
                   checkpoint_dir=checkpoint_dir, start=base_model_dir, probe=probe)
     model.eval()
-    test_loss = mean_loss(model, test_batches)
+    test_loss = val_metrics(model, test_batches, bytes_per_token)["loss"]
     n_gen = len(test_rows) if cfg.max_test_generations is None else min(cfg.max_test_generations, len(test_rows))
     responses = generate_responses(
         model, enc, test_rows[:n_gen], template,
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, seed=seed,
     )
-    metrics = {"first_val_loss": history.val[0][1]["loss"], "final_val_loss": history.val[-1][1]["loss"], "test_loss": test_loss}
+    final_bpb = {"final_val_bpb": history.val[-1][1]["bpb"]} if "bpb" in history.val[-1][1] else {}
+    metrics = {"first_val_loss": history.val[0][1]["loss"], "final_val_loss": history.val[-1][1]["loss"], **final_bpb, "test_loss": test_loss}
     tracker.log_metrics(metrics, step=history.steps)
     summary = {
         **metrics,

@@ -9,12 +9,14 @@ Outputs (out_dir, replaced whole):
     results.json       config (tasks, limit, sample_seed, num_fewshot, batch size), the sample's sha256, every task's
                        and group's scores with standard errors, chance levels, timing; per task the items whose
                        prompt was cut from the left (`truncated`, as lm-eval cuts it) and those left out because a
-                       choice alone is longer than the model's context (`too_long`; lm-eval stops on those)
-    metrics.json       the reported tasks and groups (not the 57 MMLU subjects): a DVC metric
+                       choice alone is longer than the model's context (`too_long`; lm-eval stops on those); the
+                       share of both (`cut_fraction`), and whether the score measures the task at all (`meaningful`,
+                       `note`; see MAX_CUT_FRACTION: if not, its scores are kept under `raw_scores` alone)
+    metrics.json       the reported tasks and groups (not the 57 MMLU subjects): a DVC metric (no raw_scores)
     samples/<t>.jsonl  one record per item (prompt, choices, log-likelihoods, picks, gold, acc): t is a task, or
                        mmlu for all its subjects
-    table.md           the scores as a markdown table
-    scores.png         the scores with 95% intervals against chance
+    table.md           the scores as a markdown table ("n/a" and the note for a task that is not meaningful)
+    scores.png         the scores with 95% intervals against chance (the note, greyed, instead of a bar)
 """
 
 from __future__ import annotations
@@ -30,9 +32,17 @@ import torch
 
 from lmcore.checkpoint import load_model
 from lmcore.config import BenchmarkConfig
-from lmcore.harness.benchmarks import SPECS, expand, groups_of, sample, task_items
+from lmcore.harness.benchmarks import (
+    ACC,
+    ACC_NORM,
+    SPECS,
+    expand,
+    groups_of,
+    sample,
+    task_items,
+)
 from lmcore.harness.metrics import group_scores, item_result, task_scores
-from lmcore.harness.scoring import TooLongError, score_items
+from lmcore.harness.scoring import score_items
 from lmcore.io import atomic_dir, atomic_file, write_json, write_text
 from lmcore.model import GPT
 from lmcore.paths import METRICS
@@ -45,6 +55,14 @@ RESULTS = "results.json"
 SAMPLES_DIR = "samples"
 TABLE = "table.md"
 PLOT = "scores.png"
+
+# A task (or group) is not meaningful for a model when more than this share of its sampled items had their prompt
+# cut from the left to fit the model's context or were left out (a choice alone longer than it): what comes out
+# is a score of what was left of the prompts, not of the task. It is then reported as n/a with a note: not in
+# metrics, the table's values, the plot or the promotion; its numbers stay in results.json under RAW_SCORES.
+MAX_CUT_FRACTION = 0.5
+RAW_SCORES = "raw_scores"
+SCORE_KEYS = tuple(k for m in (ACC, ACC_NORM) for k in (m, f"{m}_stderr"))
 
 
 def family(task: str) -> str:
@@ -67,6 +85,7 @@ def run_benchmarks(
     model_ref: str = "",
     progress: bool = True,
     tracker: Tracker = NullTracker(),
+    max_cut_fraction: float = MAX_CUT_FRACTION,
 ) -> dict:
     """Score `tasks` (names or groups) on `model`; write out_dir; return the results dict (results.json).
 
@@ -76,7 +95,8 @@ def run_benchmarks(
         mmlu_limit: items per MMLU subject instead of `limit`; None: `limit`.
         num_fewshot: MMLU's dev examples before each question (other tasks are zero-shot, as lm-eval's defaults).
         model_ref: how the model was named (folder or models:/ URI), recorded in the results.
-        tracker: receives the flat metrics ("hellaswag.acc_norm", "mmlu.acc_stderr", ...).
+        tracker: receives the flat metrics ("hellaswag.acc_norm", "mmlu.acc_stderr", ...) of the meaningful tasks.
+        max_cut_fraction: a task with a larger share of its items cut or left out is not meaningful (`coverage`).
     """
     leaves = expand(tasks)
     items = []
@@ -97,11 +117,12 @@ def run_benchmarks(
     task_results = {}
     for task in leaves:
         rows = by_task[task]
-        if not rows:
-            raise TooLongError(
-                f"{task}: none of its {too_long[task]} items can be scored: a choice is longer than the model's "
-                f"context ({model.config.context_length} tokens)"
-            )
+        if not rows:  # no score at all: n/a (`coverage`), never an error that stops the other tasks
+            log.warning("%s: none of its %d items can be scored: a choice is longer than the context (%d tokens)",
+                        task, too_long[task], model.config.context_length)
+            task_results[task] = {"n": 0, "num_fewshot": num_fewshot if SPECS[task].fewshot else 0, "truncated": 0,
+                                  "too_long": too_long[task], "chance": None}
+            continue
         if too_long[task]:
             log.warning("%s: %d items left out: a choice is longer than the context (%d tokens)", task, too_long[task], model.config.context_length)
         task_results[task] = {
@@ -111,10 +132,14 @@ def run_benchmarks(
             "too_long": too_long[task],
             "chance": _chance(rows),
         }
-    group_results = {
-        g: {**group_scores([task_results[t] for t in members]), "chance": _mean([task_results[t]["chance"] for t in members])}
-        for g, members in groups_of(leaves).items()
-    }
+    group_results = {g: _group([task_results[t] for t in members]) for g, members in groups_of(leaves).items()}
+    # judged after the groups: a group is the size-weighted mean of all its subjects, judged on its own coverage
+    length = model.config.context_length
+    task_results = {t: coverage(s, length, max_cut_fraction) for t, s in task_results.items()}
+    group_results = {g: coverage(s, length, max_cut_fraction) for g, s in group_results.items()}
+    for name, scores in {**task_results, **group_results}.items():
+        if not scores["meaningful"] and (name in group_results or not name.startswith("mmlu_")):
+            log.warning("%s: %s", name, scores["note"])
     results = {
         "model": model_ref,
         "config": {
@@ -136,7 +161,7 @@ def run_benchmarks(
     reported = reported_scores(results)
     with atomic_dir(out_dir) as tmp:
         write_json(tmp / RESULTS, results)
-        write_json(tmp / METRICS, reported)
+        write_json(tmp / METRICS, {name: {k: v for k, v in s.items() if k != RAW_SCORES} for name, s in reported.items()})
         (tmp / SAMPLES_DIR).mkdir()
         for name in dict.fromkeys(family(t) for t in leaves):
             with atomic_file(tmp / SAMPLES_DIR / f"{name}.jsonl", "w") as f:
@@ -167,8 +192,36 @@ def benchmark_model(
     return run_benchmarks(
         model, enc, data_dir, out_dir, tasks=cfg.tasks, limit=cfg.limit, mmlu_limit=cfg.mmlu_limit, num_fewshot=cfg.num_fewshot,
         sample_seed=cfg.sample_seed, batch_size=cfg.batch_size, model_ref=model_ref or str(model_dir),
-        progress=progress, tracker=tracker,
+        progress=progress, tracker=tracker, max_cut_fraction=cfg.max_cut_fraction,
     )
+
+
+def coverage(scores: dict, context_length: int, max_cut_fraction: float = MAX_CUT_FRACTION) -> dict:
+    """A task's or group's scores judged on how much of its sample was scored as asked: with `cut_fraction` (the
+    share of its sampled items whose prompt was cut from the left, or that were left out), `meaningful` (that share
+    is at most `max_cut_fraction`) and `note` (why not, else None). The scores of a task that is not meaningful
+    (acc, acc_norm and their standard errors) move under RAW_SCORES, so that nothing reads them as a measurement.
+    """
+    sampled = scores["n"] + scores["too_long"]
+    cut = (scores["truncated"] + scores["too_long"]) / sampled
+    out = {**scores, "cut_fraction": cut, "meaningful": scores["n"] > 0 and cut <= max_cut_fraction, "note": None}
+    if out["meaningful"]:
+        return out
+    how = "cut or left out" if scores["too_long"] else "cut"
+    out["note"] = (f"n/a: {cut:.0%} of {sampled} items {how} to fit the {context_length}-token context" if scores["n"]
+                   else f"n/a: all {sampled} items left out: a choice is longer than the {context_length}-token context")
+    out[RAW_SCORES] = {k: out.pop(k) for k in SCORE_KEYS if k in out}
+    return out
+
+
+def score_of(results: dict, metric: str) -> dict:
+    """One metric ("hellaswag.acc_norm", "mmlu.acc") of a results dict: {"value", "stderr", "meaningful", "note"};
+    value and stderr are None when its task is not meaningful for the model (`coverage`)."""
+    name, _, key = metric.rpartition(".")
+    scores = {**results["tasks"], **results["groups"]}[name]
+    if not scores["meaningful"]:
+        return {"value": None, "stderr": None, "meaningful": False, "note": scores["note"]}
+    return {"value": scores[key], "stderr": scores.get(f"{key}_stderr"), "meaningful": True, "note": None}
 
 
 def sample_sha256(items) -> str:
@@ -187,13 +240,25 @@ def reported_scores(results: dict) -> dict:
 
 
 def flat_metrics(results: dict) -> dict[str, float]:
-    """{"<task>.<metric>": value} for every task, subject and group, standard errors included (None left out)."""
+    """{"<task>.<metric>": value} for every task, subject and group, standard errors included (None left out); of a
+    task that is not meaningful, only its counts and `cut_fraction` (its scores are under RAW_SCORES)."""
     flat = {}
     for name, scores in {**results["tasks"], **results["groups"]}.items():
         for key, value in scores.items():
             if key != "n" and isinstance(value, (int, float)) and not isinstance(value, bool):
                 flat[f"{name}.{key}"] = float(value)
     return flat
+
+
+def _group(members: list[dict]) -> dict:
+    """A group's scores over its subtasks that have any (a subtask with no item scorable has none)."""
+    scored = [m for m in members if m["n"]]
+    return {
+        **(group_scores(scored) if scored else {"n": 0}),
+        "truncated": sum(m["truncated"] for m in members),
+        "too_long": sum(m["too_long"] for m in members),
+        "chance": _mean([m["chance"] for m in scored]) if scored else None,
+    }
 
 
 def _mean(values: list[float]) -> float:
@@ -208,20 +273,24 @@ def _chance(rows: list[dict]) -> float:
 
 
 def table_rows(reported: dict) -> list[dict]:
-    """One row per task (or group) and metric: what table.md, scores.png and the Prefect table artifact show."""
+    """One row per task (or group) and metric: what table.md, scores.png and the Prefect table artifact show. A task
+    that is not meaningful has value and stderr None and its note."""
     return [
-        {"task": name, "metric": m, "value": scores[m], "stderr": scores.get(f"{m}_stderr"), "n": scores["n"], "chance": scores["chance"]}
+        {"task": name, "metric": m, "value": scores.get(m), "stderr": scores.get(f"{m}_stderr"), "n": scores["n"],
+         "chance": scores["chance"], "note": scores.get("note")}
         for name, scores in reported.items()
-        for m in ("acc", "acc_norm")
-        if m in scores
+        for m in (ACC, ACC_NORM)
+        if m in scores or m in scores.get(RAW_SCORES, {}) or (not scores["n"] and m == ACC)  # n 0: no score at all
     ]
 
 
 def markdown_table(reported: dict) -> str:
     lines = ["| task | metric | value | ± stderr | n | chance |", "|---|---|---:|---:|---:|---:|"]
     for r in table_rows(reported):
+        value = r["note"] if r["value"] is None else f"{r['value']:.4f}"
         se = "" if r["stderr"] is None else f"{r['stderr']:.4f}"
-        lines.append(f"| {r['task']} | {r['metric']} | {r['value']:.4f} | {se} | {r['n']} | {r['chance']:.4f} |")
+        chance = "" if r["chance"] is None else f"{r['chance']:.4f}"
+        lines.append(f"| {r['task']} | {r['metric']} | {value} | {se} | {r['n']} | {chance} |")
     notes = [
         f"{name}: {scores['too_long']} sampled items left out (a choice is longer than the model's context)"
         for name, scores in reported.items()
@@ -231,7 +300,8 @@ def markdown_table(reported: dict) -> str:
 
 
 def plot_scores(reported: dict, path: Path) -> None:
-    """Horizontal bars with 95% intervals (1.96 standard errors); a tick marks chance for each row."""
+    """Horizontal bars with 95% intervals (1.96 standard errors); a tick marks chance for each row. A task that is
+    not meaningful has no bar and no tick: its note, in grey."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -239,14 +309,17 @@ def plot_scores(reported: dict, path: Path) -> None:
 
     rows = table_rows(reported)
     labels = [f"{r['task']} {r['metric']}" for r in rows]
-    values = [r["value"] for r in rows]
-    errors = [1.96 * r["stderr"] if r["stderr"] is not None else 0.0 for r in rows]
-    chance = [r["chance"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(labels) + 1.2))
     ys = list(range(len(labels)))[::-1]
-    ax.barh(ys, values, xerr=errors, color="#4C72B0", capsize=3, label="score ± 95% CI")
-    ax.scatter(chance, ys, marker="|", s=300, color="#C44E52", zorder=3, label="chance")
+    scored = [(y, r) for y, r in zip(ys, rows) if r["value"] is not None]
+    ax.barh([y for y, _ in scored], [r["value"] for _, r in scored], color="#4C72B0", capsize=3, label="score ± 95% CI",
+            xerr=[1.96 * r["stderr"] if r["stderr"] is not None else 0.0 for _, r in scored])
+    ax.scatter([r["chance"] for _, r in scored], [y for y, _ in scored], marker="|", s=300, color="#C44E52", zorder=3, label="chance")
+    for y, r in zip(ys, rows):
+        if r["value"] is None:
+            ax.text(0.01, y, r["note"], va="center", fontsize=7, color="grey")
     ax.set_yticks(ys, labels)
+    ax.set_ylim(-0.6, len(labels) - 0.4)  # rows without a bar count too
     ax.set_xlim(0, 1)
     ax.set_xlabel("score")
     ax.legend(loc="lower right", fontsize=8)
@@ -257,4 +330,19 @@ def plot_scores(reported: dict, path: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["run_benchmarks", "benchmark_model", "flat_metrics", "reported_scores", "table_rows", "RESULTS", "TABLE", "PLOT", "SAMPLES_DIR"]
+__all__ = [
+    "MAX_CUT_FRACTION",
+    "PLOT",
+    "RAW_SCORES",
+    "RESULTS",
+    "SAMPLES_DIR",
+    "SCORE_KEYS",
+    "TABLE",
+    "benchmark_model",
+    "coverage",
+    "flat_metrics",
+    "reported_scores",
+    "run_benchmarks",
+    "score_of",
+    "table_rows",
+]

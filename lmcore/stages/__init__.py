@@ -103,12 +103,15 @@ class Scores:
 
     values: tag suffix -> score ("hellaswag.acc_norm", "hellaswag.acc_norm_stderr", ...);
     metric: the one the promotion compares; sample_sha256: which items were scored.
+    note: why `metric` has no value in `values` (not meaningful for the model: lmcore.harness.run.coverage);
+        the promotion then compares nothing. None when it has one.
     """
 
     weights: Path
     values: dict[str, float]
     metric: str
     sample_sha256: str
+    note: str | None = None
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,9 @@
 them (lmcore.harness), the benchmark files collected into data/benchmarks (mirror first), the scores, per-item
 records, table and plot into reports/benchmark. Its `Scores` feed the promotion gate: the orchestration layer
 tags the registered version and moves `champion` only past the combined standard error (lmcore.promotion).
+A primary metric whose task is not meaningful for the model (most of its prompts cut to fit the context:
+lmcore.harness.run.coverage) has no value to compare: its `Scores` carry the note instead, and the gate compares
+nothing (the version is `challenger`, or `champion` when there is none yet).
 
     lmcore run benchmark
     lmcore run benchmark --set benchmark.limit=50 --set benchmark.tasks=[hellaswag,arc_easy]
@@ -12,13 +15,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmcore.data.collect import collect, mirror_from_env
-from lmcore.harness.run import PLOT, RESULTS, SAMPLES_DIR, TABLE, benchmark_model, flat_metrics, reported_scores, table_rows
+from lmcore.harness.run import (
+    PLOT, RESULTS, SAMPLES_DIR, SCORE_KEYS, TABLE, benchmark_model, flat_metrics, reported_scores, score_of, table_rows,
+)
 from lmcore.io import sha256_file
 from lmcore.paths import MANIFEST, METRICS, WEIGHTS
 from lmcore.stages import WEIGHTS_SHA, Artifact, Scores, StageContext, StageResult, Table
 from lmcore.tokenizer import load_tokenizer
-
-SCORE_KEYS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
 
 
 def version_scores(results: dict, primary: str) -> dict[str, float]:
@@ -36,12 +39,14 @@ def run(ctx: StageContext) -> StageResult:
     collect(ctx.collect_config(cfg.sources), data_dir, mirror=mirror_from_env(), base_dir=ctx.root)
     enc = load_tokenizer(layout.base_model)
     results = benchmark_model(cfg, layout.base_model, data_dir, out, enc=enc, model_ref="models/base", tracker=ctx.tracker)
-    primary = flat_metrics(results)
+    primary = score_of(results, cfg.primary_metric)
+    shown = primary["note"] if primary["value"] is None else f"{primary['value']:.4f}"
     return StageResult(
         summary={
             "primary_metric": cfg.primary_metric,
-            "primary_value": primary[cfg.primary_metric],
-            "primary_stderr": primary.get(f"{cfg.primary_metric}_stderr"),
+            "primary_value": primary["value"],  # None when not meaningful
+            "primary_stderr": primary["stderr"],
+            "primary_note": primary["note"],  # "n/a: 71% of 400 items cut to fit the 128-token context", else None
             "n_items": results["n_items"],
             "items_per_s": results["items_per_s"],
             "sample_sha256": results["sample_sha256"],
@@ -52,9 +57,13 @@ def run(ctx: StageContext) -> StageResult:
             Artifact(out / SAMPLES_DIR, f"reports/{SAMPLES_DIR}"),
         ],
         tags={WEIGHTS_SHA: sha256_file(weights)},
-        scores=Scores(weights, version_scores(results, cfg.primary_metric), cfg.primary_metric, results["sample_sha256"]),
+        scores=Scores(weights, version_scores(results, cfg.primary_metric), cfg.primary_metric, results["sample_sha256"],
+                      note=primary["note"]),
         tables=[Table("lmcore-benchmark", table_rows(reported_scores(results)), f"benchmark scores of models/base ({results['n_items']} items)")],
-        log=f"{cfg.primary_metric} {primary[cfg.primary_metric]:.4f} on {results['n_items']} items",
+        log=f"{cfg.primary_metric} {shown} on {results['n_items']} items",
+        warnings=[] if primary["meaningful"] else [
+            f"{cfg.primary_metric} is not meaningful for models/base ({primary['note']}): not compared with the champion"
+        ],
     )
 
 

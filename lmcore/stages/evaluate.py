@@ -1,5 +1,5 @@
-"""The evaluate stage: validation loss and perplexity of models/base on the whole validation split, and a seeded
-sample per prompt, into reports/evaluate; the registered version with these weights is tagged eval.*.
+"""The evaluate stage: validation loss, perplexity and bits per byte of models/base on the whole validation split,
+and a seeded sample per prompt, into reports/evaluate; the registered version with these weights is tagged eval.*.
 
     lmcore run evaluate
 """
@@ -22,6 +22,8 @@ def run(ctx: StageContext) -> StageResult:
         summary={**metrics, "samples": len(ctx.params.evaluate.prompts)},
         artifacts=[Artifact(out / METRICS), Artifact(out / SAMPLES)],
         tags={WEIGHTS_SHA: sha256_file(weights)},
-        scored=[VersionTags("registered_model", weights, {f"eval.{k}": f"{metrics[k]:.6f}" for k in ("val_loss", "perplexity")})],
-        log=f"val loss {metrics['val_loss']:.4f}, perplexity {metrics['perplexity']:.2f}",
+        scored=[VersionTags("registered_model", weights,
+                            {f"eval.{k}": f"{metrics[k]:.6f}" for k in ("val_loss", "perplexity", "val_bpb") if k in metrics})],
+        log=f"val loss {metrics['val_loss']:.4f}, perplexity {metrics['perplexity']:.2f}"
+            + (f", {metrics['val_bpb']:.4f} bits per byte" if "val_bpb" in metrics else ""),
     )

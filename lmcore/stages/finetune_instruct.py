@@ -15,7 +15,7 @@ from lmcore.stages._finetune import CURVES, finetuned, prepare_data
 from lmcore.stages._probe import PROBE_SUMMARY_KEYS, bench_sample
 from lmcore.tokenizer import load_tokenizer
 
-SUMMARY_KEYS = ("first_val_loss", "final_val_loss", "test_loss", "trainable_params", "test_responses")
+SUMMARY_KEYS = ("first_val_loss", "final_val_loss", "final_val_bpb", "test_loss", "trainable_params", "test_responses")
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -33,6 +33,7 @@ def run(ctx: StageContext) -> StageResult:
             "template": summary["template"],
             "eval.val_loss": f"{summary['final_val_loss']:.6f}",
             "eval.test_loss": f"{summary['test_loss']:.6f}",
+            **({"eval.val_bpb": f"{summary['final_val_bpb']:.6f}"} if "final_val_bpb" in summary else {}),
         },
         log=f"instruct: val loss {summary['first_val_loss']:.3f} -> {summary['final_val_loss']:.3f}, test loss {summary['test_loss']:.3f}",
     )

@@ -4,8 +4,9 @@
     lmcore run tokenize --set tokenize.runner=dask        # a Prefect task per shard on a local Dask cluster
     lmcore run tokenize --set tokenize.runner=dask --set tokenize.dask_address=tcp://scheduler:8786
 
-The tokenizer is `tokenize.tokenizer`: by default the base model's (models/base_model) when the run starts from a
-pretrained base, else GPT-2's. Its files go into data/tokens beside the shards, and the manifest records its
+The tokenizer is `tokenize.tokenizer`: `trained` (params.yaml's default) is the train_tokenizer stage's
+(models/tokenizer); `auto` the base model's (models/base_model) when the run starts from a pretrained base, else
+GPT-2's. Its files go into data/tokens beside the shards, and the manifest records its
 name and sha256, so pretraining can refuse a model whose tokenizer is another.
 
 The shards are byte-identical whichever runs the slices: the stage's own process pool, or the orchestration
@@ -25,7 +26,7 @@ def run(ctx: StageContext) -> StageResult:
     layout = ctx.layout
     cfg = ctx.params.tokenize
     tok = resolve_tokenizer(cfg.tokenizer, root=ctx.root, ranks_file=configured_ranks_file(cfg.ranks_file, ctx.root),
-                            base_dir=base_dir(ctx))
+                            base_dir=base_dir(ctx), trained_dir=layout.tokenizer)
     manifest = tokenize(cfg, layout.clean, layout.tokens, ctx.seed, tokenizer=tok, map_jobs=ctx.map)
     sha = sha256_file(layout.tokens / MANIFEST)
     metrics = {f"{split}_{k}": v for split, d in manifest["splits"].items() for k, v in d.items()}

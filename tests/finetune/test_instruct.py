@@ -58,6 +58,11 @@ def test_instruction_tuning_lowers_val_loss_and_saves_responses(instruct_model):
     assert steps == list(range(1, 31))
     val_steps = [int(line.split(",")[0]) for line in (out / "reports" / VAL_LOSS).read_text().splitlines()[1:]]
     assert val_steps == [0, 10, 20, 30]
+    # bits per byte of the response tokens: a GPT-2 token holds several bytes, so fewer bits per byte than per token
+    assert (out / "reports" / VAL_LOSS).read_text().splitlines()[0] == "step,val_loss,val_bpb"
+    assert summary["final_val_bpb"] == metrics["final_val_bpb"]
+    assert 0 < metrics["final_val_bpb"] < 0.5 * metrics["final_val_loss"] / math.log(2)
+    assert [s for s, m in tracker.records if "val_bpb" in m] == val_steps
     assert [s for s, m in tracker.records if "train_loss" in m] == list(range(1, 31))
 
 

@@ -56,7 +56,10 @@ def test_mlflow_parent_and_nested_runs(lifecycle_run):
     assert [m.step for m in history] == list(range(1, 13))
     val = client.get_metric_history(pretrain.info.run_id, "val_loss")
     assert len(val) >= 3
+    assert [m.step for m in client.get_metric_history(pretrain.info.run_id, "val_bpb")] == [m.step for m in val]
     assert parent.data.metrics["val_loss"] == pytest.approx(result["evaluate"]["val_loss"])
+    assert parent.data.metrics["val_bpb"] == pytest.approx(result["evaluate"]["val_bpb"])
+    assert parent.data.metrics["final_val_bpb"] == pytest.approx(result["pretrain"]["final_val_bpb"])
 
 
 def test_model_is_registered_and_loads(lifecycle_run):
@@ -67,6 +70,8 @@ def test_model_is_registered_and_loads(lifecycle_run):
     version = versions[0]
     assert version.tags["lmcore.weights_sha256"] == sha256_file(Layout(root).base_model / WEIGHTS)
     assert float(version.tags["eval.val_loss"]) == pytest.approx(result["evaluate"]["val_loss"], abs=1e-5)
+    assert float(version.tags["eval.val_bpb"]) == pytest.approx(result["evaluate"]["val_bpb"], abs=1e-5)
+    assert (version.tags["lmcore.tokenizer"], version.tags["lmcore.tokenizer_sha256"][:12]) == ("gpt2", "306cd27f03c1")
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model("models:/lmcore-base/1")
     out = model.predict(["Every effort moves you"], params={"max_new_tokens": 5, "temperature": 0.0})

@@ -200,6 +200,7 @@ def test_a_stage_run_by_lmcore_run_in_a_dvc_project_matches_dvc_lock(lifecycle_r
     shutil.copytree(ROOT / "lmcore", project / "lmcore", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(Layout(root).clean, project / "data" / "clean")
     shutil.copytree(Layout(root).base_source, project / "models" / "base_model")  # a dep of tokenize (base.json: scratch)
+    shutil.copytree(Layout(root).tokenizer, project / "models" / "tokenizer")  # another (micro tokenizes with GPT-2's)
     for src, dst in ((ROOT / "dvc.yaml", "dvc.yaml"), (MICRO, "params.yaml")):
         shutil.copy2(src, project / dst)
     (project / ".gitignore").write_text("/data/\n/models/\n/mlflow.db\n/mlartifacts/\n__pycache__/\n")

@@ -69,7 +69,6 @@ def test_the_same_config_scores_the_same_items(micro_lm, enc, bench_dir, tmp_pat
 
 
 def test_items_whose_choices_outgrow_the_context_are_left_out_and_counted(enc, bench_dir, tmp_path, one_thread):
-    import pytest
     import torch
 
     from lmcore.config import ModelConfig
@@ -82,7 +81,11 @@ def test_items_whose_choices_outgrow_the_context_are_left_out_and_counted(enc, b
     assert hs["too_long"] > 0 and hs["n"] == 20 - hs["too_long"] and hs["truncated"] == hs["n"]
     assert results["n_items"] == hs["n"] + results["tasks"]["arc_easy"]["n"]
     assert f"hellaswag: {hs['too_long']} sampled items left out" in (tmp_path / "out" / "table.md").read_text()
+    # no item fits at all: the task is n/a with the reason, not a score and not an error that stops the others
     tiny = GPT(ModelConfig(vocab_size=50257, context_length=2, n_embd=16, n_layer=1, n_head=2)).eval()
-    with pytest.raises(ValueError, match="hellaswag: none of its 3 items can be scored"):
-        run_benchmarks(tiny, enc, bench_dir, tmp_path / "none", tasks=["hellaswag"], limit=3, progress=False)
-    assert not (tmp_path / "none").exists()
+    none = run_benchmarks(tiny, enc, bench_dir, tmp_path / "none", tasks=["hellaswag"], limit=3, progress=False)
+    hs = none["tasks"]["hellaswag"]
+    assert (hs["n"], hs["too_long"], hs["meaningful"]) == (0, 3, False) and "acc_norm" not in hs
+    assert hs["note"] == "n/a: all 3 items left out: a choice is longer than the 2-token context"
+    assert "n/a: all 3 items left out" in (tmp_path / "none" / "table.md").read_text()
+    assert not any(k.startswith("hellaswag.acc") for k in flat_metrics(none))
