@@ -1,11 +1,14 @@
-"""A picture of a registered model's page in the MLflow UI, for the README: docs/images/mlflow-registry.png.
+"""Pictures of the MLflow UI for the README: a registered version's page with its model card
+(docs/images/mlflow-model-card.png), or a registered model's versions (docs/images/mlflow-registry.png).
 
-    .venv/bin/python docs/screenshot_ui.py                       # lmcore-base from ./mlflow.db
+    .venv/bin/python docs/screenshot_ui.py                       # lmcore-base's champion and its card, from ./mlflow.db
+    .venv/bin/python docs/screenshot_ui.py --version 2           # another version
+    .venv/bin/python docs/screenshot_ui.py --versions --out docs/images/mlflow-registry.png   # the versions table
     .venv/bin/python docs/screenshot_ui.py --model lmcore-instruct --out /tmp/instruct.png
 
 Starts `mlflow server` on a copy of the project's store (the store itself is only read, through SQLite's
-backup API), opens the model's page in headless Chromium (Debian's package, driven by Playwright, as in
-tests/test_mlflow_ui.py) and saves a PNG once the versions and their aliases are rendered.
+backup API), opens the page in headless Chromium (Debian's package, driven by Playwright, as in
+tests/test_mlflow_ui.py) and saves a PNG once it is rendered: for a version, once the card's headings are.
 
 A version of a pipeline-run model carries some forty tags (hashes, eval and benchmark scores, the
 promotion decision), so the UI draws each version row some thousand pixels tall. To show every version in
@@ -25,8 +28,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.servers import BIN, background, free_port, wait_http  # noqa: E402
-from tests.test_mlflow_ui import CHROMIUM_FLAGS, QUIET_SERVER, QUIET_UI, find_chromium, model_page  # noqa: E402
+from tests.servers import BIN, background, free_port, wait_http
+from tests.test_mlflow_ui import (
+    CHROMIUM_FLAGS,
+    QUIET_SERVER,
+    QUIET_UI,
+    find_chromium,
+    model_page,
+)
 
 TAG_LINE_PX = 24  # one key-value tag chip in the versions table
 # The versions table's tag cells; each tag is a chip rendered by MLflow's KeyValueTag component.
@@ -42,6 +51,40 @@ def copy_store(src: Path, dst: Path) -> None:
     """A consistent copy of a SQLite store that another process may be writing."""
     with sqlite3.connect(f"file:{src}?mode=ro", uri=True) as source, sqlite3.connect(dst) as target:
         source.backup(target)
+
+
+def champion(db: Path, model: str) -> str:
+    """The version holding @champion (else the newest) in a SQLite store."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+        row = con.execute("SELECT version FROM registered_model_aliases WHERE name = ? AND alias = 'champion'", (model,)).fetchone()
+        row = row or con.execute("SELECT MAX(version) FROM model_versions WHERE name = ?", (model,)).fetchone()
+    if row is None or row[0] is None:
+        raise SystemExit(f"{db}: no version of {model}")
+    return str(row[0])
+
+
+def card_shot(base_url: str, model: str, version: str, out: Path, *, width: int, height: int) -> None:
+    """The version's page, scrolled to its card: the card's first sections, then its scores."""
+    from playwright.sync_api import expect, sync_playwright
+
+    chromium = find_chromium()
+    if chromium is None:
+        raise SystemExit("no chromium found (apt-get install chromium, or set LMCORE_CHROMIUM)")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        try:
+            context = browser.new_context(viewport={"width": width, "height": height}, locale="en-US", timezone_id="UTC")
+            context.add_init_script(QUIET_UI)
+            context.set_default_timeout(60_000)
+            page = context.new_page()
+            page.goto(f"{model_page(base_url, model)}/versions/{version}")
+            expect(page.get_by_role("heading", name=f"{model} v{version}")).to_be_visible()
+            expect(page.get_by_role("heading", name="Scores", exact=True)).to_be_visible()
+            page.wait_for_timeout(1000)  # the aliases arrive with the version; the app polls, never idles
+            out.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(out))
+        finally:
+            browser.close()
 
 
 def screenshot(base_url: str, model: str, out: Path, *, width: int, height: int, tag_lines: int) -> None:
@@ -75,9 +118,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--db", type=Path, default=ROOT / "mlflow.db", help="the MLflow SQLite store (only read)")
     parser.add_argument("--model", default="lmcore-base")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "images" / "mlflow-registry.png")
+    parser.add_argument("--version", help="the version whose card to show (default: the champion, else the newest)")
+    parser.add_argument("--versions", action="store_true", help="the model's versions table instead of a card")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "images" / "mlflow-model-card.png")
     parser.add_argument("--width", type=int, default=1280)
-    parser.add_argument("--height", type=int, default=800)
+    parser.add_argument("--height", type=int, default=1000)
     parser.add_argument("--tag-lines", type=int, default=5, help="tags shown per version row; 0: all")
     args = parser.parse_args(argv)
     if not args.db.is_file():
@@ -95,7 +140,11 @@ def main(argv: list[str] | None = None) -> None:
         with background(cmd, log, env=env) as proc:
             url = f"http://127.0.0.1:{port}"
             wait_http(f"{url}/health", proc, log, timeout=120)
-            screenshot(url, args.model, args.out, width=args.width, height=args.height, tag_lines=args.tag_lines)
+            if args.versions:
+                screenshot(url, args.model, args.out, width=args.width, height=args.height, tag_lines=args.tag_lines)
+            else:
+                version = args.version or champion(work / "mlflow.db", args.model)
+                card_shot(url, args.model, version, args.out, width=args.width, height=args.height)
     print(f"wrote {args.out} ({args.out.stat().st_size // 1024} KiB)")
 
 

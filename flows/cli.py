@@ -416,17 +416,25 @@ def import_hf(
 
 @app.command("export-hf")
 def export_hf(
-    src_dir: Annotated[str, typer.Argument(help="an lmcore model folder")],
+    src_dir: Annotated[str, typer.Argument(help="an lmcore model folder, or models:/name@alias, models:/name/version")],
     dst_dir: Annotated[str, typer.Argument(help="the Hugging Face folder to write (config.json, model.safetensors)")],
 ) -> None:
-    """Write an lmcore model folder as a Hugging Face GPT-2 or Llama folder that transformers loads.
+    """Write an lmcore model folder as a Hugging Face GPT-2 or Llama folder that transformers loads, with its model
+    card (MODEL_CARD.md and the Hub's README.md): a registered version's card, scores and promotion included.
 
         lmcore export-hf models/base hf/base
+        lmcore export-hf models:/lmcore-base@champion hf/champion
     """
     from lmcore.hf import export_hf as convert
 
+    folder, card = _model_dir(src_dir), None
+    if src_dir.startswith("models:/"):  # resolved above: the version exists
+        from tasks.registry import version_card
+        from tasks.tracking import tracking_uri
+
+        card = version_card(src_dir, tracking_uri(Path.cwd()))
     try:
-        done = convert(src_dir, dst_dir)
+        done = convert(folder, dst_dir, card=card)
     except (ValueError, OSError) as err:  # HFError, or CheckpointError for a broken model folder
         _fail(str(err))
     typer.echo(f"exported {done['model_type']} ({done['params']:,} parameters) from {src_dir} to {done['path']}")

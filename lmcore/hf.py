@@ -35,23 +35,29 @@ from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from lmcore.checkpoint import HEAD_KEY, load_model, read_model_config, save_model, save_tensors
+from lmcore.checkpoint import (
+    HEAD_KEY,
+    load_model,
+    read_model_config,
+    save_model,
+    save_tensors,
+)
 from lmcore.config import ModelConfig
 from lmcore.errors import InputError, one_line, validation_summary
-from lmcore.io import atomic_dir, read_json, write_json
+from lmcore.io import atomic_dir, read_json, write_json, write_text
 from lmcore.model import GPT
-from lmcore.paths import MODEL_CONFIG
+from lmcore.paths import CARD, MODEL_CONFIG
 from lmcore.tokenizer import (
     EOT,
     HF_TOKENIZER_FILE,
     TIKTOKEN,
     TOKENIZER_CONFIG,
     Tokenizer,
+    byte_decoder,
     has_tokenizer,
     load_tokenizer,
     tiktoken_merges,
 )
-from lmcore.tokenizer import byte_decoder
 
 GPT2, LLAMA = "gpt2", "llama"
 ARCHITECTURES = {GPT2: "GPT2LMHeadModel", LLAMA: "LlamaForCausalLM"}
@@ -513,14 +519,16 @@ def import_hf(src_dir: str | Path, dst_dir: str | Path) -> dict[str, Any]:
     return {"model_type": model_type, "params": model.num_params(), "path": str(dst)}
 
 
-def export_hf(src_dir: str | Path, dst_dir: str | Path) -> dict[str, Any]:
-    """Write an lmcore model folder as a Hugging Face folder: config.json and model.safetensors (float32).
+def export_hf(src_dir: str | Path, dst_dir: str | Path, *, card: str | None = None) -> dict[str, Any]:
+    """Write an lmcore model folder as a Hugging Face folder: config.json and model.safetensors (float32), the
+    tokenizer, and the model card as MODEL_CARD.md and as the Hub's README.md (with its metadata header).
 
     The result loads with transformers' AutoModelForCausalLM.from_pretrained (GPT2LMHeadModel or LlamaForCausalLM).
 
     Args:
         src_dir: an lmcore model folder (lmcore.checkpoint layout).
         dst_dir: the HF folder to write; replaced whole if it is one already.
+        card: the card to write (a registered version's, with its scores); None: the folder's MODEL_CARD.md.
     Returns: {"model_type", "params", "path"}.
     Raises: HFError naming the option HF cannot express (e.g. mlp: gelu with positions: rope, a classifier head).
     """
@@ -539,6 +547,11 @@ def export_hf(src_dir: str | Path, dst_dir: str | Path) -> dict[str, Any]:
         write_json(tmp / HF_CONFIG, config)
         if has_tokenizer(src):
             write_hf_tokenizer(load_tokenizer(src), tmp)
+        if card is None and (src / CARD).is_file():
+            card = (src / CARD).read_text(encoding="utf-8")
+        if card is not None:
+            write_text(tmp / CARD, card)
+            write_text(tmp / "README.md", f"---\nlibrary_name: transformers\ntags:\n- lmcore\n- {config['model_type']}\n---\n\n{card}")
     return {"model_type": config["model_type"], "params": model.num_params(), "path": str(dst)}
 
 
@@ -555,8 +568,8 @@ def write_hf_tokenizer(tok: Tokenizer, folder: Path) -> None:
     from tokenizers import decoders, models, pre_tokenizers, processors
 
     spell = {b: c for c, b in byte_decoder().items()}
-    word = lambda b: "".join(spell[x] for x in b)  # noqa: E731
-    ranks = tok.enc._mergeable_ranks  # noqa: SLF001 - tiktoken keeps no public accessor
+    word = lambda b: "".join(spell[x] for x in b)
+    ranks = tok.enc._mergeable_ranks
     vocab = {word(t): r for t, r in ranks.items()}
     merges = [(word(a), word(b)) for a, b in tiktoken_merges(tok)]
     rust = RustTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))

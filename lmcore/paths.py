@@ -27,6 +27,8 @@ ADAPTER = "adapter.safetensors"  # the LoRA adapter alone (the model folder hold
 ADAPTER_CONFIG = "adapter_config.json"
 FINETUNES = ("classifier", "instruct", "dpo")
 JUDGE_SCORES = "scores.jsonl"  # per judged response: the judge's reply and its score
+CARD = "MODEL_CARD.md"  # in a model folder: its model card (lmcore.model_card), also in HF exports
+CARD_FACTS = "card.json"  # in a model folder: the card's facts, which the registry renders with the version's scores
 REGISTERED = ".registered.json"  # in a model folder downloaded from the registry: its name, version, run, aliases
 BASE_MANIFEST = "base.json"  # in models/base_model: where the base model came from (lmcore.base_model)
 

@@ -24,6 +24,7 @@ from tasks.tags import (
     BENCH_PREFIX,
     PARENT_RUN,
     PROMOTION_PREFIX,
+    TAG_BENCH_RESULTS,
     TAG_BENCH_SAMPLE,
     TAG_TOKENIZER,
     TAG_TOKENIZER_SHA,
@@ -145,6 +146,12 @@ def download_model_dir(uri: str, tracking_uri: str, dst: Path | None = None) -> 
     return found.parent
 
 
+def version_card(uri: str, tracking_uri: str) -> str | None:
+    """The model card (description) of the version a `models:/` URI names; None when it has none."""
+    version = _registered_version(uri, tracking_uri)
+    return (version.description or None) if version is not None else None
+
+
 def _registered_version(uri: str, tracking_uri: str):
     """The ModelVersion a `models:/name@alias` or `models:/name/<version>` URI names (None for other URIs)."""
     match = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", uri)
@@ -193,7 +200,7 @@ def tag_scores(tracking: Tracking, name: str, version: str, scores: dict[str, fl
     read as scores on this sample."""
     client = tracking.client()
     for key in client.get_model_version(name, version).tags:
-        if key.startswith(BENCH_PREFIX) and key != TAG_BENCH_SAMPLE and key[len(BENCH_PREFIX):] not in scores:
+        if key.startswith(BENCH_PREFIX) and key not in (TAG_BENCH_SAMPLE, TAG_BENCH_RESULTS) and key[len(BENCH_PREFIX):] not in scores:
             client.delete_model_version_tag(name, version, key)
     for key, value in scores.items():
         client.set_model_version_tag(name, version, f"{BENCH_PREFIX}{key}", repr(float(value)))

@@ -20,6 +20,7 @@ import importlib
 import json
 import logging
 import tempfile
+import time
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,7 +38,8 @@ from lmcore.io import sha256_file
 from lmcore.paths import WEIGHTS
 from lmcore.pipeline import STAGES, UNCHANGED, Stage
 from lmcore.stages import StageContext, StageResult
-from tasks import failures
+from tasks import cards, failures
+from tasks.compare import compare_with_champion, record_results
 from tasks.context import RunContext, logger
 from tasks.incremental import STAGE_SUMMARY
 from tasks.registry import (
@@ -55,6 +57,7 @@ from tasks.tags import (
     PROMOTION_PREFIX,
     TAG_BENCH_SAMPLE,
     TAG_PARAMS_SHA,
+    TAG_PROMOTION_RUN,
     TAG_WEIGHTS_SHA,
     tag,
 )
@@ -99,6 +102,10 @@ def execute(stage: Stage, rc: RunContext) -> dict[str, Any]:
             run.log_metrics(result.metrics)
         for artifact in result.artifacts:
             run.log_artifact(artifact.path, artifact.dest)
+        with reviewed(stage.name, "item tables"):
+            for table in result.item_tables:
+                if table.rows:
+                    run.log_table(table.path, table.rows)
         if result.log:
             logger().info("%s: %s", stage.name, result.log)
         for line in result.warnings:
@@ -133,6 +140,10 @@ def register(rc: RunContext, stage: Stage, result: StageResult, run: MlflowTrack
     }
     version = log_and_register(rc.tracking, run.run_id, model_dir, name, kind=spec.kind,
                                aliases=spec.aliases, tags=tags)
+    with reviewed(stage.name, "model card"):
+        cards.describe_model(rc.tracking, spec.name, name)
+        if cards.log_facts(run, model_dir):
+            cards.refresh(rc.tracking, name, version)
     logger().info("%s: registered %s v%s%s", stage.name, name, version, "".join(f" @{a}" for a in spec.aliases))
     return {"registered_model": name, "model_version": version, "weights_sha256": weights}
 
@@ -144,6 +155,7 @@ def tag_scored_version(rc: RunContext, name: str, weights: Path, tags: dict[str,
         client = rc.tracking.client()
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, value)
+        cards.refresh(rc.tracking, name, version)
     return version
 
 
@@ -158,19 +170,34 @@ def gate(rc: RunContext, stage: Stage, result: StageResult, run: MlflowTracker) 
                          sha256_file(scores.weights)[:12], name)
         return {"model_version": None, "promotion": None}
     tag_scores(rc.tracking, name, version, scores.values, scores.sample_sha256)
-    with registry_lock(name):  # another run may be promoting a version of `name` right now
-        rescore_champion(rc, stage, name, version, scores.sample_sha256)
+    record_results(rc.tracking, run, name, version, scores, "reports")
+    with registry_lock(name), tempfile.TemporaryDirectory(prefix="lmcore-gate-") as work:
+        before, champion = cards.alias_holders(rc.tracking, name), champion_version(rc.tracking, name)
+        rescore_champion(rc, stage, name, version, scores.sample_sha256, run, Path(work))
         decision = promote(rc.tracking, name, version, scores.metric, note=scores.note)
+        run.client.log_text(run.run_id, json.dumps(decision, indent=2), PROMOTION_ARTIFACT)
+        rc.tracking.client().set_model_version_tag(name, version, TAG_PROMOTION_RUN, run.run_id)
+        with reviewed(stage.name, "model cards"):  # this version's, and those of the versions whose alias moved
+            after = cards.alias_holders(rc.tracking, name)
+            for changed in dict.fromkeys([version, *before.values(), *after.values()]):
+                cards.refresh(rc.tracking, name, changed)
+        if champion is not None and str(champion.version) != str(version) and scores.results_dir is not None:
+            with reviewed(stage.name, "comparison with the champion"):
+                champion = rc.tracking.client().get_model_version(name, str(champion.version))  # re-scored: new tags
+                compared = compare_with_champion(rc.tracking, run, name, version, champion, scores.results_dir, Path(work))
+            if compared is None:
+                logger().warning("%s: %s v%s has no per-item results on these items: no item-by-item comparison",
+                                 stage.name, name, champion.version)
     run.set_tags({f"{PROMOTION_PREFIX}{k}": str(v) for k, v in decision.items() if isinstance(v, str)})
     run.log_metrics({f"{PROMOTION_PREFIX}{k}": v for k, v in decision.items() if isinstance(v, float)})
-    run.client.log_text(run.run_id, json.dumps(decision, indent=2), PROMOTION_ARTIFACT)
     logger().info("%s v%s: %s (%s)", name, version, decision["alias"], decision["reason"])
     return {"model_version": version, "promotion": decision}
 
 
-def rescore_champion(rc: RunContext, stage: Stage, name: str, version: str, sample_sha256: str) -> None:
+def rescore_champion(rc: RunContext, stage: Stage, name: str, version: str, sample_sha256: str, run: MlflowTracker, work: Path) -> None:
     """A champion scored on other items (another task list, limit or seed) is scored on this sample first (the
-    declaration's `rescore`), so that the promotion compares like with like."""
+    declaration's `rescore`, into `work`), so that the promotion compares like with like; its per-item results are
+    kept with `run` as champion_v<N>/."""
     champion = champion_version(rc.tracking, name)
     if champion is None or str(champion.version) == str(version) or champion.tags.get(TAG_BENCH_SAMPLE) == sample_sha256:
         return
@@ -180,8 +207,18 @@ def rescore_champion(rc: RunContext, stage: Stage, name: str, version: str, samp
     logger().info("champion %s v%s was scored on other items: scoring it on this sample", name, champion.version)
     with tempfile.TemporaryDirectory(prefix="lmcore-champion-") as tmp:
         model_dir = download_model_dir(uri, rc.tracking.uri, Path(tmp) / "model")
-        scores = rescore(StageContext(root=rc.root, params=rc.params), model_dir, Path(tmp) / "scores", uri)
+        scores = rescore(StageContext(root=rc.root, params=rc.params), model_dir, work / "rescored", uri)
     tag_scores(rc.tracking, name, str(champion.version), scores.values, scores.sample_sha256)
+    record_results(rc.tracking, run, name, str(champion.version), scores, f"champion_v{champion.version}")
+
+
+@contextlib.contextmanager
+def reviewed(stage: str, what: str) -> Iterator[None]:
+    """Time what the stage adds for people reviewing in the MLflow UI (cards, tables, comparisons): its cost shows
+    in logs/<stage>.log."""
+    start = time.perf_counter()
+    yield
+    logger().info("%s: %s in %.2f s", stage, what, time.perf_counter() - start)
 
 
 @contextlib.contextmanager

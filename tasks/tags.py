@@ -62,7 +62,11 @@ TAG_STAGE_DECISION = "lmcore.decision."  # + the stage name
 # Model version tags of the benchmark stage and the promotion gate.
 BENCH_PREFIX = "bench."  # bench.<task>.<metric>, bench.<task>.<metric>_stderr
 TAG_BENCH_SAMPLE = "bench.sample_sha256"  # which items the bench.* scores were computed on (also on the run)
+TAG_BENCH_RESULTS = "bench.results"  # runs:/<id>/<folder>: the per-item results behind a version's bench.* scores
+TAG_COMPARED_WITH = "lmcore.compared_with"  # on a benchmark run: the champion it was compared with ("lmcore-base v2")
+TAG_COMPARE_RUNS = "lmcore.compare_runs"  # ... and the MLflow UI's comparison of the two benchmark runs (a URL fragment)
 PROMOTION_PREFIX = "promotion."  # promotion.alias, promotion.reason (version and run), promotion.<number> (run metrics)
+TAG_PROMOTION_RUN = "promotion.run_id"  # on a version: the benchmark run whose promotion.json decided its alias
 
 ERROR_ARTIFACT = "error/traceback.txt"  # a failed run's traceback
 PROMOTION_ARTIFACT = "promotion.json"  # the promotion decision, on the benchmark run

@@ -76,6 +76,12 @@ class MlflowTracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    def log_table(self, artifact_file: str, rows: list[dict]) -> None:
+        """Rows as an MLflow table artifact: the UI's artifact view shows it as a table to filter and sort."""
+        import pandas as pd
+
+        self.client.log_table(self.run_id, pd.DataFrame(rows), artifact_file)
+
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if Path(path).is_dir():
             self.client.log_artifacts(self.run_id, str(path), artifact_path)

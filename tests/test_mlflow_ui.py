@@ -1,8 +1,9 @@
-"""Seen by a person: the MLflow UI shows the registered model, its versions and their aliases.
+"""Seen by a person: the MLflow UI shows the registered model, its versions and their aliases, each version's
+model card, and the per-item tables of a run.
 
-A real `mlflow server` holds three versions of `lmcore-base`, registered the product's way
-(`tasks.registry.log_and_register`), and headless Chromium (Debian's package, driven by Playwright)
-opens the registry pages of MLflow's React app and waits until they are rendered.
+A real `mlflow server` holds three versions of `lmcore-base`, registered and promoted the product's way
+(`tasks.registry.log_and_register`, `promote`, the cards of `tasks.cards`), and headless Chromium (Debian's
+package, driven by Playwright) opens the pages of MLflow's React app and waits until they are rendered.
 
     .venv/bin/python -m pytest tests/test_mlflow_ui.py
     LMCORE_UI_SCREENSHOT=/tmp/registry.png .venv/bin/python -m pytest tests/test_mlflow_ui.py  # keep a picture
@@ -12,6 +13,7 @@ Without Chromium the test is skipped, except under CI (env CI set), where it fai
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -22,12 +24,15 @@ import torch
 
 from lmcore.checkpoint import save_model
 from lmcore.config import ModelConfig
-from lmcore.io import sha256_file
+from lmcore.io import sha256_file, write_json
 from lmcore.model import GPT
-from lmcore.paths import WEIGHTS
+from lmcore.model_card import card_facts
+from lmcore.paths import CARD_FACTS, WEIGHTS
 from lmcore.promotion import CHALLENGER, CHAMPION
+from lmcore.tokenizer import get_tokenizer
+from tasks import cards
 from tasks.registry import log_and_register, promote, tag_scores
-from tasks.tags import TAG_WEIGHTS_SHA
+from tasks.tags import PROMOTION_ARTIFACT, TAG_PROMOTION_RUN, TAG_WEIGHTS_SHA
 from tasks.tracking import Tracking
 from tests.servers import mlflow_server
 
@@ -98,7 +103,19 @@ def tiny_model(root: Path, seed: int) -> Path:
     model = GPT(ModelConfig(n_layer=2, n_embd=32, n_head=2, context_length=32))
     out = root / f"model-{seed}"
     save_model(model, out, extra={"tokenizer": "gpt2"})
+    get_tokenizer("gpt2").save(out)
+    write_json(out / CARD_FACTS, card_facts(out, kind="base", stage="pretrain", started_from="random weights", data={},
+                                            training={"steps": 100 * seed, "final_val_loss": 4.0 - seed / 10, "final_val_bpb": 1.5}))
     return out
+
+
+# The per-item table a benchmark run logs (tasks.runner: StageResult.item_tables), one row per item.
+ITEMS = [
+    {"task": "arc_easy", "doc_id": i, "prompt": f"Question: which gas do plants take in, case {i}?\nAnswer:",
+     "choices": ["oxygen", "carbon dioxide"], "gold": 1, "pick": i % 2, "correct": i % 2 == 1}
+    for i in range(5)
+]
+TABLE = "tables/benchmark_items.json"
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +123,10 @@ def registry(tmp_path_factory):
     """A server with `lmcore-base` v1..v3, promoted the pipeline's way: v1 is champion first, v2 beats it
     and takes the alias, v3 does not beat v2 and becomes challenger.
 
-    Returns: (server URL, {version: weights sha256}).
+    Each version has its model card (refreshed as the pipeline does after every score and alias move), and the
+    last benchmark run logs a per-item table.
+
+    Returns: (server URL, {version: weights sha256}, {"experiment", "run"} of the benchmark run with the table).
     """
     import mlflow
 
@@ -124,14 +144,23 @@ def registry(tmp_path_factory):
                         tracking, run.run_id, model_dir, MODEL,
                         tags={TAG_WEIGHTS_SHA: sha},
                     )
-                tag_scores(tracking, MODEL, version, {METRIC: score, f"{METRIC}_stderr": 0.01}, sample_sha256="sample")
-                promote(tracking, MODEL, version, METRIC)
+                    cards.log_facts(run, model_dir)
+                    cards.describe_model(tracking, "registered_model", MODEL)
+                with tracking.run("benchmark") as bench:
+                    bench.log_table(TABLE, ITEMS)
+                    tag_scores(tracking, MODEL, version, {METRIC: score, f"{METRIC}_stderr": 0.01}, sample_sha256="sample")
+                    decision = promote(tracking, MODEL, version, METRIC)
+                    bench.client.log_text(bench.run_id, json.dumps(decision), PROMOTION_ARTIFACT)
+                    bench.client.set_model_version_tag(MODEL, version, TAG_PROMOTION_RUN, bench.run_id)
+                for v in [*shas, version]:  # the cards of every version whose alias may have moved
+                    cards.refresh(tracking, MODEL, v)
                 shas[version] = sha
+            experiment = tracking.client().get_experiment_by_name("ui").experiment_id
         finally:  # log_and_register sets both process-wide
             mlflow.set_tracking_uri(None)
             mlflow.set_registry_uri(None)
         assert sorted(shas) == sorted(scores)
-        yield server.url, shas
+        yield server.url, shas, {"experiment": experiment, "run": bench.run_id}
 
 
 def version_row(page, version: str):
@@ -141,7 +170,7 @@ def version_row(page, version: str):
 def test_model_page_shows_versions_with_their_aliases_and_tags(page, registry):  # browser first: skip before the server
     from playwright.sync_api import expect
 
-    url, shas = registry
+    url, shas, _ = registry
     page.goto(model_page(url))
     expect(page.get_by_role("heading", name=MODEL)).to_be_visible()
     expect(page.get_by_role("columnheader", name="Aliases")).to_be_visible()
@@ -162,7 +191,7 @@ def test_model_page_shows_versions_with_their_aliases_and_tags(page, registry): 
 def test_models_list_shows_the_registered_model(page, registry):
     from playwright.sync_api import expect
 
-    url, _ = registry
+    url, _, _ = registry
     page.goto(f"{url}/#/models")
     row = page.get_by_role("row").filter(has=page.get_by_role("link", name=MODEL, exact=True))
     expect(row).to_have_count(1)
@@ -173,3 +202,31 @@ def test_models_list_shows_the_registered_model(page, registry):
     row.get_by_role("link", name=MODEL, exact=True).click()
     expect(page).to_have_url(re.compile(re.escape(f"#/models/{MODEL}") + "$"))
     expect(version_row(page, "2").get_by_text(f"@ {CHAMPION}", exact=True)).to_be_visible()
+
+
+def test_version_page_shows_the_model_card(page, registry):
+    """The description of v2 is its card: its headings, its score and the promotion numbers against v1."""
+    from playwright.sync_api import expect
+
+    url, shas, _ = registry
+    page.goto(f"{model_page(url)}/versions/2")
+    expect(page.get_by_role("heading", name=f"{MODEL} v2")).to_be_visible()
+    for heading in ("What it is", "Data", "Training", "Scores", "Promotion"):
+        expect(page.get_by_role("heading", name=heading, exact=True)).to_be_visible()
+    scores = page.get_by_role("row").filter(has_text="mmlu")
+    expect(scores.first).to_contain_text("0.4000")
+    expect(page.get_by_role("row").filter(has_text="champion v1").first).to_contain_text("0.3000 ± 0.0100")
+    expect(page.get_by_text(shas["2"]).first).to_be_visible()
+    if os.environ.get("LMCORE_UI_SCREENSHOT"):
+        page.screenshot(path=os.environ["LMCORE_UI_SCREENSHOT"].replace(".png", "-card.png"), full_page=True)
+
+
+def test_run_table_artifact_shows_its_rows(page, registry):
+    """A per-item table logged with the run opens as a table in the run's artifacts, a row per item."""
+    from playwright.sync_api import expect
+
+    url, _, bench = registry
+    page.goto(f"{url}/#/experiments/{bench['experiment']}/runs/{bench['run']}/artifacts/{TABLE}")
+    row = page.get_by_role("row").filter(has_text="case 3")
+    expect(row.first).to_be_visible()
+    expect(row.first).to_contain_text("carbon dioxide")

@@ -43,7 +43,7 @@ from lmcore.harness.benchmarks import (
 )
 from lmcore.harness.metrics import group_scores, item_result, task_scores
 from lmcore.harness.scoring import score_items
-from lmcore.io import atomic_dir, atomic_file, write_json, write_text
+from lmcore.io import atomic_dir, atomic_file, jsonl_objects, write_json, write_text
 from lmcore.model import GPT
 from lmcore.paths import METRICS
 from lmcore.tracking import NullTracker, Tracker
@@ -284,6 +284,37 @@ def table_rows(reported: dict) -> list[dict]:
     ]
 
 
+def item_rows(samples_dir: Path) -> list[dict]:
+    """One row per scored item of a samples folder (samples/<family>.jsonl, files in name order), for people to
+    filter and sort (an MLflow table). Every row has the same columns, whatever the task:
+
+        task, doc_id; correct: pick is gold (None for truthfulqa_mc2, which scores a probability); acc: 0 or 1
+        (truthfulqa_mc2: the probability on the true answers); acc_norm: 0 or 1 (None for truthfulqa_mc2);
+        gold, pick, pick_norm: choice indices; prompt, choices; labels: 1 for each true choice (the gold one, or
+        truthfulqa_mc2's true answers); loglikelihoods: one per choice; truncated: the prompt was cut from the left.
+    """
+    rows = []
+    for path in sorted(Path(samples_dir).glob("*.jsonl")):
+        for _, r in jsonl_objects(path.read_text(encoding="utf-8"), path):
+            mc2 = "labels" in r
+            rows.append({
+                "task": r["task"],
+                "doc_id": r["doc_id"],
+                "correct": None if mc2 else r["pick"] == r["gold"],
+                ACC: r[ACC],
+                ACC_NORM: r.get(ACC_NORM),
+                "gold": r["gold"],
+                "pick": r["pick"],
+                "pick_norm": r.get("pick_norm"),
+                "prompt": r["prompt"],
+                "choices": r["choices"],
+                "labels": r["labels"] if mc2 else [int(i == r["gold"]) for i in range(len(r["choices"]))],
+                "loglikelihoods": r["loglikelihoods"],
+                "truncated": r["truncated"],
+            })
+    return rows
+
+
 def markdown_table(reported: dict) -> str:
     lines = ["| task | metric | value | ± stderr | n | chance |", "|---|---|---:|---:|---:|---:|"]
     for r in table_rows(reported):
@@ -341,6 +372,7 @@ __all__ = [
     "benchmark_model",
     "coverage",
     "flat_metrics",
+    "item_rows",
     "reported_scores",
     "run_benchmarks",
     "score_of",

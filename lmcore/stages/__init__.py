@@ -105,6 +105,8 @@ class Scores:
     metric: the one the promotion compares; sample_sha256: which items were scored.
     note: why `metric` has no value in `values` (not meaningful for the model: lmcore.harness.run.coverage);
         the promotion then compares nothing. None when it has one.
+    results_dir: the folder of the per-item results (lmcore.harness.run: results.json and samples/), to compare
+        with the champion's item by item; results_artifact: where the stage's run keeps that folder's files.
     """
 
     weights: Path
@@ -112,6 +114,8 @@ class Scores:
     metric: str
     sample_sha256: str
     note: str | None = None
+    results_dir: Path | None = None
+    results_artifact: str | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,16 @@ class Table:
     key: str
     rows: list[dict]
     description: str
+
+
+@dataclass(frozen=True)
+class ItemTable:
+    """Per-item results for people to filter and sort in the MLflow UI: an MLflow table artifact (`log_table`) at
+    `path` in the run's artifacts ("tables/<name>.json"). rows: flat dicts with the same keys, of strings, numbers,
+    bools or lists of them (one row per benchmark item, test response, prediction, sample)."""
+
+    path: str
+    rows: list[dict]
 
 
 @dataclass
@@ -136,7 +150,7 @@ class StageResult:
     version_tags: extra tags for the version the stage registers, by full tag name (eval scores, labels, ...).
     scored: tags for versions the stage scored but did not make.
     scores: benchmark scores for the promotion gate.
-    tables: tables for people.
+    tables: tables for people (Prefect); item_tables: per-item results as MLflow tables.
     log: one line for the log when the stage finishes; warnings: lines worth a warning.
     """
 
@@ -148,6 +162,7 @@ class StageResult:
     scored: list[VersionTags] = field(default_factory=list)
     scores: Scores | None = None
     tables: list[Table] = field(default_factory=list)
+    item_tables: list[ItemTable] = field(default_factory=list)
     log: str = ""
     warnings: list[str] = field(default_factory=list)
 

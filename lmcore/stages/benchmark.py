@@ -1,6 +1,7 @@
 """The benchmark stage: models/base scored on HellaSwag, MMLU, TruthfulQA and ARC as lm-evaluation-harness scores
 them (lmcore.harness), the benchmark files collected into data/benchmarks (mirror first), the scores, per-item
-records, table and plot into reports/benchmark. Its `Scores` feed the promotion gate: the orchestration layer
+records, table and plot into reports/benchmark; the per-item records also go to the run as an MLflow table
+(tables/benchmark_items.json) to filter and sort. Its `Scores` feed the promotion gate: the orchestration layer
 tags the registered version and moves `champion` only past the combined standard error (lmcore.promotion).
 A primary metric whose task is not meaningful for the model (most of its prompts cut to fit the context:
 lmcore.harness.run.coverage) has no value to compare: its `Scores` carry the note instead, and the gate compares
@@ -16,12 +17,24 @@ from pathlib import Path
 
 from lmcore.data.collect import collect, mirror_from_env
 from lmcore.harness.run import (
-    PLOT, RESULTS, SAMPLES_DIR, SCORE_KEYS, TABLE, benchmark_model, flat_metrics, reported_scores, score_of, table_rows,
+    PLOT,
+    RESULTS,
+    SAMPLES_DIR,
+    SCORE_KEYS,
+    TABLE,
+    benchmark_model,
+    flat_metrics,
+    item_rows,
+    reported_scores,
+    score_of,
+    table_rows,
 )
 from lmcore.io import sha256_file
 from lmcore.paths import MANIFEST, METRICS, WEIGHTS
-from lmcore.stages import WEIGHTS_SHA, Artifact, Scores, StageContext, StageResult, Table
+from lmcore.stages import WEIGHTS_SHA, Artifact, ItemTable, Scores, StageContext, StageResult, Table
 from lmcore.tokenizer import load_tokenizer
+
+ITEMS_TABLE = "tables/benchmark_items.json"  # one row per scored item (lmcore.harness.run.item_rows)
 
 
 def version_scores(results: dict, primary: str) -> dict[str, float]:
@@ -58,8 +71,9 @@ def run(ctx: StageContext) -> StageResult:
         ],
         tags={WEIGHTS_SHA: sha256_file(weights)},
         scores=Scores(weights, version_scores(results, cfg.primary_metric), cfg.primary_metric, results["sample_sha256"],
-                      note=primary["note"]),
+                      note=primary["note"], results_dir=out, results_artifact="reports"),
         tables=[Table("lmcore-benchmark", table_rows(reported_scores(results)), f"benchmark scores of models/base ({results['n_items']} items)")],
+        item_tables=[ItemTable(ITEMS_TABLE, item_rows(out / SAMPLES_DIR))],
         log=f"{cfg.primary_metric} {shown} on {results['n_items']} items",
         warnings=[] if primary["meaningful"] else [
             f"{cfg.primary_metric} is not meaningful for models/base ({primary['note']}): not compared with the champion"
@@ -72,4 +86,5 @@ def rescore(ctx: StageContext, model_dir: Path, out_dir: Path, model_ref: str) -
     cfg = ctx.params.benchmark
     enc = load_tokenizer(model_dir)
     results = benchmark_model(cfg, model_dir, ctx.layout.benchmark_data, out_dir, enc=enc, model_ref=model_ref, progress=False)
-    return Scores(Path(model_dir) / WEIGHTS, version_scores(results, cfg.primary_metric), cfg.primary_metric, results["sample_sha256"])
+    return Scores(Path(model_dir) / WEIGHTS, version_scores(results, cfg.primary_metric), cfg.primary_metric, results["sample_sha256"],
+                  results_dir=Path(out_dir))

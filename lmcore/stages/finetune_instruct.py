@@ -1,6 +1,7 @@
 """The finetune_instruct stage (book ch. 7): the Alpaca-style instructions collected into
 data/finetune/instruct and split; models/base instruction-tuned into models/instruct (its config.json records
-the prompt template), with curves, metrics and the test split's responses in reports/instruct.
+the prompt template), with curves, metrics and the test split's responses in reports/instruct (the responses also
+as an MLflow table, tables/test_responses.json).
 
     lmcore run finetune_instruct
     lmcore run finetune_instruct --set finetune_instruct.template=phi3
@@ -10,8 +11,8 @@ from __future__ import annotations
 
 from lmcore.finetune.instruct import finetune_instruct, prepare_instructions
 from lmcore.paths import TEST_RESPONSES
-from lmcore.stages import StageContext, StageResult
-from lmcore.stages._finetune import CURVES, finetuned, prepare_data
+from lmcore.stages import ItemTable, StageContext, StageResult
+from lmcore.stages._finetune import CURVES, RESPONSES_TABLE, finetune_card, finetuned, prepare_data, response_rows
 from lmcore.stages._probe import PROBE_SUMMARY_KEYS, bench_sample
 from lmcore.tokenizer import load_tokenizer
 
@@ -28,6 +29,7 @@ def run(ctx: StageContext) -> StageResult:
     )
     return finetuned(
         ctx, "instruct", start=layout.base_model, data=data, reports=CURVES + (TEST_RESPONSES,),
+        item_tables=[ItemTable(RESPONSES_TABLE, response_rows(layout.reports("instruct") / TEST_RESPONSES))],
         summary={k: summary[k] for k in SUMMARY_KEYS + PROBE_SUMMARY_KEYS if k in summary},
         version_tags={
             "template": summary["template"],
@@ -35,5 +37,6 @@ def run(ctx: StageContext) -> StageResult:
             "eval.test_loss": f"{summary['test_loss']:.6f}",
             **({"eval.val_bpb": f"{summary['final_val_bpb']:.6f}"} if "final_val_bpb" in summary else {}),
         },
+        card=finetune_card(ctx, "instruct", "finetune_instruct", layout.base_model, data, summary, {"test_loss": summary["test_loss"]}),
         log=f"instruct: val loss {summary['first_val_loss']:.3f} -> {summary['final_val_loss']:.3f}, test loss {summary['test_loss']:.3f}",
     )

@@ -1,6 +1,7 @@
 """The judge stage (book ch. 7): the instruction models' test responses scored 0-100 by an OpenAI-compatible
-judge endpoint into reports/judge; the registered versions that wrote them are tagged judge.*. Without an
-endpoint (`judge.url`) the stage is skipped, and says why: scores are never made up.
+judge endpoint into reports/judge (each judged response also a row of an MLflow table, tables/judged_responses.json);
+the registered versions that wrote them are tagged judge.*. Without an endpoint (`judge.url`) the stage is skipped,
+and says why: scores are never made up.
 
     lmcore run judge --set judge.url=http://127.0.0.1:11434/v1 --set judge.model=llama3
     lmcore run judge --set judge.serve=models:/lmcore-base@champion    # served here, as `lmcore serve` would
@@ -17,10 +18,24 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lmcore.errors import InputError
-from lmcore.io import atomic_dir, write_json
+from lmcore.io import atomic_dir, jsonl_objects, write_json
 from lmcore.judge import judge_responses, judge_skip_reason
 from lmcore.paths import JUDGE_SCORES, SUMMARY, TEST_RESPONSES, WEIGHTS
-from lmcore.stages import Artifact, StageContext, StageResult, Table, VersionTags
+from lmcore.stages import Artifact, ItemTable, StageContext, StageResult, Table, VersionTags
+
+JUDGED_TABLE = "tables/judged_responses.json"  # one row per judged response of every model (judged_rows)
+
+
+def judged_rows(scores_file: Path, model: str) -> list[dict]:
+    """One row per judged response of scores.jsonl (lmcore.judge.judge_responses): model (the responses' folder under
+    reports: instruct, dpo), score (0-100; None when the reply held none), unparsed, instruction, input, reference
+    (the test split's output), response and judge_reply (the judge's raw reply)."""
+    path = Path(scores_file)
+    return [
+        {"model": model, "score": r["score"], "unparsed": r["score"] is None, "instruction": r["instruction"],
+         "input": r.get("input", ""), "reference": r["output"], "response": r["response"], "judge_reply": r["judge_reply"]}
+        for _, r in jsonl_objects(path.read_text(encoding="utf-8"), path)
+    ]
 
 
 @contextlib.contextmanager
@@ -101,5 +116,6 @@ def run(ctx: StageContext) -> StageResult:
              for name, m in scored.items()],
             f"LLM-as-judge scores (0-100) by {cfg.model}",
         )],
+        item_tables=[ItemTable(JUDGED_TABLE, [row for name in scored for row in judged_rows(out / name / JUDGE_SCORES, name)])],
         log=", ".join(f"{name}: {m['mean_score']}" for name, m in scored.items()),
     )

@@ -16,10 +16,13 @@ from lmcore.checkpoint import read_model_config
 from lmcore.config import PretrainConfig
 from lmcore.errors import NotRegisteredError, one_line
 from lmcore.io import read_json, sha256_file
+from lmcore.model_card import card_facts, write_card
 from lmcore.paths import (
     BASE_MANIFEST,
     BENCH_CURVE,
+    CARD,
     LOSS_PLOT,
+    MANIFEST,
     MODEL_CONFIG,
     REGISTERED,
     RESOLVED_PARAMS,
@@ -71,8 +74,9 @@ def run(ctx: StageContext) -> StageResult:
         init_dir=start.folder, start_step=start.step,
     )
     summary.update(init=start.init, continued_from=start.continued_from)
+    write_card(layout.base_model, pretrain_card(ctx, start, summary))
     artifacts += [Artifact(layout.pretrain_reports / name, "reports") for name in (LOSS_PLOT, TRAIN_LOSS, VAL_LOSS, SUMMARY)]
-    artifacts += [Artifact(layout.base_model / name, "checkpoint") for name in (MODEL_CONFIG, RESOLVED_PARAMS)]
+    artifacts += [Artifact(layout.base_model / name, "checkpoint") for name in (MODEL_CONFIG, RESOLVED_PARAMS, CARD)]
     artifacts += [Artifact(layout.pretrain_reports / f, "reports") for f in (BENCH_CURVE,) if (layout.pretrain_reports / f).is_file()]
     resumed = f" (resumed from step {summary['resumed_from_step']})" if summary.get("resumed_from_step") else ""
     return StageResult(
@@ -84,6 +88,28 @@ def run(ctx: StageContext) -> StageResult:
             f"{summary['final_val_loss']:.3f}",
         warnings=warnings,
     )
+
+
+def pretrain_card(ctx: StageContext, start: Start, summary: dict) -> dict:
+    """The model card's facts of models/base (lmcore.model_card)."""
+    layout, cfg = ctx.layout, start.cfg
+    if start.init == "champion":
+        started = f"{start.continued_from} (@champion, {start.step:,} steps), continued on new data"
+    elif start.init == "base":
+        base = read_json(layout.base_source / BASE_MANIFEST)
+        started = f"the pretrained base {base['name']} ({base['source']}, licence {base.get('license', 'unknown')})"
+    else:
+        started = "random weights"
+    training = {
+        "init": start.init, "steps": summary["steps"], "tokens_seen": summary["tokens_seen"],
+        "batch_size": f"{cfg.batch_size} × {cfg.grad_accum_steps} accumulation × {summary['world_size']} process(es)",
+        "seq_len": cfg.seq_len or cfg.model.context_length, "lr": f"{cfg.lr:g} (min {cfg.min_lr:g}, warmup {cfg.warmup_steps})",
+        "precision": summary["precision"], "stopped_early": summary["stopped_early"],
+        **{k: summary.get(k) for k in ("first_val_loss", "first_val_bpb", "final_val_loss", "final_val_bpb")},
+    }
+    return card_facts(layout.base_model, kind="base", stage="pretrain", started_from=started,
+                      data={"corpus": layout.raw / MANIFEST}, training=training,
+                      extra={"tokens": {"train": summary["train_tokens"], "val": summary["val_tokens"]}})
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,29 @@ def test_champion_scored_on_other_items_is_rescored_first(project):
     logged = json.loads(Path(client.download_artifacts(second["run_id"], "promotion.json", str(root))).read_text())
     assert logged == decision
 
+    # champion vs challenger on the same items, in the second benchmark run's artifacts
+    assert v1["bench.results"] == f"runs:/{second['run_id']}/champion_v1"  # the re-scored champion's per-item results
+    tags = client.get_run(second["run_id"]).data.tags
+    assert tags["lmcore.compared_with"] == "lmcore-base v1"
+    assert second["run_id"] in tags["lmcore.compare_runs"] and first["run_id"] in tags["lmcore.compare_runs"]
+    files = {f.path for f in client.list_artifacts(second["run_id"], "comparison")}
+    assert files >= {f"comparison/{f}" for f in ("comparison.md", "scores.csv", "scores.png", "disagreements.jsonl")}
+    table = Path(client.download_artifacts(second["run_id"], "comparison/scores.csv", str(root / "cmp"))).read_text()
+    mmlu = next(line.split(",") for line in table.splitlines() if line.startswith("mmlu,acc,"))
+    assert float(mmlu[3]) == pytest.approx(second["primary_value"]) and float(mmlu[5]) == pytest.approx(decision["champion_value"])
+    disagree = Path(client.download_artifacts(second["run_id"], "comparison/disagreements.jsonl", str(root / "cmp"))).read_text()
+    counted = sum(v for k, v in client.get_run(second["run_id"]).data.metrics.items() if k.startswith("compare.") and k.endswith(".disagree"))
+    assert counted == len(disagree.splitlines())
+
+    # the model cards follow: v2's says how the gate decided against v1; v1's shows the alias it holds now
+    v2_card = client.get_model_version("lmcore-base", "2").description
+    assert v2_card.startswith("# lmcore-base v2\n") and f"`@{decision['alias']}`: {decision['reason']}." in v2_card
+    assert f"| champion v1 | {decision['champion_value']:.4f} ± {decision['champion_stderr']:.4f} |" in v2_card
+    v1_aliases = client.get_model_version("lmcore-base", "1").aliases
+    v1_card = client.get_model_version("lmcore-base", "1").description
+    assert v1_card.splitlines()[2].startswith(" ".join(f"`@{a}`" for a in sorted(v1_aliases)) or "no alias")
+    assert f"| mmlu | acc | {float(v1['bench.mmlu.acc']):.4f} |" in v1_card  # its scores on the new sample
+
 
 def test_judge_stage_scores_through_a_served_registered_model(project, one_thread):
     root, uri = project
