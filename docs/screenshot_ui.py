@@ -19,10 +19,12 @@ itself shows them all. --tag-lines 0 keeps the page as it is.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sqlite3
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,9 +65,10 @@ def champion(db: Path, model: str) -> str:
     return str(row[0])
 
 
-def card_shot(base_url: str, model: str, version: str, out: Path, *, width: int, height: int) -> None:
-    """The version's page, scrolled to its card: the card's first sections, then its scores."""
-    from playwright.sync_api import expect, sync_playwright
+@contextlib.contextmanager
+def browser_page(width: int, height: int) -> Iterator:
+    """A page of headless Chromium (the test's flags, MLflow's one-time dialogs marked seen), closed after."""
+    from playwright.sync_api import sync_playwright
 
     chromium = find_chromium()
     if chromium is None:
@@ -76,42 +79,33 @@ def card_shot(base_url: str, model: str, version: str, out: Path, *, width: int,
             context = browser.new_context(viewport={"width": width, "height": height}, locale="en-US", timezone_id="UTC")
             context.add_init_script(QUIET_UI)
             context.set_default_timeout(60_000)
-            page = context.new_page()
-            page.goto(f"{model_page(base_url, model)}/versions/{version}")
-            expect(page.get_by_role("heading", name=f"{model} v{version}")).to_be_visible()
-            expect(page.get_by_role("heading", name="Scores", exact=True)).to_be_visible()
-            page.wait_for_timeout(1000)  # the aliases arrive with the version; the app polls, never idles
-            out.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(out))
+            yield context.new_page()
         finally:
             browser.close()
 
 
-def screenshot(base_url: str, model: str, out: Path, *, width: int, height: int, tag_lines: int) -> None:
-    from playwright.sync_api import expect, sync_playwright
+def card_shot(page, base_url: str, model: str, version: str) -> None:
+    """The version's page once its card is rendered: its title and its sections down to the scores."""
+    from playwright.sync_api import expect
 
-    chromium = find_chromium()
-    if chromium is None:
-        raise SystemExit("no chromium found (apt-get install chromium, or set LMCORE_CHROMIUM)")
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
-        try:
-            context = browser.new_context(viewport={"width": width, "height": height}, locale="en-US", timezone_id="UTC")
-            context.add_init_script(QUIET_UI)
-            context.set_default_timeout(60_000)
-            page = context.new_page()
-            page.goto(model_page(base_url, model))
-            expect(page.get_by_role("heading", name=model)).to_be_visible()
-            expect(page.get_by_role("link", name="Version 1", exact=True)).to_be_visible()
-            expect(page.get_by_role("columnheader", name="Aliases")).to_be_visible()
-            page.wait_for_timeout(1000)  # the alias chips arrive with the versions; the app polls, never idles
-            if tag_lines:
-                page.add_style_tag(content=CLIP_TAGS % (tag_lines * TAG_LINE_PX))
-            page.wait_for_timeout(500)  # let the table settle after the style change
-            out.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(out))
-        finally:
-            browser.close()
+    page.goto(f"{model_page(base_url, model)}/versions/{version}")
+    expect(page.get_by_role("heading", name=f"{model} v{version}")).to_be_visible()
+    expect(page.get_by_role("heading", name="Scores", exact=True)).to_be_visible()
+    page.wait_for_timeout(1000)  # the aliases arrive with the version; the app polls, never idles
+
+
+def versions_shot(page, base_url: str, model: str, tag_lines: int) -> None:
+    """The model's page once its versions and their aliases are rendered, each row's tags cut to `tag_lines`."""
+    from playwright.sync_api import expect
+
+    page.goto(model_page(base_url, model))
+    expect(page.get_by_role("heading", name=model)).to_be_visible()
+    expect(page.get_by_role("link", name="Version 1", exact=True)).to_be_visible()
+    expect(page.get_by_role("columnheader", name="Aliases")).to_be_visible()
+    page.wait_for_timeout(1000)  # the alias chips arrive with the versions; the app polls, never idles
+    if tag_lines:
+        page.add_style_tag(content=CLIP_TAGS % (tag_lines * TAG_LINE_PX))
+    page.wait_for_timeout(500)  # let the table settle after the style change
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -140,11 +134,13 @@ def main(argv: list[str] | None = None) -> None:
         with background(cmd, log, env=env) as proc:
             url = f"http://127.0.0.1:{port}"
             wait_http(f"{url}/health", proc, log, timeout=120)
-            if args.versions:
-                screenshot(url, args.model, args.out, width=args.width, height=args.height, tag_lines=args.tag_lines)
-            else:
-                version = args.version or champion(work / "mlflow.db", args.model)
-                card_shot(url, args.model, version, args.out, width=args.width, height=args.height)
+            with browser_page(args.width, args.height) as page:
+                if args.versions:
+                    versions_shot(page, url, args.model, args.tag_lines)
+                else:
+                    card_shot(page, url, args.model, args.version or champion(work / "mlflow.db", args.model))
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(args.out))
     print(f"wrote {args.out} ({args.out.stat().st_size // 1024} KiB)")
 
 

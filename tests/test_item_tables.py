@@ -8,6 +8,7 @@ import csv
 import json
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import torch
@@ -164,7 +165,7 @@ def test_judge_rows_hold_each_score_and_raw_reply(tmp_path):
         assert [(s["score"], s["judge_reply"]) for s in scores] == [(r["score"], r["judge_reply"]) for r in table.rows if r["model"] == name]
 
 
-def test_evaluate_logs_its_samples_as_an_mlflow_table(tmp_path, enc, monkeypatch):
+def test_evaluate_logs_its_samples_as_an_mlflow_table(tmp_path, enc):
     """Through the orchestration layer: the table is an artifact of the stage's run, and the run's
     mlflow.loggedArtifacts tag names it as a table (what makes the UI's artifact view show it as one)."""
     layout = project(tmp_path, enc)
@@ -172,7 +173,6 @@ def test_evaluate_logs_its_samples_as_an_mlflow_table(tmp_path, enc, monkeypatch
     write_tokens(layout.tokens, {"train": [[rng.integers(0, GPT2_VOCAB, 200)]], "val": [[rng.integers(0, GPT2_VOCAB, 200)]]},
                  GPT2_VOCAB)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # MlflowClient.load_table finds runs through mlflow.search_runs
     params = load_params(MICRO, overrides=['evaluate.prompts=["Every effort moves you","I had always thought"]'])
     summary = execute(get("evaluate"), RunContext(tmp_path, params, Tracking(uri=uri, experiment="tables")))
 
@@ -187,5 +187,9 @@ def test_evaluate_logs_its_samples_as_an_mlflow_table(tmp_path, enc, monkeypatch
     assert [dict(zip(logged["columns"], row, strict=True)) for row in logged["data"]] == samples
     assert [s["prompt"] for s in samples] == ["Every effort moves you", "I had always thought"]
     assert all(s["completion"] and s["seed"] == params.seed and s["temperature"] == params.evaluate.temperature for s in samples)
-    df = client.load_table(run.info.experiment_id, "tables/samples.json", run_ids=[run.info.run_id])
+    mlflow.set_tracking_uri(uri)  # load_table finds runs through mlflow.search_runs: the process-wide URI
+    try:
+        df = client.load_table(run.info.experiment_id, "tables/samples.json", run_ids=[run.info.run_id])
+    finally:
+        mlflow.set_tracking_uri(None)
     assert list(df["completion"]) == [s["completion"] for s in samples]
