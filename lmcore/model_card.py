@@ -200,7 +200,7 @@ def render(facts: dict[str, Any], registry: Registry | None = None) -> str:
         scored = True
     evaluation = {k: v for k, v in (registry.evaluation if registry else {}).items() if k not in facts["scores"]}
     if evaluation:
-        out += ["Evaluation (the version's `eval.*` scores; validation and test splits held out from training):", ""]
+        out += ["Evaluation on held-out splits:", ""]
         out += _table([(k.replace("_", " "), _num(v)) for k, v in evaluation.items()]) + [""]
         scored = True
     if registry and registry.benchmark:

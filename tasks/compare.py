@@ -1,6 +1,6 @@
 """Champion vs challenger in the benchmark run: the new version's per-item results against the champion's on the
 same items (lmcore.harness.compare), logged with the run as comparison/ (a table, a plot with error bars, and
-the items where the two disagree as an MLflow table), so a reviewer sees in the run's artifacts why the
+the items where the two disagree as MLflow tables, one per task), so a reviewer sees in the run's artifacts why the
 promotion gate decided as it did.
 
 Each version scored by the gate records where its per-item results are kept (`record_results`: the version tag
@@ -15,13 +15,13 @@ from pathlib import Path
 import mlflow
 
 from lmcore.harness.compare import write_comparison
-from lmcore.harness.run import RESULTS, SAMPLES_DIR
+from lmcore.harness.run import RESULTS, SAMPLES_DIR, item_tables
 from lmcore.stages import Scores
 from tasks.tags import TAG_BENCH_RESULTS, TAG_COMPARE_RUNS, TAG_COMPARED_WITH, TAG_PROMOTION_RUN
 from tasks.tracking import MlflowTracker, Tracking, no_progress_bar
 
 COMPARISON_DIR = "comparison"
-DISAGREEMENTS_TABLE = f"{COMPARISON_DIR}/disagreements.json"
+DISAGREEMENTS_TABLES = f"{COMPARISON_DIR}/disagreements"  # /<task>.json, MMLU by category (lmcore.harness.run.table_part)
 
 
 def record_results(tracking: Tracking, run: MlflowTracker, name: str, version: str, scores: Scores, dest: str) -> None:
@@ -63,8 +63,8 @@ def compare_with_champion(tracking: Tracking, run: MlflowTracker, name: str, ver
     except ValueError:  # scored on other items: the gate compared nothing either
         return None
     run.log_artifact(work / COMPARISON_DIR, COMPARISON_DIR)
-    if summary["disagreements"]:
-        run.log_table(DISAGREEMENTS_TABLE, summary["disagreements"])
+    for part, rows in item_tables(summary["disagreements"]).items():
+        run.log_table(f"{DISAGREEMENTS_TABLES}/{part}.json", rows)
     run.set_tags({TAG_COMPARED_WITH: f"{name} v{champion.version}"})
     # MLflow's run comparison view of this benchmark run and the one that made the champion champion: the two
     # versions' metrics side by side (the same names in both)

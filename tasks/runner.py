@@ -102,9 +102,9 @@ def execute(stage: Stage, rc: RunContext) -> dict[str, Any]:
             run.log_metrics(result.metrics)
         for artifact in result.artifacts:
             run.log_artifact(artifact.path, artifact.dest)
-        with reviewed(stage.name, "item tables"):
-            for table in result.item_tables:
-                if table.rows:
+        if result.item_tables:
+            with reviewed(stage.name, "item tables"):
+                for table in (t for t in result.item_tables if t.rows):
                     run.log_table(table.path, table.rows)
         if result.log:
             logger().info("%s: %s", stage.name, result.log)

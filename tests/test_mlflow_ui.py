@@ -115,7 +115,7 @@ ITEMS = [
      "choices": ["oxygen", "carbon dioxide"], "gold": 1, "pick": i % 2, "correct": i % 2 == 1}
     for i in range(5)
 ]
-TABLE = "tables/benchmark_items.json"
+TABLE = "tables/benchmark_items/arc_easy.json"
 
 
 @pytest.fixture(scope="module")

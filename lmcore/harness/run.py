@@ -35,6 +35,7 @@ from lmcore.config import BenchmarkConfig
 from lmcore.harness.benchmarks import (
     ACC,
     ACC_NORM,
+    MMLU_SUBJECTS,
     SPECS,
     expand,
     groups_of,
@@ -68,6 +69,21 @@ SCORE_KEYS = tuple(k for m in (ACC, ACC_NORM) for k in (m, f"{m}_stderr"))
 def family(task: str) -> str:
     """The samples file a leaf task's records go to: mmlu for every subject, else the task itself."""
     return "mmlu" if task.startswith("mmlu_") else task
+
+
+def table_part(task: str) -> str:
+    """The per-item table a leaf task's rows go to: the task itself, or its MMLU category (mmlu_stem, ...). The MLflow
+    UI's table view renders a few thousand rows in seconds, and stalls on the 14k rows of MMLU in one."""
+    subject = task.removeprefix("mmlu_")
+    return f"mmlu_{MMLU_SUBJECTS[subject]}" if task.startswith("mmlu_") and subject in MMLU_SUBJECTS else task
+
+
+def item_tables(rows: list[dict]) -> dict[str, list[dict]]:
+    """`item_rows` (or any rows with a "task") split by `table_part`, in the order parts first appear."""
+    parts: dict[str, list[dict]] = {}
+    for row in rows:
+        parts.setdefault(table_part(row["task"]), []).append(row)
+    return parts
 
 
 def run_benchmarks(
@@ -373,8 +389,10 @@ __all__ = [
     "coverage",
     "flat_metrics",
     "item_rows",
+    "item_tables",
     "reported_scores",
     "run_benchmarks",
     "score_of",
+    "table_part",
     "table_rows",
 ]

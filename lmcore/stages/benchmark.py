@@ -1,7 +1,7 @@
 """The benchmark stage: models/base scored on HellaSwag, MMLU, TruthfulQA and ARC as lm-evaluation-harness scores
 them (lmcore.harness), the benchmark files collected into data/benchmarks (mirror first), the scores, per-item
 records, table and plot into reports/benchmark; the per-item records also go to the run as an MLflow table
-(tables/benchmark_items.json) to filter and sort. Its `Scores` feed the promotion gate: the orchestration layer
+(tables/benchmark_items/<task>.json, MMLU by category) to filter and sort. Its `Scores` feed the promotion gate: the orchestration layer
 tags the registered version and moves `champion` only past the combined standard error (lmcore.promotion).
 A primary metric whose task is not meaningful for the model (most of its prompts cut to fit the context:
 lmcore.harness.run.coverage) has no value to compare: its `Scores` carry the note instead, and the gate compares
@@ -25,6 +25,7 @@ from lmcore.harness.run import (
     benchmark_model,
     flat_metrics,
     item_rows,
+    item_tables,
     reported_scores,
     score_of,
     table_rows,
@@ -34,7 +35,7 @@ from lmcore.paths import MANIFEST, METRICS, WEIGHTS
 from lmcore.stages import WEIGHTS_SHA, Artifact, ItemTable, Scores, StageContext, StageResult, Table
 from lmcore.tokenizer import load_tokenizer
 
-ITEMS_TABLE = "tables/benchmark_items.json"  # one row per scored item (lmcore.harness.run.item_rows)
+ITEMS_TABLES = "tables/benchmark_items"  # /<task>.json: one row per scored item (lmcore.harness.run.item_rows)
 
 
 def version_scores(results: dict, primary: str) -> dict[str, float]:
@@ -73,7 +74,7 @@ def run(ctx: StageContext) -> StageResult:
         scores=Scores(weights, version_scores(results, cfg.primary_metric), cfg.primary_metric, results["sample_sha256"],
                       note=primary["note"], results_dir=out, results_artifact="reports"),
         tables=[Table("lmcore-benchmark", table_rows(reported_scores(results)), f"benchmark scores of models/base ({results['n_items']} items)")],
-        item_tables=[ItemTable(ITEMS_TABLE, item_rows(out / SAMPLES_DIR))],
+        item_tables=[ItemTable(f"{ITEMS_TABLES}/{part}.json", rows) for part, rows in item_tables(item_rows(out / SAMPLES_DIR)).items()],
         log=f"{cfg.primary_metric} {shown} on {results['n_items']} items",
         warnings=[] if primary["meaningful"] else [
             f"{cfg.primary_metric} is not meaningful for models/base ({primary['note']}): not compared with the champion"

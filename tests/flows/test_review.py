@@ -5,6 +5,7 @@ The micro lifecycle run of tests/flows/conftest.py, on a real SQLite store."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
@@ -14,7 +15,6 @@ from lmcore.pipeline import STAGES
 # stage -> the per-item tables its run logs
 TABLES = {
     "evaluate": ["tables/samples.json"],
-    "benchmark": ["tables/benchmark_items.json"],
     "finetune_classifier": ["tables/test_predictions.json"],
     "finetune_instruct": ["tables/test_responses.json"],
     "dpo": ["tables/test_responses.json"],
@@ -41,7 +41,7 @@ def test_every_registered_version_has_its_card(lifecycle_run):
         folder_card = (folders[stage.name] / CARD).read_text()
         assert folder_card.split("## What it is")[1].split("## Training")[0] in card
         run_card = client.download_artifacts(result[stage.name]["run_id"], CARD, str(root / "review" / stage.name))
-        assert open(run_card).read() == card
+        assert Path(run_card).read_text() == card
         if stage.registers.aliases:
             assert f"`@{stage.registers.aliases[0]}`" in card.splitlines()[2]
 
@@ -65,11 +65,21 @@ def test_per_item_results_are_mlflow_tables(lifecycle_run):
     root, uri, result = lifecycle_run
     client = MlflowClient(uri)
     runs = stage_runs(client, result)
-    for stage, tables in TABLES.items():
+    def tables(stage: str) -> list[str]:
         logged = json.loads(runs[stage].data.tags.get("mlflow.loggedArtifacts", "[]"))
-        assert [t["path"] for t in logged if t["type"] == "table"] == tables, stage
-        for table in tables:
-            data = json.loads(open(client.download_artifacts(runs[stage].info.run_id, table, str(root / "review" / stage))).read())
-            assert data["columns"] and data["data"], (stage, table)
-    items = json.loads(open(client.download_artifacts(runs["benchmark"].info.run_id, "tables/benchmark_items.json", str(root / "review"))).read())
-    assert len(items["data"]) == result["benchmark"]["n_items"]
+        return [t["path"] for t in logged if t["type"] == "table"]
+
+    def rows(stage: str, table: str) -> list:
+        data = json.loads(Path(client.download_artifacts(runs[stage].info.run_id, table, str(root / "review" / stage))).read_text())
+        assert data["columns"], (stage, table)
+        return data["data"]
+
+    for stage, expected in TABLES.items():
+        assert tables(stage) == expected, stage
+        assert all(rows(stage, t) for t in expected)
+    # the benchmark's items: a table per task, MMLU's per category, every scored item once
+    parts = {t.removeprefix("tables/benchmark_items/").removesuffix(".json") for t in tables("benchmark")}
+    assert {"hellaswag", "arc_easy", "mmlu_stem", "mmlu_humanities"} <= parts
+    assert parts <= {"hellaswag", "arc_easy", "arc_challenge", "truthfulqa_mc1", "truthfulqa_mc2",
+                     "mmlu_stem", "mmlu_humanities", "mmlu_social_sciences", "mmlu_other"}
+    assert sum(len(rows("benchmark", t)) for t in tables("benchmark")) == result["benchmark"]["n_items"]
