@@ -468,10 +468,24 @@ def _source(module: str) -> Path | None:
     return None
 
 
+def _parse(path: Path, attempts: int = 3) -> ast.Module:
+    """ast.parse, tried again on CPython 3.11's spurious "AST constructor recursion depth mismatch" SystemError: the
+    AST builder's recursion counter is shared by all threads, so a parse in another thread at the same time (a
+    served deployment runs Prefect's threads beside the flow) can trip it (python/cpython#106905). The file is fine."""
+    source = path.read_text(encoding="utf-8")
+    for attempt in range(attempts):
+        try:
+            return ast.parse(source, filename=str(path))
+        except SystemError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 def _imported(module: str, path: Path) -> set[str]:
     """Every module name an import statement in `path` may load (function-level and TYPE_CHECKING imports
     included: a conservative closure re-runs a stage too often, never too rarely)."""
-    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    tree = _parse(path)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     names: set[str] = set()
     for node in ast.walk(tree):

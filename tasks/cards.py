@@ -8,6 +8,8 @@ what its aliases mean, from the stage declarations (`describe_model`).
 
 from __future__ import annotations
 
+import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,10 +41,10 @@ def log_facts(run: MlflowTracker, model_dir: Path) -> bool:
 
 
 def _load(client, run_id: str, path: str):
-    """A JSON artifact of a run, or None when it has none."""
-    with no_progress_bar():
+    """A JSON artifact of a run, or None when it has none (through the client: any store, a server's too)."""
+    with no_progress_bar(), tempfile.TemporaryDirectory(prefix="lmcore-card-") as tmp:
         try:
-            return mlflow.artifacts.load_dict(f"{client.get_run(run_id).info.artifact_uri}/{path}")
+            return json.loads(Path(client.download_artifacts(run_id, path, tmp)).read_text(encoding="utf-8"))
         except (mlflow.exceptions.MlflowException, OSError):  # no such artifact (which error depends on the store)
             return None
 

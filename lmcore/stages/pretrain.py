@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from lmcore import distributed
 from lmcore.checkpoint import read_model_config
 from lmcore.config import PretrainConfig
 from lmcore.errors import NotRegisteredError, one_line
@@ -74,7 +75,8 @@ def run(ctx: StageContext) -> StageResult:
         init_dir=start.folder, start_step=start.step,
     )
     summary.update(init=start.init, continued_from=start.continued_from)
-    write_card(layout.base_model, pretrain_card(ctx, start, summary))
+    if distributed.current().is_main:  # under torchrun the other ranks write nothing
+        write_card(layout.base_model, pretrain_card(ctx, start, summary))
     artifacts += [Artifact(layout.pretrain_reports / name, "reports") for name in (LOSS_PLOT, TRAIN_LOSS, VAL_LOSS, SUMMARY)]
     artifacts += [Artifact(layout.base_model / name, "checkpoint") for name in (MODEL_CONFIG, RESOLVED_PARAMS, CARD)]
     artifacts += [Artifact(layout.pretrain_reports / f, "reports") for f in (BENCH_CURVE,) if (layout.pretrain_reports / f).is_file()]
