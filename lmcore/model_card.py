@@ -133,13 +133,13 @@ def _table(rows: list[tuple[str, str]]) -> list[str]:
 
 
 def _bytes(n: int | None) -> str:
+    """"20.5 kB", "1.1 MB" (decimal units)."""
     if n is None:
         return "–"
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1000
-    return str(n)
+    if n < 1000:
+        return f"{n} B"
+    exp = min(int(math.log10(n) // 3), 3)
+    return f"{n / 1000**exp:,.1f} {('kB', 'MB', 'GB')[exp - 1]}"
 
 
 def _loss(nats: float | None, bpb: float | None) -> str:
