@@ -37,11 +37,16 @@ repro: setup  ## the same stages through DVC (dvc.yaml first brought up to date 
 dvc-yaml: setup  ## write dvc.yaml from the stage declarations in lmcore/pipeline.py (code deps computed)
 	$(BIN)/lmcore dvc-yaml
 
-test: setup  ## the default test suite: everything but the slow end-to-end tests (a few minutes)
-	$(BIN)/python -m pytest -m 'not slow'
+# One pytest-xdist worker per core; tests sharing a module or lifecycle fixture run on one worker, longest groups first
+# (tests/conftest.py). PYTEST_ARGS adds options, e.g. PYTEST_ARGS='--durations=25'; XDIST= runs in one process.
+XDIST ?= -n auto --dist loadgroup --no-loadscope-reorder
+PYTEST_ARGS ?=
 
-test-all: setup  ## every test, the slow ones on real servers included (CI runs this)
-	$(BIN)/python -m pytest
+test: setup  ## the default test suite: everything but the slow end-to-end tests (budget: 4 minutes on 2 cores)
+	$(BIN)/python -m pytest $(XDIST) -m 'not slow' $(PYTEST_ARGS)
+
+test-all: setup  ## every test, the slow ones on real servers included (CI runs this; budget: 15 minutes on 2 cores)
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 ui: setup  ## MLflow UI on http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

@@ -2,6 +2,7 @@
 
     .venv/bin/python -m benchmarks.decode_speed --threads 1           # GPT-2 6x384 (context 512), tiny, Llama 6x384
     .venv/bin/python -m benchmarks.decode_speed --shapes 6x384 --repeats 7 --new-tokens 256 --device cuda
+    .venv/bin/python -m benchmarks.decode_speed --shapes tiny,llama-tiny --new-tokens 8 --repeats 1   # a smoke run
 
 For each shape a model is built with random weights (seed 0) and exported to transformers: GPT-2 shapes to a
 GPT2LMHeadModel (lmcore.hf.to_hf_gpt2, as benchmarks.peers), the Llama-style shape to a LlamaForCausalLM
@@ -32,6 +33,7 @@ SHAPES = {
     "tiny": {},  # ModelConfig's defaults: 2 layers x 128, 4 heads, context 128
     "llama-6x384": dict(norm="rmsnorm", mlp="swiglu", positions="rope", bias=False, tie_weights=False,
                         n_layer=6, n_embd=384, n_head=6, n_kv_head=2, context_length=512),
+    "llama-tiny": dict(norm="rmsnorm", mlp="swiglu", positions="rope", bias=False, tie_weights=False, n_kv_head=2),
 }
 
 
@@ -96,7 +98,7 @@ def bench_shape(name: str, *, prompt_len: int, new_tokens: int, repeats: int, de
     return {"shape": name, "config": model.config, "new_tokens": n, "tps": tps, "agree": agree}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="6x384,tiny,llama-6x384", help=f"comma-separated, of: {', '.join(SHAPES)}")
     ap.add_argument("--prompt-len", type=int, default=32)
@@ -104,7 +106,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 

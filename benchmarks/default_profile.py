@@ -88,7 +88,7 @@ def one_row(ctx: StageContext, label: str, params, gpt2: bool, work: Path) -> di
             "total_s": t_train - started, "val_loss": score.loss, "val_bpb": score.bpb, "val_tokens": score.tokens}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     ap.add_argument("--steps", type=int, default=None, help="pretrain steps per row (default: pretrain.max_steps)")
@@ -96,7 +96,7 @@ def main() -> None:
     ap.add_argument("--set", dest="sets", action="append", default=[], help="key=value for every row but `before`")
     ap.add_argument("--ablation", action="store_true", help="params.yaml's row with bf16 forced and with torch.compile")
     ap.add_argument("--no-before", action="store_true", help="leave out the `before` row (slow: GPT-2's vocabulary)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     steps = [f"pretrain.max_steps={args.steps}"] if args.steps else []
     new = [*args.sets, *steps]

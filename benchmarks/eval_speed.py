@@ -59,7 +59,7 @@ def _timed(fn):
     return result, time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="an lmcore model folder (default: a random model of the default profile's shape)")
     parser.add_argument("--tasks", default="hellaswag,arc_challenge,truthfulqa_mc2,mmlu")
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--data", help="a collected benchmark folder (default: collected from the mirror into a temp folder)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 

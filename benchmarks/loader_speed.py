@@ -98,7 +98,7 @@ def check_same_tokens(data_dir: Path, loader: TokenLoader, firsts: np.ndarray) -
         np.testing.assert_array_equal(y.numpy(), np.stack([flat[p + 1 : p + 1 + T] for p in pos]))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=25_000_000, help="stream length (>= 20M for the reported table)")
     parser.add_argument("--shapes", default="12x1024,64x256,8x2048", help="batch x block; the first is nanoGPT's default")
@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dir", type=Path, default=None, help="where to write the data (default: a temp dir)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     torch.manual_seed(args.seed)
 

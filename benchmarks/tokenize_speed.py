@@ -3,9 +3,9 @@
     .venv/bin/python -m benchmarks.tokenize_speed                  # >= 100 MB from ../shared/data/corpus
     .venv/bin/python -m benchmarks.tokenize_speed --mb 20 --repeats 1 --vocab 8192
 
-The text is every corpus file of the offline mirror cut into blank-line paragraphs, repeated until it
-reaches `--mb` megabytes, written as the preprocess stage writes it (documents.jsonl). Then, `--repeats`
-times each, alternating:
+The text is every corpus file of the offline mirror (or of `--corpus`, a folder of .txt files) cut into blank-line
+paragraphs, repeated until it reaches `--mb` megabytes (in whole copies of the corpus: at least one), written as the
+preprocess stage writes it (documents.jsonl). Then, `--repeats` times each, alternating:
 
 - raw: `enc.encode_ordinary_batch(texts, num_threads=cores)` over the texts already in memory, a
   16 MB batch at a time. This is the ceiling the issue names. It does not read, parse, split or write.
@@ -47,13 +47,13 @@ RANKS = os.environ.get("LMCORE_TIKTOKEN_FILE") or str(ROOT.parent / "shared" / "
 BATCH_BYTES = 16 << 20
 
 
-def build_texts(megabytes: float) -> list[str]:
+def build_texts(megabytes: float, corpus: Path = CORPUS) -> list[str]:
     paragraphs = []
-    for path in sorted(CORPUS.rglob("*.txt")):
+    for path in sorted(corpus.rglob("*.txt")):
         text = path.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
         paragraphs += [p.strip() for p in text.split("\n\n") if p.strip()]
     if not paragraphs:
-        raise SystemExit(f"no corpus under {CORPUS}")
+        raise SystemExit(f"no corpus under {corpus}")
     texts, size, copy = [], 0, 0
     while size < megabytes * 1e6:
         for p in paragraphs:
@@ -117,16 +117,17 @@ def measure(tok: Tokenizer, folder: Path, texts: list[str], chunks: list[list[st
             "tokens": raw_tokens}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=float, default=100.0, help="megabytes of text (default 100)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--shard-mb", type=float, default=4.0, help="tokenize.shard_bytes in MB (default 4)")
     ap.add_argument("--vocab", type=int, default=4096, help="a trained BPE's vocabulary size (default 4096; 0: GPT-2 only)")
-    args = ap.parse_args()
+    ap.add_argument("--corpus", type=Path, default=CORPUS, help="a folder of .txt files (default: the mirror's corpus)")
+    args = ap.parse_args(argv)
     cores = os.cpu_count() or 1
 
-    texts = build_texts(args.mb)
+    texts = build_texts(args.mb, args.corpus)
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     mb = n_bytes / 1e6
     work = Path(tempfile.mkdtemp(prefix="lmcore-tokbench-"))

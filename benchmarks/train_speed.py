@@ -3,10 +3,10 @@
     .venv/bin/python -m benchmarks.train_speed
     .venv/bin/python -m benchmarks.train_speed --steps 200 --repeats 2 --threads 1 --ablation
 
-Both loops train `GPT(params.pretrain.model)` (the default tiny model: 4 layers, width 128, context 128, GPT-2
-vocabulary) from the same seeded initial weights on the very same batches (TokenLoader windows of
-`--tokens`, default data/tokens; a random stream when that folder is missing), with the same lr schedule,
-clipping and betas:
+Both loops train `GPT(params.pretrain.model)` (the default tiny model: 4 layers, width 128, context 128, the
+trained tokenizer's 8,192-token vocabulary) from the same seeded initial weights on the very same batches
+(TokenLoader windows of `--tokens`, default data/tokens; a random stream when that folder is missing), with the
+same lr schedule, clipping and betas:
 - nanoGPT: its train.py on CPU: fp32 (nanoGPT's autocast context is a nullcontext on CPU), AdamW with
   torch's default foreach implementation (nanoGPT fuses only on CUDA), decay on every 2-D+ tensor, one
   batch per step, no compile (nanoGPT's --compile=False, its CPU recipe);
@@ -17,6 +17,11 @@ clipping and betas:
 other processes stealing the cores for a while) and from the whole run's wall time (compile included), the
 mean train loss of the last 20 steps and the validation loss on the same 8 fixed batches after the last
 step. Prints a Markdown table and the lmcore/nanoGPT ratios.
+
+The in-training benchmark probe (`pretrain.eval_benchmarks_every`, on in params.yaml) is turned off for every
+lmcore row: it scores benchmark items between steps, which nanoGPT's loop does not do, so it would time
+evaluation rather than training (and it needs a collected benchmark sample). This is a throughput benchmark;
+the probe's own cost is in the pretrain stage's report.
 """
 
 from __future__ import annotations
@@ -118,7 +123,7 @@ def lmcore_loop(cfg: PretrainConfig, tokens: Path, seed: int) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     ap.add_argument("--tokens", default=str(ROOT / "data" / "tokens"))
@@ -128,13 +133,13 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="extra overrides for the lmcore run (key=value)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads for both loops; 0 keeps torch's default")
     ap.add_argument("--ablation", action="store_true", help="also lmcore in fp32 eager and bf16 eager")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     logging.disable(logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     common = [f"pretrain.max_steps={args.steps}", f"pretrain.eval_interval={args.steps}", f"pretrain.eval_batches={EVAL_BATCHES}"]
-    common += [f"pretrain.threads={args.threads}"]
+    common += [f"pretrain.threads={args.threads}", "pretrain.eval_benchmarks_every=null"]  # times training alone
     base = load_params(args.params, overrides=common).pretrain
     best = load_params(args.params, overrides=common + BEST + args.set).pretrain
     loops = [("nanoGPT", nanogpt_loop, base), ("lmcore", lmcore_loop, best)]

@@ -485,6 +485,14 @@ def _parse(path: Path, attempts: int = 3) -> ast.Module:
 def _imported(module: str, path: Path) -> set[str]:
     """Every module name an import statement in `path` may load (function-level and TYPE_CHECKING imports
     included: a conservative closure re-runs a stage too often, never too rarely)."""
+    stat = path.stat()
+    return _imported_as_of(module, path, stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=None)
+def _imported_as_of(module: str, path: Path, mtime_ns: int, size: int) -> frozenset[str]:
+    """`_imported` of the file as it was at (mtime_ns, size): the stages' closures share most files, and one run
+    asks for all of them (dvc.yaml, then each stage's code deps); an edited file is parsed again."""
     tree = _parse(path)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     names: set[str] = set()
@@ -500,7 +508,7 @@ def _imported(module: str, path: Path) -> set[str]:
                 base = node.module or ""
             names.add(base)
             names.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import module`
-    return names
+    return frozenset(names)
 
 
 @lru_cache(maxsize=None)

@@ -200,7 +200,10 @@ def locked_outs(root: Path, stage: str) -> dict[str, str]:
     lock = Path(root) / "dvc.lock"
     if not lock.is_file():
         return {}
-    entry = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {}).get(stage, {})
+    # libyaml's loader where PyYAML has it: the pure-Python one takes ~0.3 s per read of a default dvc.lock (its code
+    # deps), and a run reads it once per stage
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    entry = (yaml.load(lock.read_text(encoding="utf-8"), Loader=loader) or {}).get("stages", {}).get(stage, {})
     return {o["path"]: o["md5"] for o in entry.get("outs", []) if "md5" in o}
 
 

@@ -1,8 +1,14 @@
-"""Shared test setup: offline mirror and tokenizer from ../shared, private Prefect/MLflow/DVC state."""
+"""Shared test setup: offline mirror and tokenizer from ../shared, private Prefect/MLflow/DVC state, and the
+grouping that lets pytest-xdist spread the suite over the cores (`make test` runs `pytest -n auto`).
+
+Under xdist each worker is one process on one core. A test whose fixture is shared beyond one test (a module
+fixture, or the session's micro lifecycle run) is put in an `xdist_group` with every other test of that fixture, so
+the fixture is built once, on one worker; the groups go out longest first (tests/durations.json)."""
 
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -11,6 +17,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 MICRO = ROOT / "profiles" / "micro.yaml"
+
+# Under pytest-xdist every worker has a core of its own: torch in it, and in the processes its tests start, runs on one
+# thread. Two workers each spinning two threads on two cores run several times slower than one thread each.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER:
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 
 # Set before anything imports prefect or mlflow: both read settings at import time.
 _STATE = Path(tempfile.mkdtemp(prefix="lmcore-tests-"))
@@ -29,12 +41,45 @@ if (SHARED / "tokenizers" / "gpt2.tiktoken").is_file():
     os.environ.setdefault("LMCORE_TIKTOKEN_FILE", str(SHARED / "tokenizers" / "gpt2.tiktoken"))
 
 
+# Session fixtures too expensive to build on every worker: their tests form one xdist group each.
+SHARED_SESSION_FIXTURES = {"lifecycle_run", "pipeline_project"}
+
+
+def xdist_group(item: pytest.Item) -> str | None:
+    """The group a test runs in under `--dist loadgroup`: the expensive session fixture it uses, else its module
+    when it uses a module- or class-scoped fixture (built once per worker that runs a test of it), else none."""
+    fixtures = item._fixtureinfo.name2fixturedefs
+    shared = sorted(SHARED_SESSION_FIXTURES & set(fixtures))
+    if shared:
+        return shared[0]
+    if any(defs[-1].scope in ("module", "class") for defs in fixtures.values()):
+        return item.nodeid.split("::")[0]
+    return None
+
+
+def pytest_itemcollected(item):
+    group = xdist_group(item) if WORKER else None
+    if group:  # marked as each test is collected: xdist reads the marks in its own pytest_collection_modifyitems
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 def pytest_collection_modifyitems(config, items):
     if not os.environ.get("LMCORE_TIKTOKEN_FILE") or not os.environ.get("LMCORE_MIRROR"):
         raise pytest.UsageError(
             "tests run offline: they need ../shared/data and ../shared/tokenizers/gpt2.tiktoken beside the "
             "checkout, or LMCORE_MIRROR and LMCORE_TIKTOKEN_FILE set"
         )
+    if not WORKER:
+        return
+    from tests.durations import DEFAULT_S, load
+
+    seconds, groups = load(), {}
+    for item in items:
+        group = xdist_group(item)
+        groups.setdefault(group or item.nodeid, []).append((item, item.nodeid.removesuffix(f"@{group}")))
+    # Longest group first (xdist keeps this order with --no-loadscope-reorder); a group's tests stay in file order.
+    cost = {g: sum(seconds.get(nodeid, DEFAULT_S) for _, nodeid in members) for g, members in groups.items()}
+    items[:] = [item for g in sorted(groups, key=lambda g: -cost[g]) for item, _ in groups[g]]
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +89,34 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def pipeline_project(tmp_path_factory, prefect_harness):
+    """A micro DVC project with a folder source, run by two `lmcore pipeline` started together (whole pipelines
+    take minutes: the DVC comparisons of tests/test_dvc.py and tests/test_incremental_dvc.py share this one)."""
+    from tests.projects import run_pipeline_project
+
+    return run_pipeline_project(tmp_path_factory.mktemp("pipeline-project"))
+
+
+@pytest.fixture(autouse=True)
+def _no_process_wide_mlflow_uris():
+    """Registering a model sets MLflow's process-wide tracking and registry URIs, and with them the environment
+    variables MLFLOW_TRACKING_URI and MLFLOW_REGISTRY_URI (tasks/registry.py): put back after each test, so that no
+    test reads another's store (xdist runs them in another order than one process does)."""
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    before = {name: os.environ.get(name) for name in names}
+    yield
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture

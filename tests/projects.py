@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -74,3 +75,45 @@ def pipeline_ran(output: str) -> list[str]:
     found = re.search(r"^stages run\s+(?:none|\d+: (.*))$", output, re.MULTILINE)
     assert found, f"no 'stages run' row in:\n{output[-3000:]}"
     return found.group(1).split(", ") if found.group(1) else []
+
+
+# The micro profile plus a folder source: what the DVC comparisons and the concurrency check run on.
+CORPUS = {f"corpus/doc{i}.txt": "\n\n".join(f"Paragraph {j} of document {i}: the river ran past the old stone house "
+                                              f"in the morning light, and nobody said a word about it." for j in range(8))
+          for i in range(2)}
+
+
+def micro_with_folder_source() -> dict:
+    params = yaml.safe_load(MICRO.read_text())
+    params["collect"]["sources"].append({"name": "notes", "path": "corpus", "license": "test"})
+    return params
+
+
+@dataclass
+class PipelineProject:
+    """One micro project (a folder source too) run once by two `lmcore pipeline --wait` started together, and an
+    untouched copy made before that run. Shared read-only by tests/test_dvc.py and tests/test_incremental_dvc.py:
+    a test that changes a project works on a copy (`copy_project`)."""
+
+    repo: Path
+    env: dict
+    outputs: list[str]  # the two pipelines' terminal output
+    pristine: Path  # the same project as committed, before any run
+
+
+def run_pipeline_project(work: Path) -> PipelineProject:
+    repo, env = make_project(work / "repo", micro_with_folder_source(), CORPUS)
+    pristine = work / "pristine" / "repo"  # .../pristine/repo: its default DVC remote is .../pristine/lmcore-dvc-remote
+    shutil.copytree(repo, pristine, symlinks=True)
+    cmd = ["lmcore", "pipeline", "--wait", "900"]
+    procs = [subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=1200)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n\n".join(o[-3000:] for o in outputs)
+    return PipelineProject(repo, env, outputs, pristine)
+
+
+def copy_project(src: Path, env: dict, dst: Path) -> tuple[Path, dict]:
+    """A copy of the project at `src` (outputs, DVC cache, git and MLflow store included) at `dst`, and its env."""
+    shutil.copytree(src, dst, symlinks=True)
+    return dst, {**env, "PYTHONPATH": str(dst), "MLFLOW_TRACKING_URI": f"sqlite:///{dst / 'mlflow.db'}"}

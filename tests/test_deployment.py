@@ -22,7 +22,7 @@ from tests.conftest import MICRO, ROOT
 from tests.projects import make_project
 from tests.servers import background, mlflow_server, prefect_server
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # three whole scheduled runs are the fixture's set-up
 CRON = "17 3 * * *"
 DEPLOYMENT = "lmcore-lifecycle/nightly-test"
 

@@ -2,7 +2,9 @@
 a Prefect lifecycle run leaves DVC with nothing to do, and makes the same bytes as `dvc repro`; after `dvc push`
 to the default remote, a fresh clone plus `dvc pull` restores every output and `dvc repro` runs nothing.
 
-Two micro pipeline runs serve every test here (module fixtures): one by `dvc repro`, one by `lmcore pipeline`."""
+Two micro pipeline runs of one project (the micro profile and a folder source) serve every test here: one by
+`dvc repro` (a module fixture, on the project as committed) and one by `lmcore pipeline` (the session's
+`pipeline_project`, which tests/test_incremental_dvc.py shares); a test that changes a project works on a copy."""
 
 from __future__ import annotations
 
@@ -15,18 +17,15 @@ import pytest
 import yaml
 
 from lmcore import pipeline
-from tests.projects import dvc, make_project, repro_ran, sh
+from tests.projects import copy_project, dvc, pipeline_ran, repro_ran, sh
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # whole pipelines are the fixtures' set-up
 STAGES = list(pipeline.NAMES)
 # the judge stage re-runs only when the responses it judges changed (a micro model's may not): checked apart
-DOWNSTREAM_OF_PRETRAIN = [s for s in pipeline.downstream("pretrain") if s != "judge"]
+# a finetune_instruct param re-runs it and dpo, which reads its model: only what the change touches (the wider fan-out
+# of a new document, every stage from collect on, is tests/test_incremental_dvc.py's, there against `lmcore pipeline`)
+DOWNSTREAM_OF_INSTRUCT = [s for s in pipeline.downstream("finetune_instruct") if s != "judge"]
 RESPONSES = ["reports/instruct/test_responses.jsonl", "reports/dpo/test_responses.jsonl"]  # the judge stage's inputs
-
-
-def make_repo(tmp_path: Path) -> tuple[Path, dict]:
-    # the default remote (../../lmcore-dvc-remote from .dvc/) is tmp_path/lmcore-dvc-remote
-    return make_project(tmp_path / "repo")
 
 
 def ran(output: str) -> list[str]:
@@ -80,17 +79,18 @@ def finished(repo: Path, env: dict, output: str) -> Run:
 
 
 @pytest.fixture(scope="module")
-def repro_run(tmp_path_factory, prefect_harness) -> Run:
-    """A micro pipeline run by `dvc repro`."""
-    repo, env = make_repo(tmp_path_factory.mktemp("repro"))
+def repro_run(pipeline_project, tmp_path_factory) -> Run:
+    """The project as committed, run by `dvc repro` in a copy of its own."""
+    repo, env = copy_project(pipeline_project.pristine, pipeline_project.env, tmp_path_factory.mktemp("repro") / "repo")
     return finished(repo, env, dvc(repo, env, "repro"))
 
 
 @pytest.fixture(scope="module")
-def prefect_run(tmp_path_factory, prefect_harness) -> Run:
-    """The same micro pipeline run by the Prefect lifecycle flow (which ends with `dvc commit`)."""
-    repo, env = make_repo(tmp_path_factory.mktemp("prefect"))
-    return finished(repo, env, sh(repo, env, "lmcore", "pipeline"))
+def prefect_run(pipeline_project) -> Run:
+    """The same project run by the Prefect lifecycle flow (which ends with `dvc commit`): the session's run."""
+    repo, env = pipeline_project.repo, pipeline_project.env
+    output = next(o for o in pipeline_project.outputs if pipeline_ran(o))  # the one that ran, not the one that waited
+    return finished(repo, env, output)
 
 
 def test_repro_runs_all_then_nothing_then_only_what_changed(repro_run):
@@ -104,12 +104,12 @@ def test_repro_runs_all_then_nothing_then_only_what_changed(repro_run):
 
     # the judge stage re-runs only when the responses it judges changed (a micro model's may not)
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["pretrain"]["lr"] = 0.001
+    params["finetune_instruct"]["lr"] = 0.001
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     before = responses()
     first = ran(dvc(repo, env, "repro"))
     judged = ["judge"] if responses() != before else []
-    assert sorted(first) == sorted(DOWNSTREAM_OF_PRETRAIN + judged)
+    assert sorted(first) == sorted(DOWNSTREAM_OF_INSTRUCT + judged)
     params["dpo"]["beta"] = 0.2
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     before = responses()
@@ -135,7 +135,7 @@ def test_repro_runs_all_then_nothing_then_only_what_changed(repro_run):
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name("lmcore-micro")
     stages = sorted(r.data.tags["lmcore.stage"] for r in client.search_runs([exp.experiment_id]))
-    assert stages == sorted(STAGES + DOWNSTREAM_OF_PRETRAIN + judged + ["dpo"] + judged_again)
+    assert stages == sorted(STAGES + DOWNSTREAM_OF_INSTRUCT + judged + ["dpo"] + judged_again)
 
 
 def test_prefect_run_leaves_dvc_nothing_to_do(prefect_run):
@@ -163,9 +163,10 @@ def test_prefect_flow_and_dvc_repro_make_the_same_bytes(repro_run, prefect_run):
     assert not any(str(repro_run.repo) in (repro_run.repo / f).read_text(errors="replace") for f in differ)
 
 
-def test_push_then_fresh_clone_pull_restores_every_output(prefect_run):
+def test_push_then_fresh_clone_pull_restores_every_output(prefect_run, tmp_path):
     """The documented workflow: run, `git add dvc.lock`, commit, `dvc push`; elsewhere clone and `dvc pull`."""
-    repo, env, before = prefect_run.repo, prefect_run.env, prefect_run.files
+    before = prefect_run.files
+    repo, env = copy_project(prefect_run.repo, prefect_run.env, tmp_path / "repo")  # the shared run stays as it is
     remote = repo.parent / "lmcore-dvc-remote"  # the default remote: ../../lmcore-dvc-remote from repo/.dvc
     assert not any(part in ("mlruns", "mlartifacts", "mlflow.db") for f in before for part in f.split("/"))
     assert sh(repo, env, "git", "status", "--porcelain").splitlines() == ["?? dvc.lock"]  # all git needs

@@ -23,7 +23,7 @@ from lmcore.paths import MANIFEST, SUMMARY, WEIGHTS, Layout
 from tests.conftest import MICRO, ROOT
 from tests.data.test_collect import Server
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # whole pipelines, killed and run again
 LMCORE = str(Path(sys.executable).parent / "lmcore")
 TEXT = ("A flaky server still serves the whole text after a retry or two. " * 40).encode()
 

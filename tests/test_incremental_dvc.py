@@ -1,29 +1,23 @@
 """The Prefect path skips what `dvc repro` would skip, and two runs started together in one root do not both run.
 
-One micro project with a folder source is run by two `lmcore pipeline --wait` started at once: one runs every
-stage, the other waits for it and then finds nothing to do. Then, for each change (nothing; a `dpo` param; a new
-document in the folder source; a code file of the tokenizer), two copies of that project get the change: `dvc repro`
-runs in one and `lmcore pipeline` in the other, and the stages each ran are compared."""
+The session's micro project with a folder source (tests/conftest.py `pipeline_project`, shared with tests/test_dvc.py)
+was run by two `lmcore pipeline --wait` started at once: one ran every stage, the other waited for it and then found
+nothing to do. Then, for each change (a `dpo` param; a new document in the folder source; a code file of the
+tokenizer), two copies of that project get the change: `dvc repro` runs in one and `lmcore pipeline` in the other,
+and the stages each ran are compared. With nothing changed both run nothing: the waiting pipeline above, and
+`dvc repro` in tests/test_dvc.py::test_prefect_run_leaves_dvc_nothing_to_do (the same project)."""
 
 from __future__ import annotations
-
-import shutil
-import subprocess
-import sys
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
 from lmcore import pipeline
-from tests.conftest import MICRO
-from tests.projects import dvc, make_project, pipeline_ran, repro_ran, sh
+from tests.projects import copy_project, dvc, pipeline_ran, repro_ran, sh
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # the shared project's two pipelines are its set-up
 STAGES = list(pipeline.NAMES)
-CORPUS = {f"corpus/doc{i}.txt": "\n\n".join(f"Paragraph {j} of document {i}: the river ran past the old stone house "
-                                              f"in the morning light, and nobody said a word about it." for j in range(8))
-          for i in range(2)}
 
 
 def lifecycle_runs(repo, env):
@@ -32,17 +26,9 @@ def lifecycle_runs(repo, env):
     return client, client.search_runs([exp.experiment_id], "tags.`lmcore.stage` = 'lifecycle'", order_by=["attributes.start_time ASC"])
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory, prefect_harness):
-    """The micro profile plus a folder source, run by two pipelines started together: (repo, env, outputs)."""
-    params = yaml.safe_load(MICRO.read_text())
-    params["collect"]["sources"].append({"name": "notes", "path": "corpus", "license": "test"})
-    repo, env = make_project(tmp_path_factory.mktemp("incremental") / "repo", params, CORPUS)
-    cmd = ["lmcore", "pipeline", "--wait", "900"]
-    procs = [subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    outputs = [p.communicate(timeout=1200)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n\n".join(o[-3000:] for o in outputs)
-    return repo, env, outputs
+@pytest.fixture
+def project(pipeline_project):
+    return pipeline_project.repo, pipeline_project.env, pipeline_project.outputs
 
 
 def test_two_runs_started_together_do_not_both_run_a_stage(project):
@@ -62,9 +48,7 @@ def test_two_runs_started_together_do_not_both_run_a_stage(project):
 
 def copy(project, tmp_path, name):
     repo, env, _ = project
-    dst = tmp_path / name
-    shutil.copytree(repo, dst, symlinks=True)
-    return dst, {**env, "PYTHONPATH": str(dst), "MLFLOW_TRACKING_URI": f"sqlite:///{dst / 'mlflow.db'}"}
+    return copy_project(repo, env, tmp_path / name)
 
 
 def change_dpo(repo):
@@ -85,12 +69,7 @@ def tokenizer_code(repo):
     path.write_text(path.read_text() + "\n# a comment: the code changed, what it makes did not\n")
 
 
-def nothing(repo):
-    pass
-
-
 @pytest.mark.parametrize("change, expected", [
-    (nothing, []),
     (change_dpo, ["dpo"]),  # the judge stage re-runs only if the dpo responses changed: compared, not assumed
     (new_document, None),  # every stage downstream of collect whose inputs came out different
     # train_tokenizer splits train/val with tokenize's code, so it re-runs too; its tokenizer and the shards come out

@@ -8,8 +8,11 @@ import time
 
 SCRIPT = """
 import sys, time
+from pathlib import Path
 from tasks.tracking import Tracking
-time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # start together
+Path(sys.argv[2] + "." + sys.argv[3]).touch()  # imported: ready
+while not Path(sys.argv[2]).exists():  # start together, when every interpreter is ready
+    time.sleep(0.01)
 tracking = Tracking(uri=sys.argv[1], experiment="race")
 with tracking.run("collect") as run:
     run.log_metrics({"x": 1.0})
@@ -17,10 +20,14 @@ with tracking.run("collect") as run:
 
 
 def test_processes_opening_a_new_sqlite_store_together_all_succeed(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    start = time.time() + 8  # after every interpreter has imported mlflow
-    procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, uri, str(start)], stderr=subprocess.PIPE, text=True)
-             for _ in range(3)]
+    uri, go = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, uri, str(go), str(i)], stderr=subprocess.PIPE, text=True)
+             for i in range(3)]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"go.{i}").exists() for i in range(3)):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a process did not get ready"
+        time.sleep(0.05)
+    go.touch()
     errors = [p.communicate(timeout=180)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(e[-2000:] for e in errors)
     from mlflow.tracking import MlflowClient
