@@ -168,6 +168,7 @@ WHERE: dict[str, tuple[str, ...] | NotRun] = {
     # README: quick start, tests
     "make pipeline": (MAKE, "tests/test_dvc.py::test_prefect_run_leaves_dvc_nothing_to_do"),
     "make test": (MAKE,),  # the recipe is the default suite itself
+    "make test XDIST=": (MAKE,),  # the same in one process
     "make test-all": (MAKE,),  # the whole suite; .ci/run runs it in CI (checked there)
     # README: fine-tuning
     'lmcore classify "WINNER!! Claim your free prize now" "see you at lunch"': (f"{LIFECYCLE}::test_cli_classify_and_chat",),
@@ -560,6 +561,9 @@ def test_make_targets_run_the_documented_commands():
     (default,) = make_dry_run("test")
     (everything,) = make_dry_run("test-all")
     assert default.startswith(".venv/bin/python -m pytest ") and "-m 'not slow'" in default
+    assert "-n auto --dist loadgroup --no-loadscope-reorder" in default  # the groups of tests/conftest.py, longest first
+    (serial,) = make_dry_run("test", "XDIST=")
+    assert serial == ".venv/bin/python -m pytest -m 'not slow'"
     assert everything.startswith(".venv/bin/python -m pytest ") and "slow" not in everything
     assert re.search(r"^make test-all\b", (ROOT / ".ci" / "run").read_text(), flags=re.M)  # CI runs the README's command
 
