@@ -169,6 +169,7 @@ def test_pretraining_reports_val_bpb_without_changing_the_weights(tiny, tmp_path
     assert 1.5 < summary["first_val_bpb"] < math.log2(320) and summary["final_val_bpb"] < summary["first_val_bpb"]
 
 
+@pytest.mark.slow  # two torchrun processes (make test-all)
 def test_val_bpb_under_ddp_is_the_one_process_value(tiny, tmp_path):
     """2 ranks share 3 validation batches (rank 1 scores a weight-0 copy to keep the forwards collective) and sum
     (loss, nats, bytes) across ranks: the same bits per byte as one process scoring all 3."""

@@ -67,6 +67,7 @@ def single_process(root: Path, name: str, **overrides) -> Path:
     return out
 
 
+@pytest.mark.slow  # two torchrun processes, as the other tests here (make test-all)
 def test_ddp_on_two_processes_matches_one_process_at_equal_global_batch(project):
     torchrun(project)  # 2 ranks x batch 4: global batch 8
     layout = Layout(project)

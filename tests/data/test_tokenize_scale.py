@@ -110,6 +110,7 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, r
     assert folder_bytes(out) == folder_bytes(tmp_path / "fresh")
 
 
+@pytest.mark.slow  # tokenizes ten times the input (make test-all)
 def test_peak_memory_stays_flat_when_the_input_grows_tenfold(tmp_path, ranks_file):
     peaks = {}
     for mb in (3, 30):

@@ -33,6 +33,7 @@ def run(stage, root, *overrides):
     return stage_flow(stage, params_file=str(MICRO), overrides=list(overrides), root=str(root))
 
 
+@pytest.mark.slow  # six stage flows and two benchmark runs (make test-all)
 def test_champion_scored_on_other_items_is_rescored_first(project):
     root, uri = project
     for stage in ("collect", "preprocess", "tokenize", "pretrain"):

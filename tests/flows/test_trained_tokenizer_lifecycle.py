@@ -15,6 +15,8 @@ from lmcore.pipeline import NAMES as STAGES
 from lmcore.tokenizer import load_tokenizer
 from tests.conftest import MICRO
 
+pytestmark = pytest.mark.slow  # a second whole lifecycle run (make test-all)
+
 MICRO_BPE = ["tokenize.tokenizer=trained", "train_tokenizer.vocab_size=512", "pretrain.model.vocab_size=512",
              "train_tokenizer.eval_benchmarks_limit=20"]
 
