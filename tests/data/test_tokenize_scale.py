@@ -68,6 +68,7 @@ def run_script(tmp_path: Path, *args: str, **popen) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(script), *map(str, args)], cwd=ROOT, **popen)
 
 
+@pytest.mark.slow  # a killed process and a second run (make test-all)
 def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, ranks_file):
     clean = write_corpus(tmp_path / "clean", 12)
     shard_bytes = 192 * 1024  # ~64 slices

@@ -33,6 +33,7 @@ def clean_dir(tmp_path) -> Path:
     return clean
 
 
+@pytest.mark.slow  # a local Dask cluster (make test-all)
 def test_dask_runner_matches_the_default_runner(tmp_path, clean_dir, prefect_harness):
     from tasks.dask import dask_map, dask_task_runner
     from tasks.runner import stage_context
