@@ -75,7 +75,8 @@ def pytest_collection_modifyitems(config, items):
 
     seconds, groups = load(), {}
     for item in items:
-        group = xdist_group(item)
+        mark = item.get_closest_marker("xdist_group")  # set in pytest_itemcollected
+        group = mark.args[0] if mark else None
         groups.setdefault(group or item.nodeid, []).append((item, item.nodeid.removesuffix(f"@{group}")))
     # Longest group first (xdist keeps this order with --no-loadscope-reorder); a group's tests stay in file order.
     cost = {g: sum(seconds.get(nodeid, DEFAULT_S) for _, nodeid in members) for g, members in groups.items()}
