@@ -383,3 +383,48 @@ def generate_text(
         stream_text(model, enc, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, stop=stop,
                     seed=seed, use_cache=use_cache)
     )
+
+
+class Completion:
+    """One prompt's completion from `generate_batch`: text (without the prompt, the end id or the stop string),
+    token_ids (every generated id, a final end or stop id included), finish_reason ("stop" | "length"),
+    prompt_tokens."""
+
+    __slots__ = ("text", "token_ids", "finish_reason", "prompt_tokens")
+
+    def __init__(self, text: str, token_ids: list[int], finish_reason: FinishReason, prompt_tokens: int):
+        self.text, self.token_ids, self.finish_reason, self.prompt_tokens = text, token_ids, finish_reason, prompt_tokens
+
+    def __repr__(self) -> str:
+        return f"Completion({self.text!r}, finish_reason={self.finish_reason!r}, {len(self.token_ids)} tokens)"
+
+
+def generate_batch(
+    model: GPT,
+    enc,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    stop: Sequence[str] = (),
+    stop_ids: Sequence[int] = (),
+    batch_size: int = 16,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> list[Completion]:
+    """Complete many prompts (token ids), `batch_size` at a time, each exactly as `stream_text` completes it alone.
+
+    STUB: one prompt at a time through `stream_text`; the batched engine replaces the body, not the contract.
+    progress: called with the number of prompts just finished.
+    """
+    out = []
+    for i, ids in enumerate(prompts):
+        s = stream_text(model, enc, list(ids), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        stop=stop, stop_ids=stop_ids, seed=seed + i)
+        text = "".join(s)
+        out.append(Completion(text, s.token_ids, s.finish_reason, s.prompt_tokens))
+        if progress is not None:
+            progress(1)
+    return out
