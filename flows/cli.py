@@ -189,7 +189,7 @@ def show_params(params: ParamsOpt = "params.yaml", set_: SetOpt = None, root: Ro
     typer.echo(yaml.safe_dump(resolved.to_dict(), sort_keys=False))
 
 
-ModelOpt = Annotated[str, typer.Option(help="model folder, models:/name@alias or models:/name/version")]
+ModelOpt = Annotated[str, typer.Option(help="model folder, models:/name@alias, models:/name/version or models:/name (its @champion)")]
 
 
 def _load_generator(model: str):

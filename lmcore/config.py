@@ -714,6 +714,79 @@ class BenchmarkConfig(_Section):
         return self
 
 
+# Generative benchmark data (MANIFEST of ../shared/data), found in LMCORE_MIRROR by checksum first.
+GENERATIVE_SOURCES = [
+    Source(
+        name="ifeval",
+        url=f"{_RAW}/google-research/google-research/19638399cc9e03623c5b9087a1d6fa8813974ce9/instruction_following_eval/data/input_data.jsonl",
+        sha256="67ffeee0fcb87c317c5b08a2de85557b4a7e96ada6178aa645b4954fe4b53d49",
+        license="CC BY 4.0 (IFEval, Zhou et al. 2023)",
+    ),
+    Source(
+        name="gsm8k-test",
+        url=f"{_RAW}/openai/grade-school-math/3101c7d5072418e28b9008a6636bde82a006892c/grade_school_math/data/test.jsonl",
+        sha256="3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14",
+        license="MIT (GSM8K, Cobbe et al. 2021)",
+    ),
+    Source(
+        name="gsm8k-train",
+        url=f"{_RAW}/openai/grade-school-math/3101c7d5072418e28b9008a6636bde82a006892c/grade_school_math/data/train.jsonl",
+        sha256="17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465",
+        license="MIT (GSM8K, Cobbe et al. 2021); its few-shot examples",
+    ),
+]
+
+
+# The generative tasks: their metrics (lm-evaluation-harness's names; gsm8k's per answer filter), test items and
+# the sources they read. lmcore.harness.generative scores them.
+GENERATIVE_TASKS = {
+    "ifeval": {"metrics": ["prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc", "inst_level_loose_acc"],
+               "items": 541, "sources": ["ifeval"]},
+    "gsm8k": {"metrics": ["exact_match_strict_match", "exact_match_flexible_extract"], "items": 1319,
+              "sources": ["gsm8k-test", "gsm8k-train"]},
+}
+
+
+class InstructEvalConfig(_Section):
+    """Generative benchmarks of the instruction models, scored as lm-evaluation-harness scores them (IFEval,
+    GSM8K), and the gate of tracking.instruct_model's `champion` on `primary_metric`."""
+
+    sources: list[Source] = Field(default=GENERATIVE_SOURCES, min_length=1)
+    tasks: list[str] = Field(default=["ifeval", "gsm8k"], min_length=1)
+    # Items per task, a fixed sample drawn with sample_seed (every model of the family on the same items); null: all.
+    limit: int | None = Field(default=50, ge=1)
+    sample_seed: int = 1234
+    # Generated tokens per item. lm-eval's are 1280 (ifeval) and 256 (gsm8k); a lower value is recorded with
+    # the scores and shown in the card. null: lm-eval's.
+    max_gen_toks: int | None = Field(default=256, ge=1)
+    chat_template: Literal["auto", "none"] = "auto"  # auto: the model's own when it has one, as lm-eval's --apply_chat_template
+    batch_size: int = Field(default=16, ge=1)  # sequences decoded together
+    models: list[Literal["instruct", "dpo"]] = Field(default=["instruct", "dpo"], min_length=1)
+    primary_metric: str = "ifeval.prompt_level_loose_acc"  # `champion` moves only past the combined standard error on it
+    decontaminate: bool = True  # check every training text the models saw against the benchmark items (13-grams)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    threads: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _known_tasks(self) -> InstructEvalConfig:
+        unknown = [t for t in self.tasks if t not in GENERATIVE_TASKS]
+        if unknown:
+            raise ValueError(f"unknown task {unknown[0]!r}; generative tasks: {', '.join(GENERATIVE_TASKS)}")
+        metrics = [f"{t}.{m}" for t in self.tasks for m in GENERATIVE_TASKS[t]["metrics"]]
+        if self.primary_metric not in metrics:
+            hint = difflib.get_close_matches(self.primary_metric, metrics, n=1)
+            raise ValueError(f"primary_metric {self.primary_metric!r} is not a metric of the configured tasks"
+                             + (f" (did you mean {hint[0]!r}?)" if hint else "") + f"; allowed: {', '.join(metrics)}")
+        for t in self.tasks:
+            size = GENERATIVE_TASKS[t]["items"]
+            if self.limit is not None and self.limit > size:
+                raise ValueError(f"limit {self.limit} is larger than {t}'s {size} items; at most {size}, or null for all")
+            missing = [n for n in GENERATIVE_TASKS[t]["sources"] if n not in {s.name for s in self.sources}]
+            if missing:
+                raise ValueError(f"task {t} needs the source {missing[0]!r} in instruct_eval.sources")
+        return self
+
+
 class JudgeConfig(_Section):
     """LLM-as-judge (book ch. 7): an OpenAI-compatible chat endpoint scores responses 0-100.
 
@@ -773,6 +846,7 @@ class Params(_Section):
     finetune_instruct: InstructConfig = InstructConfig()
     dpo: DpoConfig = DpoConfig()
     benchmark: BenchmarkConfig = BenchmarkConfig()
+    instruct_eval: InstructEvalConfig = InstructEvalConfig()
     judge: JudgeConfig = JudgeConfig()
     tracking: TrackingConfig = TrackingConfig()
 

@@ -35,7 +35,9 @@ KINDS = {
 # What an alias of a registered model means (the model's description lists those its name carries).
 ALIASES = {
     "champion": "the version that won the eval-gated promotion: it beat the champion before it by more than the "
-                "combined standard error on the primary benchmark metric. Serve this one; scheduled runs continue it.",
+                "standard error on the family's primary metric (the first champion: the pretrained base a run started "
+                "from, when it can serve the family). Serve this one (`models:/<name>` alone means it); scheduled runs "
+                "continue it.",
     "challenger": "the newest version scored against the champion that did not beat it (or was not comparable).",
     "sft": "the newest instruction-fine-tuned (supervised) version.",
     "dpo": "the newest version aligned with direct preference optimisation.",
@@ -105,7 +107,10 @@ class Registry:
     and decisions recorded on it since (its tags).
 
     benchmark: rows {task, metric, value, stderr} of bench.* tags; evaluation: eval.* tags ({"val_loss": ...});
-    judge: {"mean_score", "model"}; promotion: the gate's decision (lmcore.promotion.decide's dict) or None.
+    judge: {"mean_score", "model"}; promotion: the gate's decision (lmcore.promotion.decide's dict) or None;
+    challenged: the latest decision that compared another version with this one as the champion, or None;
+    settings: how the benchmark scores were made ({"max_gen_toks": "256 (lm-eval: 1280)", ...});
+    decontamination: {"<benchmark>.<source>": benchmark items found in that training source}.
     """
 
     name: str
@@ -118,6 +123,9 @@ class Registry:
     evaluation: dict[str, float] = field(default_factory=dict)
     judge: dict[str, Any] = field(default_factory=dict)
     promotion: dict[str, Any] | None = None
+    challenged: dict[str, Any] | None = None
+    settings: dict[str, str] = field(default_factory=dict)
+    decontamination: dict[str, int] = field(default_factory=dict)
 
 
 def _num(x: Any, fmt: str = ".4f") -> str:
@@ -149,8 +157,9 @@ def _loss(nats: float | None, bpb: float | None) -> str:
 
 
 def render(facts: dict[str, Any], registry: Registry | None = None) -> str:
-    """The card in markdown: `## What it is`, `## Data`, `## Training`, `## Scores`, and for a registered base model
-    `## Promotion`. Without `registry`: the folder's card (MODEL_CARD.md)."""
+    """The card in markdown: `## What it is`, `## Data`, `## Training`, `## Scores`, and for a registered version
+    `## Decontamination` (when checked) and `## Promotion` (its own decision, and the latest one that challenged it
+    as the champion). Without `registry`: the folder's card (MODEL_CARD.md)."""
     kind, model, tok = facts["kind"], facts["model"], facts.get("tokenizer")
     title = f"{registry.name} v{registry.version}" if registry else f"lmcore {kind} model"
     out = [f"# {title}", ""]
@@ -205,10 +214,14 @@ def render(facts: dict[str, Any], registry: Registry | None = None) -> str:
         scored = True
     if registry and registry.benchmark:
         sample = f" (sample sha256 `{registry.benchmark_sample[:12]}`)" if registry.benchmark_sample else ""
-        out += [f"Benchmarks, scored as lm-evaluation-harness scores them{sample}:", "",
+        what = ("The test split, the promotion gate's items" if kind == "classifier"
+                else "Benchmarks, scored as lm-evaluation-harness scores them")
+        out += [f"{what}{sample}:", "",
                 "| task | metric | value | ± stderr |", "|---|---|---:|---:|"]
         out += [f"| {r['task']} | {r['metric']} | {_num(r['value'])} | {_num(r.get('stderr'))} |" for r in registry.benchmark]
         out += [""]
+        if registry.settings:
+            out += ["Settings: " + "; ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(registry.settings.items())) + ".", ""]
         scored = True
     if registry and registry.judge:
         out += [f"LLM-as-judge mean score (0-100): {_num(registry.judge.get('mean_score'), '.1f')}"
@@ -217,23 +230,43 @@ def render(facts: dict[str, Any], registry: Registry | None = None) -> str:
     if not scored:
         out += ["Not scored yet.", ""]
 
-    if registry and kind == "base":
+    if registry and registry.decontamination:
+        out += ["## Decontamination", "",
+                "Benchmark items whose 13-grams of normalised words (lm-evaluation-harness's method) occur in a training "
+                "source of this model:", "", "| benchmark | source | items found |", "|---|---|---:|"]
+        out += [f"| {k.partition('.')[0]} | {k.partition('.')[2]} | {n} |" for k, n in sorted(registry.decontamination.items())]
+        out += [""]
+    if registry:
         out += ["## Promotion", ""] + _promotion(registry.promotion) + [""]
+        if registry.challenged and str(registry.challenged.get("version")) != registry.version:
+            out += ["### Last challenged", ""] + _promotion(registry.challenged, as_champion=True) + [""]
     return "\n".join(out).rstrip() + "\n"
 
 
-def _promotion(decision: dict | None) -> list[str]:
+def _promotion(decision: dict | None, as_champion: bool = False) -> list[str]:
+    """The gate's decision as card lines; as_champion: seen from the champion it compared the version with."""
     if not decision:
         return ["Not put through the promotion gate yet."]
-    lines = [f"`@{decision['alias']}`: {decision['reason']}.", ""]
+    if as_champion:
+        kept = decision["alias"] != "champion"
+        lines = [f"v{decision['version']} was compared with this version as the champion: this version "
+                 + ("kept" if kept else "lost") + f" `@champion` (v{decision['version']} {decision['reason']}).", ""]
+    else:
+        lines = [f"`@{decision['alias']}`: {decision['reason']}.", ""]
     if decision.get("champion_value") is not None:
         lines += _table([
             ("metric", f"`{decision['metric']}`"),
-            (f"this version (v{decision['version']})", f"{_num(decision['value'])} ± {_num(decision['stderr'])}"),
+            (f"challenger (v{decision['version']})", f"{_num(decision['value'])} ± {_num(decision['stderr'])}"),
             (f"champion v{decision['champion_version']}", f"{_num(decision['champion_value'])} ± {_num(decision['champion_stderr'])}"),
             ("difference", f"{decision['difference']:+.4f}"),
-            ("combined stderr", _num(decision["combined_stderr"])),
+            ("paired stderr" if decision.get("paired") else "combined stderr", _num(decision["combined_stderr"])),
         ])
+        disagree = decision.get("disagreements")
+        if disagree:
+            shown = ", ".join(f"{d['task']}/{d['doc_id']} ({'challenger' if d['challenger_correct'] else 'champion'} right)"
+                              for d in disagree["first"])
+            lines += ["", f"The two disagree on {disagree['n']} of {disagree['items']} items" + (f", e.g. {shown}" if shown else "")
+                      + " (the deciding run's comparison/ has them all)."]
     elif decision.get("value") is not None:
         lines += [f"`{decision['metric']}` {_num(decision['value'])} ± {_num(decision['stderr'])}."]
     return lines

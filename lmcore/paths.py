@@ -39,6 +39,7 @@ RAW = "data/raw"
 CLEAN = "data/clean"
 TOKENS = "data/tokens"
 BENCHMARK_DATA = "data/benchmarks"
+GENERATIVE_DATA = "data/instruct_eval"  # IFEval and GSM8K, collected by the instruct_eval stage
 FINETUNE_DATA = "data/finetune"  # + /<name>: raw/ (collected) and splits/
 MODELS = "models"  # + /<name>: base, classifier, instruct, dpo
 TOKENIZER = "models/tokenizer"  # the train_tokenizer stage's trained BPE (tokenizer.json + tokenizer_config.json)
@@ -107,6 +108,11 @@ class Layout:
     def benchmark_data(self) -> Path:
         """data/benchmarks: the benchmark files, collected (manifest.json names each source's file)."""
         return self.root / BENCHMARK_DATA
+
+    @property
+    def generative_data(self) -> Path:
+        """data/instruct_eval: the generative benchmarks' files (IFEval, GSM8K), collected."""
+        return self.root / GENERATIVE_DATA
 
     def finetune_data(self, name: str) -> Path:
         """data/finetune/<name>: raw/ (collected, with manifest) and splits/ (train/val/test.jsonl, stats.json)."""

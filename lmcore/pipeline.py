@@ -23,13 +23,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lmcore.config import BaseModelConfig, Params, Source
 from lmcore.paths import (
     BASE_SOURCE,
     BENCHMARK_DATA,
     CLEAN,
+    GENERATIVE_DATA,
     RAW,
     TOK_EVAL,
     TOKENIZER,
@@ -59,10 +60,19 @@ class Registers:
 class Promotes:
     """The stage's `Scores` decide whether the scored version of `tracking.<name>` takes `champion`
     (lmcore.promotion). A champion scored on other items is first scored on the same ones by `rescore`,
-    "module:function" with (ctx, model_dir, out_dir) -> Scores."""
+    "module:function" with (ctx, model_dir, out_dir, model_ref) -> Scores.
+
+    paired: compare item by item (the standard error of the per-item differences) rather than by the combined
+        standard error of the two scores.
+    from_base: which pretrained base (base_model.source other than scratch) can serve this family, and so is
+        registered and scored as its first champion: "any" base, a "chat" base (its tokenizer has a chat
+        template: an instruct model), or None (no base can: a classifier needs its head).
+    """
 
     name: str
     rescore: str
+    paired: bool = False
+    from_base: Literal["any", "chat"] | None = None
 
 
 @dataclass(frozen=True)
@@ -166,8 +176,19 @@ def _arrow(a: float, b: float) -> str:
 def _promotion(s: dict) -> str:
     decision = s.get("promotion")
     if decision is None:
-        return "none (the base model is not registered)"
+        return "none (the scored model is not registered)"
     return f"v{decision['version']} -> @{decision['alias']}: {decision['reason']}"
+
+
+def _instruct_scores(s: dict) -> str:
+    """"ifeval.prompt_level_loose_acc: sft 0.2400 ± 0.0610, dpo 0.2600 ± 0.0627 (50 items)"."""
+    shown = ", ".join(f"{label} {v['value']:.4f} ± {v['stderr'] or 0:.4f}" for label, v in s["scores"].items() if v["value"] is not None)
+    return f"{s['primary_metric']}: {shown} ({next(iter(s['n_items'].values()), 0):,} items)"
+
+
+def _promotions(s: dict) -> str:
+    decisions = s.get("promotions") or {}
+    return "; ".join(f"{label} " + (_promotion({"promotion": d}) if d else "not registered") for label, d in decisions.items()) or "none"
 
 
 def _base(s: dict) -> str:
@@ -286,13 +307,13 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "benchmark",
-        "HellaSwag, MMLU, TruthfulQA, ARC scored as lm-evaluation-harness scores them; eval-gated champion",
-        deps=(model_path("base"),),
+        "HellaSwag, MMLU, TruthfulQA, ARC scored as lm-evaluation-harness scores them, decontaminated; eval-gated champion",
+        deps=(model_path("base"), CLEAN, BASE_SOURCE),
         outs=(BENCHMARK_DATA, reports_path("benchmark")),
-        metrics=(f"{reports_path('benchmark')}/metrics.json",),
+        metrics=(f"{reports_path('benchmark')}/metrics.json", f"{reports_path('benchmark')}/decontamination.json"),
         plots=(f"{reports_path('benchmark')}/scores.png",),
         params=("benchmark",),
-        promotes=Promotes("registered_model", rescore="lmcore.stages.benchmark:rescore"),
+        promotes=Promotes("registered_model", rescore="lmcore.stages.benchmark:rescore", from_base="any"),
         retries=2,
         summary=(
             Row("benchmark", lambda s: f"{s['primary_metric']} " + (s.get("primary_note") or f"{s['primary_value']:.4f} ± {s['primary_stderr'] or 0:.4f}")
@@ -318,12 +339,14 @@ STAGES: tuple[Stage, ...] = (
         params=("seed", "finetune_classifier"),
         tags={"finetune": "classifier"},
         registers=Registers(model_path("classifier"), "classifier_model", kind="classifier"),
+        promotes=Promotes("classifier_model", rescore="lmcore.stages.finetune_classifier:rescore", paired=True),
         retries=2,
         summary=(
             Row("classifier test accuracy (majority baseline)",
                 lambda s: f"{s['test_accuracy']:.4f} ({s['majority_baseline_accuracy']:.4f})"),
             Row("classifier test F1", lambda s: f"{s['test_f1']:.4f}"),
             Row("registered classifier", _registered),
+            Row("classifier promotion", _promotion),
         ),
         parent_metrics=lambda s: {"classifier_test_accuracy": s["test_accuracy"], "classifier_test_f1": s["test_f1"]},
     ),
@@ -371,6 +394,23 @@ STAGES: tuple[Stage, ...] = (
             Row("registered DPO model", lambda s: _registered(s, "dpo")),
         ),
         parent_metrics=lambda s: {"dpo_final_val_reward_margin": s["final_val_reward_margin"]},
+    ),
+    Stage(
+        "instruct_eval",
+        "IFEval and GSM8K of models/instruct and models/dpo, generated in their chat template and scored as "
+        "lm-evaluation-harness scores them, decontaminated; eval-gated champion of tracking.instruct_model",
+        deps=(model_path("instruct"), model_path("dpo"), CLEAN, finetune_data_path("instruct"), finetune_data_path("dpo"), BASE_SOURCE),
+        outs=(GENERATIVE_DATA, reports_path("instruct_eval")),
+        metrics=(f"{reports_path('instruct_eval')}/metrics.json", f"{reports_path('instruct_eval')}/decontamination.json"),
+        params=("instruct_eval",),
+        promotes=Promotes("instruct_model", rescore="lmcore.stages.instruct_eval:rescore", from_base="chat"),
+        retries=2,
+        summary=(
+            Row("instruct eval", _instruct_scores),
+            Row("instruct promotion", _promotions),
+        ),
+        parent_metrics=lambda s: {f"instruct_eval.{label}.{s['primary_metric']}": v["value"]
+                                  for label, v in s["scores"].items() if v["value"] is not None},
     ),
     Stage(
         "judge",

@@ -16,6 +16,10 @@ version is `challenger`; so are scores on other items (another task list, limit 
 version takes `champion` only when it beats the champion by more than the combined standard error
 sqrt(se_new^2 + se_champion^2): higher is better, lower for losses, perplexity and bits per byte
 (`lower_is_better`). Bits per byte and benchmark accuracies compare across tokenizers.
+
+A paired comparison (`paired`: both versions' per-item verdicts on the same items, `paired_difference`) replaces
+the combined standard error by the standard error of the per-item differences, which is smaller when the two
+models get mostly the same items right: the classifier's gate, whose test split is small.
 """
 
 from __future__ import annotations
@@ -67,10 +71,26 @@ class Champion:
     score: Score | None
 
 
-def decide(metric: str, version: str, score: Score | None, champion: Champion | None, *, note: str | None = None) -> dict[str, Any]:
+def paired_difference(new: list[bool | float], old: list[bool | float]) -> tuple[float, float]:
+    """The mean per-item difference new - old of two models' verdicts (or scores) on the same items, in the same
+    order, and its standard error std(d) / sqrt(n) (sample std, n - 1): a paired test's numbers."""
+    if len(new) != len(old) or len(new) < 2:
+        raise ValueError(f"a paired comparison needs two equal lists of at least 2 items, got {len(new)} and {len(old)}")
+    d = [float(a) - float(b) for a, b in zip(new, old)]
+    mean = sum(d) / len(d)
+    var = sum((x - mean) ** 2 for x in d) / (len(d) - 1)
+    return mean, math.sqrt(var / len(d))
+
+
+def decide(
+    metric: str, version: str, score: Score | None, champion: Champion | None, *, note: str | None = None,
+    paired: tuple[float, float] | None = None,
+) -> dict[str, Any]:
     """Which alias `version` gets, why, and the numbers behind it.
 
     score: None when `metric` is not meaningful for `version` (`note` says why): nothing is compared.
+    paired: (mean difference, its standard error) of the two versions' per-item verdicts on the same items
+        (`paired_difference`); the margin is then that standard error, not the combined one.
     Returns: {"metric", "value", "stderr", "version", "alias", "reason"} and, when compared with a champion,
         "champion_version", "champion_value", "champion_stderr", "difference", "combined_stderr".
     """
@@ -92,15 +112,19 @@ def decide(metric: str, version: str, score: Score | None, champion: Champion | 
         return {**decision, "alias": CHALLENGER, "reason": f"champion v{champion.version} was scored on other items; not compared"}
     margin = math.sqrt(score.stderr**2 + champion.score.stderr**2)
     difference = score.value - champion.score.value
+    if paired is not None:
+        margin = paired[1]
     beats = (-difference if lower_is_better(metric) else difference) > margin
+    rule = "the paired stderr" if paired is not None else "the combined stderr"
     return {
         **decision,
         "alias": CHAMPION if beats else CHALLENGER,
-        "reason": ("beats" if beats else "does not beat") + f" v{champion.version} by more than the combined stderr",
+        "reason": ("beats" if beats else "does not beat") + f" v{champion.version} by more than {rule}",
         "champion_value": champion.score.value,
         "champion_stderr": champion.score.stderr,
         "difference": difference,
         "combined_stderr": margin,
+        **({"paired": True} if paired is not None else {}),
     }
 
 

@@ -21,7 +21,12 @@ from lmcore.pipeline import STAGES
 from lmcore.promotion import CHALLENGER, CHAMPION
 from tasks.tags import (
     BENCH_PREFIX,
+    BENCH_SETTINGS_PREFIX,
+    DECONTAM_PREFIX,
     PROMOTION_ARTIFACT,
+    TAG_CHALLENGED_FILE,
+    TAG_CHALLENGED_RUN,
+    TAG_PROMOTION_FILE,
     TAG_BENCH_RESULTS,
     TAG_BENCH_SAMPLE,
     TAG_PROMOTION_RUN,
@@ -60,7 +65,8 @@ def registry_view(client, version, run) -> Registry:
         task, _, metric = key.rpartition(".")
         stderr = scores.get(f"{key}_stderr")
         benchmark.append({"task": task, "metric": metric, "value": float(value), "stderr": None if stderr is None else float(stderr)})
-    promotion = _load(client, tags[TAG_PROMOTION_RUN], PROMOTION_ARTIFACT) if TAG_PROMOTION_RUN in tags else None
+    promotion = _load(client, tags[TAG_PROMOTION_RUN], tags.get(TAG_PROMOTION_FILE, PROMOTION_ARTIFACT)) if TAG_PROMOTION_RUN in tags else None
+    challenged = _load(client, tags[TAG_CHALLENGED_RUN], tags.get(TAG_CHALLENGED_FILE, PROMOTION_ARTIFACT)) if TAG_CHALLENGED_RUN in tags else None
     end = run.info.end_time or int(time.time() * 1000)
     return Registry(
         name=version.name, version=str(version.version), aliases=list(version.aliases), run_id=version.run_id,
@@ -69,6 +75,9 @@ def registry_view(client, version, run) -> Registry:
         evaluation={k.removeprefix("eval."): float(v) for k, v in tags.items() if k.startswith("eval.")},
         judge={k.removeprefix("judge."): (float(v) if k == "judge.mean_score" else v) for k, v in tags.items() if k.startswith("judge.")},
         promotion=promotion,
+        challenged=challenged,
+        settings={k.removeprefix(BENCH_SETTINGS_PREFIX): v for k, v in tags.items() if k.startswith(BENCH_SETTINGS_PREFIX)},
+        decontamination={k.removeprefix(DECONTAM_PREFIX): int(v) for k, v in tags.items() if k.startswith(DECONTAM_PREFIX)},
     )
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import mlflow
 
-from lmcore.harness.compare import write_comparison
+from lmcore.harness.compare import paired_verdicts, write_comparison
 from lmcore.harness.run import RESULTS, SAMPLES_DIR, item_tables
 from lmcore.stages import Scores
 from tasks.tags import TAG_BENCH_RESULTS, TAG_COMPARE_RUNS, TAG_COMPARED_WITH, TAG_PROMOTION_RUN
@@ -49,22 +49,29 @@ def fetch_results(tracking: Tracking, uri: str, dst: Path) -> Path | None:
     return dst if (dst / RESULTS).is_file() and (dst / SAMPLES_DIR).is_dir() else None
 
 
-def compare_with_champion(tracking: Tracking, run: MlflowTracker, name: str, version: str, champion, mine: Path, work: Path) -> dict | None:
-    """Compare version `version` (its results folder `mine`) with `champion` (the ModelVersion that held @champion
-    when it was scored) on the same items; log comparison/ with `run`. Returns the comparison's summary, or None
-    when the champion's per-item results are not recorded (scored before they were) or are on other items."""
+def compare_with_champion(tracking: Tracking, run: MlflowTracker, name: str, version: str, champion, mine: Path, work: Path,
+                          folder: str = COMPARISON_DIR) -> dict | None:
+    """Compare version `version` (its results folder `mine`) with `champion` (the ModelVersion that holds
+    @champion; fetched again here, so tags set since count) on the same items; log `folder` (comparison/) with
+    `run`, the disagreements as MLflow tables under <folder>/disagreements/. Returns the comparison's summary
+    (lmcore.harness.compare.write_comparison's, plus "verdicts": both models' per-item verdicts, for a paired
+    test), or None when the champion's per-item results are not recorded (scored before they were) or are on
+    other items."""
+    champion = tracking.client().get_model_version(name, str(champion.version))
     uri = champion.tags.get(TAG_BENCH_RESULTS)
-    theirs = fetch_results(tracking, uri, work / "champion") if uri else None
+    theirs = fetch_results(tracking, uri, work / f"champion-v{champion.version}") if uri else None
     if theirs is None:
         return None
     labels = (f"{name} v{version}", f"v{champion.version} @champion")
+    out = work / folder
     try:
-        summary = write_comparison(mine, theirs, work / COMPARISON_DIR, labels)
+        summary = write_comparison(mine, theirs, out, labels)
+        summary["verdicts"] = paired_verdicts(Path(mine) / SAMPLES_DIR, theirs / SAMPLES_DIR)
     except ValueError:  # scored on other items: the gate compared nothing either
         return None
-    run.log_artifact(work / COMPARISON_DIR, COMPARISON_DIR)
+    run.log_artifact(out, folder)
     for part, rows in item_tables(summary["disagreements"]).items():
-        run.log_table(f"{DISAGREEMENTS_TABLES}/{part}.json", rows)
+        run.log_table(f"{folder}/disagreements/{part}.json", rows)
     run.set_tags({TAG_COMPARED_WITH: f"{name} v{champion.version}"})
     # MLflow's run comparison view of this benchmark run and the one that made the champion champion: the two
     # versions' metrics side by side (the same names in both)

@@ -120,6 +120,7 @@ def log_and_register(
 
 def download_model_dir(uri: str, tracking_uri: str, dst: Path | None = None) -> Path:
     """The lmcore model folder inside a logged model (`models:/name@alias`, `models:/name/3`, `runs:/...`), downloaded.
+    `models:/name` alone is `models:/name@champion`.
 
     A registered model's folder gets `.registered.json` (lmcore.paths.REGISTERED): its name, version, run and
     aliases, for the lineage of what starts from it. An alias is resolved once, before the download, so the files
@@ -153,11 +154,13 @@ def version_card(uri: str, tracking_uri: str) -> str | None:
 
 
 def _registered_version(uri: str, tracking_uri: str):
-    """The ModelVersion a `models:/name@alias` or `models:/name/<version>` URI names (None for other URIs)."""
-    match = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", uri)
+    """The ModelVersion a `models:/name@alias`, `models:/name/<version>` or `models:/name` URI names (None for
+    other URIs). A bare name is its `@champion`: the version a user serves."""
+    match = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))?", uri)
     if match is None:
         return None
     name, alias, number = match.groups()
+    alias = alias or (None if number else CHAMPION)
     client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
         return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
@@ -237,12 +240,15 @@ def _score(tags: dict[str, str], metric: str) -> Score | None:
                  tokenizer_sha256=tags.get(TAG_TOKENIZER_SHA), tokenizer=tags.get(TAG_TOKENIZER))
 
 
-def promote(tracking: Tracking, name: str, version: str, metric: str, *, note: str | None = None) -> dict:
+def promote(tracking: Tracking, name: str, version: str, metric: str, *, note: str | None = None,
+            paired: tuple[float, float] | None = None) -> dict:
     """Eval-gated promotion of `version` of `name` on `metric` (lmcore.promotion.decide): `champion` moves to it
     only when it beats the current champion by more than the combined standard error, otherwise it becomes
     `challenger` (so also when `metric` is a per-token loss and the two versions carry different tokenizers). Both versions carry their scores as tags (`tag_scores`); hold `registry_lock(name)` around it.
 
     note: `metric` is not meaningful for `version` (why; lmcore.harness.run.coverage): it is not compared.
+    paired: (mean per-item difference, its standard error) against the champion on the same items: decided on
+        that standard error (lmcore.promotion.decide).
 
     Returns: the decision and its numbers (its alias and reason also set as tags `promotion.*` on `version`).
     """
@@ -252,7 +258,7 @@ def promote(tracking: Tracking, name: str, version: str, metric: str, *, note: s
         raise ValueError(f"{name} v{version} has no {metric} score to promote on; tag_scores first")
     current = champion_version(tracking, name)
     champion = None if current is None else Champion(str(current.version), _score(current.tags, metric))
-    decision = decide(metric, version, score, champion, note=note)
+    decision = decide(metric, version, score, champion, note=note, paired=paired)
     client.set_registered_model_alias(name, decision["alias"], version)
     for key in ("alias", "reason"):
         client.set_model_version_tag(name, version, f"{PROMOTION_PREFIX}{key}", str(decision[key]))

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import importlib
 import json
 import logging
 import tempfile
-import time
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,30 +35,14 @@ from lmcore.errors import is_input_error, is_transient
 from lmcore.io import sha256_file
 from lmcore.paths import WEIGHTS
 from lmcore.pipeline import STAGES, UNCHANGED, Stage
-from lmcore.stages import StageContext, StageResult
+from lmcore.stages import Scores, StageContext, StageResult
 from tasks import cards, failures
-from tasks.compare import compare_with_champion, record_results
-from tasks.context import RunContext, logger
+from tasks.context import RunContext, logger, reviewed
+from tasks.gate import gate
 from tasks.incremental import STAGE_SUMMARY
-from tasks.registry import (
-    champion_version,
-    download_model_dir,
-    find_version,
-    log_and_register,
-    promote,
-    registry_lock,
-    tag_scores,
-)
+from tasks.registry import download_model_dir, find_version, log_and_register
 from tasks.retries import RETRY_DELAY_S, retry_transient
-from tasks.tags import (
-    PROMOTION_ARTIFACT,
-    PROMOTION_PREFIX,
-    TAG_BENCH_SAMPLE,
-    TAG_PARAMS_SHA,
-    TAG_PROMOTION_RUN,
-    TAG_WEIGHTS_SHA,
-    tag,
-)
+from tasks.tags import TAG_PARAMS_SHA, TAG_WEIGHTS_SHA, tag
 from tasks.tracking import MlflowTracker
 
 
@@ -116,7 +98,7 @@ def execute(stage: Stage, rc: RunContext) -> dict[str, Any]:
         for scored in result.scored:
             tag_scored_version(rc, getattr(rc.params.tracking, scored.model), scored.weights, scored.tags)
         if stage.promotes is not None and result.scores is not None:
-            summary.update(gate(rc, stage, result, run))
+            summary.update(gates(rc, stage, result, run))
         for table in result.tables:
             create_table_artifact(table.rows, key=table.key, description=table.description)
         # what a later run that finds this stage unchanged reports for it (tasks.incremental.made_by)
@@ -148,6 +130,15 @@ def register(rc: RunContext, stage: Stage, result: StageResult, run: MlflowTrack
     return {"registered_model": name, "model_version": version, "weights_sha256": weights}
 
 
+def gates(rc: RunContext, stage: Stage, result: StageResult, run: MlflowTracker) -> dict[str, Any]:
+    """Every Scores of the stage through its family's promotion gate (tasks.gate), in order. One: its
+    model_version and promotion; several: promotions, {label: decision}, and model_versions, {label: version}."""
+    if isinstance(result.scores, Scores):
+        return gate(rc, stage, result.scores, run)
+    done = {s.label: gate(rc, stage, s, run, several=True) for s in result.scores}
+    return {"promotions": {k: v["promotion"] for k, v in done.items()}, "model_versions": {k: v["model_version"] for k, v in done.items()}}
+
+
 def tag_scored_version(rc: RunContext, name: str, weights: Path, tags: dict[str, str]) -> str | None:
     """Tags on the registered version of `name` whose weights are the file `weights` (when there is one)."""
     version = find_version(rc.tracking, name, sha256_file(weights))
@@ -157,68 +148,6 @@ def tag_scored_version(rc: RunContext, name: str, weights: Path, tags: dict[str,
             client.set_model_version_tag(name, version, key, value)
         cards.refresh(rc.tracking, name, version)
     return version
-
-
-def gate(rc: RunContext, stage: Stage, result: StageResult, run: MlflowTracker) -> dict[str, Any]:
-    """Tag the scored version with its scores, then, holding the registry lock, re-score a champion scored on other
-    items and let the promotion gate move `champion` (or make the version `challenger`)."""
-    scores, name = result.scores, getattr(rc.params.tracking, stage.promotes.name)
-    run.set_tags({TAG_BENCH_SAMPLE: scores.sample_sha256})
-    version = find_version(rc.tracking, name, sha256_file(scores.weights))
-    if version is None:
-        logger().warning("%s: %s (sha256 %s) is not registered as %s: no promotion", stage.name, scores.weights.parent.name,
-                         sha256_file(scores.weights)[:12], name)
-        return {"model_version": None, "promotion": None}
-    tag_scores(rc.tracking, name, version, scores.values, scores.sample_sha256)
-    record_results(rc.tracking, run, name, version, scores, "reports")
-    with registry_lock(name), tempfile.TemporaryDirectory(prefix="lmcore-gate-") as work:
-        before, champion = cards.alias_holders(rc.tracking, name), champion_version(rc.tracking, name)
-        rescore_champion(rc, stage, name, version, scores.sample_sha256, run, Path(work))
-        decision = promote(rc.tracking, name, version, scores.metric, note=scores.note)
-        run.client.log_text(run.run_id, json.dumps(decision, indent=2), PROMOTION_ARTIFACT)
-        rc.tracking.client().set_model_version_tag(name, version, TAG_PROMOTION_RUN, run.run_id)
-        with reviewed(stage.name, "model cards"):  # this version's, and those of the versions whose alias moved
-            after = cards.alias_holders(rc.tracking, name)
-            for changed in dict.fromkeys([version, *before.values(), *after.values()]):
-                cards.refresh(rc.tracking, name, changed)
-        if champion is not None and str(champion.version) != str(version) and scores.results_dir is not None:
-            with reviewed(stage.name, "comparison with the champion"):
-                champion = rc.tracking.client().get_model_version(name, str(champion.version))  # re-scored: new tags
-                compared = compare_with_champion(rc.tracking, run, name, version, champion, scores.results_dir, Path(work))
-            if compared is None:
-                logger().warning("%s: %s v%s has no per-item results on these items: no item-by-item comparison",
-                                 stage.name, name, champion.version)
-    run.set_tags({f"{PROMOTION_PREFIX}{k}": str(v) for k, v in decision.items() if isinstance(v, str)})
-    run.log_metrics({f"{PROMOTION_PREFIX}{k}": v for k, v in decision.items() if isinstance(v, float)})
-    logger().info("%s v%s: %s (%s)", name, version, decision["alias"], decision["reason"])
-    return {"model_version": version, "promotion": decision}
-
-
-def rescore_champion(rc: RunContext, stage: Stage, name: str, version: str, sample_sha256: str, run: MlflowTracker, work: Path) -> None:
-    """A champion scored on other items (another task list, limit or seed) is scored on this sample first (the
-    declaration's `rescore`, into `work`), so that the promotion compares like with like; its per-item results are
-    kept with `run` as champion_v<N>/."""
-    champion = champion_version(rc.tracking, name)
-    if champion is None or str(champion.version) == str(version) or champion.tags.get(TAG_BENCH_SAMPLE) == sample_sha256:
-        return
-    module, _, function = stage.promotes.rescore.partition(":")
-    rescore = getattr(importlib.import_module(module), function)
-    uri = f"models:/{name}/{champion.version}"
-    logger().info("champion %s v%s was scored on other items: scoring it on this sample", name, champion.version)
-    with tempfile.TemporaryDirectory(prefix="lmcore-champion-") as tmp:
-        model_dir = download_model_dir(uri, rc.tracking.uri, Path(tmp) / "model")
-        scores = rescore(StageContext(root=rc.root, params=rc.params), model_dir, work / "rescored", uri)
-    tag_scores(rc.tracking, name, str(champion.version), scores.values, scores.sample_sha256)
-    record_results(rc.tracking, run, name, str(champion.version), scores, f"champion_v{champion.version}")
-
-
-@contextlib.contextmanager
-def reviewed(stage: str, what: str) -> Iterator[None]:
-    """Time what the stage adds for people reviewing in the MLflow UI (cards, tables, comparisons): its cost shows
-    in logs/<stage>.log."""
-    start = time.perf_counter()
-    yield
-    logger().info("%s: %s in %.2f s", stage, what, time.perf_counter() - start)
 
 
 @contextlib.contextmanager

@@ -67,6 +67,13 @@ TAG_COMPARED_WITH = "lmcore.compared_with"  # on a benchmark run: the champion i
 TAG_COMPARE_RUNS = "lmcore.compare_runs"  # ... and the MLflow UI's comparison of the two benchmark runs (a URL fragment)
 PROMOTION_PREFIX = "promotion."  # promotion.alias, promotion.reason (version and run), promotion.<number> (run metrics)
 TAG_PROMOTION_RUN = "promotion.run_id"  # on a version: the benchmark run whose promotion.json decided its alias
+TAG_PROMOTION_FILE = "promotion.file"  # ... and that decision's artifact in it, when not promotion.json (a run gating several)
+# On a champion: the latest decision that compared another version with it (it kept or lost @champion).
+TAG_CHALLENGED_RUN = "promotion.challenged_run_id"
+TAG_CHALLENGED_FILE = "promotion.challenged_file"
+BENCH_SETTINGS_PREFIX = "bench_settings."  # how the bench.* scores were made (max_gen_toks against lm-eval's, template)
+DECONTAM_PREFIX = "decontam."  # decontam.<benchmark>.<source>: benchmark items found in that training source
+TAG_ORIGIN = "lmcore.origin"  # "base_model": a version registered from the pretrained base a run started from
 
 ERROR_ARTIFACT = "error/traceback.txt"  # a failed run's traceback
 PROMOTION_ARTIFACT = "promotion.json"  # the promotion decision, on the benchmark run

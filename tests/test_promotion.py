@@ -8,7 +8,7 @@ import math
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lmcore.promotion import Champion, Score, decide, lower_is_better, per_token
+from lmcore.promotion import Champion, Score, decide, lower_is_better, paired_difference, per_token
 from lmcore.tokenizer import get_tokenizer
 from tasks.registry import promote, tag_scores, tokenizer_tags
 from tasks.tags import TAG_TOKENIZER, TAG_TOKENIZER_SHA
@@ -74,6 +74,34 @@ def test_per_token_losses_are_not_compared_across_tokenizers():
     same = decide("val_loss", "2", Score(3.1, 0.01, "s1", *GPT2), Champion("1", Score(4.2, 0.01, "s1", *GPT2)))
     assert same["alias"] == "champion" and same["difference"] == pytest.approx(-1.1)
     assert decide("val_loss", "2", Score(3.1, 0.01, "s1", *BPE), Champion("1", Score(4.2, 0.01, "s1")))["alias"] == "champion"
+
+
+def test_a_paired_comparison_decides_on_the_stderr_of_the_differences():
+    # 200 items: the challenger right on 8 more items than the champion, the two agreeing on the other 192
+    old = [True] * 100 + [False] * 100
+    new = [True] * 108 + [False] * 92
+    diff, se = paired_difference(new, old)
+    d = [a - b for a, b in zip(map(float, new), map(float, old))]
+    assert diff == pytest.approx(0.04) and se == pytest.approx(math.sqrt(sum((x - 0.04) ** 2 for x in d) / 199 / 200))
+    scores = [Score(sum(v) / 200, math.sqrt(0.25 / 199), "s1") for v in (new, old)]  # stderr of each mean, ~0.035
+    unpaired = decide("test.accuracy", "2", scores[0], Champion("1", scores[1]))
+    assert unpaired["alias"] == "challenger"  # +0.04 < the combined stderr (0.050)
+    paired = decide("test.accuracy", "2", scores[0], Champion("1", scores[1]), paired=(diff, se))
+    assert paired["alias"] == "champion" and paired["reason"] == "beats v1 by more than the paired stderr"
+    assert paired["combined_stderr"] == pytest.approx(se) and paired["paired"] is True  # 0.014: the 192 shared items cancel
+    with pytest.raises(ValueError, match="two equal lists"):
+        paired_difference([True], [False])
+
+
+def test_a_bare_registered_name_is_its_champion(tmp_path):
+    from tasks.registry import _registered_version
+
+    tracking, client, (v1, v2) = registry(tmp_path, 2)
+    scored(tracking, v1, 0.25, 0.01)
+    scored(tracking, v2, 0.40, 0.01)
+    assert str(_registered_version("models:/m", tracking.uri).version) == v2  # models:/m is models:/m@champion
+    assert str(_registered_version("models:/m/1", tracking.uri).version) == v1
+    assert _registered_version("runs:/abc/model", tracking.uri) is None
 
 
 def registry(tmp_path, n: int) -> tuple[Tracking, MlflowClient, list[str]]:

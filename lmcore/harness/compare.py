@@ -119,7 +119,7 @@ def _paired(challenger_samples: Path, champion_samples: Path) -> list[tuple[dict
         raise ValueError(f"{len(only)} items scored by one model only, e.g. {shown}: {challenger_samples} and "
                          f"{champion_samples} hold different samples")
     what = ("prompt", "choices", "gold")
-    changed = [k for k, r in a.items() if [r[w] for w in what] != [b[k][w] for w in what]]
+    changed = [k for k, r in a.items() if [r.get(w) for w in what] != [b[k].get(w) for w in what]]
     if changed:
         raise ValueError(f"{len(changed)} items differ in prompt, choices or gold, e.g. {changed[0][0]}/{changed[0][1]}: "
                          f"{challenger_samples} and {champion_samples} hold different samples")
@@ -132,9 +132,24 @@ def _correct(record: dict) -> tuple[bool, int]:
     return record[metric] == 1.0, record["pick_norm" if metric == "acc_norm" else "pick"]
 
 
+def _verdict_row(a: dict, b: dict) -> dict:
+    """A disagreement of two records that carry their own verdict (`correct`): a generated answer (IFEval, GSM8K)
+    or a classifier's prediction, against the gold one."""
+    return {
+        "task": a["task"], "doc_id": a["doc_id"], "metric": a.get("metric", "correct"), "prompt": a["prompt"],
+        "gold": a.get("gold"), "challenger_answer": a.get("answer", a.get("response")),
+        "champion_answer": b.get("answer", b.get("response")),
+        "challenger_correct": bool(a["correct"]), "champion_correct": bool(b["correct"]),
+    }
+
+
 def _disagreements(pairs: list[tuple[dict, dict]]) -> list[dict]:
     rows = []
     for a, b in pairs:
+        if "choices" not in a:  # a verdict per record (generative tasks, classifiers)
+            if bool(a["correct"]) != bool(b["correct"]):
+                rows.append(_verdict_row(a, b))
+            continue
         if "labels" in a:  # truthfulqa_mc2: a probability, never right or wrong
             continue
         (a_ok, a_pick), (b_ok, b_pick) = _correct(a), _correct(b)
@@ -149,6 +164,20 @@ def _disagreements(pairs: list[tuple[dict, dict]]) -> list[dict]:
             "challenger_gold_ll": a["loglikelihoods"][gold], "champion_gold_ll": b["loglikelihoods"][gold],
         })
     return rows
+
+
+def paired_verdicts(challenger_samples: Path, champion_samples: Path) -> tuple[list[bool], list[bool]]:
+    """Both models' verdicts (`correct`, or the headline metric's) on the same items, in the same order: what a
+    paired test compares (lmcore.promotion.paired_difference). Items scored by probability are left out."""
+    new, old = [], []
+    for a, b in _paired(challenger_samples, champion_samples):
+        if "choices" not in a:
+            new.append(bool(a["correct"]))
+            old.append(bool(b["correct"]))
+        elif "labels" not in a:
+            new.append(_correct(a)[0])
+            old.append(_correct(b)[0])
+    return new, old
 
 
 def _counts(pairs: list[tuple[dict, dict]]) -> tuple[dict[str, int], dict[str, int | None]]:
@@ -265,6 +294,7 @@ __all__ = [
     "compare_scores",
     "disagreements",
     "item_counts",
+    "paired_verdicts",
     "markdown",
     "plot_comparison",
     "verdict",

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from lmcore.checkpoint import load_model
+from lmcore.checkpoint import load_model, read_model_config
 from lmcore.config import BenchmarkConfig
 from lmcore.harness.benchmarks import (
     ACC,
@@ -44,9 +44,10 @@ from lmcore.harness.benchmarks import (
 )
 from lmcore.harness.metrics import group_scores, item_result, task_scores
 from lmcore.harness.scoring import score_items
-from lmcore.io import atomic_dir, atomic_file, jsonl_objects, write_json, write_text
+from lmcore.harness.cache import EvalCache, cached
+from lmcore.io import atomic_dir, atomic_file, jsonl_objects, read_json, sha256_file, write_json, write_text
 from lmcore.model import GPT
-from lmcore.paths import METRICS
+from lmcore.paths import METRICS, WEIGHTS
 from lmcore.tracking import NullTracker, Tracker
 from lmcore.training import resolve_device
 
@@ -63,6 +64,10 @@ PLOT = "scores.png"
 # metrics, the table's values, the plot or the promotion; its numbers stay in results.json under RAW_SCORES.
 MAX_CUT_FRACTION = 0.5
 RAW_SCORES = "raw_scores"
+# The evaluation cache's task version and scorer of these multiple-choice tasks: bump on a change of prompts or
+# scoring that changes a score.
+MC_VERSION = "lmcore-mc-1"
+MC_SCORER = "lmcore.harness.scoring 1 (lm-eval 0.4.13 parity)"
 SCORE_KEYS = tuple(k for m in (ACC, ACC_NORM) for k in (m, f"{m}_stderr"))
 
 
@@ -115,10 +120,7 @@ def run_benchmarks(
         max_cut_fraction: a task with a larger share of its items cut or left out is not meaningful (`coverage`).
     """
     leaves = expand(tasks)
-    items = []
-    for task in leaves:
-        n = mmlu_limit if mmlu_limit is not None and task.startswith("mmlu_") else limit
-        items += sample(task_items(task, Path(data_dir), num_fewshot), n, sample_seed)
+    items = benchmark_items(data_dir, tasks=tasks, limit=limit, mmlu_limit=mmlu_limit, num_fewshot=num_fewshot, sample_seed=sample_seed)
     start = time.perf_counter()
     scores = score_items(model, enc, items, batch_size=batch_size, skip_too_long=True, progress=progress)
     elapsed = time.perf_counter() - start
@@ -190,6 +192,16 @@ def run_benchmarks(
     return results
 
 
+def benchmark_items(data_dir: Path, *, tasks: list[str], limit: int | None, mmlu_limit: int | None = None, num_fewshot: int = 0,
+                    sample_seed: int = 1234) -> list:
+    """The items `run_benchmarks` scores: per leaf task `limit` (`mmlu_limit` per MMLU subject) drawn with `sample_seed`."""
+    items = []
+    for task in expand(tasks):
+        n = mmlu_limit if mmlu_limit is not None and task.startswith("mmlu_") else limit
+        items += sample(task_items(task, Path(data_dir), num_fewshot), n, sample_seed)
+    return items
+
+
 def benchmark_model(
     cfg: BenchmarkConfig,
     model_dir: Path,
@@ -200,16 +212,42 @@ def benchmark_model(
     model_ref: str = "",
     progress: bool = True,
     tracker: Tracker = NullTracker(),
+    cache: EvalCache | None = None,
 ) -> dict:
-    """run_benchmarks on a model folder with the `benchmark` params section (tasks, limit, seed, device, threads)."""
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    model = load_model(model_dir, device=resolve_device(cfg.device))
-    return run_benchmarks(
-        model, enc, data_dir, out_dir, tasks=cfg.tasks, limit=cfg.limit, mmlu_limit=cfg.mmlu_limit, num_fewshot=cfg.num_fewshot,
-        sample_seed=cfg.sample_seed, batch_size=cfg.batch_size, model_ref=model_ref or str(model_dir),
-        progress=progress, tracker=tracker, max_cut_fraction=cfg.max_cut_fraction,
-    )
+    """run_benchmarks on a model folder with the `benchmark` params section (tasks, limit, seed, device, threads).
+
+    cache: results are looked up by the weights' sha256, the tasks, the sample's sha256 and the scoring settings
+        first (lmcore.harness.cache): a model scored before on the same items is not loaded, let alone run.
+    """
+    def compute(out: Path) -> None:
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        model = load_model(model_dir, device=resolve_device(cfg.device))
+        run_benchmarks(
+            model, enc, data_dir, out, tasks=cfg.tasks, limit=cfg.limit, mmlu_limit=cfg.mmlu_limit, num_fewshot=cfg.num_fewshot,
+            sample_seed=cfg.sample_seed, batch_size=cfg.batch_size, model_ref=model_ref or str(model_dir),
+            progress=progress, tracker=tracker, max_cut_fraction=cfg.max_cut_fraction,
+        )
+
+    if cache is None:
+        compute(Path(out_dir))
+        return read_json(Path(out_dir) / RESULTS)
+    items = benchmark_items(data_dir, tasks=cfg.tasks, limit=cfg.limit, mmlu_limit=cfg.mmlu_limit, num_fewshot=cfg.num_fewshot,
+                            sample_seed=cfg.sample_seed)
+    context_length = read_model_config(model_dir)[0].context_length
+    fields = {
+        "weights_sha256": sha256_file(Path(model_dir) / WEIGHTS), "task": ",".join(cfg.tasks), "task_version": MC_VERSION,
+        "sample_sha256": sample_sha256(items), "prompt_template": "plain",
+        "generation": {"loglikelihood": True, "num_fewshot": cfg.num_fewshot, "context_length": context_length,
+                       "max_cut_fraction": cfg.max_cut_fraction},
+        "scorer_version": MC_SCORER,
+    }
+    if cached(cache, fields, compute, Path(out_dir)):
+        results = read_json(Path(out_dir) / RESULTS)
+        tracker.log_metrics(flat_metrics(results))
+        log.info("%s: scores of weights %s on these items from the evaluation cache", model_ref or model_dir, fields["weights_sha256"][:12])
+        return results
+    return read_json(Path(out_dir) / RESULTS)
 
 
 def coverage(scores: dict, context_length: int, max_cut_fraction: float = MAX_CUT_FRACTION) -> dict:
@@ -234,8 +272,8 @@ def score_of(results: dict, metric: str) -> dict:
     """One metric ("hellaswag.acc_norm", "mmlu.acc") of a results dict: {"value", "stderr", "meaningful", "note"};
     value and stderr are None when its task is not meaningful for the model (`coverage`)."""
     name, _, key = metric.rpartition(".")
-    scores = {**results["tasks"], **results["groups"]}[name]
-    if not scores["meaningful"]:
+    scores = {**results["tasks"], **results.get("groups", {})}[name]
+    if not scores.get("meaningful", True):
         return {"value": None, "stderr": None, "meaningful": False, "note": scores["note"]}
     return {"value": scores[key], "stderr": scores.get(f"{key}_stderr"), "meaningful": True, "note": None}
 
@@ -251,7 +289,7 @@ def sample_sha256(items) -> str:
 def reported_scores(results: dict) -> dict:
     """The scores people look at: each task that is not an MMLU subject, and the MMLU groups."""
     out = {t: s for t, s in results["tasks"].items() if not t.startswith("mmlu_")}
-    out.update(results["groups"])
+    out.update(results.get("groups", {}))
     return out
 
 
@@ -293,11 +331,17 @@ def table_rows(reported: dict) -> list[dict]:
     that is not meaningful has value and stderr None and its note."""
     return [
         {"task": name, "metric": m, "value": scores.get(m), "stderr": scores.get(f"{m}_stderr"), "n": scores["n"],
-         "chance": scores["chance"], "note": scores.get("note")}
+         "chance": scores.get("chance"), "note": scores.get("note")}
         for name, scores in reported.items()
-        for m in (ACC, ACC_NORM)
-        if m in scores or m in scores.get(RAW_SCORES, {}) or (not scores["n"] and m == ACC)  # n 0: no score at all
+        for m in _metrics(scores)
     ]
+
+
+def _metrics(scores: dict) -> list[str]:
+    """A task's reported metrics: acc and acc_norm of a multiple-choice task (acc alone when nothing was scored);
+    of another task (generative, a classifier's test split), every key that has a standard error beside it."""
+    mc = [m for m in (ACC, ACC_NORM) if m in scores or m in scores.get(RAW_SCORES, {}) or (not scores["n"] and m == ACC)]
+    return mc or [k for k in scores if f"{k}_stderr" in scores]
 
 
 def item_rows(samples_dir: Path) -> list[dict]:

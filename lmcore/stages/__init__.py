@@ -107,6 +107,9 @@ class Scores:
         the promotion then compares nothing. None when it has one.
     results_dir: the folder of the per-item results (lmcore.harness.run: results.json and samples/), to compare
         with the champion's item by item; results_artifact: where the stage's run keeps that folder's files.
+    label: which of the stage's models this is ("sft", "dpo"), when the stage scores several.
+    settings: how the scores were made, where it differs from lm-evaluation-harness's own settings (a lower
+        max_gen_toks) or qualifies them: tagged on the version (bench_settings.<key>) and shown in its card.
     """
 
     weights: Path
@@ -116,6 +119,8 @@ class Scores:
     note: str | None = None
     results_dir: Path | None = None
     results_artifact: str | None = None
+    label: str | None = None
+    settings: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -149,7 +154,8 @@ class StageResult:
         them too.
     version_tags: extra tags for the version the stage registers, by full tag name (eval scores, labels, ...).
     scored: tags for versions the stage scored but did not make.
-    scores: benchmark scores for the promotion gate.
+    scores: benchmark scores for the promotion gate: one Scores, or a list of them for a stage that scores several
+        versions of its family (gated in order).
     tables: tables for people (Prefect); item_tables: per-item results as MLflow tables.
     log: one line for the log when the stage finishes; warnings: lines worth a warning.
     """
@@ -160,7 +166,7 @@ class StageResult:
     tags: dict[str, str] = field(default_factory=dict)
     version_tags: dict[str, str] = field(default_factory=dict)
     scored: list[VersionTags] = field(default_factory=list)
-    scores: Scores | None = None
+    scores: Scores | list[Scores] | None = None
     tables: list[Table] = field(default_factory=list)
     item_tables: list[ItemTable] = field(default_factory=list)
     log: str = ""

@@ -9,6 +9,11 @@ nothing (the version is `challenger`, or `champion` when there is none yet).
 
     lmcore run benchmark
     lmcore run benchmark --set benchmark.limit=50 --set benchmark.tasks=[hellaswag,arc_easy]
+
+Before the scores decide anything, the sampled items are checked against what models/base saw (the corpus, and
+what its pretrained base's card declares): reports/benchmark/decontamination.json (a DVC metric), the matches as an
+MLflow table (tables/decontamination.json), and every score also on the clean part of the sample
+(`<task>.<metric>_clean`). Scores are looked up in the evaluation cache (lmcore.harness.cache) first.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmcore.data.collect import collect, mirror_from_env
+from lmcore.harness.benchmarks import ACC, ACC_NORM
+from lmcore.harness.cache import EvalCache, cache_root
 from lmcore.harness.run import (
     PLOT,
     RESULTS,
@@ -23,6 +30,7 @@ from lmcore.harness.run import (
     SCORE_KEYS,
     TABLE,
     benchmark_model,
+    family,
     flat_metrics,
     item_rows,
     item_tables,
@@ -32,7 +40,8 @@ from lmcore.harness.run import (
 )
 from lmcore.io import sha256_file
 from lmcore.paths import MANIFEST, METRICS, WEIGHTS
-from lmcore.stages import WEIGHTS_SHA, Artifact, ItemTable, Scores, StageContext, StageResult, Table
+from lmcore.stages import WEIGHTS_SHA, Artifact, ItemTable, Scores, StageContext, StageResult, Table, VersionTags
+from lmcore.stages import _decontam
 from lmcore.tokenizer import load_tokenizer
 
 ITEMS_TABLES = "tables/benchmark_items"  # /<task>.json: one row per scored item (lmcore.harness.run.item_rows)
@@ -47,12 +56,27 @@ def version_scores(results: dict, primary: str) -> dict[str, float]:
     return {k: v for k, v in everything.items() if k in keep}
 
 
+def decontaminate(ctx: StageContext, samples_dir: Path, out_dir: Path) -> tuple[dict[str, float], dict[str, str], list[dict], dict]:
+    """The sampled items (their prompts) checked against what models/base saw: the corpus and what its pretrained
+    base's card declares (lmcore.stages._decontam). Returns the clean-part scores, the version tags, the table's
+    rows and the per-benchmark counts."""
+    benchmarks: dict[str, list[tuple[str, str]]] = {}
+    for row in item_rows(samples_dir):
+        benchmarks.setdefault(family(row["task"]), []).append((_decontam.item_id(row), row["prompt"]))
+    report = _decontam.check(ctx, benchmarks, ("corpus", "base_card"), out_dir)
+    tasks = {r["task"]: [m for m in (ACC, ACC_NORM) if r.get(m) is not None] for r in item_rows(samples_dir)}
+    clean = _decontam.clean_scores(samples_dir, report, tasks, benchmark_of=family)
+    return clean, _decontam.version_tags(report), _decontam.table_rows(report, ctx.root), _decontam.summary(report)
+
+
 def run(ctx: StageContext) -> StageResult:
     cfg, layout = ctx.params.benchmark, ctx.layout
     data_dir, out, weights = layout.benchmark_data, layout.reports("benchmark"), layout.base_model / WEIGHTS
     collect(ctx.collect_config(cfg.sources), data_dir, mirror=mirror_from_env(), base_dir=ctx.root)
     enc = load_tokenizer(layout.base_model)
-    results = benchmark_model(cfg, layout.base_model, data_dir, out, enc=enc, model_ref="models/base", tracker=ctx.tracker)
+    results = benchmark_model(cfg, layout.base_model, data_dir, out, enc=enc, model_ref="models/base", tracker=ctx.tracker,
+                              cache=EvalCache(cache_root(ctx.root)))
+    clean, decontam_tags, decontam_rows, decontam = decontaminate(ctx, out / SAMPLES_DIR, out)
     primary = score_of(results, cfg.primary_metric)
     shown = primary["note"] if primary["value"] is None else f"{primary['value']:.4f}"
     return StageResult(
@@ -64,17 +88,20 @@ def run(ctx: StageContext) -> StageResult:
             "n_items": results["n_items"],
             "items_per_s": results["items_per_s"],
             "sample_sha256": results["sample_sha256"],
+            "decontamination": decontam,
         },
         artifacts=[
             Artifact(data_dir / MANIFEST, "data"),
-            *(Artifact(out / name, "reports") for name in (RESULTS, METRICS, TABLE, PLOT)),
+            *(Artifact(out / name, "reports") for name in (RESULTS, METRICS, TABLE, PLOT, _decontam.REPORT)),
             Artifact(out / SAMPLES_DIR, f"reports/{SAMPLES_DIR}"),
         ],
         tags={WEIGHTS_SHA: sha256_file(weights)},
-        scores=Scores(weights, version_scores(results, cfg.primary_metric), cfg.primary_metric, results["sample_sha256"],
+        scores=Scores(weights, {**version_scores(results, cfg.primary_metric), **clean}, cfg.primary_metric, results["sample_sha256"],
                       note=primary["note"], results_dir=out, results_artifact="reports"),
+        scored=[VersionTags("registered_model", weights, decontam_tags)],
         tables=[Table("lmcore-benchmark", table_rows(reported_scores(results)), f"benchmark scores of models/base ({results['n_items']} items)")],
-        item_tables=[ItemTable(f"{ITEMS_TABLES}/{part}.json", rows) for part, rows in item_tables(item_rows(out / SAMPLES_DIR)).items()],
+        item_tables=[ItemTable(f"{ITEMS_TABLES}/{part}.json", rows) for part, rows in item_tables(item_rows(out / SAMPLES_DIR)).items()]
+                    + [ItemTable(_decontam.TABLE, decontam_rows)],
         log=f"{cfg.primary_metric} {shown} on {results['n_items']} items",
         warnings=[] if primary["meaningful"] else [
             f"{cfg.primary_metric} is not meaningful for models/base ({primary['note']}): not compared with the champion"
@@ -86,6 +113,7 @@ def rescore(ctx: StageContext, model_dir: Path, out_dir: Path, model_ref: str) -
     """Another model folder (the champion, downloaded) scored on the very items `run` scored."""
     cfg = ctx.params.benchmark
     enc = load_tokenizer(model_dir)
-    results = benchmark_model(cfg, model_dir, ctx.layout.benchmark_data, out_dir, enc=enc, model_ref=model_ref, progress=False)
+    results = benchmark_model(cfg, model_dir, ctx.layout.benchmark_data, out_dir, enc=enc, model_ref=model_ref, progress=False,
+                              cache=EvalCache(cache_root(ctx.root)))
     return Scores(Path(model_dir) / WEIGHTS, version_scores(results, cfg.primary_metric), cfg.primary_metric, results["sample_sha256"],
                   results_dir=Path(out_dir))

@@ -5,21 +5,34 @@ predictions, beside each test text, also as an MLflow table, tables/test_predict
 
     lmcore run finetune_classifier
     lmcore run finetune_classifier --set finetune_classifier.lora.enabled=true
+
+The classifier's gate: its test accuracy, item by item, against the champion of tracking.classifier_model on the
+same test split (a paired test: the standard error of the per-item differences). The test split is fixed by the
+data, the seed and the split fractions; a champion scored on another split is re-scored on this one (`rescore`).
+The per-item verdicts are in reports/classifier/gate (results.json, samples/test.jsonl).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
+import json
 from pathlib import Path
 
-from lmcore.finetune.classifier import PREDICTIONS, finetune_classifier, prepare_classification
+from lmcore.finetune.classifier import PREDICTIONS, classify, finetune_classifier, load_classifier, prepare_classification
 from lmcore.finetune.common import read_split
-from lmcore.paths import CONFUSION_PLOT
-from lmcore.stages import ItemTable, StageContext, StageResult
+from lmcore.harness.metrics import mean_stderr
+from lmcore.io import atomic_dir, write_json, write_text
+from lmcore.paths import CONFUSION_PLOT, WEIGHTS
+from lmcore.stages import Artifact, ItemTable, Scores, StageContext, StageResult
 from lmcore.stages._finetune import CURVES, finetune_card, finetuned, prepare_data
 from lmcore.tokenizer import load_tokenizer
 
 PREDICTIONS_TABLE = "tables/test_predictions.json"  # one row per test example (prediction_rows)
+GATE_DIR = "gate"  # reports/classifier/gate: the test split's per-item verdicts, for the promotion gate
+TASK = "test"  # the gate's task name: its metric is test.accuracy
+METRIC = f"{TASK}.accuracy"
 
 
 def prediction_rows(splits_dir: Path, predictions_csv: Path, labels: list[str]) -> list[dict]:
@@ -43,6 +56,40 @@ def prediction_rows(splits_dir: Path, predictions_csv: Path, labels: list[str]) 
     return rows
 
 
+def split_sha256(examples: list[dict]) -> str:
+    """Identifies the test split scored: every example's text and label, in order."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps([ex["text"], ex["label"]], ensure_ascii=False).encode())
+    return h.hexdigest()
+
+
+def write_gate_results(out_dir: Path, examples: list[dict], predicted: list[str], labels: list[str], model_ref: str) -> Scores:
+    """The per-item verdicts of one classifier on the test split (results.json, samples/test.jsonl: prompt = the
+    text, gold and answer = the labels) into `out_dir`, and its Scores on METRIC."""
+    records = [{"task": TASK, "doc_id": i, "prompt": ex["text"], "gold": labels[ex["label"]], "answer": p,
+                "correct": p == labels[ex["label"]]} for i, (ex, p) in enumerate(zip(examples, predicted, strict=True))]
+    verdicts = [float(r["correct"]) for r in records]
+    accuracy, stderr = sum(verdicts) / len(verdicts), mean_stderr(verdicts) or 0.0
+    sha = split_sha256(examples)
+    results = {"kind": "classifier", "model": model_ref, "sample_sha256": sha, "n_items": len(records), "groups": {},
+               "tasks": {TASK: {"n": len(records), "accuracy": accuracy, "accuracy_stderr": stderr, "meaningful": True,
+                                "note": None, "chance": 1 / len(labels)}}}
+    with atomic_dir(out_dir) as tmp:
+        write_json(tmp / "results.json", results)
+        write_text(tmp / "samples" / f"{TASK}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return Scores(Path(), {METRIC: accuracy, f"{METRIC}_stderr": stderr}, METRIC, sha, results_dir=Path(out_dir))
+
+
+def rescore(ctx: StageContext, model_dir: Path, out_dir: Path, model_ref: str) -> Scores:
+    """Another classifier (the champion, downloaded) scored on this run's test split."""
+    model, labels, max_length = load_classifier(model_dir)
+    examples = read_split(ctx.layout.finetune_data("classifier") / "splits", "test")
+    probs = classify(model, load_tokenizer(model_dir), [ex["text"] for ex in examples], max_length)
+    scores = write_gate_results(out_dir, examples, [labels[i] for i in probs.argmax(axis=1)], labels, model_ref)
+    return dataclasses.replace(scores, weights=Path(model_dir) / WEIGHTS)
+
+
 def run(ctx: StageContext) -> StageResult:
     cfg, layout, seed = ctx.params.finetune_classifier, ctx.layout, ctx.seed
     data = prepare_data(ctx, "classifier", cfg.sources, lambda raw, splits: prepare_classification(cfg, raw, splits, seed=seed))
@@ -52,9 +99,12 @@ def run(ctx: StageContext) -> StageResult:
         checkpoint_dir=layout.checkpoints("finetune_classifier"),
     )
     test = summary["metrics"]["test"]
-    return finetuned(
+    rows = prediction_rows(data.splits, layout.reports("classifier") / PREDICTIONS, cfg.labels)
+    scores = write_gate_results(layout.reports("classifier") / GATE_DIR, read_split(data.splits, "test"),
+                                [r["predicted"] for r in rows], cfg.labels, "models/classifier")
+    result = finetuned(
         ctx, "classifier", start=layout.base_model, data=data, reports=CURVES + (CONFUSION_PLOT, PREDICTIONS),
-        item_tables=[ItemTable(PREDICTIONS_TABLE, prediction_rows(data.splits, layout.reports("classifier") / PREDICTIONS, cfg.labels))],
+        item_tables=[ItemTable(PREDICTIONS_TABLE, rows)],
         summary={
             "test_accuracy": test["accuracy"],
             "test_f1": test["f1"],
@@ -74,3 +124,6 @@ def run(ctx: StageContext) -> StageResult:
         log=f"classifier: test accuracy {test['accuracy']:.3f} (majority baseline {test['majority_baseline_accuracy']:.3f}), "
             f"F1 {test['f1']:.3f}",
     )
+    result.scores = dataclasses.replace(scores, weights=layout.model("classifier") / WEIGHTS, results_artifact=f"reports/{GATE_DIR}")
+    result.artifacts.append(Artifact(layout.reports("classifier") / GATE_DIR, f"reports/{GATE_DIR}"))
+    return result
