@@ -108,3 +108,24 @@ def test_finetune_sections_validate_and_name_bad_keys():
         params_from_dict(base(), overrides=["finetune_instruct.template=chatml"])
     with pytest.raises(ParamsError, match=r"key 'dpo.on_bad'"):
         params_from_dict(base(), overrides=["dpo.on_bad=ignore"])
+
+
+def test_instruct_eval_names_the_key_and_the_allowed_values(tmp_path):
+    with pytest.raises(ParamsError, match=r"instruct_eval.*unknown task 'ifevel'; generative tasks: ifeval, gsm8k"):
+        load_params(ROOT / "params.yaml", overrides=["instruct_eval.tasks=[ifevel]"])
+    with pytest.raises(ParamsError, match=r"primary_metric 'gsm8k.exact_match_strict_match' is not a metric of the configured "
+                                          r"tasks; allowed: ifeval.prompt_level_strict_acc, .*ifeval.inst_level_loose_acc"):
+        load_params(ROOT / "params.yaml", overrides=["instruct_eval.primary_metric=gsm8k.exact_match_strict_match"])
+    with pytest.raises(ParamsError, match=r"did you mean 'ifeval.prompt_level_loose_acc'"):
+        load_params(ROOT / "params.yaml", overrides=["instruct_eval.primary_metric=ifeval.prompt_level_loose"])
+    with pytest.raises(ParamsError, match=r"limit 600 is larger than ifeval's 541 items; at most 541, or null for all"):
+        load_params(ROOT / "params.yaml", overrides=["instruct_eval.limit=600"])
+    # on the command line: one line naming the key, exit status 2
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    result = CliRunner().invoke(app, ["params", "--params", str(ROOT / "params.yaml"), "--set", "instruct_eval.tasks=[mmlu]"])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "instruct_eval" in lines[0] and "unknown task 'mmlu'; generative tasks: ifeval, gsm8k" in lines[0]

@@ -107,8 +107,9 @@ def test_dvc_yaml_lists_each_stage_as_declared():
 
 
 def test_downstream_follows_the_declared_deps():
-    assert pipeline.downstream("pretrain") == ["pretrain", "evaluate", "benchmark", "finetune_classifier", "finetune_instruct", "dpo", "judge"]
-    assert pipeline.downstream("dpo") == ["dpo", "judge"]
+    assert pipeline.downstream("pretrain") == ["pretrain", "evaluate", "benchmark", "finetune_classifier", "finetune_instruct", "dpo",
+                                               "instruct_eval", "judge"]
+    assert pipeline.downstream("dpo") == ["dpo", "instruct_eval", "judge"]
     assert pipeline.downstream("collect") == [n for n in pipeline.NAMES if n != "base_model"]  # the base needs no data
     assert pipeline.downstream("base_model")[:3] == ["base_model", "tokenize", "pretrain"]
 

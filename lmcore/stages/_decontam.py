@@ -99,10 +99,13 @@ def clean_scores(samples_dir: Path, report: Report, metrics: dict[str, list[str]
         records = [r for r in by_task[task] if item_id(r) in keep]
         out[f"{task}.n_clean"] = float(len(records))
         for metric in names:
-            values = [float(r[metric]) for r in records if r.get(metric) is not None]
+            # a list per item (IFEval's instruction-level verdicts) is pooled, as lm-eval pools it, with no stderr
+            pooled = any(isinstance(r.get(metric), list) for r in records)
+            values = [float(v) for r in records if r.get(metric) is not None
+                      for v in (r[metric] if isinstance(r[metric], list) else [r[metric]])]
             if values:
                 out[f"{task}.{metric}_clean"] = sum(values) / len(values)
-                stderr = mean_stderr(values)
+                stderr = None if pooled else mean_stderr(values)
                 if stderr is not None:
                     out[f"{task}.{metric}_clean_stderr"] = stderr
     return out

@@ -96,8 +96,9 @@ def settings_of(results: dict) -> dict[str, str]:
            if config["template_mode"] == "chat" else "plain text (no chat template)"}
     for t, s in results["tasks"].items():
         if s["max_gen_toks"] < s["lm_eval_max_gen_toks"]:
-            out[f"{t}.max_gen_toks"] = (f"{s['max_gen_toks']} (lm-eval's: {s['lm_eval_max_gen_toks']}; "
-                                        f"{s['hit_max_gen_toks']} of {s['n']} answers reached it)")
+            cut = s.get("finish", {}).get("length")
+            out[f"{t}.max_gen_toks"] = (f"{s['max_gen_toks']} (lm-eval's: {s['lm_eval_max_gen_toks']}"
+                                        + (f"; {cut} of {s['n']} answers reached it)" if cut is not None else ")"))
     return out
 
 
@@ -176,7 +177,7 @@ def run(ctx: StageContext) -> StageResult:
 def _review_row(record: dict) -> dict:
     """A per-item record as a row people filter and sort in the MLflow UI: the prompt, the response, and per
     instruction its strict and loose verdicts (IFEval), or the extracted answers against the gold one (GSM8K)."""
-    keep = ("task", "doc_id", "correct", "prompt", "response", "truncated", "hit_max_gen_toks")
+    keep = ("task", "doc_id", "correct", "prompt", "response", "truncated", "finish")
     row = {k: record.get(k) for k in keep}
     if record["task"] == "ifeval":
         row.update({k: record.get(k) for k in ("instruction_id_list", "prompt_level_strict_acc", "prompt_level_loose_acc",

@@ -206,3 +206,42 @@ def test_judge_without_endpoint_is_skipped_not_faked(lifecycle_run):
     summary = json.loads((Layout(root).reports("judge") / "summary.json").read_text())
     assert summary == {"skipped": True, "reason": result["judge"]["reason"]}
     assert not any(Layout(root).reports("judge").glob("*/scores.jsonl"))
+
+
+def test_every_registered_family_has_a_gated_champion(lifecycle_run, monkeypatch):
+    """The classifier (paired, on its test split) and the instruction models (IFEval and GSM8K as lm-eval scores them)
+    go through the promotion gate like the base model: the first of each family is champion, DPO is compared with
+    SFT on the same items, and `models:/<name>` alone is the champion."""
+    root, uri, result = lifecycle_run
+    client = MlflowClient(uri, registry_uri=uri)
+    classifier = result["finetune_classifier"]["promotion"]
+    assert classifier["metric"] == "test.accuracy" and classifier["alias"] == "champion"
+    tags = client.get_model_version("lmcore-classifier", "1").tags
+    assert float(tags["bench.test.accuracy"]) == pytest.approx(result["finetune_classifier"]["test_accuracy"])
+
+    evaluated = result["instruct_eval"]
+    assert set(evaluated["scores"]) == {"sft", "dpo"} and evaluated["primary_metric"] == "ifeval.prompt_level_loose_acc"
+    sft, dpo = evaluated["promotions"]["sft"], evaluated["promotions"]["dpo"]
+    assert sft["alias"] == "champion" and sft["reason"] == "no champion yet"
+    assert dpo["champion_version"] == sft["version"] and "by more than the combined stderr" in dpo["reason"]
+    assert dpo["disagreements"]["items"] == evaluated["n_items"]["dpo"]
+    dpo_version = client.get_model_version("lmcore-instruct", dpo["version"])
+    assert "dpo" in dpo_version.aliases and dpo_version.tags["bench.sample_sha256"] == evaluated["sample_sha256"]
+    assert "bench_settings.ifeval.max_gen_toks" in dpo_version.tags  # 8 of lm-eval's 1280: recorded, and in the card
+    card = dpo_version.description
+    assert "## Promotion" in card and "## Decontamination" in card and "max gen toks" in card
+    champion = client.get_model_version_by_alias("lmcore-instruct", "champion")
+    assert "### Last challenged" in client.get_model_version("lmcore-instruct", sft["version"]).description  # both sides
+
+    # per item, for review: the prompt, the response, each instruction's verdicts
+    run = client.get_run(evaluated["run_id"])
+    tables = {a.path for a in client.list_artifacts(run.info.run_id, "tables/instruct_eval/dpo")}
+    assert tables == {"tables/instruct_eval/dpo/ifeval.json", "tables/instruct_eval/dpo/gsm8k.json"}
+    rows = json.loads(open(client.download_artifacts(run.info.run_id, "tables/instruct_eval/dpo/ifeval.json", str(root / "t"))).read())
+    assert {"prompt", "response", "inst_level_strict_acc", "inst_level_loose_acc"} <= set(rows["columns"])
+
+    # a bare name is the champion
+    from tasks.registry import download_model_dir
+
+    folder = download_model_dir("models:/lmcore-instruct", uri, root / "bare")
+    assert json.loads((folder / ".registered.json").read_text())["version"] == str(champion.version)
