@@ -11,7 +11,9 @@ Face's Llama), `n_kv_head` < `n_head` (grouped-query attention), `bias: false`, 
 Attention is `F.scaled_dot_product_attention` throughout.
 
 Generation keeps keys and values in a preallocated cache (`set_kv_cache`); each call then passes the
-positions of its new tokens: `model(idx, positions=torch.arange(t0, t0 + T))`.
+positions of its new tokens: `model(idx, positions=torch.arange(t0, t0 + T))`. Prompts of different lengths share
+one cache left-padded: the new tokens go to cache `slots` (T,) common to all rows, each row has its own positions
+(B, T) (slot minus the row's padding) and a mask hides the padding: `model.hidden(idx, positions=, slots=, mask=)`.
 
 Shape letters: B batch, T sequence length, C n_embd, V vocab_size, nh n_head, nkv n_kv_head, hs head size.
 
@@ -83,12 +85,24 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
-    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, nkv, T, hs) at `positions` (T,); return keys and values up to the last one."""
-        self.k.index_copy_(2, positions, k.to(self.k.dtype))
-        self.v.index_copy_(2, positions, v.to(self.v.dtype))
-        end = int(positions[-1]) + 1
+    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nkv, T, hs) at `slots` (T,); return keys and values up to the last one."""
+        self.k.index_copy_(2, slots, k.to(self.k.dtype))
+        self.v.index_copy_(2, slots, v.to(self.v.dtype))
+        end = int(slots[-1]) + 1
         return self.k[:, :, :end], self.v[:, :, :end]
+
+    def keep(self, rows: torch.Tensor, start: int, end: int) -> None:
+        """Keep only the sequences `rows` (R,) and their slots start..end-1, moved down to slot 0.
+
+        Batched decoding drops the rows that finished, and the padding slots no remaining row needs (one copy of
+        what is kept). Slots from end - start on are free again (their contents undefined).
+        """
+        _, nkv, max_len, hs = self.k.shape
+        for name in ("k", "v"):
+            kept = torch.empty(len(rows), nkv, max_len, hs, device=self.k.device, dtype=self.k.dtype)
+            kept[:, :, : end - start] = getattr(self, name)[rows, :, start:end]
+            setattr(self, name, kept)  # the registered buffer, replaced
 
 
 class CausalSelfAttention(nn.Module):
@@ -107,7 +121,7 @@ class CausalSelfAttention(nn.Module):
         x: torch.Tensor,
         mask: torch.Tensor | None = None,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-        positions: torch.Tensor | None = None,
+        slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
         nh, nkv, hs = self.n_head, self.n_kv_head, self.head_size
@@ -119,12 +133,12 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         is_causal = mask is None
         if self.kv_cache is not None:
-            if positions is None or positions.dim() != 1:
-                raise ValueError("with a KV cache, pass the (T,) positions of the new tokens")
-            k, v = self.kv_cache.update(positions, k, v)  # (B, nkv, L, hs), L = last position + 1
+            if slots is None or slots.dim() != 1:
+                raise ValueError("with a KV cache, pass the (T,) positions (or cache slots) of the new tokens")
+            k, v = self.kv_cache.update(slots, k, v)  # (B, nkv, S, hs), S = last slot + 1
             if mask is None:
-                # Each new token sees every cached position up to its own.
-                mask = positions[:, None] >= torch.arange(k.shape[2], device=x.device)[None, :] if T > 1 else None
+                # Each new token sees every cached slot up to its own.
+                mask = slots[:, None] >= torch.arange(k.shape[2], device=x.device)[None, :] if T > 1 else None
             is_causal = False
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal,
@@ -177,9 +191,9 @@ class Block(nn.Module):
         x: torch.Tensor,
         mask: torch.Tensor | None = None,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-        positions: torch.Tensor | None = None,
+        slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.norm_1(x), mask, rope, positions)  # (B, T, C)
+        x = x + self.attn(self.norm_1(x), mask, rope, slots)  # (B, T, C)
         x = x + self.mlp(self.norm_2(x))  # (B, T, C)
         return x
 
@@ -237,7 +251,12 @@ class GPT(nn.Module):
         return logits, loss
 
     def hidden(
-        self, idx: torch.Tensor, *, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None
+        self,
+        idx: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The final-norm hidden states (B, T, C), before the LM head: callers that need the head at a few
         positions only (benchmark scoring) apply `lm_head` there and skip the rest of the (T, V) logits.
@@ -246,6 +265,9 @@ class GPT(nn.Module):
         positions: (T,) or (B, T) position ids instead of 0..T-1, and mask: a boolean (T, T) or (B, 1, T, T)
             attention mask (True = may attend) instead of the causal one. Together they let several
             sequences share a prefix in one row (benchmark scoring packs a context with all its choices).
+        slots: with a KV cache, the (T,) cache slots the new tokens go to; None: the (T,) positions. Rows of
+            different lengths share the cache left-padded: then positions is (B, T) (a row's slot minus its
+            padding) and mask a (B, 1, T, S) one over the S = last slot + 1 cached slots that hides the padding.
         """
         B, T = idx.shape
         if positions is None:
@@ -262,9 +284,12 @@ class GPT(nn.Module):
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, hs) or (B, T, hs)
             rope = (cos, sin) if positions.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))
         x = self.drop(x)
-        cache_positions = positions if self.blocks[0].attn.kv_cache is not None else None
+        if self.blocks[0].attn.kv_cache is None:
+            slots = None
+        elif slots is None:
+            slots = positions
         for block in self.blocks:
-            x = block(x, mask, rope, cache_positions)  # (B, T, C)
+            x = block(x, mask, rope, slots)  # (B, T, C)
         return self.norm_f(x)  # (B, T, C)
 
     def set_kv_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> None:

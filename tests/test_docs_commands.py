@@ -520,15 +520,56 @@ def test_tokenize_speed_benchmark(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_eval_speed_benchmark(capsys, one_thread):
-    """lmcore and lm-evaluation-harness on the same items: a task, an MMLU subject; both pick alike."""
+def test_eval_speed_benchmark(capsys, one_thread, tmp_path, monkeypatch):
+    """lmcore and lm-evaluation-harness on the same items: a task, an MMLU subject (both pick alike), IFEval and GSM8K
+    (the same texts and verdicts)."""
     from benchmarks import eval_speed
+    from lmcore.harness.punkt import NLTK_DATA_ENV
 
-    out = run_main(eval_speed.main, ["--tasks", "hellaswag,mmlu_anatomy", "--limit", "2", "--repeats", "1", "--batch-size", "4",
-                                     "--threads", "1"], capsys)
+    monkeypatch.setenv(NLTK_DATA_ENV, str(tmp_path / "nltk_data"))  # IFEval's Punkt files, not in ~/.cache
+    out = run_main(eval_speed.main, ["--tasks", "hellaswag,mmlu_anatomy,ifeval,gsm8k", "--limit", "2", "--repeats", "1",
+                                     "--batch-size", "4", "--max-gen-toks", "8", "--threads", "1"], capsys)
     rows = [line.split() for line in out.splitlines() if line.startswith(("hellaswag ", "mmlu_anatomy "))]
     assert [(r[0], r[1], r[-1]) for r in rows] == [("hellaswag", "2", "True"), ("mmlu_anatomy", "2", "True")]
     assert all(ratio(r[-2]) for r in rows) and "median ratio over tasks" in out
+    gen = [line.split() for line in out.splitlines() if line.startswith(("ifeval ", "gsm8k "))]
+    # task, items, lmcore it/s, lm-eval it/s, ratio, same texts, max toks, toks/item, same verdicts
+    assert [(r[0], r[1], r[5], r[6], r[-1]) for r in gen] == [("ifeval", "2", "2/2", "8", "True"), ("gsm8k", "2", "2/2", "8", "True")]
+    assert all(ratio(r[4]) for r in gen) and "differ" not in out
+
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n'}}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.mark.slow
+def test_eval_speed_benchmark_on_a_llama_with_a_chat_template(capsys, one_thread, tmp_path, monkeypatch):
+    """A Llama-style model folder with a Hugging Face tokenizer and a ChatML template (SmolLM2's kind): lm-eval gets
+    a LlamaForCausalLM and the folder's tokenizer through AutoTokenizer, prompts through its own apply_chat_template,
+    and stops at <|im_end|>; both pick alike and give the same texts and verdicts."""
+    from benchmarks import eval_speed
+    from lmcore.checkpoint import save_model
+    from lmcore.config import ModelConfig
+    from lmcore.harness.punkt import NLTK_DATA_ENV
+    from lmcore.model import GPT
+    from lmcore.tokenizer import HFTokenizer
+    from tests.test_tokenizer import tiny_hf_tokenizer
+
+    import torch
+
+    monkeypatch.setenv(NLTK_DATA_ENV, str(tmp_path / "nltk_data"))
+    tok = HFTokenizer(tiny_hf_tokenizer(tmp_path / "tokenizer.json"), name="tiny-chatml", bos_token="<|im_start|>",
+                      eos_token="<|im_end|>", chat_template=CHATML)
+    torch.manual_seed(0)
+    folder = tmp_path / "model"
+    save_model(GPT(ModelConfig(preset="llama-micro", vocab_size=320, context_length=256)), folder, extra={"tokenizer": tok.name})
+    tok.save(folder)
+    out = run_main(eval_speed.main, ["--model", str(folder), "--tasks", "arc_easy,ifeval,gsm8k", "--limit", "2", "--repeats", "1",
+                                     "--batch-size", "2", "--max-gen-toks", "8", "--threads", "1"], capsys)
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("arc_easy ", "ifeval ", "gsm8k "))}
+    assert rows["arc_easy"][1] == "2" and rows["arc_easy"][-1] == "True"
+    assert [(rows[t][5], rows[t][-1]) for t in ("ifeval", "gsm8k")] == [("2/2", "True"), ("2/2", "True")]
+    assert "tokenizer tiny-chatml" in out and "differ" not in out
 
 
 # --- smoke tests: make, sed, dvc, prefect, mlflow ---------------------------------------------------------------

@@ -31,3 +31,44 @@ def enc():
 def micro_lm() -> GPT:
     torch.manual_seed(0)
     return GPT(ModelConfig(vocab_size=50257, context_length=128, n_embd=64, n_layer=2, n_head=2)).eval()
+
+
+# --- generative benchmarks (lmcore.harness.generative) -------------------------------------------------------------
+
+SMOLLM2_GGUF = SHARED / "data" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def nltk_data(tmp_path_factory) -> Path:
+    """lmcore's copy of NLTK's English Punkt in a folder of the session ($LMCORE_NLTK_DATA), not ~/.cache: IFEval's
+    checkers (lm-eval) find it instead of downloading."""
+    from lmcore.harness.punkt import NLTK_DATA_ENV, ensure_punkt
+
+    folder = tmp_path_factory.mktemp("nltk_data")
+    mp = pytest.MonkeyPatch()
+    mp.setenv(NLTK_DATA_ENV, str(folder))
+    ensure_punkt()
+    yield folder
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def gen_bench_dir(tmp_path_factory) -> Path:
+    """IFEval and GSM8K (test and train) collected from the offline mirror, as the generative tasks read them."""
+    from lmcore.config import Source
+    from lmcore.harness.generative import GENERATIVE_SOURCES
+
+    out = tmp_path_factory.mktemp("gen-benchmarks")
+    collect(CollectConfig(sources=[Source(**s) for s in GENERATIVE_SOURCES]), out, mirror=SHARED / "data")
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_tok(tmp_path_factory):
+    """SmolLM2's tokenizer and ChatML template, rebuilt by lmcore from the GGUF file's metadata (no weights read)."""
+    from lmcore.gguf import _build_tokenizer, _Metadata, open_gguf
+
+    if not SMOLLM2_GGUF.is_file():
+        pytest.skip(f"{SMOLLM2_GGUF} is not there")
+    folder = tmp_path_factory.mktemp("smollm2-tokenizer")
+    return _build_tokenizer(_Metadata(open_gguf(SMOLLM2_GGUF), SMOLLM2_GGUF), SMOLLM2_GGUF, folder, "SmolLM2", 2048)
