@@ -312,21 +312,30 @@ def classify(
 def eval_(
     model: ModelOpt = "models/base",
     tasks: Annotated[str | None, typer.Option(help="comma-separated: hellaswag, mmlu, mmlu_<subject>, truthfulqa_mc1, "
-                                                   "truthfulqa_mc2, arc_easy, arc_challenge (default: params' benchmark.tasks)")] = None,
+                                                   "truthfulqa_mc2, arc_easy, arc_challenge (default: params' benchmark.tasks); "
+                                                   "or the generative ifeval, gsm8k")] = None,
     limit: Annotated[int | None, typer.Option(help="items per task (per subject for MMLU), sampled with --seed; default: params")] = None,
     output: Annotated[str, typer.Option(help="folder for results.json, metrics.json, samples/*.jsonl, table.md, scores.png")] = "reports/eval",
     num_fewshot: Annotated[int | None, typer.Option(help="MMLU dev examples before each question; default: params")] = None,
     batch_size: Annotated[int | None, typer.Option(help="items per forward pass; default: params")] = None,
     seed: Annotated[int | None, typer.Option(help="the sample's seed; default: params' benchmark.sample_seed")] = None,
+    max_gen_toks: Annotated[int | None, typer.Option(help="ifeval, gsm8k: tokens generated per item; default: params' "
+                                                          "instruct_eval.max_gen_toks")] = None,
     data: Annotated[str | None, typer.Option(help="a collected benchmark folder; default: data/benchmarks, collected "
                                                   "there (offline mirror first) when missing")] = None,
     params: ParamsOpt = "params.yaml",
     set_: SetOpt = None,
     root: RootOpt = ".",
 ) -> None:
-    """Score a model on multiple-choice benchmarks by log-likelihood, as lm-evaluation-harness scores them."""
+    """Score a model on benchmarks as lm-evaluation-harness scores them: multiple choice by log-likelihood, or
+    IFEval and GSM8K by greedy generation in the model's chat template."""
+    from lmcore.config import GENERATIVE_TASKS
     from lmcore.harness.run import TABLE, benchmark_model
 
+    names = [t.strip() for t in (tasks or "").split(",") if t.strip()]
+    if any(t in GENERATIVE_TASKS for t in names):
+        _eval_generative(model, names, limit, output, batch_size, seed, max_gen_toks, data, params, set_, root)
+        return
     overrides = list(set_ or [])
     if tasks is not None:
         overrides.append(f"benchmark.tasks=[{','.join(t.strip() for t in tasks.split(',') if t.strip())}]")
@@ -349,13 +358,50 @@ def eval_(
                f"sample seed {cfg.sample_seed}, sha256 {results['sample_sha256'][:12]}; written to {output}")
 
 
-def _collected_benchmarks(root: Path, cfg) -> Path:
-    """data/benchmarks under the root, collected from the configured sources (mirror first) unless already there."""
+def _eval_generative(model, names, limit, output, batch_size, seed, max_gen_toks, data, params, set_, root) -> None:
+    """`lmcore eval` of the generative tasks (lmcore.harness.generative) with the instruct_eval section's settings."""
+    from lmcore.config import GENERATIVE_TASKS
+
+    mixed = [t for t in names if t not in GENERATIVE_TASKS]
+    if mixed:
+        _fail(f"--tasks: {', '.join(mixed)} with {', '.join(t for t in names if t in GENERATIVE_TASKS)}: score multiple-choice "
+              "and generative tasks in separate runs")
+    overrides = [*(set_ or []), f"instruct_eval.tasks=[{','.join(names)}]"]
+    for key, value in (("limit", limit), ("batch_size", batch_size), ("sample_seed", seed), ("max_gen_toks", max_gen_toks)):
+        if value is not None:
+            overrides.append(f"instruct_eval.{key}={value}")
+    overrides.append(f"instruct_eval.primary_metric={names[0]}.{GENERATIVE_TASKS[names[0]]['metrics'][0]}")
+    cfg = _check_params(root, params, overrides).instruct_eval
+    from lmcore.paths import Layout
+
+    data_dir = Path(data) if data else _collected_benchmarks(Path(root), cfg, Layout(root).generative_data)
+    model_dir = _model_dir(model)
+    from lmcore.checkpoint import load_model
+    from lmcore.harness.generative import RESULTS, run_generative
+    from lmcore.tokenizer import load_tokenizer
+
+    try:
+        results = run_generative(load_model(model_dir), load_tokenizer(model_dir), data_dir, Path(output), tasks=cfg.tasks,
+                                 limit=cfg.limit, sample_seed=cfg.sample_seed, max_gen_toks=cfg.max_gen_toks,
+                                 batch_size=cfg.batch_size, chat_template=cfg.chat_template, model_ref=model)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    for task, scores in results["tasks"].items():
+        for metric in GENERATIVE_TASKS[task]["metrics"]:
+            se = scores.get(f"{metric}_stderr")
+            typer.echo(f"{task}\t{metric}\t{scores[metric]:.4f}" + (f" ± {se:.4f}" if se is not None else ""))
+    typer.echo(f"{results['n_items']} items in {results['elapsed_s']:.1f} s; {results['config']['template_mode']} prompts; "
+               f"sample seed {cfg.sample_seed}, sha256 {results['sample_sha256'][:12]}; written to {output}/{RESULTS}")
+
+
+def _collected_benchmarks(root: Path, cfg, out: Path | None = None) -> Path:
+    """data/benchmarks (or `out`) under the root, collected from the configured sources (mirror first) unless
+    already there."""
     from lmcore.config import CollectConfig
     from lmcore.data.collect import collect, mirror_from_env
     from lmcore.paths import MANIFEST, Layout
 
-    out = Layout(root).benchmark_data
+    out = out or Layout(root).benchmark_data
     if (out / MANIFEST).is_file():
         collected = {e["name"]: e["sha256"] for e in json.loads((out / MANIFEST).read_text())["sources"]}
         if all(collected.get(s.name) == s.sha256 for s in cfg.sources):

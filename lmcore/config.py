@@ -759,7 +759,7 @@ class InstructEvalConfig(_Section):
     # Generated tokens per item. lm-eval's are 1280 (ifeval) and 256 (gsm8k); a lower value is recorded with
     # the scores and shown in the card. null: lm-eval's.
     max_gen_toks: int | None = Field(default=256, ge=1)
-    chat_template: Literal["auto", "none"] = "auto"  # auto: the model's own when it has one, as lm-eval's --apply_chat_template
+    chat_template: Literal["auto", "chat", "none"] = "auto"  # auto: the model's own when it has one (--apply_chat_template); chat: required
     batch_size: int = Field(default=16, ge=1)  # sequences decoded together
     models: list[Literal["instruct", "dpo"]] = Field(default=["instruct", "dpo"], min_length=1)
     primary_metric: str = "ifeval.prompt_level_loose_acc"  # `champion` moves only past the combined standard error on it

@@ -64,3 +64,34 @@ def test_eval_scores_a_model_folder_and_collects_the_data(tmp_path, one_thread):
 
     unknown = runner.invoke(app, ["eval", "--model", str(tmp_path / "m"), "--tasks", "hellaswg", "--root", str(tmp_path)])
     assert unknown.exit_code == 2 and "unknown benchmark task 'hellaswg' (did you mean 'hellaswag'?)" in _all_output(unknown)
+
+
+def test_eval_generates_and_scores_ifeval_and_gsm8k(tmp_path, one_thread, monkeypatch):
+    import json
+
+    import torch
+
+    from lmcore.checkpoint import save_model
+    from lmcore.config import ModelConfig
+    from lmcore.model import GPT
+    from lmcore.tokenizer import get_tokenizer
+
+    monkeypatch.setenv("LMCORE_NLTK_DATA", str(tmp_path / "nltk_data"))
+    torch.manual_seed(0)
+    save_model(GPT(ModelConfig(vocab_size=50257, context_length=64, n_embd=16, n_layer=1, n_head=2)), tmp_path / "m")
+    get_tokenizer("gpt2").save(tmp_path / "m")
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    out = tmp_path / "gen"
+    args = ["eval", "--model", str(tmp_path / "m"), "--tasks", "ifeval,gsm8k", "--limit", "2", "--max-gen-toks", "4",
+            "--output", str(out), "--root", str(tmp_path)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, _all_output(result)
+    assert "ifeval\tprompt_level_loose_acc\t" in result.output and "gsm8k\texact_match_flexible_extract\t" in result.output
+    assert "4 items in" in result.output and "plain prompts" in result.output  # GPT-2's tokenizer has no chat template
+    results = json.loads((out / "results.json").read_text())
+    assert results["tasks"]["gsm8k"]["num_fewshot"] == 5 and results["tasks"]["ifeval"]["max_gen_toks"] == 4
+    manifest = json.loads((tmp_path / "data" / "instruct_eval" / "manifest.json").read_text())
+    assert {s["name"]: s["origin"] for s in manifest["sources"]} == {"ifeval": "mirror", "gsm8k-test": "mirror", "gsm8k-train": "mirror"}
+
+    mixed = runner.invoke(app, ["eval", "--model", str(tmp_path / "m"), "--tasks", "ifeval,arc_easy", "--root", str(tmp_path)])
+    assert mixed.exit_code == 2 and "score multiple-choice and generative tasks in separate runs" in _all_output(mixed)
