@@ -25,10 +25,10 @@ from typing import Any
 
 from lmcore.io import sha256_file, write_json
 from lmcore.model_card import card_facts
-from lmcore.paths import WEIGHTS
+from lmcore.paths import BASE_MANIFEST, WEIGHTS
 from lmcore.pipeline import Stage
 from lmcore.promotion import CHAMPION, paired_difference
-from lmcore.stages import Scores, StageContext
+from lmcore.stages import BASE_MANIFEST_DIR, Scores, StageContext
 from lmcore.tokenizer import has_tokenizer, load_tokenizer
 from tasks import cards
 from tasks.compare import compare_with_champion, record_results
@@ -46,6 +46,7 @@ from tasks.tags import (
     BENCH_SETTINGS_PREFIX,
     PROMOTION_ARTIFACT,
     PROMOTION_PREFIX,
+    TAG_BASE_MANIFEST_SHA,
     TAG_BENCH_SAMPLE,
     TAG_CHALLENGED_FILE,
     TAG_CHALLENGED_RUN,
@@ -166,7 +167,11 @@ def first_champion(rc: RunContext, stage: Stage, name: str, scores: Scores, run:
     version = find_version(rc.tracking, name, weights)
     what = rc.params.base_model.name or rc.params.base_model.source
     if version is None:
-        with rc.tracking.run(f"base_model:{stage.promotes.name}", tags={TAG_ORIGIN: BASE_ORIGIN}) as base_run:
+        manifest = base_dir / BASE_MANIFEST
+        lineage = {TAG_BASE_MANIFEST_SHA: sha256_file(manifest)} if manifest.is_file() else {}
+        with rc.tracking.run(f"base_model:{stage.promotes.name}", tags={TAG_ORIGIN: BASE_ORIGIN, **lineage}) as base_run:
+            if manifest.is_file():  # where it came from, for `lmcore lineage`
+                base_run.log_artifact(manifest, BASE_MANIFEST_DIR)
             facts_dir = work / "base-facts"
             facts_dir.mkdir(parents=True, exist_ok=True)
             kind = "instruct" if stage.promotes.from_base == "chat" else "base"

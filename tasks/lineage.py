@@ -42,6 +42,7 @@ from tasks.tags import (
     TAG_FLOW_RUN,
     TAG_GIT_COMMIT,
     TAG_LAUNCHER,
+    TAG_ORIGIN,
     TAG_PARAMS_SHA,
     TAG_RAW_MANIFEST_SHA,
     TAG_STAGE,
@@ -125,6 +126,8 @@ class _Walk:
         base_sha = mv.tags.get(TAG_BASE_WEIGHTS_SHA) or run.data.tags.get(TAG_BASE_WEIGHTS_SHA)
         if base_sha:
             self.finetune(mv, run, base_sha)
+        elif run.data.tags.get(TAG_ORIGIN) == "base_model" and TAG_BASE_MANIFEST_SHA in run.data.tags:
+            self.base(run, run.data.tags[TAG_BASE_MANIFEST_SHA])  # the pretrained base itself, as downloaded
         elif TAG_TOKENS_MANIFEST_SHA in run.data.tags:
             self.pretrain(run)
             continued = run.data.tags.get(TAG_CONTINUED_WEIGHTS_SHA)

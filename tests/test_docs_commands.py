@@ -197,6 +197,12 @@ WHERE: dict[str, tuple[str, ...] | NotRun] = {
         "tests/flows/test_cli.py::test_eval_scores_a_model_folder_and_collects_the_data", f"{FLOWS}::test_eval_as_documented"),
     "lmcore eval --model models:/lmcore-base@champion --tasks mmlu --num-fewshot 5 --limit 20 --output reports/eval-mmlu5":
         (f"{FLOWS}::test_eval_as_documented",),
+    "lmcore eval --model models:/lmcore-instruct --tasks ifeval,gsm8k --limit 50 --output reports/eval-gen": (
+        "tests/flows/test_cli.py::test_eval_generates_and_scores_ifeval_and_gsm8k",  # a bare models:/<name> is its @champion:
+        "tests/flows/test_lifecycle.py::test_every_registered_family_has_a_gated_champion"),
+    "lmcore run instruct_eval --set instruct_eval.limit=100": (
+        "tests/flows/test_lifecycle.py::test_every_registered_family_has_a_gated_champion",
+        "tests/flows/test_family_gates.py::test_the_pretrained_chat_model_is_the_first_instruct_champion"),
     "lmcore serve --model models:/lmcore-instruct@dpo --port 8000": (JUDGE,),  # it serves models:/judge-73@prod
     "lmcore run judge --set judge.url=http://127.0.0.1:11434/v1 --set judge.model=llama3": (JUDGE,),
     "lmcore run judge --set judge.url=http://127.0.0.1:8000/v1 --set judge.model=lmcore-instruct@dpo": (JUDGE,),

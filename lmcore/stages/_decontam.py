@@ -81,22 +81,22 @@ def item_id(record: dict) -> str:
 
 def clean_scores(samples_dir: Path, report: Report, metrics: dict[str, list[str]], benchmark_of=lambda task: task,
                  sources: Iterable[str] | None = None) -> dict[str, float]:
-    """The scores on the clean part of the sample: per task and metric ({task: [metric]}), the mean and standard
-    error over the task's items found in no source, as "<task>.<metric>_clean" (and "_clean_stderr"), plus
-    "<task>.n_clean". Records are every samples/*.jsonl's, with a task, a doc_id (`item_id`) and each metric's
-    value; benchmark_of(task): the benchmark of the report a task's items were indexed under; sources: the training
-    sources the scored model saw (default: every one scanned)."""
-    by_task: dict[str, list[dict]] = {}
+    """The scores on the clean part of the sample: per benchmark and metric ({benchmark: [metric]}), the mean and
+    standard error over its items found in no source, as "<benchmark>.<metric>_clean" (and "_clean_stderr"), plus
+    "<benchmark>.n_clean". Records are every samples/*.jsonl's, with a task, a doc_id (`item_id`) and each metric's
+    value; benchmark_of(task): the benchmark a record's task was indexed under (MMLU's subjects: mmlu, their items
+    pooled, which is the size-weighted mean of the group); sources: the training sources the scored model saw
+    (default: every one scanned)."""
+    by_benchmark: dict[str, list[dict]] = {}
     for path in sorted(Path(samples_dir).glob("*.jsonl")):
         for _, r in jsonl_objects(path.read_text(encoding="utf-8"), path):
-            by_task.setdefault(r["task"], []).append(r)
+            by_benchmark.setdefault(benchmark_of(r["task"]), []).append(r)
     out: dict[str, float] = {}
     for task, names in metrics.items():
-        benchmark = benchmark_of(task)
-        if benchmark not in report.items or task not in by_task:
+        if task not in report.items or task not in by_benchmark:
             continue
-        keep = clean_ids(report, benchmark, sources)
-        records = [r for r in by_task[task] if item_id(r) in keep]
+        keep = clean_ids(report, task, sources)
+        records = [r for r in by_benchmark[task] if item_id(r) in keep]
         out[f"{task}.n_clean"] = float(len(records))
         for metric in names:
             # a list per item (IFEval's instruction-level verdicts) is pooled, as lm-eval pools it, with no stderr

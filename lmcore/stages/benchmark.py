@@ -56,16 +56,17 @@ def version_scores(results: dict, primary: str) -> dict[str, float]:
     return {k: v for k, v in everything.items() if k in keep}
 
 
-def decontaminate(ctx: StageContext, samples_dir: Path, out_dir: Path) -> tuple[dict[str, float], dict[str, str], list[dict], dict]:
+def decontaminate(ctx: StageContext, results: dict, samples_dir: Path, out_dir: Path) -> tuple[dict[str, float], dict[str, str], list[dict], dict]:
     """The sampled items (their prompts) checked against what models/base saw: the corpus and what its pretrained
-    base's card declares (lmcore.stages._decontam). Returns the clean-part scores, the version tags, the table's
-    rows and the per-benchmark counts."""
+    base's card declares (lmcore.stages._decontam). Returns the clean-part scores of the reported tasks (MMLU as a
+    whole), the version tags, the table's rows and the per-benchmark counts."""
     benchmarks: dict[str, list[tuple[str, str]]] = {}
     for row in item_rows(samples_dir):
         benchmarks.setdefault(family(row["task"]), []).append((_decontam.item_id(row), row["prompt"]))
     report = _decontam.check(ctx, benchmarks, ("corpus", "base_card"), out_dir)
-    tasks = {r["task"]: [m for m in (ACC, ACC_NORM) if r.get(m) is not None] for r in item_rows(samples_dir)}
-    clean = _decontam.clean_scores(samples_dir, report, tasks, benchmark_of=family)
+    reported = reported_scores(results)
+    metrics = {name: [m for m in (ACC, ACC_NORM) if m in reported[name]] for name in benchmarks if name in reported}
+    clean = _decontam.clean_scores(samples_dir, report, metrics, benchmark_of=family)
     return clean, _decontam.version_tags(report), _decontam.table_rows(report, ctx.root), _decontam.summary(report)
 
 
@@ -76,7 +77,7 @@ def run(ctx: StageContext) -> StageResult:
     enc = load_tokenizer(layout.base_model)
     results = benchmark_model(cfg, layout.base_model, data_dir, out, enc=enc, model_ref="models/base", tracker=ctx.tracker,
                               cache=EvalCache(cache_root(ctx.root)))
-    clean, decontam_tags, decontam_rows, decontam = decontaminate(ctx, out / SAMPLES_DIR, out)
+    clean, decontam_tags, decontam_rows, decontam = decontaminate(ctx, results, out / SAMPLES_DIR, out)
     primary = score_of(results, cfg.primary_metric)
     shown = primary["note"] if primary["value"] is None else f"{primary['value']:.4f}"
     return StageResult(

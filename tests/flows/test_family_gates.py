@@ -80,6 +80,11 @@ def test_the_pretrained_chat_model_is_the_first_instruct_champion(project):
     assert "the model this run started from" in first_card and "### Last challenged" in first_card
     assert f"| champion v{first.version} |" in client.get_model_version("lmcore-instruct", sft["version"]).description
     assert dpo["champion_version"] in (str(first.version), sft["version"])
+    # its lineage: the base model as downloaded (base.json: the source, the file and its sha256)
+    from tasks.lineage import model_lineage
+
+    chain = model_lineage(f"models:/lmcore-instruct/{first.version}", uri)["chain"]
+    assert [n["kind"] for n in chain] == ["model_version", "run", "base_model"] and chain[2]["name"] == "chat-base"
 
     # the same stage again: every model's scores (the base's too) come from the evaluation cache
     cache = root / "eval-cache"
