@@ -31,15 +31,16 @@ stop strings, alternating, `--repeats` times:
 - lmcore: `generate_items` (the template rendered by lmcore.chat, the prompts encoded, cut to the context, and
   completed by lmcore.generation.generate_batch, `--batch-size` prompts at a time);
 - lm-eval: `HFLM.apply_chat_template` on the same messages, then `HFLM.generate_until` on generate_until Instances
-  with the task's generation kwargs (until, greedy, max_gen_toks), `--batch-size` prompts at a time. HFLM pads a
-  batch to its longest prompt and runs it until every row has stopped, so a larger batch is no cheaper per item:
-  it is timed at `--batch-size` only.
+  with the task's generation kwargs (until, greedy, max_gen_toks), `--batch-size` prompts at a time (HFLM pads a
+  batch to its longest prompt and runs it until every row has stopped); timed at `--batch-size` only, lmcore's batch.
 Both completions are scored by lm-eval's own scorers (IFEval's process_results; gsm8k's regex filters and
 exact_match). "same texts" counts the items whose texts are equal; "same verdicts": every verdict of every item
 (IFEval: prompt- and instruction-level, strict and loose; gsm8k: strict and flexible exact match) is equal.
 Timing covers prompting, generation and decoding, not scoring (the same code on both sides).
 
-Prints items/s of each side (median over repeats) and the ratio (lmcore / lm-eval).
+Prints items/s of each side (median over repeats) and the ratio (lmcore / lm-eval). Wall-clock time by default;
+on a machine other processes share, `--clock process --threads 1` times this process's CPU time instead (time
+spent waiting for a core, or stopped, is not counted).
 """
 
 from __future__ import annotations
@@ -106,10 +107,15 @@ def benchmark_data(work: Path, generative: bool) -> Path:
     return work / "data"
 
 
-def _timed(fn: Callable):
-    start = time.perf_counter()
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def _timed(fn: Callable, clock: str):
+    """(fn's result, the seconds it took on `clock`: a key of CLOCKS)."""
+    tick = CLOCKS[clock]
+    start = tick()
     result = fn()
-    return result, time.perf_counter() - start
+    return result, tick() - start
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -144,10 +150,10 @@ def multiple_choice_row(task: str, model: GPT, enc: Tokenizer, peers: dict, data
     items = [it for leaf in leaves for it in sample(task_items(leaf, data), limit, args.seed)]
     times: dict = {"ours": [], **{bs: [] for bs in peers}}
     for _ in range(args.repeats):
-        ours, t = _timed(lambda: score_items(model, enc, items, batch_size=args.batch_size, progress=False))
+        ours, t = _timed(lambda: score_items(model, enc, items, batch_size=args.batch_size, progress=False), args.clock)
         times["ours"].append(t)
         for bs, peer in peers.items():
-            theirs, t = _timed(lambda peer=peer: lmeval_scores(peer, items))
+            theirs, t = _timed(lambda peer=peer: lmeval_scores(peer, items), args.clock)
             times[bs].append(t)
     same = all(_argmax(t) == _argmax(o.loglikelihoods) for o, t in zip(ours, theirs))
     rate = {k: len(items) / statistics.median(v) for k, v in times.items()}
@@ -194,9 +200,9 @@ def generative_row(task: str, model: GPT, enc: Tokenizer, peer, data: Path, args
     times: dict[str, list[float]] = {"ours": [], "theirs": []}
     for _ in range(args.repeats):
         ours, t = _timed(lambda: generate_items(model, enc, items, chat=chat, max_gen_toks=budget,
-                                                batch_size=args.batch_size))
+                                                batch_size=args.batch_size), args.clock)
         times["ours"].append(t)
-        (prompts, theirs), t = _timed(lambda: lmeval_generate(peer, items, chat=chat, max_gen_toks=budget))
+        (prompts, theirs), t = _timed(lambda: lmeval_generate(peer, items, chat=chat, max_gen_toks=budget), args.clock)
         times["theirs"].append(t)
     if any(g.prompt != p for g, p in zip(ours, prompts)):
         print(f"  {task}: the prompts differ (lmcore.chat.render against HFLM.apply_chat_template)")
@@ -225,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--data", help="a collected benchmark folder (default: collected from the mirror into a temp folder)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                        help="wall: elapsed time; process: this process's CPU time (a shared machine, --threads 1)")
     args = parser.parse_args(argv)
     if args.model and args.gguf:
         parser.error("give --model or --gguf, not both")
@@ -243,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
         ctx = model.config.context_length
         peers = {bs: hflm(hf, tokenizer, batch_size=bs, max_length=ctx) for bs in (args.batch_size, 4 * args.batch_size)}
         print(f"model: {name} ({model.num_params():,} params, context {ctx}); tokenizer {enc.name}; "
-              f"threads {torch.get_num_threads()}; batch {args.batch_size}; median of {args.repeats}")
+              f"threads {torch.get_num_threads()}; batch {args.batch_size}; {args.clock} clock, median of {args.repeats}")
         ratios = []
         if choice:
             print(f"{'task':<16}{'items':>6}{'lmcore it/s':>13}{'lm-eval it/s':>14}{'(4x batch)':>12}{'ratio':>8}  same picks")

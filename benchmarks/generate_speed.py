@@ -43,9 +43,9 @@ from lmcore.tokenizer import get_tokenizer, load_tokenizer
 SMOLLM2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY = dict(preset="llama-micro", context_length=128)  # RoPE, grouped-query attention; the GPT-2 vocabulary
 PROMPTS = [
-    "What is the capital of France?",
+    "Explain in two sentences why the sky is blue.",  # first: batch 1 times a reply of some length
     "Write a haiku about the sea.",
-    "Explain in two sentences why the sky is blue.",
+    "What is the capital of France?",
     "List three primary colors.",
     "Translate 'good morning' into Spanish, French and German.",
     "What is 12 times 13?",

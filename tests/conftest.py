@@ -105,7 +105,9 @@ def pipeline_project(tmp_path_factory, prefect_harness):
 def _no_process_wide_mlflow_uris():
     """Registering a model sets MLflow's process-wide tracking and registry URIs, and with them the environment
     variables MLFLOW_TRACKING_URI and MLFLOW_REGISTRY_URI (tasks/registry.py): put back after each test, so that no
-    test reads another's store (xdist runs them in another order than one process does)."""
+    test reads another's store (xdist runs them in another order than one process does). MLflow also keeps each
+    run's artifact repository by run id, process-wide: a test working on a copy of a store (the same run ids)
+    would write the original's artifacts (a refreshed MODEL_CARD.md) through it; emptied too."""
     names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
     before = {name: os.environ.get(name) for name in names}
     yield
@@ -113,6 +115,9 @@ def _no_process_wide_mlflow_uris():
     if mlflow is not None:
         mlflow.set_tracking_uri(None)
         mlflow.set_registry_uri(None)
+        from mlflow.tracking._tracking_service import utils as tracking_utils
+
+        tracking_utils._artifact_repos_cache.clear()
     for name, value in before.items():
         if value is None:
             os.environ.pop(name, None)

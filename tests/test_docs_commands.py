@@ -277,6 +277,10 @@ WHERE: dict[str, tuple[str, ...] | NotRun] = {
     "python -m benchmarks.train_speed": (f"{HERE}::test_train_speed_benchmark",),
     "python -m benchmarks.decode_speed --threads 1": (f"{HERE}::test_decode_speed_benchmark",),
     "python -m benchmarks.decode_speed --threads 1 --repeats 5": (f"{HERE}::test_decode_speed_benchmark",),
+    "python -m benchmarks.generate_speed --threads 1": ("tests/test_generation_batch.py::test_generate_speed_smoke",),
+    "python -m benchmarks.eval_speed --gguf ../shared/data/models/SmolLM2-135M-Instruct.Q4_1.gguf --tasks "
+    "hellaswag,arc_easy,mmlu,ifeval,gsm8k --limit 16 --group-limit 1 --max-gen-toks 64 --repeats 3": (
+        f"{HERE}::test_eval_speed_benchmark_on_a_llama_with_a_chat_template",),  # a Llama with a chat template, tiny
     "python -m benchmarks.default_profile": (f"{HERE}::test_default_profile_benchmark",),
     "python -m benchmarks.default_profile --no-before --vocab 2048 4096": (f"{HERE}::test_default_profile_benchmark",),
     "python -m benchmarks.default_profile --no-before --ablation": (f"{HERE}::test_default_profile_ablation_benchmark",),

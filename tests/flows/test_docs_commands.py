@@ -41,6 +41,9 @@ def copy_root(src: Path, dst: Path) -> Path:
                               ("logged_models", "artifact_location"), ("model_versions", "source"),
                               ("model_versions", "storage_location")):
             db.execute(f"UPDATE {table} SET {column} = replace({column}, ?, ?)", (str(src), str(dst)))
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    tracking_utils._artifact_repos_cache.clear()  # MLflow keeps each run id's artifact place: the copy has the same ids
     return dst
 
 

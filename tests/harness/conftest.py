@@ -44,9 +44,14 @@ def nltk_data(tmp_path_factory) -> Path:
     checkers (lm-eval) find it instead of downloading."""
     from lmcore.harness.punkt import NLTK_DATA_ENV, ensure_punkt
 
+    import nltk
+
     folder = tmp_path_factory.mktemp("nltk_data")
     mp = pytest.MonkeyPatch()
     mp.setenv(NLTK_DATA_ENV, str(folder))
+    # first on NLTK's path, so that a copy an earlier test of this process put on it (~/.cache/lmcore/nltk_data, or
+    # another test's folder) does not stand in for this one
+    mp.setattr(nltk.data, "path", [str(folder), *nltk.data.path])
     ensure_punkt()
     yield folder
     mp.undo()
