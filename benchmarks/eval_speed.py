@@ -78,6 +78,9 @@ from lmcore.harness.scoring import score_items
 from lmcore.model import GPT
 from lmcore.tokenizer import TIKTOKEN, Tokenizer, get_tokenizer, load_tokenizer
 
+# --clock: elapsed time, or the CPU time of this process (all its threads), which other processes do not inflate.
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
 
 def load(args: argparse.Namespace, work: Path) -> tuple[GPT, Tokenizer, str]:
     """(the lmcore model in eval mode, its tokenizer, what to call it): --gguf, --model or a random model."""
@@ -105,9 +108,6 @@ def benchmark_data(work: Path, generative: bool) -> Path:
     sources = [*BENCHMARK_SOURCES, *(Source(**s) for s in GENERATIVE_SOURCES)] if generative else BENCHMARK_SOURCES
     collect(CollectConfig(sources=sources), work / "data", mirror=mirror_from_env(), cache_dir=work / "downloads")
     return work / "data"
-
-
-CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 
 
 def _timed(fn: Callable, clock: str):

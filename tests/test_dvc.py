@@ -115,7 +115,7 @@ def test_repro_runs_all_then_nothing_then_only_what_changed(repro_run):
     before = responses()
     second = ran(dvc(repo, env, "repro"))
     judged_again = ["judge"] if responses() != before else []
-    assert second == ["dpo"] + judged_again
+    assert second == ["dpo", "instruct_eval"] + judged_again  # the instruct gate scores the new DPO model
 
     metrics = json.loads(dvc(repo, env, "metrics", "show", "--json"))[""]["data"]
     values = metrics["reports/evaluate/metrics.json"]["data"]
@@ -135,7 +135,7 @@ def test_repro_runs_all_then_nothing_then_only_what_changed(repro_run):
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name("lmcore-micro")
     stages = sorted(r.data.tags["lmcore.stage"] for r in client.search_runs([exp.experiment_id]))
-    assert stages == sorted(STAGES + DOWNSTREAM_OF_INSTRUCT + judged + ["dpo"] + judged_again)
+    assert stages == sorted(STAGES + DOWNSTREAM_OF_INSTRUCT + judged + ["dpo", "instruct_eval"] + judged_again)
 
 
 def test_prefect_run_leaves_dvc_nothing_to_do(prefect_run):

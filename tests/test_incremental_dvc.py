@@ -70,7 +70,7 @@ def tokenizer_code(repo):
 
 
 @pytest.mark.parametrize("change, expected", [
-    (change_dpo, ["dpo"]),  # the judge stage re-runs only if the dpo responses changed: compared, not assumed
+    (change_dpo, ["dpo", "instruct_eval"]),  # the judge stage re-runs only if the dpo responses changed: compared, not assumed
     (new_document, None),  # every stage downstream of collect whose inputs came out different
     # train_tokenizer splits train/val with tokenize's code, so it re-runs too; its tokenizer and the shards come out
     # byte-identical: nothing after tokenize runs

@@ -180,9 +180,11 @@ def test_screenshot_ui_as_documented(lifecycle_run, tmp_path):
         import screenshot_ui
     finally:
         sys.path.remove(str(ROOT / "docs"))
-    root, _, _ = lifecycle_run
+    root, _, result = lifecycle_run
     db = root / "mlflow.db"
-    assert (screenshot_ui.champion(db, "lmcore-base"), screenshot_ui.champion(db, "lmcore-instruct")) == ("1", "2")
+    gated = result["instruct_eval"]["promotions"]  # the instruct family's champion: SFT, unless DPO beat it
+    instruct = gated["dpo"]["version"] if gated["dpo"]["alias"] == "champion" else gated["sft"]["version"]
+    assert (screenshot_ui.champion(db, "lmcore-base"), screenshot_ui.champion(db, "lmcore-instruct")) == ("1", instruct)
     out = tmp_path / "instruct.png"
     screenshot_ui.main(["--db", str(db), "--model", "lmcore-instruct", "--version", "1", "--height", "1600", "--out", str(out)])
     png = out.read_bytes()
