@@ -57,14 +57,13 @@ import torch
 
 from benchmarks.peers import gpt2_tokenizer, hf_causal_lm, hf_token_ids, hf_tokenizer, hflm
 from lmcore.checkpoint import load_model
-from lmcore.config import BENCHMARK_SOURCES, CollectConfig, ModelConfig, Source
+from lmcore.config import BENCHMARK_SOURCES, GENERATIVE_SOURCES, CollectConfig, ModelConfig
 from lmcore.data.collect import collect, mirror_from_env
 from lmcore.gguf import import_gguf
 from lmcore.harness.benchmarks import Item, expand, sample, task_items
 from lmcore.harness.generative import (
     EM_FLEXIBLE,
     EM_STRICT,
-    GENERATIVE_SOURCES,
     GENERATIVE_TASKS,
     TASKS,
     GenItem,
@@ -105,7 +104,7 @@ def peer_tokenizer(enc: Tokenizer, folder: Path):
 
 def benchmark_data(work: Path, generative: bool) -> Path:
     """The multiple-choice benchmarks (and the generative ones) collected from the offline mirror into `work`."""
-    sources = [*BENCHMARK_SOURCES, *(Source(**s) for s in GENERATIVE_SOURCES)] if generative else BENCHMARK_SOURCES
+    sources = [*BENCHMARK_SOURCES, *GENERATIVE_SOURCES] if generative else BENCHMARK_SOURCES
     collect(CollectConfig(sources=sources), work / "data", mirror=mirror_from_env(), cache_dir=work / "downloads")
     return work / "data"
 

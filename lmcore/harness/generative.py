@@ -6,7 +6,7 @@
                              limit=50, sample_seed=1234, max_gen_toks=None, batch_size=16)
     results["tasks"]["gsm8k"]["exact_match_flexible_extract"], results["tasks"]["ifeval"]["prompt_level_loose_acc"]
 
-`data_dir` is a collected benchmark folder (lmcore.data.collect) whose manifest names the GENERATIVE_SOURCES below.
+`data_dir` is a collected benchmark folder (lmcore.data.collect) whose manifest names lmcore.config.GENERATIVE_SOURCES.
 
 What lm-eval does, and what is done here the same way (its `ifeval.yaml`, `gsm8k.yaml`, api/task.py, api/samplers.py,
 models/huggingface.py `generate_until`):
@@ -90,23 +90,6 @@ RESULTS = "results.json"
 SAMPLES_DIR = "samples"
 ChatMode = Literal["auto", "chat", "none"]  # InstructEvalConfig.chat_template takes "auto" and "none"
 
-# The benchmark files in a collected folder (lmcore.data.collect Source fields; ../shared/data/MANIFEST.md).
-_RAW = "https://raw.githubusercontent.com"
-GENERATIVE_SOURCES: tuple[dict[str, str], ...] = (
-    {"name": "ifeval",
-     "url": f"{_RAW}/google-research/google-research/19638399cc9e03623c5b9087a1d6fa8813974ce9/"
-            "instruction_following_eval/data/input_data.jsonl",
-     "sha256": "67ffeee0fcb87c317c5b08a2de85557b4a7e96ada6178aa645b4954fe4b53d49",
-     "license": "CC BY 4.0 (IFEval, Zhou et al. 2023; the hub's google/IFEval)"},
-    {"name": "gsm8k-test",
-     "url": f"{_RAW}/openai/grade-school-math/3101c7d5072418e28b9008a6636bde82a006892c/grade_school_math/data/test.jsonl",
-     "sha256": "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14",
-     "license": "MIT (GSM8K, Cobbe et al. 2021; the hub's openai/gsm8k main)"},
-    {"name": "gsm8k-train",
-     "url": f"{_RAW}/openai/grade-school-math/3101c7d5072418e28b9008a6636bde82a006892c/grade_school_math/data/train.jsonl",
-     "sha256": "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465",
-     "license": "MIT (GSM8K, Cobbe et al. 2021; the hub's openai/gsm8k main)"},
-)
 
 # Metric names. lm-eval names gsm8k's "exact_match,strict-match" and "exact_match,flexible-extract" (LM_EVAL_NAMES);
 # here they are names MLflow accepts.
@@ -560,7 +543,7 @@ def run_generative(
 
     Args:
         enc: the model's lmcore tokenizer (lmcore.tokenizer.load_tokenizer / get_tokenizer).
-        data_dir: a collected benchmark folder with the GENERATIVE_SOURCES.
+        data_dir: a collected benchmark folder with lmcore.config.GENERATIVE_SOURCES.
         limit: documents per task, drawn with `sample_seed`; None: all (541 ifeval, 1,319 gsm8k).
         max_gen_toks: the most tokens generated per item; None: lm-eval's (ifeval 1280, gsm8k 256). A larger value
             is lowered to lm-eval's; a lower one is recorded (answers cut shorter than lm-eval's score lower).
@@ -627,7 +610,6 @@ __all__ = [
     "EM_FLEXIBLE",
     "EM_STRICT",
     "FEWSHOT_SEED",
-    "GENERATIVE_SOURCES",
     "GENERATIVE_TASKS",
     "GenItem",
     "GenTask",

@@ -60,11 +60,10 @@ def nltk_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def gen_bench_dir(tmp_path_factory) -> Path:
     """IFEval and GSM8K (test and train) collected from the offline mirror, as the generative tasks read them."""
-    from lmcore.config import Source
-    from lmcore.harness.generative import GENERATIVE_SOURCES
+    from lmcore.config import GENERATIVE_SOURCES
 
     out = tmp_path_factory.mktemp("gen-benchmarks")
-    collect(CollectConfig(sources=[Source(**s) for s in GENERATIVE_SOURCES]), out, mirror=SHARED / "data")
+    collect(CollectConfig(sources=GENERATIVE_SOURCES), out, mirror=SHARED / "data")
     return out
 
 
