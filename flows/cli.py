@@ -345,8 +345,8 @@ def eval_(
     if tasks is not None:  # the primary metric matters for promotion only: the first task's headline metric
         overrides.append("benchmark.primary_metric=null")
     cfg = _check_params(root, params, overrides).benchmark
+    model_dir = _model_dir(model)  # a wrong path fails before any data is collected
     data_dir = Path(data) if data else _collected_benchmarks(Path(root), cfg)
-    model_dir = _model_dir(model)
     from lmcore.tokenizer import load_tokenizer
 
     try:
@@ -374,8 +374,8 @@ def _eval_generative(model, names, limit, output, batch_size, seed, max_gen_toks
     cfg = _check_params(root, params, overrides).instruct_eval
     from lmcore.paths import Layout
 
+    model_dir = _model_dir(model)  # a wrong path fails before any data is collected
     data_dir = Path(data) if data else _collected_benchmarks(Path(root), cfg, Layout(root).generative_data)
-    model_dir = _model_dir(model)
     from lmcore.checkpoint import load_model
     from lmcore.harness.generative import RESULTS, run_generative
     from lmcore.tokenizer import load_tokenizer
