@@ -29,7 +29,8 @@ prompts them (under the tokenizer's chat template when it has one, as `--apply_c
 examples as turns), completed greedily up to `--max-gen-toks` tokens (at most the task's own budget) with the task's
 stop strings, alternating, `--repeats` times:
 - lmcore: `generate_items` (the template rendered by lmcore.chat, the prompts encoded, cut to the context, and
-  completed by lmcore.generation.generate_batch, `--batch-size` prompts at a time);
+  completed by lmcore.generation.generate_batch: at most `--batch-size` rows at a time, continuous batching, each
+  prompt prefilled without padding);
 - lm-eval: `HFLM.apply_chat_template` on the same messages, then `HFLM.generate_until` on generate_until Instances
   with the task's generation kwargs (until, greedy, max_gen_toks), `--batch-size` prompts at a time (HFLM pads a
   batch to its longest prompt and runs it until every row has stopped); timed at `--batch-size` only, lmcore's batch.
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"multiple-choice tasks and groups, and the generative {', '.join(GENERATIVE_TASKS)}")
     parser.add_argument("--limit", type=int, default=100, help="items per task")
     parser.add_argument("--group-limit", type=int, default=5, help="items per subject of a group (mmlu: 57 subjects)")
-    parser.add_argument("--max-gen-toks", type=int, default=64,
+    parser.add_argument("--max-gen-toks", type=int, default=1280,
                         help="tokens generated per item at most (each task's own budget caps it: ifeval 1280, gsm8k 256)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)

@@ -329,7 +329,7 @@ def eval_(
 ) -> None:
     """Score a model on benchmarks as lm-evaluation-harness scores them: multiple choice by log-likelihood, or
     IFEval and GSM8K by greedy generation in the model's chat template."""
-    from lmcore.config import GENERATIVE_TASKS
+    from lmcore.harness.generative import TASKS as GENERATIVE_TASKS
     from lmcore.harness.run import TABLE, benchmark_model
 
     names = [t.strip() for t in (tasks or "").split(",") if t.strip()]
@@ -360,7 +360,7 @@ def eval_(
 
 def _eval_generative(model, names, limit, output, batch_size, seed, max_gen_toks, data, params, set_, root) -> None:
     """`lmcore eval` of the generative tasks (lmcore.harness.generative) with the instruct_eval section's settings."""
-    from lmcore.config import GENERATIVE_TASKS
+    from lmcore.harness.generative import TASKS as GENERATIVE_TASKS
 
     mixed = [t for t in names if t not in GENERATIVE_TASKS]
     if mixed:
@@ -370,7 +370,7 @@ def _eval_generative(model, names, limit, output, batch_size, seed, max_gen_toks
     for key, value in (("limit", limit), ("batch_size", batch_size), ("sample_seed", seed), ("max_gen_toks", max_gen_toks)):
         if value is not None:
             overrides.append(f"instruct_eval.{key}={value}")
-    overrides.append(f"instruct_eval.primary_metric={names[0]}.{GENERATIVE_TASKS[names[0]]['metrics'][0]}")
+    overrides.append(f"instruct_eval.primary_metric={names[0]}.{GENERATIVE_TASKS[names[0]].metrics[0]}")
     cfg = _check_params(root, params, overrides).instruct_eval
     from lmcore.paths import Layout
 
@@ -387,7 +387,7 @@ def _eval_generative(model, names, limit, output, batch_size, seed, max_gen_toks
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
     for task, scores in results["tasks"].items():
-        for metric in GENERATIVE_TASKS[task]["metrics"]:
+        for metric in GENERATIVE_TASKS[task].metrics:
             se = scores.get(f"{metric}_stderr")
             typer.echo(f"{task}\t{metric}\t{scores[metric]:.4f}" + (f" ± {se:.4f}" if se is not None else ""))
     typer.echo(f"{results['n_items']} items in {results['elapsed_s']:.1f} s; {results['config']['template_mode']} prompts; "

@@ -739,14 +739,6 @@ GENERATIVE_SOURCES = [
 
 # The generative tasks: their metrics (lm-evaluation-harness's names; gsm8k's per answer filter), test items and
 # the sources they read. lmcore.harness.generative scores them.
-GENERATIVE_TASKS = {
-    "ifeval": {"metrics": ["prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc", "inst_level_loose_acc"],
-               "items": 541, "sources": ["ifeval"]},
-    "gsm8k": {"metrics": ["exact_match_strict_match", "exact_match_flexible_extract"], "items": 1319,
-              "sources": ["gsm8k-test", "gsm8k-train"]},
-}
-
-
 class InstructEvalConfig(_Section):
     """Generative benchmarks of the instruction models, scored as lm-evaluation-harness scores them (IFEval,
     GSM8K), and the gate of tracking.instruct_model's `champion` on `primary_metric`."""
@@ -769,19 +761,21 @@ class InstructEvalConfig(_Section):
 
     @model_validator(mode="after")
     def _known_tasks(self) -> InstructEvalConfig:
-        unknown = [t for t in self.tasks if t not in GENERATIVE_TASKS]
+        from lmcore.harness.generative import TASKS
+
+        unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
-            raise ValueError(f"unknown task {unknown[0]!r}; generative tasks: {', '.join(GENERATIVE_TASKS)}")
-        metrics = [f"{t}.{m}" for t in self.tasks for m in GENERATIVE_TASKS[t]["metrics"]]
+            raise ValueError(f"unknown task {unknown[0]!r}; generative tasks: {', '.join(TASKS)}")
+        metrics = [f"{t}.{m}" for t in self.tasks for m in TASKS[t].metrics]
         if self.primary_metric not in metrics:
             hint = difflib.get_close_matches(self.primary_metric, metrics, n=1)
             raise ValueError(f"primary_metric {self.primary_metric!r} is not a metric of the configured tasks"
                              + (f" (did you mean {hint[0]!r}?)" if hint else "") + f"; allowed: {', '.join(metrics)}")
         for t in self.tasks:
-            size = GENERATIVE_TASKS[t]["items"]
+            size = TASKS[t].size
             if self.limit is not None and self.limit > size:
                 raise ValueError(f"limit {self.limit} is larger than {t}'s {size} items; at most {size}, or null for all")
-            missing = [n for n in GENERATIVE_TASKS[t]["sources"] if n not in {s.name for s in self.sources}]
+            missing = [n for n in TASKS[t].sources if n not in {s.name for s in self.sources}]
             if missing:
                 raise ValueError(f"task {t} needs the source {missing[0]!r} in instruct_eval.sources")
         return self

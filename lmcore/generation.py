@@ -118,175 +118,240 @@ def _check(temperature: float, top_k: int | None, top_p: float | None) -> None:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
+class _Row:
+    """One sequence in a DecodeBatch: its (cropped) prompt then every token generated, its budget and generator."""
+
+    __slots__ = ("tokens", "steps_left", "generator", "slot", "cached")
+
+    def __init__(self, tokens: list[int], steps_left: int, generator: torch.Generator | None, slot: int | None):
+        self.tokens, self.steps_left, self.generator = tokens, steps_left, generator
+        self.slot = slot  # its row of the cache; None: not cached (no cache, or past the context)
+        self.cached = 0  # tokens in its cache row (0: not prefilled yet)
+
+
 class DecodeBatch:
-    """The one decoding engine: a batch of prompts of any lengths, decoded together on the model's KV cache.
+    """The one decoding engine: sequences decoded together on the model's KV cache, joining and leaving at any step
+    (continuous batching).
 
     `stream` (and through it `stream_text`, `lmcore serve`, `chat`) runs it on rows of one length, `generate_batch`
-    on ragged prompts. Each row is decoded as it would be alone (its first real token at position 0), up to the
-    floating-point rounding of batched matmuls and of attention over masked padding.
+    on many prompts of any lengths, refilling the batch as rows finish. Each row is decoded as it would be alone
+    (its first token at position 0), up to the floating-point rounding of batched matmuls.
 
-    Layout: a token buffer (B, T + max_new_tokens), each (cropped) prompt left-padded to T, every new token of a
-    step in the same column; row r's tokens start at column start[r]. The cache holds columns base.. in slots 0..
-    (slot = column - base, base = the smallest start of the rows in it): one write index for all rows, while a
-    row's position is column - start[r] and a mask hides the columns before its start. Without padding (one row, or
-    rows of one length) the calls are exactly the unpadded ones: positions are the slots, the mask is causal.
+    The cache: `capacity` rows of `max_len` slots, each sequence in its own row from slot 0 (its slots are its
+    positions; no padding). A row joins (`add`) and is prefilled at the next step: its prompt alone (causal
+    attention, no padded positions computed), or with the rows added beside it when they are of one length. Then
+    each step runs every cached row's last token at its own position, a mask hiding the slots past each row's
+    length. The rows in use are always the cache's first ones: a row that finishes (an end id, its budget, or
+    `finish` from the caller: a stop string) gives its place to the last row (one row copied), and a new row takes
+    the next free one. Rows that end early cost nothing more, and a waiting prompt takes their place at once.
 
     Past the context: a row whose next position would be context_length leaves the cache and from then on is run
     uncached over its last context_length tokens at every step (a shifted window makes learned-position keys
-    stale), as `stream` always did; the other rows keep their cache. A finished row (an end id, or `finish` from the
-    caller: a stop string) stops running: it is dropped from the batch and the cache (KVCache.keep), so rows that
-    end early cost nothing more. The model holds the cache: one DecodeBatch per model at a time; `close` drops it.
+    stale), as `stream` always did; the other rows keep their cache. `use_cache=False` runs every row that way from
+    the start. The model holds the cache: one DecodeBatch per model at a time; `close` drops it.
     """
 
     def __init__(
         self,
         model: GPT,
-        idx: torch.Tensor,
-        lengths: Sequence[int],
-        max_new_tokens: int,
+        capacity: int,
+        max_len: int,
         *,
         temperature: float,
         top_k: int | None,
         top_p: float | None,
         ends: Sequence[int] = (),
-        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        generator: torch.Generator | None = None,
         use_cache: bool = True,
     ):
         """Args:
-            idx: (B, T) prompts left-padded to T on the model's device; only each row's last context_length real
-                tokens are seen.
-            lengths: the real (unpadded) tokens of each row, each >= 1.
+            capacity: the most rows in the cache at once (more can be added: they wait).
+            max_len: the most tokens a cached row holds (a prompt and all but its last new token); capped at the
+                context.
             ends: end ids: a row that produced one is finished.
-            generator: one shared by all rows (sampled together, as `sample_next`), or one per row (each row
-                sampled alone with its own: the draws of a row do not depend on the others).
+            generator: one shared by the rows that have none of their own (sampled together, as `sample_next`).
             temperature, top_k, top_p: see `stream`.
-            use_cache: False runs every row over its whole (cropped) context at every step; prompts of one length only.
+            use_cache: False runs every row over its whole (cropped) context at every step.
         """
-        if not use_cache and len(set(lengths)) > 1:
-            raise ValueError("decoding without the cache takes prompts of one length")
         self.model, self.ctx = model, model.config.context_length
+        self.device = next(model.parameters()).device
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         self.generator = generator
-        self.ends = torch.tensor(list(ends), dtype=torch.long, device=idx.device)  # (E,)
-        T = min(idx.shape[1], self.ctx)
-        self.steps_left = max(0, max_new_tokens)
-        self.buf = torch.zeros(idx.shape[0], T + self.steps_left, dtype=torch.long, device=idx.device)
-        self.buf[:, :T] = idx[:, idx.shape[1] - T :]  # the last context_length columns: prompts cropped
-        self.start = [T - min(n, T) for n in lengths]  # first real column of each row
-        self.start_t = torch.tensor(self.start, device=idx.device)  # (B,)
-        self.n = T  # columns filled
-        self.active = list(range(idx.shape[0]))  # rows still generating
-        self.all_rows = self.active[:]
-        self.cached = self.active[:] if use_cache and self.steps_left else []  # rows in the cache, in its order
-        self.window = [r for r in self.active if r not in self.cached]  # rows run uncached
-        self.base = self.cache_end = min(self.start, default=0)  # columns base..cache_end-1 are cached
+        self.ends = set(int(e) for e in ends)
+        self.capacity = capacity if use_cache else 0
+        self.rows: dict[int, _Row] = {}  # the rows still generating, by id, in the order they came
+        self.waiting: list[int] = []  # added rows with no cache row yet (the cache is full)
+        self.cache: list[int] = []  # cache row i holds row id cache[i]
+        self.next_id = 0
         self.was_training = model.training
         model.eval()
         self.lm_head = _lm_head(model)
-        if self.cached:
-            max_len = min(self.ctx, T - self.base + self.steps_left - 1)
-            model.set_kv_cache(len(self.cached), max_len=max_len)
-            self.slots = torch.arange(max_len, device=idx.device)  # (max_len,)
+        if self.capacity:
+            model.set_kv_cache(self.capacity, max_len=max(1, min(self.ctx, max_len)))
 
     @property
     def done(self) -> bool:
-        """Every row finished, or max_new_tokens steps taken."""
-        return not self.active or self.steps_left == 0
+        """Every row finished."""
+        return not self.rows
+
+    def add(self, prompt: Sequence[int], max_new_tokens: int, generator: torch.Generator | None = None) -> int:
+        """Queue a prompt (>= 1 id; only its last context_length are seen) for up to max_new_tokens tokens; it is
+        prefilled at the next step when the cache has room. Returns its row id (ids count up from 0)."""
+        if not prompt:
+            raise ValueError("the prompt is empty: give at least one token (e.g. the end-of-text token)")
+        rid, self.next_id = self.next_id, self.next_id + 1
+        if max_new_tokens <= 0:
+            return rid  # nothing to generate: finished at once
+        self.rows[rid] = _Row(list(prompt)[-self.ctx :], max_new_tokens, generator, None)
+        if self.capacity:
+            self.waiting.append(rid)
+        return rid
 
     def step(self) -> tuple[list[int], torch.Tensor]:
-        """Run the model once over every active row and pick its next token.
+        """Run the model once over every row (prefilling the new ones) and pick each row's next token.
 
-        Returns: the rows and their new token ids (A,), in that order. Rows that produced an end id are finished.
+        Returns: the row ids that got a token and their new token ids (A,), in the order of the ids. Rows that
+        produced an end id or used up their budget are finished.
         """
-        self._regroup()
-        rows = self.cached + self.window
-        hidden = []
-        if self.cached:
-            hidden.append(self._cached_step())
-        if self.window:
-            hidden.append(self._window_step())
+        self._admit()
+        decode = [rid for rid in self.cache if self.rows[rid].cached]  # cache rows 0..len(decode)-1
+        fresh = [rid for rid in self.cache if not self.rows[rid].cached]
+        window = [rid for rid in self.rows if self.rows[rid].slot is None and rid not in self.waiting]
+        got, hidden = [], []
+        if decode:
+            got += decode
+            hidden.append(self._decode_step(decode))
+        if fresh:
+            got += fresh
+            hidden.append(self._prefill(fresh))
+        if window:
+            got += window
+            hidden.append(self._window_step(window))
+        if not got:
+            return [], torch.empty(0, dtype=torch.long, device=self.device)
         logits = self.lm_head(hidden[0] if len(hidden) == 1 else torch.cat(hidden))  # (A, V)
-        tokens = self._sample(rows, logits)  # (A,)
-        self.buf[self._index(rows), self.n] = tokens
-        self.n += 1
-        self.steps_left -= 1
-        if len(self.ends):
-            for r, end in zip(rows, torch.isin(tokens, self.ends).tolist()):
-                if end:
-                    self.finish(r)
-        return rows, tokens
+        order = sorted(range(len(got)), key=got.__getitem__)  # sample in id order: draws do not depend on layout
+        rids = [got[i] for i in order]
+        tokens = self._sample(rids, logits[torch.tensor(order, device=logits.device)])  # (A,)
+        for rid, t in zip(rids, tokens.tolist()):
+            row = self.rows[rid]
+            row.tokens.append(t)
+            row.steps_left -= 1
+            if t in self.ends or row.steps_left == 0:
+                self.finish(rid)
+        return rids, tokens
 
-    def finish(self, row: int) -> None:
-        """End a row: it is left out of the next steps (and of the cache)."""
-        if row in self.active:
-            self.active.remove(row)
+    def finish(self, rid: int) -> None:
+        """End a row: it leaves the batch and its cache row goes to the last cached row."""
+        row = self.rows.pop(rid, None)
+        if row is None:
+            return
+        if rid in self.waiting:
+            self.waiting.remove(rid)
+        if row.slot is not None:
+            self._release(row.slot)
 
     def close(self) -> None:
         """Drop the model's cache and restore its train/eval mode."""
         self.model.clear_kv_cache()
         self.model.train(self.was_training)
 
-    def _regroup(self) -> None:
-        """Drop finished rows, move rows whose next position would pass the context from the cache to the window."""
-        keep = [r for r in self.cached if r in self.active and self.n - 1 - self.start[r] < self.ctx]
-        self.window = [r for r in self.window + self.cached if r in self.active and r not in keep]
-        if keep == self.cached:
-            return
-        if keep:
-            base = min(self.start[r] for r in keep)
-            rows = torch.tensor([self.cached.index(r) for r in keep], device=self.buf.device)
-            for block in self.model.blocks:
-                block.attn.kv_cache.keep(rows, base - self.base, self.cache_end - self.base)
-            self.base = base
-        else:
-            self.model.clear_kv_cache()
-        self.cached = keep
+    def tokens(self, rid: int) -> list[int]:
+        """A running row's prompt (as cropped) and generated tokens so far."""
+        return self.rows[rid].tokens
 
-    def _cached_step(self) -> torch.Tensor:
-        """The cached rows' last hidden states (Bc, C): the columns not yet cached (the prompt, then one token)."""
-        rows, base, first = self.cached, self.base, self.cache_end
-        x = self.buf[self._index(rows), first : self.n]  # (Bc, Tn)
-        slots = self.slots[first - base : self.n - base]  # (Tn,)
-        self.cache_end = self.n
-        if all(self.start[r] == base for r in rows):  # no padding: positions are the slots, the mask is causal
-            return self.model.hidden(x, positions=slots)[:, -1]
-        start = self.start_t[rows][:, None]  # (Bc, 1)
-        positions = (slots[None, :] + base - start).clamp(min=0)  # (Bc, Tn); padding at 0, hidden by the mask
-        mask = _padding_mask(slots, self.slots[: self.n - base], start - base)  # (Bc, 1, Tn, S)
-        return self.model.hidden(x, positions=positions, slots=slots, mask=mask)[:, -1]
+    def _release(self, slot: int) -> None:
+        """Free cache row `slot`: the last cache row moves into it, so the rows in use stay the first ones."""
+        last = len(self.cache) - 1
+        if slot != last:
+            moved = self.rows[self.cache[last]]
+            if moved.cached:
+                for block in self.model.blocks:
+                    block.attn.kv_cache.move(last, slot, moved.cached)
+            moved.slot = slot
+            self.cache[slot] = self.cache[last]
+        self.cache.pop()
 
-    def _window_step(self) -> torch.Tensor:
-        """The uncached rows' last hidden states (Bw, C): the model over each row's last context_length tokens.
+    def _admit(self) -> None:
+        """Rows whose next position would pass the context leave the cache; waiting rows take the free rows."""
+        for rid in list(self.cache):
+            row = self.rows[rid]
+            if row.cached and len(row.tokens) > self.ctx:
+                self._release(row.slot)
+                row.slot = None
+        while self.waiting and len(self.cache) < self.capacity:
+            rid = self.waiting.pop(0)
+            self.rows[rid].slot = len(self.cache)
+            self.cache.append(rid)
 
-        These rows all see the same columns, without padding: rows past the context its last context_length
-        columns, and rows of one length decoded without the cache their whole prompt and what followed.
+    def _decode_step(self, rids: list[int]) -> torch.Tensor:
+        """The last hidden states (Bd, C) of the cached rows 0..Bd-1: each row's last token at its own position."""
+        rows = [self.rows[rid] for rid in rids]
+        x = torch.tensor([[r.tokens[-1]] for r in rows], device=self.device)  # (Bd, 1)
+        positions = torch.tensor([[r.cached] for r in rows], device=self.device)  # (Bd, 1): also their slots
+        for r in rows:
+            r.cached += 1
+        if len({r.cached for r in rows}) == 1:  # rows of one length: the same slot for all, no mask
+            return self.model.hidden(x, positions=positions[0])[:, -1]
+        return self.model.hidden(x, positions=positions)[:, -1]
+
+    def _prefill(self, rids: list[int]) -> torch.Tensor:
+        """The new rows' prompts into their cache rows: each run of neighbouring rows of one length in one call,
+        causal, no padding. Returns their last hidden states (Bn, C).
+
+        A padded batch would compute every row at the longest prompt's length; on a CPU one prompt of a few hundred
+        tokens already runs the matmuls at full speed, so prompts of different lengths run one by one.
         """
-        rows = self.window
-        x = self.buf[self._index(rows), max(self.start[rows[0]], self.n - self.ctx) : self.n]  # (Bw, W)
+        caches = [block.attn.kv_cache for block in self.model.blocks]
+        last = []
+        try:
+            i = 0
+            while i < len(rids):
+                first, n = self.rows[rids[i]].slot, len(self.rows[rids[i]].tokens)
+                j = i + 1
+                while j < len(rids) and len(self.rows[rids[j]].tokens) == n and self.rows[rids[j]].slot == first + j - i:
+                    j += 1
+                for block, cache in zip(self.model.blocks, caches):
+                    block.attn.kv_cache = cache.rows(first, j - i)
+                x = torch.tensor([self.rows[rid].tokens for rid in rids[i:j]], device=self.device)  # (j - i, n)
+                last.append(self.model.hidden(x)[:, -1])  # positions and slots 0..n-1
+                for rid in rids[i:j]:
+                    self.rows[rid].cached = n
+                i = j
+        finally:
+            for block, cache in zip(self.model.blocks, caches):
+                block.attn.kv_cache = cache
+        return torch.cat(last)  # (Bn, C)
+
+    def _window_step(self, rids: list[int]) -> torch.Tensor:
+        """The uncached rows' last hidden states (Bw, C): the model over each row's last context_length tokens
+        (rows of one length together)."""
+        out: dict[int, torch.Tensor] = {}
+        by_length: dict[int, list[int]] = {}
+        for rid in rids:
+            by_length.setdefault(min(len(self.rows[rid].tokens), self.ctx), []).append(rid)
         with _cache_set_aside(self.model):
-            return self.model.hidden(x)[:, -1]
+            for n, group in by_length.items():
+                x = torch.tensor([self.rows[rid].tokens[-n:] for rid in group], device=self.device)  # (Bg, n)
+                for rid, h in zip(group, self.model.hidden(x)[:, -1]):
+                    out[rid] = h
+        return torch.stack([out[rid] for rid in rids])
 
-    def _index(self, rows: list[int]) -> slice | list[int]:
-        """Index rows of the buffer: a view when they are all the rows in order (one row, or rows of one length)."""
-        return slice(None) if rows == self.all_rows else rows
-
-    def _sample(self, rows: list[int], logits: torch.Tensor) -> torch.Tensor:
-        """(A,) next tokens of `rows` from their logits (A, V)."""
-        if isinstance(self.generator, Sequence) and self.sampling["temperature"] > 0:
-            return torch.cat(
-                [sample_next(logits[i : i + 1], **self.sampling, generator=self.generator[r]) for i, r in enumerate(rows)]
-            )
-        return sample_next(logits, **self.sampling, generator=self.generator)
-
-
-def _padding_mask(queries: torch.Tensor, keys: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-    """(B, 1, Tq, S) attention mask: a query sees the keys from its row's start up to itself (causal, no padding).
-
-    queries (Tq,), keys (S,): cache slots; start (B, 1): each row's first real slot. A padding query sees itself
-    only, so that no softmax row is empty (an all-masked row gives NaN, which a zero weight would not cancel).
-    """
-    k, q = keys[None, None, :], queries[None, :, None]  # (1, 1, S), (1, Tq, 1)
-    return (((k >= start[:, :, None]) & (k <= q)) | (k == q))[:, None]  # (B, 1, Tq, S)
+    def _sample(self, rids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        """(A,) next tokens of rows `rids` from their logits (A, V): a row with its own generator alone, the others
+        together from the shared one."""
+        if self.sampling["temperature"] == 0:
+            return sample_next(logits, **self.sampling)
+        own = [i for i, rid in enumerate(rids) if self.rows[rid].generator is not None]
+        if not own:
+            return sample_next(logits, **self.sampling, generator=self.generator)
+        tokens = torch.empty(len(rids), dtype=torch.long, device=logits.device)
+        shared = [i for i in range(len(rids)) if i not in set(own)]
+        if shared:
+            tokens[shared] = sample_next(logits[shared], **self.sampling, generator=self.generator)
+        for i in own:
+            tokens[i] = sample_next(logits[i : i + 1], **self.sampling, generator=self.rows[rids[i]].generator)[0]
+        return tokens
 
 
 @contextmanager
@@ -339,8 +404,10 @@ def stream(
     if T == 0:
         raise ValueError("the prompt is empty: give at least one token (e.g. the end-of-text token)")
     eos = _end_list(eos_token)
-    batch = DecodeBatch(model, idx, [T] * B, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        ends=eos, generator=generator, use_cache=use_cache)
+    batch = DecodeBatch(model, B, min(T, model.config.context_length) + max_new_tokens - 1, temperature=temperature,
+                        top_k=top_k, top_p=top_p, ends=eos, generator=generator, use_cache=use_cache)
+    for prompt in idx.tolist():
+        batch.add(prompt, max_new_tokens)
     try:
         while not batch.done:
             rows, tokens = batch.step()
@@ -611,13 +678,14 @@ def generate_batch(
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
 ) -> list[Completion]:
-    """Complete many prompts (token ids), `batch_size` at a time, each as `stream_text` completes it alone.
+    """Complete many prompts (token ids), up to `batch_size` at a time, each as `stream_text` completes it alone.
 
-    The prompts are sorted by length (less padding), cut into batches and decoded together (DecodeBatch: left
-    padding, each row at its own positions, a row leaves its batch when it ends); the completions come back in the
-    order of `prompts`. Greedy (temperature 0) gives `stream_text`'s tokens whatever else shares the batch, up to
-    floating-point rounding of the batched matmuls (which can flip an argmax between near-equal logits). Sampling:
-    prompt i draws from its own generator seeded `seed + i`, as `stream_text(..., seed=seed + i)` does.
+    Continuous batching (DecodeBatch): `batch_size` prompts start together; when one ends, the next waiting prompt
+    takes its place at the next step, so the batch stays full until the prompts run out (a batch does not wait for
+    its longest answer). Prompts start shortest first. The completions come back in the order of `prompts`.
+    Greedy (temperature 0) gives `stream_text`'s tokens whatever else shares the batch, up to floating-point
+    rounding of the batched matmuls (which can flip an argmax between near-equal logits). Sampling: prompt i draws
+    from its own generator seeded `seed + i`, as `stream_text(..., seed=seed + i)` does.
 
     Args:
         prompts: token ids; an empty one is the end-of-text token (the start of a document); only the last
@@ -632,60 +700,47 @@ def generate_batch(
     _check_stop(stop)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    ctx = model.config.context_length
     ids = [list(p) or [enc.eot_token] for p in prompts]
-    order = sorted(range(len(ids)), key=lambda i: min(len(ids[i]), ctx))
-    out: list[Completion | None] = [None] * len(ids)
-    for b in range(0, len(order), batch_size):
-        chunk = order[b : b + batch_size]
-        done = _complete_batch(model, enc, [ids[i] for i in chunk], [seed + i for i in chunk], max_new_tokens,
-                               stop=stop, ends=_end_ids(enc, stop_ids), temperature=temperature, top_k=top_k,
-                               top_p=top_p, progress=progress)
-        for i, completion in zip(chunk, done):
-            out[i] = completion
-    return out
-
-
-def _complete_batch(
-    model: GPT,
-    enc,
-    prompts: list[list[int]],
-    seeds: list[int],
-    max_new_tokens: int,
-    *,
-    stop: Sequence[str],
-    ends: list[int],
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    progress: Callable[[int], None] | None,
-) -> list[Completion]:
-    """One DecodeBatch over `prompts`, each row's ids through its own TextDecoder."""
-    device = next(model.parameters()).device
+    if max_new_tokens <= 0 or not ids:
+        if progress is not None and ids:
+            progress(len(ids))
+        return [Completion("", [], "length", len(p)) for p in ids]
     ctx = model.config.context_length
-    width = max(min(len(p), ctx) for p in prompts)
-    padded = [[0] * (width - len(p[-width:])) + p[-width:] for p in prompts]  # left-padded with id 0
-    idx = torch.tensor(padded, dtype=torch.long, device=device)  # (B, T)
-    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-    texts = [TextDecoder(enc, set(ends), stop) for _ in prompts]
-    batch = DecodeBatch(model, idx, [len(p) for p in prompts], max_new_tokens, temperature=temperature, top_k=top_k,
-                        top_p=top_p, ends=ends, generator=generators)
+    device = next(model.parameters()).device
+    order = sorted(range(len(ids)), key=lambda i: min(len(ids[i]), ctx))
+    ends = _end_ids(enc, stop_ids)
+    texts = [TextDecoder(enc, set(ends), stop) for _ in ids]
+    longest = min(len(ids[order[-1]]), ctx)
+    batch = DecodeBatch(model, min(batch_size, len(ids)), longest + max_new_tokens - 1, temperature=temperature,
+                        top_k=top_k, top_p=top_p, ends=ends)
+    queue = iter(order)
+    running: dict[int, int] = {}  # row id -> prompt index
+
+    def fill() -> None:
+        while len(running) < batch_size:
+            i = next(queue, None)
+            if i is None:
+                return
+            generator = torch.Generator(device=device).manual_seed(seed + i) if temperature > 0 else None
+            running[batch.add(ids[i], max_new_tokens, generator)] = i
+
     try:
-        while not batch.done:
+        fill()
+        while running:
             rows, tokens = batch.step()
             finished = 0
-            for r, t in zip(rows, tokens.tolist()):
-                texts[r].push(t)
-                if texts[r].finish_reason is not None:  # an end id, or a stop string: the row leaves the batch
-                    batch.finish(r)
+            for rid, t in zip(rows, tokens.tolist()):
+                text = texts[running[rid]]
+                text.push(t)
+                if text.finish_reason is None and rid not in batch.rows:  # max_new_tokens reached
+                    text.end()
+                if text.finish_reason is not None:  # an end id, a stop string or the budget: the row leaves
+                    batch.finish(rid)
+                    del running[rid]
                     finished += 1
             if progress is not None and finished:
                 progress(finished)
+            fill()
     finally:
         batch.close()
-    rest = [t for t in texts if t.finish_reason is None]  # max_new_tokens reached
-    for t in rest:
-        t.end()
-    if progress is not None and rest:
-        progress(len(rest))
-    return [Completion(t.text, t.token_ids, t.finish_reason, len(p)) for t, p in zip(texts, prompts)]
+    return [Completion(t.text, t.token_ids, t.finish_reason, len(p)) for t, p in zip(texts, ids)]

@@ -11,9 +11,9 @@ Face's Llama), `n_kv_head` < `n_head` (grouped-query attention), `bias: false`, 
 Attention is `F.scaled_dot_product_attention` throughout.
 
 Generation keeps keys and values in a preallocated cache (`set_kv_cache`); each call then passes the
-positions of its new tokens: `model(idx, positions=torch.arange(t0, t0 + T))`. Prompts of different lengths share
-one cache left-padded: the new tokens go to cache `slots` (T,) common to all rows, each row has its own positions
-(B, T) (slot minus the row's padding) and a mask hides the padding: `model.hidden(idx, positions=, slots=, mask=)`.
+positions of its new tokens: `model(idx, positions=torch.arange(t0, t0 + T))`. Sequences of different lengths share
+one cache, each in its row from slot 0: positions (B, T) are then each row's own (and its cache slots), and a
+(B, 1, T, S) mask hides each row's slots past its own length: `model.hidden(idx, positions=, mask=)`.
 
 Shape letters: B batch, T sequence length, C n_embd, V vocab_size, nh n_head, nkv n_kv_head, hs head size.
 
@@ -77,7 +77,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache(nn.Module):
-    """Keys and values of every position seen so far, preallocated to `max_len` (B, nkv, max_len, hs)."""
+    """Keys and values of every position seen so far, preallocated to `max_len` (B, nkv, max_len, hs).
+
+    A call with fewer rows than the cache has uses its first rows. `rows(first, n)` is a view of some rows, as a
+    cache of its own that writes into this one's memory (a prompt prefilled alone into its row of a batch).
+    """
 
     def __init__(self, batch_size: int, n_kv_head: int, max_len: int, head_size: int, device=None, dtype=None):
         super().__init__()
@@ -86,23 +90,32 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
     def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, nkv, T, hs) at `slots` (T,); return keys and values up to the last one."""
-        self.k.index_copy_(2, slots, k.to(self.k.dtype))
-        self.v.index_copy_(2, slots, v.to(self.v.dtype))
-        end = int(slots[-1]) + 1
-        return self.k[:, :, :end], self.v[:, :, :end]
+        """Store k, v (B, nkv, T, hs) at `slots`: (T,) for every row, or (B, T) each row its own; return the first B
+        rows' keys and values up to the last slot written."""
+        B = k.shape[0]
+        if slots.dim() == 1:
+            self.k[:B].index_copy_(2, slots, k.to(self.k.dtype))
+            self.v[:B].index_copy_(2, slots, v.to(self.v.dtype))
+            end = int(slots[-1]) + 1
+        else:
+            index = slots[:, None, :, None].expand_as(k)  # (B, nkv, T, hs)
+            self.k[:B].scatter_(2, index, k.to(self.k.dtype))
+            self.v[:B].scatter_(2, index, v.to(self.v.dtype))
+            end = int(slots.max()) + 1
+        return self.k[:B, :, :end], self.v[:B, :, :end]
 
-    def keep(self, rows: torch.Tensor, start: int, end: int) -> None:
-        """Keep only the sequences `rows` (R,) and their slots start..end-1, moved down to slot 0.
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy row src's first `length` slots to row dst (a finished row's place goes to another)."""
+        self.k[dst, :, :length] = self.k[src, :, :length]
+        self.v[dst, :, :length] = self.v[src, :, :length]
 
-        Batched decoding drops the rows that finished, and the padding slots no remaining row needs (one copy of
-        what is kept). Slots from end - start on are free again (their contents undefined).
-        """
-        _, nkv, max_len, hs = self.k.shape
-        for name in ("k", "v"):
-            kept = torch.empty(len(rows), nkv, max_len, hs, device=self.k.device, dtype=self.k.dtype)
-            kept[:, :, : end - start] = getattr(self, name)[rows, :, start:end]
-            setattr(self, name, kept)  # the registered buffer, replaced
+    def rows(self, first: int, n: int) -> KVCache:
+        """Rows first..first+n-1 as a cache of their own, sharing this one's memory."""
+        view = KVCache.__new__(KVCache)
+        nn.Module.__init__(view)
+        view.register_buffer("k", self.k[first : first + n], persistent=False)
+        view.register_buffer("v", self.v[first : first + n], persistent=False)
+        return view
 
 
 class CausalSelfAttention(nn.Module):
@@ -133,17 +146,25 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         is_causal = mask is None
         if self.kv_cache is not None:
-            if slots is None or slots.dim() != 1:
-                raise ValueError("with a KV cache, pass the (T,) positions (or cache slots) of the new tokens")
+            if slots is None:
+                raise ValueError("with a KV cache, pass the positions (or cache slots) of the new tokens")
             k, v = self.kv_cache.update(slots, k, v)  # (B, nkv, S, hs), S = last slot + 1
-            if mask is None:
-                # Each new token sees every cached slot up to its own.
-                mask = slots[:, None] >= torch.arange(k.shape[2], device=x.device)[None, :] if T > 1 else None
-            is_causal = False
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal,
-            enable_gqa=nkv != nh,
-        )  # (B, nh, T, hs)
+            # The first tokens of an empty cache (S == T) are plain causal attention; later ones see every cached
+            # slot up to their own (rows at their own slots: each its own, and none of another row's longer past).
+            is_causal = mask is None and T > 1 and k.shape[2] == T
+            if mask is None and not is_causal and (T > 1 or slots.dim() == 2):
+                mask = slots[..., :, None] >= torch.arange(k.shape[2], device=x.device)  # (T, S) or (B, T, S)
+                mask = mask[:, None] if mask.dim() == 3 else mask
+        if T == 1 and nkv != nh and not (self.training and self.dropout):
+            # One query per row: each key head's query heads go in as that head's rows (B, nkv, nh/nkv, hs), one
+            # plain attention, instead of repeating keys and values for every query head (enable_gqa).
+            y = F.scaled_dot_product_attention(q.reshape(B, nkv, nh // nkv, hs), k, v, attn_mask=mask)
+            y = y.reshape(B, nh, 1, hs)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal,
+                enable_gqa=nkv != nh,
+            )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
         return self.resid_drop(self.proj(y))  # (B, T, C)
 
@@ -265,9 +286,9 @@ class GPT(nn.Module):
         positions: (T,) or (B, T) position ids instead of 0..T-1, and mask: a boolean (T, T) or (B, 1, T, T)
             attention mask (True = may attend) instead of the causal one. Together they let several
             sequences share a prefix in one row (benchmark scoring packs a context with all its choices).
-        slots: with a KV cache, the (T,) cache slots the new tokens go to; None: the (T,) positions. Rows of
-            different lengths share the cache left-padded: then positions is (B, T) (a row's slot minus its
-            padding) and mask a (B, 1, T, S) one over the S = last slot + 1 cached slots that hides the padding.
+        slots: with a KV cache, the cache slots the new tokens go to, (T,) for every row or (B, T); None: the
+            positions. Rows of different lengths in one cache (each from slot 0, its slots its positions) need a
+            (B, 1, T, S) mask over the S = last slot + 1 cached slots that hides each row's slots past its length.
         """
         B, T = idx.shape
         if positions is None:

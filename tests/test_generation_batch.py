@@ -11,7 +11,7 @@ import torch
 
 from lmcore.config import ModelConfig
 from lmcore.generation import Completion, generate_batch, stream_text
-from lmcore.model import GPT
+from lmcore.model import GPT, KVCache
 from lmcore.tokenizer import get_tokenizer
 
 CTX = 16  # context of the micro models
@@ -142,27 +142,73 @@ def test_sampling_is_reproducible_per_seed_and_independent_of_the_batch(build, e
 
 
 @BUILDS
-def test_hidden_with_cache_slots_equals_each_row_alone(build):
-    """Left-padded rows in one cache (per-row positions, shared slots, a padding mask) give each row's own states."""
+def test_hidden_with_per_row_slots_equals_each_row_alone(build):
+    """Rows of different lengths in one cache, each from slot 0 (prefilled alone into its row), then one step with
+    (B, 1) positions: each row gets its own states (the mask that hides longer rows' slots is built from them)."""
     model = build()
     g = torch.Generator().manual_seed(0)
     rows = [torch.randint(0, 64, (n,), generator=g) for n in (5, 2, 7)]
-    T, extra = 7, torch.tensor([[3], [4], [5]])  # then one more token each
-    idx = torch.stack([torch.cat([torch.zeros(T - len(r), dtype=torch.long), r]) for r in rows])  # (3, 7)
-    pad = torch.tensor([T - len(r) for r in rows])[:, None]  # (3, 1)
-    cols = torch.arange(T)
-    positions = (cols[None] - pad).clamp(min=0)  # (3, 7)
-    mask = ((cols[None, None] >= pad[:, :, None]) & (cols[None, None] <= cols[None, :, None])) | torch.eye(T, dtype=torch.bool)
+    extra = torch.tensor([[3], [4], [5]])  # then one more token each
     with torch.no_grad():
-        model.set_kv_cache(3, max_len=T + 1)
-        prefill = model.hidden(idx, positions=positions, slots=cols, mask=mask[:, None])  # (3, 7, C)
-        step = model.hidden(extra, positions=positions[:, -1:] + 1, slots=torch.tensor([T]),
-                            mask=(torch.arange(T + 1)[None, None, None] >= pad[:, None, :, None]))  # (3, 1, C)
+        model.set_kv_cache(3, max_len=8)
+        caches = [block.attn.kv_cache for block in model.blocks]
+        prefill = []
+        for i, r in enumerate(rows):
+            for block, cache in zip(model.blocks, caches):
+                block.attn.kv_cache = cache.rows(i, 1)
+            prefill.append(model.hidden(r[None])[0])  # (len, C)
+        for block, cache in zip(model.blocks, caches):
+            block.attn.kv_cache = cache
+        step = model.hidden(extra, positions=torch.tensor([[len(r)] for r in rows]))  # (3, 1, C)
         model.clear_kv_cache()
         for b, r in enumerate(rows):
             own = model.hidden(torch.cat([r, extra[b]])[None])[0]  # (len + 1, C)
-            torch.testing.assert_close(prefill[b, T - len(r) :], own[:-1], rtol=0, atol=1e-5)
+            torch.testing.assert_close(prefill[b], own[:-1], rtol=0, atol=1e-5)
             torch.testing.assert_close(step[b, 0], own[-1], rtol=0, atol=1e-5)
+
+
+@BUILDS
+def test_prompts_are_prefilled_without_padding_and_wait_for_a_free_row(build, enc, prompts, monkeypatch):
+    """Continuous batching: no padded position is computed (each prompt is prefilled at its own length), at most
+    batch_size rows run at once, a waiting prompt joins while the others are decoding, and a finished row's cache
+    place goes to the last row (one row copied)."""
+    model = build()
+    calls, moves = [], []
+    hidden, move = GPT.hidden, KVCache.move
+    monkeypatch.setattr(GPT, "hidden", lambda self, idx, **kw: calls.append(tuple(idx.shape)) or hidden(self, idx, **kw))
+    monkeypatch.setattr(KVCache, "move", lambda self, *a: moves.append(a) or move(self, *a))
+    short = [p for p in prompts if 2 <= len(p) <= 6]  # nothing reaches the context: every row stays in the cache
+    counts = {}
+    for _, ids, _, _ in alone(model, enc, short):
+        for t in set(ids[:-2]):
+            counts[t] = counts.get(t, 0) + 1
+    stop = [max(counts, key=counts.get)]  # a token most rows produce before their last steps: rows end early
+    expected = alone(model, enc, short, stop_ids=stop)
+    assert len({len(e[1]) for e in expected}) > 1
+    calls.clear()
+    got = generate_batch(model, enc, short, N, batch_size=3, stop_ids=stop)
+    assert fields(got) == expected
+    prefill = [c for c in calls if c[1] > 1]
+    assert sum(b * t for b, t in prefill) == sum(map(len, short))  # every prompt token once, no padding
+    assert all(b <= 3 for b, _ in calls)
+    first_decode = next(i for i, c in enumerate(calls) if c[1] == 1)
+    assert any(c[1] > 1 for c in calls[first_decode:])  # a prompt joined while others were decoding
+    assert moves  # a row that ended before the last one: the last one took its place
+
+
+def test_kv_cache_rows_moves_and_per_row_slots():
+    cache = KVCache(4, 2, 8, 3)
+    view = cache.rows(1, 2)  # rows 1-2 as a cache of their own, writing into the batch's memory
+    view.update(torch.arange(3), torch.ones(2, 2, 3, 3), torch.full((2, 2, 3, 3), 2.0))
+    assert bool((cache.k[1:3, :, :3] == 1).all()) and bool((cache.v[1:3, :, :3] == 2).all())
+    assert not cache.k[0].any() and not cache.k[3].any() and not cache.k[1:3, :, 3:].any()
+    cache.move(2, 0, 3)
+    torch.testing.assert_close(cache.k[0], cache.k[2], rtol=0, atol=0)
+    k, v = torch.randn(2, 2, 1, 3), torch.randn(2, 2, 1, 3)
+    keys, values = cache.update(torch.tensor([[3], [5]]), k, v)  # each row at its own slot; the first two rows
+    assert keys.shape == (2, 2, 6, 3)
+    torch.testing.assert_close(cache.k[0, :, 3], k[0, :, 0], rtol=0, atol=0)
+    torch.testing.assert_close(cache.v[1, :, 5], v[1, :, 0], rtol=0, atol=0)
 
 
 def test_generate_speed_smoke(capsys):

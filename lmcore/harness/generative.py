@@ -123,13 +123,19 @@ class GenTask:
     max_gen_toks: int
     metrics: tuple[str, ...]
     headline: str  # the metric whose per-item verdict is `correct` in the samples
+    size: int  # documents in the evaluated split (params validation bounds `limit` with it, before any download)
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The collect sources it reads (lmcore.config.GENERATIVE_SOURCES names)."""
+        return (self.source,) if self.fewshot_source is None else (self.source, self.fewshot_source)
 
 
 TASKS: dict[str, GenTask] = {
     "ifeval": GenTask("ifeval", 4.0, "ifeval", None, 0, (), 1280,
-                      (PROMPT_STRICT, INST_STRICT, PROMPT_LOOSE, INST_LOOSE), PROMPT_LOOSE),
+                      (PROMPT_STRICT, INST_STRICT, PROMPT_LOOSE, INST_LOOSE), PROMPT_LOOSE, 541),
     "gsm8k": GenTask("gsm8k", 3.0, "gsm8k-test", "gsm8k-train", 5, ("Question:", "</s>", "<|im_end|>"), 256,
-                     (EM_STRICT, EM_FLEXIBLE), EM_FLEXIBLE),
+                     (EM_STRICT, EM_FLEXIBLE), EM_FLEXIBLE, 1319),
 }
 _MEAN_OF_INSTRUCTIONS = (INST_STRICT, INST_LOOSE)  # lm-eval: utils.agg_inst_level_acc, stderr "N/A"
 

@@ -41,6 +41,28 @@ def test_scores_do_not_depend_on_batch_size_or_order(micro_lm, enc, mixed_items,
         assert again[k].loglikelihoods == pytest.approx(reference[i].loglikelihoods, abs=1e-5, rel=1e-6)
 
 
+def test_long_rows_run_alone_and_short_rows_share_a_batch(micro_lm, enc, mixed_items, one_thread, monkeypatch):
+    """Batches hold at most TOKENS_PER_BATCH padded tokens (a longer row alone); rows of contexts alone run causal."""
+    from lmcore.harness import scoring
+
+    calls = []
+    hidden = GPT.hidden
+    monkeypatch.setattr(GPT, "hidden", lambda self, idx, **kw: calls.append((tuple(idx.shape), kw["mask"] is None))
+                        or hidden(self, idx, **kw))
+    monkeypatch.setattr(scoring, "TOKENS_PER_BATCH", 96)
+    reference = score_items(micro_lm, enc, mixed_items, batch_size=1, progress=False)
+    calls.clear()
+    scores = score_items(micro_lm, enc, mixed_items, batch_size=64, progress=False)
+    assert all(b * t <= 96 or b == 1 for (b, t), _ in calls) and any(b > 1 for (b, _), _ in calls)
+    assert any(t > 96 for (_, t), _ in calls)  # long rows do come, alone
+    for ref, got in zip(reference, scores):
+        assert got.loglikelihoods == pytest.approx(ref.loglikelihoods, abs=1e-5, rel=1e-6)
+    mmlu = [it for it in mixed_items if it.task.startswith("mmlu")]  # " A".." D": the context alone, causal
+    calls.clear()
+    score_items(micro_lm, enc, mmlu, batch_size=64, progress=False)
+    assert calls and all(causal for _, causal in calls)
+
+
 def test_cut_rows_and_empty_contexts_equal_lm_evals_hflm(enc, one_thread):
     """A 24-token context: choices of different lengths are cut differently from the left (several rows per item)."""
     from lm_eval.api.instance import Instance
