@@ -3,7 +3,7 @@
     .venv/bin/python -m benchmarks.eval_speed                                   # the default profile's model shape
     .venv/bin/python -m benchmarks.eval_speed --model models/base --tasks hellaswag,mmlu --limit 50 --repeats 3
     .venv/bin/python -m benchmarks.eval_speed --gguf ../shared/data/models/SmolLM2-135M-Instruct.Q4_1.gguf \\
-        --tasks hellaswag,arc_easy,mmlu,ifeval,gsm8k --limit 16 --group-limit 1 --max-gen-toks 64 --repeats 3
+        --tasks gsm8k,ifeval --limit 32 --repeats 1 --threads 1 --clock process
 
 The model: an lmcore model folder (`--model`, GPT-2 or Llama style, with the tokenizer it carries), a GGUF file
 imported with lmcore.gguf.import_gguf into a temporary folder (`--gguf`), or by default a random GPT-2-style model

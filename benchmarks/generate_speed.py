@@ -12,7 +12,8 @@ different lengths) go through the model's chat template as one user message when
 
 At batch size B the first B prompts (cycled when fewer) are completed greedily, up to `--max-new-tokens` each, and
 both sides stop a row at the same end ids (the tokenizer's stop tokens and the template's end of turn):
-- lmcore: `generate_batch(temperature=0, batch_size=B)`: left padding, a finished row leaves the batch;
+- lmcore: `generate_batch(temperature=0, batch_size=B)`: each prompt prefilled alone (no padding), then decoded
+  together, each row at its own positions; a finished row leaves the batch;
 - transformers: `generate(do_sample=False)` on the left-padded batch with its attention mask; a finished row is
   padded until every row has finished.
 tokens/s counts the generated tokens of every row (an end id included, padding not), over the wall time of the whole

@@ -592,6 +592,10 @@ class ClassifierConfig(FinetuneConfig):
     # Train the last N transformer blocks, the final norm and the head; null trains everything.
     # With LoRA enabled the adapters and the head train instead.
     trainable_blocks: int | None = Field(default=1, ge=0)
+    # With the first blocks frozen (trainable_blocks, no LoRA, no dropout), their output for each example is
+    # computed once and every epoch and evaluation pass runs only the blocks that train. false: the whole model
+    # at every step (the same results within float rounding).
+    cache_frozen: bool = True
 
     @model_validator(mode="after")
     def _unique_labels(self) -> ClassifierConfig:

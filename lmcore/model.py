@@ -290,28 +290,62 @@ class GPT(nn.Module):
             positions. Rows of different lengths in one cache (each from slot 0, its slots its positions) need a
             (B, 1, T, S) mask over the S = last slot + 1 cached slots that hides each row's slots past its length.
         """
-        B, T = idx.shape
-        if positions is None:
-            if T > self.config.context_length:
-                raise ValueError(f"sequence length {T} exceeds the model's context_length {self.config.context_length}")
-            positions = torch.arange(T, device=idx.device)  # (T,)
-        elif int(positions.max()) >= self.config.context_length:
-            raise ValueError(f"position {int(positions.max())} exceeds the model's context_length {self.config.context_length}")
-        x = self.wte(idx)  # (B, T, C)
-        rope = None
-        if self.config.positions == "learned":
-            x = x + self.wpe(positions)  # + (T, C) or (B, T, C)
-        else:
-            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, hs) or (B, T, hs)
-            rope = (cos, sin) if positions.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))
-        x = self.drop(x)
+        positions = self._positions(idx.shape[1], positions, idx.device)
+        x = self._embed(idx, positions)  # (B, T, C)
         if self.blocks[0].attn.kv_cache is None:
             slots = None
         elif slots is None:
             slots = positions
+        rope = self._rope(positions)
         for block in self.blocks:
             x = block(x, mask, rope, slots)  # (B, T, C)
         return self.norm_f(x)  # (B, T, C)
+
+    def prefix(self, idx: torch.Tensor, n_blocks: int) -> torch.Tensor:
+        """The residual stream (B, T, C) after the first `n_blocks` blocks, causal, positions 0..T-1 (no cache).
+
+        With `suffix`: the frozen blocks of a fine-tuning run are computed once per example (a right-padded row's
+        real tokens never see its padding), and each step runs only the blocks that train:
+        `suffix(prefix(idx, k), k) == hidden(idx)`.
+        """
+        positions = self._positions(idx.shape[1], None, idx.device)
+        x = self._embed(idx, positions)  # (B, T, C)
+        rope = self._rope(positions)
+        for block in self.blocks[:n_blocks]:
+            x = block(x, None, rope)
+        return x
+
+    def suffix(self, x: torch.Tensor, first_block: int) -> torch.Tensor:
+        """The final-norm hidden states (B, T, C) of a residual stream from `prefix(idx, first_block)`: the blocks
+        from `first_block` on, causal, positions 0..T-1 (no cache)."""
+        rope = self._rope(self._positions(x.shape[1], None, x.device))
+        for block in self.blocks[first_block:]:
+            x = block(x, None, rope)
+        return self.norm_f(x)
+
+    def _embed(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, T, C), plus learned position embeddings at `positions`, through dropout."""
+        x = self.wte(idx)
+        if self.config.positions == "learned":
+            x = x + self.wpe(positions)  # + (T, C) or (B, T, C)
+        return self.drop(x)
+
+    def _positions(self, T: int, positions: torch.Tensor | None, device) -> torch.Tensor:
+        """positions, checked against the context; None: 0..T-1."""
+        if positions is None:
+            if T > self.config.context_length:
+                raise ValueError(f"sequence length {T} exceeds the model's context_length {self.config.context_length}")
+            return torch.arange(T, device=device)  # (T,)
+        if int(positions.max()) >= self.config.context_length:
+            raise ValueError(f"position {int(positions.max())} exceeds the model's context_length {self.config.context_length}")
+        return positions
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos, sin at `positions` ((T,) -> (T, hs); (B, T) -> (B, 1, T, hs)); None with learned positions."""
+        if self.config.positions == "learned":
+            return None
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        return (cos, sin) if positions.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))
 
     def set_kv_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> None:
         """Give every attention layer a key/value cache for `batch_size` sequences of up to `max_len` tokens."""

@@ -279,8 +279,11 @@ WHERE: dict[str, tuple[str, ...] | NotRun] = {
     "python -m benchmarks.decode_speed --threads 1 --repeats 5": (f"{HERE}::test_decode_speed_benchmark",),
     "python -m benchmarks.generate_speed --threads 1": ("tests/test_generation_batch.py::test_generate_speed_smoke",),
     "python -m benchmarks.eval_speed --gguf ../shared/data/models/SmolLM2-135M-Instruct.Q4_1.gguf --tasks "
-    "hellaswag,arc_easy,mmlu,ifeval,gsm8k --limit 16 --group-limit 1 --max-gen-toks 64 --repeats 3": (
+    "hellaswag,arc_easy,mmlu --limit 16 --group-limit 1 --repeats 3 --threads 1 --clock process": (
         f"{HERE}::test_eval_speed_benchmark_on_a_llama_with_a_chat_template",),  # a Llama with a chat template, tiny
+    "python -m benchmarks.eval_speed --gguf ../shared/data/models/SmolLM2-135M-Instruct.Q4_1.gguf --tasks "
+    "gsm8k,ifeval --limit 32 --repeats 1 --threads 1 --clock process": (
+        f"{HERE}::test_eval_speed_benchmark_on_a_llama_with_a_chat_template",),
     "python -m benchmarks.default_profile": (f"{HERE}::test_default_profile_benchmark",),
     "python -m benchmarks.default_profile --no-before --vocab 2048 4096": (f"{HERE}::test_default_profile_benchmark",),
     "python -m benchmarks.default_profile --no-before --ablation": (f"{HERE}::test_default_profile_ablation_benchmark",),
@@ -499,6 +502,18 @@ def test_decode_speed_benchmark(capsys, one_thread):
     rows = table(out, "| shape | new tokens |")
     assert [r[0].split(" ")[0] for r in rows] == ["tiny", "llama-tiny"] and "Llama" in rows[1][0]
     assert all(r[1] == "6" and ratio(r[5]) and ratio(r[6]) and r[7] == "yes, yes" for r in rows)
+
+
+def test_classifier_speed_benchmark(capsys, one_thread):
+    """A tiny model: per-step seconds and steady tokens/s of the plain loop and of finetune_classifier (its frozen
+    prefix cached once), and their ratio."""
+    from benchmarks import classifier_speed
+
+    out = run_main(classifier_speed.main, ["--tiny", "--steps", "6", "--threads", "1"], capsys)
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("plain ", "lmcore "))}
+    assert set(rows) == {"plain", "lmcore"} and all(float(rows[k][4]) > 0 for k in rows)
+    assert rows["lmcore"][-1] == "s"  # the one-off prefix time is shown
+    assert "ratio (lmcore / plain, steady tokens/s)" in out and "2 trained" in out
 
 
 def test_loader_speed_benchmark(tmp_path, capsys):

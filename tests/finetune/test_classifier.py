@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import f1_score
 
 from lmcore.checkpoint import read_model_config
@@ -83,6 +84,40 @@ def test_default_trains_last_block_norm_and_head_only(spam_splits, base_model_di
     n_embd = 32
     block = 4 * n_embd + (3 * n_embd * n_embd + 3 * n_embd) + (n_embd * n_embd + n_embd) + (4 * n_embd * n_embd + 4 * n_embd) + (4 * n_embd * n_embd + n_embd)
     assert summary["trainable_params"] == block + 2 * n_embd + (2 * n_embd + 2)  # last block, norm_f, head
+
+
+def test_frozen_prefix_cache_equals_the_uncached_run_and_skips_the_frozen_blocks(spam_splits, base_model_dir, enc,
+                                                                                   tmp_path, monkeypatch):
+    """With the first block frozen, its output is computed once per example: the run ends with the same losses, metrics
+    and weights as the one that runs the whole model at every step, and the frozen block runs once per example."""
+    from lmcore.model import Block
+
+    splits, _ = spam_splits
+    calls = []
+    forward = Block.forward
+    monkeypatch.setattr(Block, "forward", lambda self, x, *a, **kw: calls.append(x.shape[0]) or forward(self, x, *a, **kw))
+    cfg = dict(trainable_blocks=1, max_steps=12, eval_interval=6, eval_batches=1)
+    runs = {}
+    for cache in (False, True):
+        calls.clear()
+        summary = finetune_classifier(micro_cfg(**cfg, cache_frozen=cache), base_model_dir, splits, tmp_path / f"m{cache}",
+                                      tmp_path / f"r{cache}", seed=0, enc=enc)
+        runs[cache] = summary, sum(calls)
+    (plain, plain_rows), (cached, cached_rows) = runs[False], runs[True]
+    assert cached["cached_frozen_blocks"] == 1 and plain["cached_frozen_blocks"] == 0
+    assert cached["first_val_loss"] == pytest.approx(plain["first_val_loss"], rel=1e-5)
+    assert cached["final_val_loss"] == pytest.approx(plain["final_val_loss"], rel=1e-4)
+    for split in ("val", "test"):
+        assert cached["metrics"][split]["loss"] == pytest.approx(plain["metrics"][split]["loss"], rel=1e-4)
+        assert cached["confusion_matrix"][split] == plain["confusion_matrix"][split]
+    # rows through a block: the uncached run passes every batch through both blocks; the cached one runs block 0
+    # once for each of the 1,494 examples, and only block 1 at every step and evaluation
+    assert cached_rows == 1494 + plain_rows // 2
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "mFalse" / "model.safetensors"), load_file(tmp_path / "mTrue" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-4)  # 12 AdamW steps of float rounding
 
 
 def test_lora_classifier_trains_adapters_and_head(spam_splits, base_model_dir, enc, tmp_path):
