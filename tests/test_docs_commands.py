@@ -278,6 +278,7 @@ WHERE: dict[str, tuple[str, ...] | NotRun] = {
     "python -m benchmarks.decode_speed --threads 1": (f"{HERE}::test_decode_speed_benchmark",),
     "python -m benchmarks.decode_speed --threads 1 --repeats 5": (f"{HERE}::test_decode_speed_benchmark",),
     "python -m benchmarks.generate_speed --threads 1": ("tests/test_generation_batch.py::test_generate_speed_smoke",),
+    "python -m benchmarks.classifier_speed": (f"{HERE}::test_classifier_speed_benchmark",),
     "python -m benchmarks.eval_speed --gguf ../shared/data/models/SmolLM2-135M-Instruct.Q4_1.gguf --tasks "
     "hellaswag,arc_easy,mmlu --limit 16 --group-limit 1 --repeats 3 --threads 1 --clock process": (
         f"{HERE}::test_eval_speed_benchmark_on_a_llama_with_a_chat_template",),  # a Llama with a chat template, tiny
