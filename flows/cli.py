@@ -329,7 +329,7 @@ def eval_(
 ) -> None:
     """Score a model on benchmarks as lm-evaluation-harness scores them: multiple choice by log-likelihood, or
     IFEval and GSM8K by greedy generation in the model's chat template."""
-    from lmcore.harness.generative import TASKS as GENERATIVE_TASKS
+    from lmcore.harness.gentasks import TASKS as GENERATIVE_TASKS
     from lmcore.harness.run import TABLE, benchmark_model
 
     names = [t.strip() for t in (tasks or "").split(",") if t.strip()]
@@ -360,7 +360,7 @@ def eval_(
 
 def _eval_generative(model, names, limit, output, batch_size, seed, max_gen_toks, data, params, set_, root) -> None:
     """`lmcore eval` of the generative tasks (lmcore.harness.generative) with the instruct_eval section's settings."""
-    from lmcore.harness.generative import TASKS as GENERATIVE_TASKS
+    from lmcore.harness.gentasks import TASKS as GENERATIVE_TASKS
 
     mixed = [t for t in names if t not in GENERATIVE_TASKS]
     if mixed:

@@ -765,7 +765,7 @@ class InstructEvalConfig(_Section):
 
     @model_validator(mode="after")
     def _known_tasks(self) -> InstructEvalConfig:
-        from lmcore.harness.generative import TASKS
+        from lmcore.harness.gentasks import TASKS
 
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:

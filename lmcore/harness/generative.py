@@ -78,6 +78,17 @@ from lmcore.chat import ChatTemplateError, render
 from lmcore.errors import InputError
 from lmcore.generation import Completion, encode_prompt, generate_batch
 from lmcore.harness.benchmarks import BenchmarkDataError, _read_jsonl, sample, source_file
+from lmcore.harness.gentasks import (
+    EM_FLEXIBLE,
+    EM_STRICT,
+    INST_LOOSE,
+    INST_STRICT,
+    LM_EVAL_NAMES,
+    PROMPT_LOOSE,
+    PROMPT_STRICT,
+    TASKS,
+    GenTask,
+)
 from lmcore.harness.punkt import ensure_punkt
 from lmcore.io import atomic_dir, atomic_file, write_json
 from lmcore.model import GPT
@@ -91,15 +102,6 @@ SAMPLES_DIR = "samples"
 ChatMode = Literal["auto", "chat", "none"]  # InstructEvalConfig.chat_template takes "auto" and "none"
 
 
-# Metric names. lm-eval names gsm8k's "exact_match,strict-match" and "exact_match,flexible-extract" (LM_EVAL_NAMES);
-# here they are names MLflow accepts.
-PROMPT_STRICT, INST_STRICT = "prompt_level_strict_acc", "inst_level_strict_acc"
-PROMPT_LOOSE, INST_LOOSE = "prompt_level_loose_acc", "inst_level_loose_acc"
-EM_STRICT, EM_FLEXIBLE = "exact_match_strict_match", "exact_match_flexible_extract"
-LM_EVAL_NAMES = {PROMPT_STRICT: f"{PROMPT_STRICT},none", INST_STRICT: f"{INST_STRICT},none",
-                 PROMPT_LOOSE: f"{PROMPT_LOOSE},none", INST_LOOSE: f"{INST_LOOSE},none",
-                 EM_STRICT: "exact_match,strict-match", EM_FLEXIBLE: "exact_match,flexible-extract"}
-
 # gsm8k.yaml's filters (name -> regex_pattern, group_select; then take_first) and its exact_match arguments.
 GSM8K_FILTERS = {EM_STRICT: (r"#### (\-?[0-9\.\,]+)", 0), EM_FLEXIBLE: (r"(-?[$0-9.,]{2,})|(-?[0-9]+)", -1)}
 GSM8K_EXACT_MATCH = {"ignore_case": True, "ignore_punctuation": False,
@@ -110,33 +112,6 @@ class GenerativeTaskError(InputError):
     """A generative task asked for in a way it cannot be run: the message names the task and the setting."""
 
 
-@dataclass(frozen=True)
-class GenTask:
-    """A task as lm-eval's YAML configures it."""
-
-    name: str
-    version: float  # metadata.version
-    source: str  # the evaluated split's source name
-    fewshot_source: str | None  # the few-shot split's source name
-    num_fewshot: int
-    until: tuple[str, ...]  # generation_kwargs.until
-    max_gen_toks: int
-    metrics: tuple[str, ...]
-    headline: str  # the metric whose per-item verdict is `correct` in the samples
-    size: int  # documents in the evaluated split (params validation bounds `limit` with it, before any download)
-
-    @property
-    def sources(self) -> tuple[str, ...]:
-        """The collect sources it reads (lmcore.config.GENERATIVE_SOURCES names)."""
-        return (self.source,) if self.fewshot_source is None else (self.source, self.fewshot_source)
-
-
-TASKS: dict[str, GenTask] = {
-    "ifeval": GenTask("ifeval", 4.0, "ifeval", None, 0, (), 1280,
-                      (PROMPT_STRICT, INST_STRICT, PROMPT_LOOSE, INST_LOOSE), PROMPT_LOOSE, 541),
-    "gsm8k": GenTask("gsm8k", 3.0, "gsm8k-test", "gsm8k-train", 5, ("Question:", "</s>", "<|im_end|>"), 256,
-                     (EM_STRICT, EM_FLEXIBLE), EM_FLEXIBLE, 1319),
-}
 _MEAN_OF_INSTRUCTIONS = (INST_STRICT, INST_LOOSE)  # lm-eval: utils.agg_inst_level_acc, stderr "N/A"
 
 
