@@ -8,11 +8,12 @@
     stream.finish_reason, stream.token_ids  # "stop" or "length"; every generated id (a final end-of-text included)
     done = generate_batch(model, enc, [ids_1, ids_2, ...], 64, batch_size=16)  # Completions, in order
 
-One engine: `DecodeBatch` decodes a batch of prompts step by step; `stream` (under `generate`, `stream_text`,
-`generate_text`, `lmcore serve` and `chat`) runs it on rows of one length, `generate_batch` on prompts of different
-lengths, left-padded, each row at its own positions (its first real token at 0) with a mask that hides the
-padding, so that each prompt gets the completion it gets alone (up to floating-point rounding). A row that ends
-leaves the batch. `TextDecoder` turns one row's ids into text (whole characters, stop ids, stop strings) for both.
+One engine: `DecodeBatch` decodes sequences step by step, each in its own row of the KV cache at its own positions
+(its first token at 0), rows joining and leaving at any step (continuous batching); `stream` (under `generate`,
+`stream_text`, `generate_text`, `lmcore serve` and `chat`) runs it on rows of one length, `generate_batch` on many
+prompts of any lengths, a waiting prompt taking the place of a row that ended. Each prompt gets the completion it
+gets alone (up to floating-point rounding). `TextDecoder` turns one row's ids into text (whole characters, stop ids,
+stop strings) for both.
 
 The cache: the prompt is run once (prefill) into the model's preallocated key/value cache (GPT.set_kv_cache),
 then each step runs the model on the one new token at its position. `use_cache=False` runs the model over the
