@@ -347,7 +347,7 @@ class DecodeBatch:
         if not own:
             return sample_next(logits, **self.sampling, generator=self.generator)
         tokens = torch.empty(len(rids), dtype=torch.long, device=logits.device)
-        shared = [i for i in range(len(rids)) if i not in set(own)]
+        shared = sorted(set(range(len(rids))) - set(own))
         if shared:
             tokens[shared] = sample_next(logits[shared], **self.sampling, generator=self.generator)
         for i in own:

@@ -118,6 +118,18 @@ class KVCache(nn.Module):
         return view
 
 
+def _cache_mask(slots: torch.Tensor, T: int) -> torch.Tensor | None:
+    """The attention mask of T new tokens written at cache `slots` ((T,) or (B, T)), made once for every layer: each
+    token sees the cached slots up to its own (rows at their own slots: none of a longer row's past). None where
+    no mask is needed: the first tokens of an empty cache (plain causal attention), or one token per row at one slot.
+    """
+    S = int(slots.max()) + 1
+    if (T > 1 and S == T) or (T == 1 and slots.dim() == 1):
+        return None
+    mask = slots[..., :, None] >= torch.arange(S, device=slots.device)  # (T, S) or (B, T, S)
+    return mask[:, None] if mask.dim() == 3 else mask
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -149,12 +161,7 @@ class CausalSelfAttention(nn.Module):
             if slots is None:
                 raise ValueError("with a KV cache, pass the positions (or cache slots) of the new tokens")
             k, v = self.kv_cache.update(slots, k, v)  # (B, nkv, S, hs), S = last slot + 1
-            # The first tokens of an empty cache (S == T) are plain causal attention; later ones see every cached
-            # slot up to their own (rows at their own slots: each its own, and none of another row's longer past).
-            is_causal = mask is None and T > 1 and k.shape[2] == T
-            if mask is None and not is_causal and (T > 1 or slots.dim() == 2):
-                mask = slots[..., :, None] >= torch.arange(k.shape[2], device=x.device)  # (T, S) or (B, T, S)
-                mask = mask[:, None] if mask.dim() == 3 else mask
+            is_causal = mask is None and T > 1  # GPT.hidden: then the cache was empty (S == T)
         if T == 1 and nkv != nh and not (self.training and self.dropout):
             # One query per row: each key head's query heads go in as that head's rows (B, nkv, nh/nkv, hs), one
             # plain attention, instead of repeating keys and values for every query head (enable_gqa).
@@ -294,8 +301,9 @@ class GPT(nn.Module):
         x = self._embed(idx, positions)  # (B, T, C)
         if self.blocks[0].attn.kv_cache is None:
             slots = None
-        elif slots is None:
-            slots = positions
+        else:
+            slots = positions if slots is None else slots
+            mask = _cache_mask(slots, idx.shape[1]) if mask is None else mask
         rope = self._rope(positions)
         for block in self.blocks:
             x = block(x, mask, rope, slots)  # (B, T, C)
