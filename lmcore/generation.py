@@ -33,6 +33,7 @@ generation ends (exhausted, closed, or garbage-collected), and the model's train
 from __future__ import annotations
 
 import codecs
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Literal
@@ -181,7 +182,7 @@ class DecodeBatch:
         self.ends = set(int(e) for e in ends)
         self.capacity = capacity if use_cache else 0
         self.rows: dict[int, _Row] = {}  # the rows still generating, by id, in the order they came
-        self.waiting: list[int] = []  # added rows with no cache row yet (the cache is full)
+        self.waiting: deque[int] = deque()  # added rows with no cache row yet (the cache is full)
         self.cache: list[int] = []  # cache row i holds row id cache[i]
         self.next_id = 0
         self.was_training = model.training
@@ -257,10 +258,6 @@ class DecodeBatch:
         self.model.clear_kv_cache()
         self.model.train(self.was_training)
 
-    def tokens(self, rid: int) -> list[int]:
-        """A running row's prompt (as cropped) and generated tokens so far."""
-        return self.rows[rid].tokens
-
     def _release(self, slot: int) -> None:
         """Free cache row `slot`: the last cache row moves into it, so the rows in use stay the first ones."""
         last = len(self.cache) - 1
@@ -281,7 +278,7 @@ class DecodeBatch:
                 self._release(row.slot)
                 row.slot = None
         while self.waiting and len(self.cache) < self.capacity:
-            rid = self.waiting.pop(0)
+            rid = self.waiting.popleft()
             self.rows[rid].slot = len(self.cache)
             self.cache.append(rid)
 

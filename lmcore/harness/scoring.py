@@ -17,8 +17,8 @@ How it is computed is faster:
   itself only, so each choice sees exactly the tokens it would see alone (tests/test_model.py checks it).
   A continuation's last token is never an input, so one-token choices (MMLU's " A".." D") add nothing to the
   row: all four are read off the context's last position.
-- **Rows sorted by length, longest first, and batched only while a batch stays small**: a row of 256 tokens
-  or more runs alone, shorter ones share a batch of up to TOKENS_PER_BATCH padded tokens. On a CPU a single
+- **Rows sorted by length, longest first, and batched only while a batch stays small**: a row longer than 256
+  tokens runs alone, shorter ones share a batch of up to TOKENS_PER_BATCH padded tokens. On a CPU a single
   row of a few hundred tokens already runs the matmuls at full speed, so batching long rows buys nothing and
   their padding is pure waste (SmolLM2-135M, 1 thread: 16 rows of 100-700 tokens take 36 s padded into one
   batch, 17 s one by one). A batch that does not fit in memory fails at once, not at the end.
