@@ -43,12 +43,15 @@ from lmcore.tokenizer import get_tokenizer, load_tokenizer
 
 
 class StepClock:
-    """A tracker that notes when each training step's metrics arrive: the steps' durations."""
+    """A tracker that notes when each training step's metrics arrive: the steps' durations (the clock restarts when
+    the frozen-prefix cache is done, so step 1 does not include it)."""
 
     def __init__(self) -> None:
         self.times: list[float] = [time.perf_counter()]
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if "cached_prefix_s" in metrics:
+            self.times[-1] = time.perf_counter()
         if "train_loss" in metrics:
             self.times.append(time.perf_counter())
 
@@ -93,26 +96,11 @@ def plain_loop(folder: Path, enc, train: list, cfg: ClassifierConfig) -> list[tu
     return out
 
 
-def lmcore_run(folder: Path, enc, splits: Path, cfg: ClassifierConfig, work: Path) -> tuple[list[float], float, dict]:
-    """lmcore's step durations, the frozen-prefix time and the run's summary."""
+def lmcore_run(folder: Path, enc, splits: Path, cfg: ClassifierConfig, work: Path) -> tuple[list[float], dict]:
+    """lmcore's step durations and the run's summary (its cached_prefix_s: the frozen-prefix time)."""
     clock = StepClock()
-    prefix = []
-    cache = clf._cache_prefix
-
-    def timed_cache(*a, **kw):
-        t0 = time.perf_counter()
-        out = cache(*a, **kw)
-        prefix.append(time.perf_counter() - t0)
-        clock.times[-1] = time.perf_counter()  # step 1 starts after the caching
-        return out
-
-    clf._cache_prefix = timed_cache
-    try:
-        summary = clf.finetune_classifier(cfg, folder, splits, work / "model", work / "reports", seed=0, enc=enc,
-                                          tracker=clock)
-    finally:
-        clf._cache_prefix = cache
-    return clock.durations(), sum(prefix), summary
+    summary = clf.finetune_classifier(cfg, folder, splits, work / "model", work / "reports", seed=0, enc=enc, tracker=clock)
+    return clock.durations(), summary
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -140,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         clf.prepare_classification(cfg, work / "raw", work / "splits", seed=0)
         train = [(enc.encode_ordinary(r["text"]) or [enc.eot_token], r["label"]) for r in read_split(work / "splits", "train")]
         plain = plain_loop(folder, enc, train, cfg)
-        steps, prefix_s, summary = lmcore_run(folder, enc, work / "splits", cfg, work)
+        steps, summary = lmcore_run(folder, enc, work / "splits", cfg, work)
         # lmcore's steps see the same batches (EpochBatches, seed 0): the same real tokens per step
         tokens = [n for _, n in plain]
         model = load_model(folder)
@@ -151,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         rate = {}
         for name, secs in (("plain", [s for s, _ in plain]), ("lmcore", steps)):
             rate[name] = statistics.median(n / s for n, s in zip(tokens[3:], secs[3:]))
-            one_off = f"{prefix_s:.1f} s" if name == "lmcore" and summary["cached_frozen_blocks"] else ""
+            one_off = f"{summary['cached_prefix_s']:.1f} s" if name == "lmcore" and summary["cached_frozen_blocks"] else ""
             print(f"{name:<10}" + "".join(f"{s:>8.2f}s" for s in secs[:3]) + f"{rate[name]:>14.0f}{one_off:>10}")
         print(f"ratio (lmcore / plain, steady tokens/s): {rate['lmcore'] / rate['plain']:.2f}x; "
               f"lmcore test accuracy {summary['metrics']['test']['accuracy']:.3f}")

@@ -18,6 +18,7 @@ training, a step costs about a thirtieth of the forward it replaces, and the cla
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -260,10 +261,14 @@ def finetune_classifier(
     train_labels = [label for _, label in train]
     start = _frozen_blocks(model, cfg)
     collate = to_device
+    prefix_s = 0.0
     if start:
+        t0 = time.perf_counter()
         precision = resolve_precision(cfg.precision, device, "finetune_classifier.precision")
         train, val, test = (_cache_prefix(model, rows, start, to_device, eval_bs, precision) for rows in (train, val, test))
         collate = _collate_states
+        prefix_s = time.perf_counter() - t0
+        tracker.log_metrics({"cached_prefix_s": prefix_s}, step=0)
     val_batches = [collate(b) for b in batches(val, eval_bs)]
     test_batches = [collate(b) for b in batches(test, eval_bs)]
 
@@ -296,6 +301,7 @@ def finetune_classifier(
         **counts,
         "lora": bool(wrapped),
         "cached_frozen_blocks": start,
+        "cached_prefix_s": round(prefix_s, 3),  # the frozen blocks over every example, once
         "steps": history.steps,
         "train_time_s": round(history.train_time_s, 3),
         "first_val_loss": history.val[0][1]["loss"],
