@@ -49,7 +49,7 @@ def digests(repo: Path) -> dict[str, str]:
 
 
 # What a run measures about itself, not what it computes: wall-clock seconds, throughput, measured peak FLOP/s.
-TIMINGS = {"train_time_s", "tokens_per_s", "mfu", "peak_flops", "elapsed_s", "items_per_s"}
+TIMINGS = {"train_time_s", "tokens_per_s", "mfu", "peak_flops", "elapsed_s", "items_per_s", "cached_prefix_s"}
 
 
 def comparable(repo: Path, rel: str):

@@ -84,7 +84,13 @@ def test_markdown_artifact_published(lifecycle_run):
 
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["lmcore-lifecycle-summary"])))
+    arts = own_summaries(arts, lifecycle_run[0])
     assert arts and "registered model" in arts[0].data and "lmcore-base v1" in arts[0].data
+
+
+def own_summaries(artifacts: list, root) -> list:
+    """The lifecycle summaries of the run in `root`: other tests' flows publish theirs to the same Prefect server."""
+    return [a for a in artifacts if str(root) in a.data]
 
 
 def offline_without_ranks(monkeypatch) -> None:
@@ -197,7 +203,8 @@ def test_benchmark_scores_promote_the_first_version_to_champion(lifecycle_run):
         arts = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["lmcore-benchmark"])))
         summary = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["lmcore-lifecycle-summary"])))
     assert arts and arts[0].type == "table" and "mmlu" in json.dumps(arts[0].data)
-    assert "v1 -> @champion" in summary[0].data and "skipped: no judge endpoint" in summary[0].data
+    summary = own_summaries(summary, root)
+    assert summary and "v1 -> @champion" in summary[0].data and "skipped: no judge endpoint" in summary[0].data
 
 
 def test_judge_without_endpoint_is_skipped_not_faked(lifecycle_run):
