@@ -1,128 +1,111 @@
-"""Benchmark the default profile's tokenizer and training settings: the default before issue 17 against params.yaml's.
+"""Time the default profile stage by stage: `make pipeline` on a fresh clone, then again with nothing changed.
 
-    .venv/bin/python -m benchmarks.default_profile                       # the old default against the new one
-    .venv/bin/python -m benchmarks.default_profile --ablation            # + bf16 forced, + torch.compile
-    .venv/bin/python -m benchmarks.default_profile --no-before --vocab 2048 4096 8192 --set pretrain.batch_size=16
+    .venv/bin/python -m benchmarks.default_profile                           # params.yaml, a fresh clone of HEAD
+    .venv/bin/python -m benchmarks.default_profile --root .                  # the runs this project has made
+    .venv/bin/python -m benchmarks.default_profile --params profiles/micro.yaml --keep /tmp/micro-run
 
-On the same cleaned corpus (params.yaml's sources, collected from LMCORE_MIRROR and preprocessed as the pipeline
-does, into a temporary folder) and the same step budget (`pretrain.max_steps`, or --steps), each row tokenizes the
-corpus and pretrains from the same seed:
-- `before`: the default before issue 17: GPT-2's 50,257-token vocabulary, fp32, eager, the model and schedule
-  it had (BEFORE below);
-- `params.yaml`: the tokenizer train_tokenizer trains (`train_tokenizer` params, on the train split) and the
-  `pretrain` section as params.yaml has it (precision auto: bf16 where the CPU has it natively, else fp32);
-- `bpe-N`, one per --vocab: the same with an N-token vocabulary; --ablation: params.yaml's with bf16 forced
-  (emulated where the CPU lacks it) and with torch.compile. --set overrides apply to every row but `before`.
-Per row: seconds to train the tokenizer, to tokenize, to pretrain (compile included) and in all; the validation
-loss per token and in bits per byte over the whole val split (the same documents for every tokenizer: the split
-is a hash of the text); and the wall-time ratio to the first row. Bits per byte is the comparable number: a
-smaller vocabulary has more tokens per text and so a lower loss per token for the same model quality.
+Without --root: clones this checkout's HEAD (`git clone`: the committed files, as a user gets them) into a
+temporary folder, runs `lmcore pipeline --params <params>` there with this venv (the clone's code first on
+PYTHONPATH, its own mlflow.db and dvc.lock), then runs it again with nothing changed. With --root: reads the last
+two lifecycle runs that project made. Either way it prints, per run, each stage's wall time and its share of the
+whole (the lifecycle parent run's metrics stage_time_s.<stage>, timed around each stage's task), which stages ran,
+and the model versions the registry held after it: a second run that registers nothing and stays under a
+minute is what `make pipeline` on an unchanged project must be.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-from lmcore.bpe import save_trained, train_bpe
-from lmcore.checkpoint import load_model
-from lmcore.config import load_params
-from lmcore.data.loader import TokenDataset
-from lmcore.data.tokenize import tokenize
-from lmcore.evaluation import perplexity
-from lmcore.paths import DOCUMENTS
-from lmcore.pretrain import pretrain
-from lmcore.stages import StageContext
-from lmcore.stages.collect import run as collect_run
-from lmcore.stages.preprocess import run as preprocess_run
-from lmcore.stages.train_tokenizer import read_documents
-from lmcore.tokenizer import configured_ranks_file, get_tokenizer
-from lmcore.training import cpu_has_native_bf16, token_bytes
+from tasks.tags import TAG_STAGES_RUN
 
 ROOT = Path(__file__).resolve().parents[1]
-# params.yaml's pretrain settings before issue 17 (commit 3e29066), where they differ from the ones it has now
-BEFORE = ["pretrain.model.vocab_size=50257", "pretrain.precision=fp32", "pretrain.compile=false"]
+PREFIX = "stage_time_s."  # the lifecycle parent run's metric per stage (flows/lifecycle.py)
 
 
-def corpus(root: Path, params_path: Path) -> StageContext:
-    """params.yaml's sources collected (mirror first) and preprocessed into `root`, as the pipeline does."""
-    root.mkdir(parents=True)
-    (root / "params.yaml").write_text(params_path.read_text())
-    ctx = StageContext(root=root, params=load_params(params_path))
-    collect_run(ctx)
-    preprocess_run(ctx)
-    return ctx
-
-
-def one_row(ctx: StageContext, label: str, params, gpt2: bool, work: Path) -> dict:
-    """Train the tokenizer (or take GPT-2's), tokenize, pretrain, score the whole val split."""
-    tok_dir, tokens, model_dir, reports = (work / label / p for p in ("tokenizer", "tokens", "model", "reports"))
+def run_pipeline(project: Path, params: str) -> float:
+    """`lmcore pipeline` in `project`, as `make pipeline` runs it there; returns its wall time (process start included)."""
+    env = {**os.environ, "PYTHONPATH": str(project), "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    lmcore = Path(sys.executable).parent / "lmcore"
     started = time.perf_counter()
-    if gpt2:
-        tok = get_tokenizer("gpt2", configured_ranks_file(params.tokenize.ranks_file, ctx.root))
-    else:
-        cfg = params.train_tokenizer
-        docs = [text for split, text in read_documents(ctx.layout.clean / DOCUMENTS, ctx.seed, params.tokenize.val_fraction)
-                if split == "train"]
-        text = train_bpe(docs, vocab_size=cfg.vocab_size, special_tokens=cfg.special_tokens, pattern=cfg.pattern,
-                         min_frequency=cfg.min_frequency)
-        tok = save_trained(text, tok_dir, name=f"bpe-{cfg.vocab_size}", eot=cfg.special_tokens[0])
-    t_tok = time.perf_counter()
-    tokenize(params.tokenize, ctx.layout.clean, tokens, ctx.seed, tokenizer=tok)
-    t_shards = time.perf_counter()
-    cfg = params.pretrain.model_copy(update={"init": "scratch", "eval_benchmarks_every": None,
-                                             "eval_interval": params.pretrain.max_steps})
-    pretrain(cfg, tokens, model_dir, reports, seed=ctx.seed)
-    t_train = time.perf_counter()
-    net = load_model(model_dir)
-    score = perplexity(net, TokenDataset(tokens, "val"), 32, net.config.context_length, None, "cpu",
-                       token_bytes(tok, net.config.vocab_size))
-    return {"row": label, "vocab": tok.n_vocab, "params": sum(p.numel() for p in net.parameters()),
-            "precision": params.pretrain.precision, "compile": params.pretrain.compile,
-            "tokenizer_s": t_tok - started, "tokenize_s": t_shards - t_tok, "pretrain_s": t_train - t_shards,
-            "total_s": t_train - started, "val_loss": score.loss, "val_bpb": score.bpb, "val_tokens": score.tokens}
+    proc = subprocess.run([str(lmcore), "pipeline", "--params", params, "--root", str(project)], cwd=project, env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"lmcore pipeline failed in {project} (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - started
+
+
+def lifecycle_runs(project: Path, n: int) -> list:
+    """The last `n` lifecycle parent runs of the project's MLflow store, oldest first."""
+    import mlflow
+
+    client = mlflow.MlflowClient(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project.resolve() / 'mlflow.db'}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs(
+        [e.experiment_id], filter_string="tags.mlflow.runName = 'lifecycle'", order_by=["attributes.start_time DESC"], max_results=n)]
+    runs = sorted(runs, key=lambda r: r.info.start_time)[-n:]
+    if not runs:
+        sys.exit(f"no lifecycle run in {project}'s MLflow store")
+    return runs
+
+
+def versions(project: Path) -> dict[str, int]:
+    import mlflow
+
+    client = mlflow.MlflowClient(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project.resolve() / 'mlflow.db'}")
+    return {m.name: len(client.search_model_versions(f"name = '{m.name}'")) for m in client.search_registered_models()}
+
+
+def table(run) -> str:
+    """Each stage's wall time and share of the whole run, in the order the flow ran them."""
+    from lmcore.pipeline import NAMES
+
+    times = {k.removeprefix(PREFIX): v for k, v in run.data.metrics.items() if k.startswith(PREFIX)}
+    ran = set(run.data.tags.get(TAG_STAGES_RUN, "none").split(",")) - {"none"}
+    total = sum(times.values())
+    rows = ["| stage | ran | wall s | share |", "|---|---|---:|---:|"]
+    for stage in sorted(times, key=lambda name: NAMES.index(name) if name in NAMES else len(NAMES)):
+        rows.append(f"| {stage} | {'yes' if stage in ran else 'unchanged'} | {times[stage]:.1f} | {times[stage] / total:.1%} |")
+    rows.append(f"| **all** | {len(ran)} ran | **{total:.1f}** | 100% |")
+    return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
-    ap.add_argument("--steps", type=int, default=None, help="pretrain steps per row (default: pretrain.max_steps)")
-    ap.add_argument("--vocab", type=int, nargs="*", default=[], help="more trained vocabulary sizes, one row each")
-    ap.add_argument("--set", dest="sets", action="append", default=[], help="key=value for every row but `before`")
-    ap.add_argument("--ablation", action="store_true", help="params.yaml's row with bf16 forced and with torch.compile")
-    ap.add_argument("--no-before", action="store_true", help="leave out the `before` row (slow: GPT-2's vocabulary)")
+    ap.add_argument("--params", default="params.yaml", help="the profile, relative to the project (default: params.yaml)")
+    ap.add_argument("--root", type=Path, default=None, help="read this project's last two lifecycle runs instead of running")
+    ap.add_argument("--keep", type=Path, default=None, help="clone into this folder (created) and keep it")
+    ap.add_argument("--no-rerun", action="store_true", help="leave out the second, unchanged run")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    steps = [f"pretrain.max_steps={args.steps}"] if args.steps else []
-    new = [*args.sets, *steps]
-    rows = [] if args.no_before else [("before (gpt2, fp32)", [*BEFORE, *steps], True)]
-    rows.append(("params.yaml", new, False))
-    rows += [(f"bpe-{v}", [*new, f"train_tokenizer.vocab_size={v}", f"pretrain.model.vocab_size={v}"], False) for v in args.vocab]
-    if args.ablation:
-        rows += [("params.yaml + bf16", [*new, "pretrain.precision=bf16"], False),
-                 ("params.yaml + compile", [*new, "pretrain.compile=true"], False)]
-    with tempfile.TemporaryDirectory(prefix="lmcore-default-profile-") as tmp:
-        ctx = corpus(Path(tmp) / "project", args.params)
-        results = []
-        for label, overrides, gpt2 in rows:
-            params = load_params(args.params, overrides)
-            results.append(one_row(ctx, label.replace(" ", "_"), params, gpt2, Path(tmp)))
-            results[-1]["row"] = label
-            print(f"done {label}: {results[-1]['total_s']:.1f} s, val bpb {results[-1]['val_bpb']:.4f}", flush=True)
-    base = results[0]
-    print(f"\n{params.pretrain.max_steps} pretrain steps each; {torch.get_num_threads()} threads; "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16: {cpu_has_native_bf16()}\n")
-    print("| row | vocab | params | precision | compile | tokenizer s | tokenize s | pretrain s | total s | speed-up | val loss (nats/token) | val bits/byte |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in results:
-        print(f"| {r['row']} | {r['vocab']:,} | {r['params']:,} | {r['precision']} | {r['compile']} | {r['tokenizer_s']:.1f} | "
-              f"{r['tokenize_s']:.1f} | {r['pretrain_s']:.1f} | {r['total_s']:.1f} | {base['total_s'] / r['total_s']:.2f}x | "
-              f"{r['val_loss']:.4f} | {r['val_bpb']:.4f} |")
+
+    walls: list[float] = []
+    held: list[dict[str, int]] = []
+    if args.root is not None:
+        project = args.root
+        runs = lifecycle_runs(project, 2)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="lmcore-default-profile-")
+        project = args.keep or Path(tmp.name) / "project"
+        subprocess.run(["git", "clone", "-q", str(ROOT), str(project)], check=True)
+        for _ in range(1 if args.no_rerun else 2):
+            walls.append(run_pipeline(project, args.params))
+            held.append(versions(project))
+            print(f"run {len(walls)}: {walls[-1]:.1f} s; model versions in the registry: {held[-1]}", flush=True)
+        runs = lifecycle_runs(project, len(walls))
+    for i, run in enumerate(runs):
+        wall = f"; `lmcore pipeline` {walls[i]:.1f} s in all, process start included" if walls else ""
+        print(f"\n## run {i + 1}: MLflow run {run.info.run_id}{wall}\n")
+        print(table(run))
+    if len(held) == 2:
+        new = sum(held[1].values()) - sum(held[0].values())
+        print(f"\nnew model versions in the unchanged run: {new}")
+    if args.root is None and args.keep is None:
+        tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
     .venv/bin/python -m benchmarks.train_speed
     .venv/bin/python -m benchmarks.train_speed --steps 200 --repeats 2 --threads 1 --ablation
 
-Both loops train `GPT(params.pretrain.model)` (the default tiny model: 4 layers, width 128, context 128, the
-trained tokenizer's 8,192-token vocabulary) from the same seeded initial weights on the very same batches
+Both loops train `GPT(params.pretrain.model)` (profiles/scratch.yaml's tiny model: 4 layers, width 128, context
+128, the trained tokenizer's 8,192-token vocabulary) from the same seeded initial weights on the very same batches
 (TokenLoader windows of `--tokens`, default data/tokens; a random stream when that folder is missing), with the
 same lr schedule, clipping and betas:
 - nanoGPT: its train.py on CPU: fp32 (nanoGPT's autocast context is a nullcontext on CPU), AdamW with
@@ -18,7 +18,7 @@ other processes stealing the cores for a while) and from the whole run's wall ti
 mean train loss of the last 20 steps and the validation loss on the same 8 fixed batches after the last
 step. Prints a Markdown table and the lmcore/nanoGPT ratios.
 
-The in-training benchmark probe (`pretrain.eval_benchmarks_every`, on in params.yaml) is turned off for every
+The in-training benchmark probe (`pretrain.eval_benchmarks_every`, on in profiles/scratch.yaml) is turned off for every
 lmcore row: it scores benchmark items between steps, which nanoGPT's loop does not do, so it would time
 evaluation rather than training (and it needs a collected benchmark sample). This is a throughput benchmark;
 the probe's own cost is in the pretrain stage's report.
@@ -125,7 +125,7 @@ def lmcore_loop(cfg: PretrainConfig, tokens: Path, seed: int) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", default=str(ROOT / "params.yaml"))
+    ap.add_argument("--params", default=str(ROOT / "profiles" / "scratch.yaml"))
     ap.add_argument("--tokens", default=str(ROOT / "data" / "tokens"))
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=1)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
@@ -41,8 +42,8 @@ SUMMARY_ARTIFACT = "summary.md"
 PLAN_ARTIFACT = "plan.json"  # each stage: ran or not, and why (DVC's status entries)
 
 
-def summary_markdown(results: dict[str, dict], run_id: str, commit_note: str, plan: Plan) -> str:
-    rows = stage_rows(plan) + pipeline.summary_rows(results) + [("MLflow run", run_id), ("DVC", commit_note)]
+def summary_markdown(results: dict[str, dict], run_id: str, commit_note: str, plan: Plan, times: dict[str, float]) -> str:
+    rows = stage_rows(plan, times) + pipeline.summary_rows(results) + [("MLflow run", run_id), ("DVC", commit_note)]
     table = "\n".join(f"| {label} | {value} |" for label, value in rows)
     return f"# lmcore lifecycle run\n\n| | |\n|---|---|\n{table}\n"
 
@@ -58,7 +59,8 @@ def lifecycle(
 ) -> dict:
     """Run the stages in order, each only when DVC finds it changed (or with `force`), committing each to dvc.lock
     as it finishes; returns each stage's summary by name, the MLflow parent run id, the DVC note, the summary
-    table's rows and the plan (which stages ran, and why).
+    table's rows, the plan (which stages ran, and why) and each stage's wall time in seconds (`stage_times`, also
+    the parent run's metrics stage_time_s.<stage>).
 
     Another run working in `root` makes this one wait up to `wait_s` seconds, then fail (RootBusyError)."""
     root_path, params_path = resolve(root, params_file)
@@ -69,21 +71,25 @@ def lifecycle(
             logger().info("dvc.yaml rewritten: the local paths params.yaml names are its stages' deps")
         ctx = make_context(root_path, params, launcher="prefect")
         results: dict[str, dict] = {}
+        times: dict[str, float] = {}
         with ctx.tracking.run("lifecycle") as parent:
             parent.log_params(params.to_dict())
             stage_ctx = with_parent(ctx, parent.run_id)
             for stage in pipeline.STAGES:
+                started = time.perf_counter()
                 results[stage.name] = run_or_skip(stage.name, stage_ctx, plan, commit_dvc)
+                times[stage.name] = round(time.perf_counter() - started, 3)
             parent.set_tags({tag(k): v for k, v in pipeline.parent_tags(results).items()})
             parent.set_tags(plan_tags(plan, results))
-            parent.log_metrics({**pipeline.parent_metrics(results), "stages_run": len(plan.ran), "stages_skipped": len(plan.skipped)})
+            parent.log_metrics({**pipeline.parent_metrics(results), "stages_run": len(plan.ran), "stages_skipped": len(plan.skipped),
+                                **{f"stage_time_s.{name}": s for name, s in times.items()}, "stages_time_s": round(sum(times.values()), 3)})
             parent.client.log_text(parent.run_id, json.dumps(plan.to_dict(), indent=2), PLAN_ARTIFACT)
             commit_note = dvc_note(plan, commit_dvc)
-            markdown = summary_markdown(results, parent.run_id, commit_note, plan)
+            markdown = summary_markdown(results, parent.run_id, commit_note, plan, times)
             parent.client.log_text(parent.run_id, markdown, SUMMARY_ARTIFACT)
     create_markdown_artifact(markdown, key="lmcore-lifecycle-summary", description="lmcore lifecycle run")
-    return {**results, "mlflow_run_id": parent.run_id, "dvc": commit_note, "summary": stage_rows(plan) + pipeline.summary_rows(results),
-            "plan": plan.to_dict()}
+    return {**results, "mlflow_run_id": parent.run_id, "dvc": commit_note,
+            "summary": stage_rows(plan, times) + pipeline.summary_rows(results), "plan": plan.to_dict(), "stage_times": times}
 
 
 def run_or_skip(name: str, ctx, plan: Plan, commit_dvc: bool) -> dict:
@@ -100,14 +106,22 @@ def run_or_skip(name: str, ctx, plan: Plan, commit_dvc: bool) -> dict:
     return TASKS[name](ctx, unchanged=Unchanged(run_id, summary), return_state=True).result()
 
 
-def stage_rows(plan: Plan) -> list[tuple[str, str]]:
+def stage_rows(plan: Plan, times: dict[str, float]) -> list[tuple[str, str]]:
     ran, skipped = plan.ran, plan.skipped
     rows = [("stages run", f"{len(ran)}: {', '.join(ran)}" if ran else "none")]
     if skipped:
         rows.append(("stages unchanged", f"{len(skipped)}: {', '.join(skipped)}"))
     if not plan.checks and not plan.force:
         rows.append(("change check", f"off: {plan.checked_against}"))
+    rows.append(("stage time", time_row(times)))
     return rows
+
+
+def time_row(times: dict[str, float]) -> str:
+    """The stages' wall time in all, and the three longest with their shares: "6 min 20 s; longest: benchmark 96 s (25%), ..."."""
+    total = sum(times.values())
+    longest = ", ".join(f"{name} {s:.0f} s ({s / total:.0%})" for name, s in sorted(times.items(), key=lambda kv: -kv[1])[:3])
+    return f"{int(total // 60)} min {total % 60:.0f} s" + (f"; longest: {longest}" if total else "")
 
 
 def plan_tags(plan: Plan, results: dict[str, dict]) -> dict[str, str]:

@@ -35,8 +35,10 @@ KINDS = {
 # What an alias of a registered model means (the model's description lists those its name carries).
 ALIASES = {
     "champion": "the version that won the eval-gated promotion: it beat the champion before it by more than the "
-                "standard error on the family's primary metric (the first champion: the pretrained base a run started "
-                "from, when it can serve the family). Serve this one (`models:/<name>` alone means it); scheduled runs "
+                "standard error on the family's primary metric, or continued the champion's pretraining and lowered "
+                "its held-out bits per byte of the corpus beyond their standard error at no benchmark loss beyond the "
+                "standard error (the first champion: the pretrained base a run started from, when it can serve the "
+                "family). Serve this one (`models:/<name>` alone means it); scheduled runs "
                 "continue it.",
     "challenger": "the newest version scored against the champion that did not beat it (or was not comparable).",
     "sft": "the newest instruction-fine-tuned (supervised) version.",
@@ -197,7 +199,7 @@ def render(facts: dict[str, Any], registry: Registry | None = None) -> str:
     for when in ("first", "final"):
         if f"{when}_val_loss" in training:
             rows.append((f"{when} validation loss", _loss(training.pop(f"{when}_val_loss"), training.pop(f"{when}_val_bpb", None))))
-    rows = [(k.replace("_", " "), _num(v, ".4g")) for k, v in training.items()] + rows
+    rows = [(k.replace("_", " "), f"`{v[:12]}`" if k.endswith("sha256") and v else _num(v, ".4g")) for k, v in training.items()] + rows
     if registry and registry.wall_time_s is not None:
         rows.append(("wall time", f"{registry.wall_time_s:,.0f} s (the {facts['stage']} run)"))
     out += _table(rows) + [""]
@@ -260,6 +262,10 @@ def _promotion(decision: dict | None, as_champion: bool = False) -> list[str]:
             (f"champion v{decision['champion_version']}", f"{_num(decision['champion_value'])} ± {_num(decision['champion_stderr'])}"),
             ("difference", f"{decision['difference']:+.4f}"),
             ("paired stderr" if decision.get("paired") else "combined stderr", _num(decision["combined_stderr"])),
+            *([("held-out bits per byte of the corpus (before: the champion's)",
+                f"{decision['heldout_bpb_before']:.4f} -> {decision['heldout_bpb_after']:.4f} "
+                f"({decision['heldout_bpb_change']:+.4f} ± {decision['heldout_bpb_change_stderr']:.4f})")]
+              if decision.get("heldout_bpb_change") is not None else []),
         ])
         disagree = decision.get("disagreements")
         if disagree:

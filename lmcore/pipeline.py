@@ -414,8 +414,8 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "judge",
-        "LLM-as-judge scores of the instruction models' test responses (skipped without an endpoint)",
-        deps=(f"{reports_path('instruct')}/test_responses.jsonl", f"{reports_path('dpo')}/test_responses.jsonl"),
+        "LLM-as-judge scores of the instruction models' test responses, by an endpoint or a model the stage serves (skipped without either)",
+        deps=(f"{reports_path('instruct')}/test_responses.jsonl", f"{reports_path('dpo')}/test_responses.jsonl", BASE_SOURCE),
         outs=(reports_path("judge"),),
         metrics=(f"{reports_path('judge')}/summary.json",),
         params=("judge",),

@@ -66,6 +66,7 @@ from lmcore.training import (
     Precision,
     TrainState,
     bits_per_byte,
+    bpb_change,
     bpb_sums,
     check_compile,
     check_finite,
@@ -177,12 +178,14 @@ def pretrain(
     peak = cfg.peak_flops or measure_peak_flops(device, precision.dtype)
     log_metrics = OffsetTracker(tracker, start_step).log_metrics if info.is_main else NullTracker().log_metrics
 
+    row_bytes: dict[int, torch.Tensor | None] = {}  # step -> each val window's (nats, bytes), for the paired stderr
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc="pretrain", unit="step", dynamic_ncols=True, disable=not info.is_main)
     for step in range(state.step, cfg.max_steps + 1):  # updates done so far
         if step != resumed_at:  # a resumed step was evaluated and saved before the checkpoint was written
             if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-                val_loss, val_bpb = validation_loss(model, val_windows, precision, val_bytes)
+                val_loss, val_bpb, rows = validation_loss(model, val_windows, precision, val_bytes)
                 check_finite(val_loss, "pretrain: val loss", step, lr_at(step, cfg), checkpoint_dir)
+                row_bytes[step] = rows
                 state.val_rows.append((step, val_loss, val_bpb))
                 log_metrics({"val_loss": val_loss, **({"val_bpb": val_bpb} if val_bpb is not None else {})}, step=step)
                 stopped_early = early.update(step, val_loss) and step < cfg.max_steps
@@ -210,6 +213,11 @@ def pretrain(
 
     summary = make_summary(cfg, model, state, train_loader, val, precision, peak=peak, resumed_at=resumed_at,
                            stopped_early=stopped_early, seq_len=T)
+    first, last = (row_bytes.get(state.val_rows[i][0]) for i in (0, -1))
+    # the change in val bits per byte over the run (final - first, on the same windows) and its paired standard
+    # error; None where a run resumed past step 0 or the shards have no tokenizer
+    change = bpb_change(first, last) if first is not None and last is not None else (None, None)
+    summary.update(val_bpb_change=change[0], val_bpb_change_stderr=change[1])
     summary.update(init=cfg.init, start=start, tokenizer=tokenizer.name if tokenizer else None, start_step=start_step,
                    pretrain_steps=start_step + state.step)
     summary.update(probe.summary() if probe is not None else {})
@@ -292,15 +300,15 @@ def next_token_loss(forward: torch.nn.Module, batch: tuple[torch.Tensor, torch.T
 def validation_loss(
     model: torch.nn.Module, windows: list[tuple[torch.Tensor, torch.Tensor]], precision: Precision,
     bytes_per_token: torch.Tensor | None = None,
-) -> tuple[float, float | None]:
-    """Mean loss over the validation batches, and their bits per byte; under torchrun each rank scores its share
-    and the sums meet.
+) -> tuple[float, float | None, torch.Tensor | None]:
+    """Mean loss over the validation batches, their bits per byte and each window's (nats, bytes); under torchrun
+    each rank scores its share and the sums meet.
 
     Every rank runs the same number of forwards (FSDP gathers parameters collectively): a rank short of one
     scores its last batch again with weight 0.
 
     Args: bytes_per_token: lmcore.training.token_bytes of the shards' tokenizer, on the device; None: no bpb.
-    Returns: (mean loss, bits per byte or None).
+    Returns: (mean loss, bits per byte or None, (windows, 2) float64 nats and bytes per window or None).
     """
     info = distributed.current()
     mine = windows[info.rank :: info.world_size]
@@ -309,16 +317,23 @@ def validation_loss(
     mine = mine + [windows[-1]] * (share - len(mine))
     model.eval()
     sums = torch.zeros(3, device=windows[0][0].device, dtype=torch.float64)  # loss, nats, bytes
-    for (x, y), w in zip(mine, weights):
+    B = windows[0][0].shape[0]
+    rows = torch.zeros(len(windows), B, 2, device=sums.device, dtype=torch.float64)  # each window's nats, bytes
+    for i, ((x, y), w) in enumerate(zip(mine, weights)):
         with precision.autocast():
             logits, loss = model(x, y)  # (B, T, V), the batch's mean loss
             sums[0] += w * loss.double()
-            if bytes_per_token is not None:
-                losses = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none")  # (B*T,)
-                sums[1:] += w * torch.stack(bpb_sums(losses, y, bytes_per_token))
+            if bytes_per_token is not None and w:  # a repeated last batch (weight 0) has no window of its own
+                losses = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view(y.shape)
+                for b in range(y.shape[0]):
+                    rows[info.rank + i * info.world_size, b] = torch.stack(bpb_sums(losses[b], y[b], bytes_per_token))
     model.train()
-    loss, nats, n_bytes = distributed.all_reduce_sum(sums).tolist()
-    return loss / len(windows), bits_per_byte(nats, n_bytes) if bytes_per_token is not None else None
+    loss = distributed.all_reduce_sum(sums)[0].item()
+    if bytes_per_token is None:
+        return loss / len(windows), None, None
+    rows = distributed.all_reduce_sum(rows).flatten(0, 1)
+    nats, n_bytes = rows.sum(0).tolist()
+    return loss / len(windows), bits_per_byte(nats, n_bytes), rows.cpu()
 
 
 def make_summary(

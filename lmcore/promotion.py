@@ -20,6 +20,13 @@ sqrt(se_new^2 + se_champion^2): higher is better, lower for losses, perplexity a
 A paired comparison (`paired`: both versions' per-item verdicts on the same items, `paired_difference`) replaces
 the combined standard error by the standard error of the per-item differences, which is smaller when the two
 models get mostly the same items right: the classifier's gate, whose test split is small.
+
+Continued pretraining is decided on two numbers (`adaptation`): what it bought, the change in held-out bits per
+byte of the corpus from the champion it started from (the same windows, before and after, with the paired
+standard error), and what it cost, the benchmark change against that champion. A version that does not beat the
+champion on the benchmark still takes `champion` when it lowers the held-out bits per byte by more than their
+standard error and loses no more than the combined standard error on the benchmark: it learned the corpus without
+forgetting measurably. A version that started from another model is decided on the benchmark alone.
 """
 
 from __future__ import annotations
@@ -64,6 +71,21 @@ def _tokenizers(a: Score, b: Score) -> str:
 
 
 @dataclass(frozen=True)
+class Adaptation:
+    """Held-out bits per byte of the corpus before and after continued pretraining, on the same windows, and the
+    paired standard error of the change (lmcore.training.bpb_change): what the run bought, against the model it
+    started from (the champion, for the gate to use it)."""
+
+    before: float
+    after: float
+    stderr: float
+
+    @property
+    def change(self) -> float:
+        return self.after - self.before
+
+
+@dataclass(frozen=True)
 class Champion:
     """The current champion: its version and its score (None when it has no score on the metric)."""
 
@@ -84,15 +106,18 @@ def paired_difference(new: list[bool | float], old: list[bool | float]) -> tuple
 
 def decide(
     metric: str, version: str, score: Score | None, champion: Champion | None, *, note: str | None = None,
-    paired: tuple[float, float] | None = None,
+    paired: tuple[float, float] | None = None, adaptation: Adaptation | None = None,
 ) -> dict[str, Any]:
     """Which alias `version` gets, why, and the numbers behind it.
 
     score: None when `metric` is not meaningful for `version` (`note` says why): nothing is compared.
     paired: (mean difference, its standard error) of the two versions' per-item verdicts on the same items
         (`paired_difference`); the margin is then that standard error, not the combined one.
+    adaptation: the held-out bits per byte before (the champion's) and after continued pretraining from the
+        champion: decided on both (module docstring); None: on `metric` alone.
     Returns: {"metric", "value", "stderr", "version", "alias", "reason"} and, when compared with a champion,
-        "champion_version", "champion_value", "champion_stderr", "difference", "combined_stderr".
+        "champion_version", "champion_value", "champion_stderr", "difference", "combined_stderr" (and with an
+        adaptation "heldout_bpb_before", "heldout_bpb_after", "heldout_bpb_change", "heldout_bpb_change_stderr").
     """
     if score is None:
         return _not_meaningful(metric, str(version), champion, note)
@@ -114,12 +139,32 @@ def decide(
     difference = score.value - champion.score.value
     if paired is not None:
         margin = paired[1]
-    beats = (-difference if lower_is_better(metric) else difference) > margin
+    gain = -difference if lower_is_better(metric) else difference
+    beats = gain > margin
     rule = "the paired stderr" if paired is not None else "the combined stderr"
+    reason = ("beats" if beats else "does not beat") + f" v{champion.version} by more than {rule}"
+    if adaptation is not None:
+        adapted = -adaptation.change > adaptation.stderr
+        kept = gain >= -margin
+        held_out = (f"held-out bits per byte {adaptation.before:.4f} -> {adaptation.after:.4f} "
+                    f"({adaptation.change:+.4f} ± {adaptation.stderr:.4f})")
+        cost = f"{metric} {difference:+.4f} ± {margin:.4f} against v{champion.version}"
+        if not beats:
+            beats = adapted and kept
+            if beats:
+                reason = f"adapts to the corpus ({held_out}) at a benchmark cost within {rule} ({cost})"
+            elif adapted:
+                reason = f"adapts to the corpus ({held_out}) but loses more than {rule} on the benchmark ({cost})"
+            else:
+                reason = f"does not beat v{champion.version} on the benchmark ({cost}) and its {held_out} is no gain beyond its stderr"
+        else:
+            reason += f"; {held_out}"
+        decision.update(heldout_bpb_before=adaptation.before, heldout_bpb_after=adaptation.after,
+                        heldout_bpb_change=adaptation.change, heldout_bpb_change_stderr=adaptation.stderr)
     return {
         **decision,
         "alias": CHAMPION if beats else CHALLENGER,
-        "reason": ("beats" if beats else "does not beat") + f" v{champion.version} by more than {rule}",
+        "reason": reason,
         "champion_value": champion.score.value,
         "champion_stderr": champion.score.stderr,
         "difference": difference,

@@ -578,6 +578,25 @@ def bits_per_byte(nats: float, n_bytes: float) -> float | None:
     return nats / (math.log(2) * n_bytes) if n_bytes > 0 else None
 
 
+def bpb_change(before: torch.Tensor, after: torch.Tensor) -> tuple[float | None, float | None]:
+    """The change in bits per byte from `before` to `after`, two models' (nats, bytes) on the same windows ((N, 2)
+    each, lmcore.pretrain.validation_loss), and its paired standard error: the ratio estimator's, over windows
+    weighted by their bytes (sqrt(n / (n - 1) * sum(r_i^2)) / sum(bytes), r_i = d_i - D * bytes_i with d_i the
+    window's change in bits and D the overall change). (None, None) without two windows holding bytes."""
+    n_bytes = before[:, 1]
+    if not torch.equal(n_bytes, after[:, 1]):
+        raise ValueError("bpb_change: the two models were scored on other windows (their bytes differ)")
+    keep = n_bytes > 0
+    if int(keep.sum()) < 2:
+        return None, None
+    bits = (after[keep, 0] - before[keep, 0]) / math.log(2)
+    total = float(n_bytes[keep].sum())
+    change = float(bits.sum()) / total
+    residual = bits - change * n_bytes[keep]
+    n = int(keep.sum())
+    return change, math.sqrt(n / (n - 1) * float((residual**2).sum())) / total
+
+
 def metrics_csv(rows: list[tuple[int, dict[str, float]]], column=lambda name: name, fmt: str = ".6g") -> str:
     """(step, {metric: value}) rows as CSV: `step`, then a column per metric in first-seen order (its header
     `column(name)`, its values formatted with `fmt`); a metric a row lacks is an empty cell."""

@@ -11,7 +11,8 @@ For each Scores, holding the registry lock of the family:
 4. the version is compared with the champion item by item (tasks.compare.compare_with_champion): the disagreements
    go to the run and into the decision, and a `paired` family (the classifier) is decided on the standard error
    of the per-item differences;
-5. lmcore.promotion.decide moves `champion` or makes the version `challenger`; the decision is an artifact of the
+5. lmcore.promotion.decide moves `champion` or makes the version `challenger` (continued pretraining from the
+   champion: on the held-out bits per byte it bought and the benchmark change it cost, `Scores.adaptation`); the decision is an artifact of the
    run, on the version's tags, and on the champion's (`promotion.challenged_*`), and both versions' cards show it.
 """
 
@@ -98,7 +99,10 @@ def gate(rc: RunContext, stage: Stage, scores: Scores, run: MlflowTracker, *, se
                                  stage.name, name, champion.version)
             elif stage.promotes.paired and len(compared["verdicts"][0]) >= 2:
                 paired = paired_difference(*compared["verdicts"])
-        decision = promote(rc.tracking, name, version, scores.metric, note=scores.note, paired=paired)
+        # continued pretraining from the champion itself: decided on what it bought and what it cost
+        adapted = champion is not None and scores.adaptation is not None and champion.tags.get(TAG_WEIGHTS_SHA) == scores.started_from
+        decision = promote(rc.tracking, name, version, scores.metric, note=scores.note, paired=paired,
+                           adaptation=scores.adaptation if adapted else None)
         if compared is not None:
             decision["disagreements"] = {
                 "n": sum(n or 0 for n in compared["n_disagree"].values()),

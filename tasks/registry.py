@@ -18,7 +18,7 @@ import lmcore
 from lmcore.errors import NotRegisteredError
 from lmcore.io import write_json
 from lmcore.paths import REGISTERED
-from lmcore.promotion import CHAMPION, Champion, Score, decide
+from lmcore.promotion import CHAMPION, Adaptation, Champion, Score, decide
 from lmcore.tokenizer import has_tokenizer, load_tokenizer
 from tasks.tags import (
     BENCH_PREFIX,
@@ -241,7 +241,7 @@ def _score(tags: dict[str, str], metric: str) -> Score | None:
 
 
 def promote(tracking: Tracking, name: str, version: str, metric: str, *, note: str | None = None,
-            paired: tuple[float, float] | None = None) -> dict:
+            paired: tuple[float, float] | None = None, adaptation: Adaptation | None = None) -> dict:
     """Eval-gated promotion of `version` of `name` on `metric` (lmcore.promotion.decide): `champion` moves to it
     only when it beats the current champion by more than the combined standard error, otherwise it becomes
     `challenger` (so also when `metric` is a per-token loss and the two versions carry different tokenizers). Both versions carry their scores as tags (`tag_scores`); hold `registry_lock(name)` around it.
@@ -249,6 +249,8 @@ def promote(tracking: Tracking, name: str, version: str, metric: str, *, note: s
     note: `metric` is not meaningful for `version` (why; lmcore.harness.run.coverage): it is not compared.
     paired: (mean per-item difference, its standard error) against the champion on the same items: decided on
         that standard error (lmcore.promotion.decide).
+    adaptation: held-out bits per byte before (the champion's) and after continued pretraining from the champion:
+        decided on both (lmcore.promotion.decide).
 
     Returns: the decision and its numbers (its alias and reason also set as tags `promotion.*` on `version`).
     """
@@ -258,7 +260,7 @@ def promote(tracking: Tracking, name: str, version: str, metric: str, *, note: s
         raise ValueError(f"{name} v{version} has no {metric} score to promote on; tag_scores first")
     current = champion_version(tracking, name)
     champion = None if current is None else Champion(str(current.version), _score(current.tags, metric))
-    decision = decide(metric, version, score, champion, note=note, paired=paired)
+    decision = decide(metric, version, score, champion, note=note, paired=paired, adaptation=adaptation)
     client.set_registered_model_alias(name, decision["alias"], version)
     for key in ("alias", "reason"):
         client.set_model_version_tag(name, version, f"{PROMOTION_PREFIX}{key}", str(decision[key]))

@@ -17,6 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 MICRO = ROOT / "profiles" / "micro.yaml"
+SCRATCH = ROOT / "profiles" / "scratch.yaml"  # the book's chapter-5 path: the from-scratch profile params.yaml was before issue 26
 
 # Under pytest-xdist every worker has a core of its own: torch in it, and in the processes its tests start, runs on one
 # thread. Two workers each spinning two threads on two cores run several times slower than one thread each.

@@ -16,7 +16,7 @@ import yaml
 from lmcore import pipeline
 from lmcore.base_model import prepare_base
 from lmcore.checkpoint import load_model
-from lmcore.config import BaseModelConfig, ParamsError, params_from_dict
+from lmcore.config import BaseModelConfig, ParamsError, load_params, params_from_dict
 from lmcore.errors import InputError, is_input_error, is_transient
 from lmcore.io import read_json, sha256_file
 from lmcore.paths import BASE_MANIFEST, BASE_SOURCE, WEIGHTS
@@ -425,11 +425,14 @@ def test_params_errors_name_the_key(section, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_default_is_scratch_and_shipped_params_validate():
+def test_default_starts_from_smollm2_and_scratch_is_a_profile():
     data = yaml.safe_load((ROOT / "params.yaml").read_text())
-    assert params_from_dict(data).base_model.source == "scratch"
+    base = params_from_dict(data).base_model
+    assert (base.source, base.name) == ("gguf", "SmolLM2-135M-Instruct")
+    assert base.sha256 == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # the mirror's file (MANIFEST.md)
     data.pop("base_model")
-    assert params_from_dict(data).base_model == BaseModelConfig()
+    assert params_from_dict(data).base_model == BaseModelConfig() and BaseModelConfig().source == "scratch"
+    assert load_params(ROOT / "profiles" / "scratch.yaml").base_model.source == "scratch"
 
 
 def test_declared_before_what_starts_from_it():

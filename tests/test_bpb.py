@@ -23,7 +23,7 @@ from lmcore.paths import DOCUMENTS, SUMMARY, VAL_LOSS, WEIGHTS, Layout
 from lmcore.pretrain import pretrain, validation_loss
 from lmcore.tokenizer import HF_TOKENIZER_FILE, TOKENIZER_CONFIG, HFTokenizer, get_tokenizer
 from lmcore.tracking import ListTracker
-from lmcore.training import Precision, bits_per_byte, bpb_sums, token_bytes
+from lmcore.training import Precision, bits_per_byte, bpb_change, bpb_sums, token_bytes
 from tests.conftest import MICRO
 from tests.test_distributed import torchrun
 from tests.test_tokenizer import SHARED, tiny_hf_tokenizer
@@ -82,7 +82,7 @@ def test_uniform_model_gives_log2_vocab_times_tokens_per_byte(gpt2):
     text_bytes = sum(len(d.encode("utf-8")) for d in DOCS)
 
     table = token_bytes(gpt2, PADDED)
-    loss, bpb = validation_loss(uniform(PADDED), [(x, y)], Precision("fp32", "cpu"), table)
+    loss, bpb, _ = validation_loss(uniform(PADDED), [(x, y)], Precision("fp32", "cpu"), table)
     assert loss == pytest.approx(math.log(PADDED), rel=1e-6)  # every target, <|endoftext|> too
     assert bpb == pytest.approx(math.log2(PADDED) * text_tokens / text_bytes, rel=1e-6)
     assert validation_loss(uniform(PADDED), [(x, y)], Precision("fp32", "cpu"))[1] is None  # no tokenizer: no bpb
@@ -137,6 +137,20 @@ def bpb_column(reports: Path) -> list[tuple[int, float]]:
         return [(int(r["step"]), float(r["val_bpb"])) for r in csv.DictReader(f)]
 
 
+def test_the_change_in_bpb_and_its_paired_stderr_by_hand():
+    # three windows of 10, 20 and 30 bytes; the model after saves 1, 4 and 3 nats on them
+    before = torch.tensor([[10.0, 10.0], [20.0, 20.0], [30.0, 30.0]], dtype=torch.float64)
+    after = torch.tensor([[9.0, 10.0], [16.0, 20.0], [27.0, 30.0]], dtype=torch.float64)
+    change, stderr = bpb_change(before, after)
+    bits = [-1 / math.log(2), -4 / math.log(2), -3 / math.log(2)]
+    assert change == pytest.approx(sum(bits) / 60)  # (-8 nats) / 60 bytes, in bits
+    residual = [b - change * n for b, n in zip(bits, (10, 20, 30))]
+    assert stderr == pytest.approx(math.sqrt(3 / 2 * sum(r * r for r in residual)) / 60)
+    assert bpb_change(before[:1], after[:1]) == (None, None)  # one window: no standard error
+    with pytest.raises(ValueError, match="other windows"):
+        bpb_change(before, after.flip(0))
+
+
 def test_pretraining_reports_val_bpb_without_changing_the_weights(tiny, tmp_path):
     tokens = verdict_tokens(tmp_path, tiny)
     bare = tmp_path / "bare"  # the same shards without their tokenizer: no bpb
@@ -154,7 +168,10 @@ def test_pretraining_reports_val_bpb_without_changing_the_weights(tiny, tmp_path
     assert load_file(tmp_path / "m" / WEIGHTS).keys() == load_file(tmp_path / "m2" / WEIGHTS).keys()
     assert all(torch.equal(w, load_file(tmp_path / "m2" / WEIGHTS)[k]) for k, w in load_file(tmp_path / "m" / WEIGHTS).items())
     assert (summary["first_val_loss"], summary["final_val_loss"]) == (plain["first_val_loss"], plain["final_val_loss"])
-    assert plain["first_val_bpb"] is None and plain["final_val_bpb"] is None
+    assert plain["first_val_bpb"] is None and plain["final_val_bpb"] is None and plain["val_bpb_change_stderr"] is None
+    # the change over the run on the same 8 windows, with its paired standard error
+    assert summary["val_bpb_change"] == pytest.approx(summary["final_val_bpb"] - summary["first_val_bpb"], abs=1e-9)
+    assert 0 < summary["val_bpb_change_stderr"] < abs(summary["val_bpb_change"])
     assert (tmp_path / "r2" / VAL_LOSS).read_text().splitlines()[0] == "step,val_loss"
 
     with open(tmp_path / "r" / VAL_LOSS, newline="") as f:
@@ -188,6 +205,9 @@ def test_val_bpb_under_ddp_is_the_one_process_value(tiny, tmp_path):
     assert [s for s, _ in ddp] == [s for s, _ in one] == [0, 2, 4]
     assert ddp[0][1] == one[0][1] == round(single["first_val_bpb"], 6)  # the same initial model, the same windows
     assert all(abs(a - b) <= 1e-5 for (_, a), (_, b) in zip(ddp, one))  # float rounding of the gradient all-reduce
+    # each window's (nats, bytes) meet across ranks: the same paired standard error of the change
+    ddp_summary = json.loads((layout.pretrain_reports / SUMMARY).read_text())
+    assert ddp_summary["val_bpb_change_stderr"] == pytest.approx(single["val_bpb_change_stderr"], rel=1e-3)
 
 
 def test_summary_rows_and_parent_metrics_show_bpb_and_tolerate_older_summaries():

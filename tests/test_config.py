@@ -35,7 +35,7 @@ def test_unknown_key_is_named_with_a_hint(tmp_path):
 
 def test_unknown_nested_key_suggests_the_close_one():
     data = base()
-    data["pretrain"]["model"]["n_embed"] = 64
+    data["pretrain"].setdefault("model", {})["n_embed"] = 64
     with pytest.raises(ParamsError, match=r"unknown key 'pretrain.model.n_embed' \(did you mean 'pretrain.model.n_embd'\?\)"):
         params_from_dict(data)
 
@@ -115,7 +115,7 @@ def test_instruct_eval_names_the_key_and_the_allowed_values(tmp_path):
         load_params(ROOT / "params.yaml", overrides=["instruct_eval.tasks=[ifevel]"])
     with pytest.raises(ParamsError, match=r"primary_metric 'gsm8k.exact_match_strict_match' is not a metric of the configured "
                                           r"tasks; allowed: ifeval.prompt_level_strict_acc, .*ifeval.inst_level_loose_acc"):
-        load_params(ROOT / "params.yaml", overrides=["instruct_eval.primary_metric=gsm8k.exact_match_strict_match"])
+        load_params(ROOT / "params.yaml", overrides=["instruct_eval.tasks=[ifeval]", "instruct_eval.primary_metric=gsm8k.exact_match_strict_match"])
     with pytest.raises(ParamsError, match=r"did you mean 'ifeval.prompt_level_loose_acc'"):
         load_params(ROOT / "params.yaml", overrides=["instruct_eval.primary_metric=ifeval.prompt_level_loose"])
     with pytest.raises(ParamsError, match=r"limit 600 is larger than ifeval's 541 items; at most 541, or null for all"):

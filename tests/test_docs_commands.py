@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, SCRATCH
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SHELL_FENCES = {"", "bash", "sh", "shell", "console"}
@@ -226,7 +226,7 @@ WHERE: dict[str, tuple[str, ...] | NotRun] = {
     'lmcore generate "ROMEO:" --model models/base': (f"{LIFECYCLE}::test_cli_generates_from_folder_and_registry",),
     'lmcore generate "ROMEO:" --model models:/lmcore-base/1': (f"{LIFECYCLE}::test_cli_generates_from_folder_and_registry",),
     # README: change a parameter and reproduce with DVC
-    "sed -i 's/^  lr: 0.002/  lr: 0.001/' params.yaml": (f"{HERE}::test_the_readme_sed_lowers_the_learning_rate",),
+    "sed -i 's/^  lr: 0.00002/  lr: 0.00001/' params.yaml": (f"{HERE}::test_the_readme_sed_lowers_the_learning_rate",),
     "make repro": (MAKE, DVC_REPRO),
     "dvc repro": (DVC_REPRO,),
     "dvc metrics show": ("tests/test_dvc.py::test_repro_runs_all_then_nothing_then_only_what_changed",),
@@ -254,8 +254,8 @@ WHERE: dict[str, tuple[str, ...] | NotRun] = {
     "lmcore import-gguf SmolLM2-135M-Instruct.Q4_1.gguf models/smollm2": (SMOLLM2, "tests/test_gguf.py::test_cli_import_and_export"),
     "lmcore export-gguf models/instruct instruct.gguf --dtype f16": ("tests/test_gguf.py::test_cli_import_and_export",),
     "lmcore run pretrain --set pretrain.precision=auto --set pretrain.compile=true": (
-        f"{HERE}::test_default_profile_ablation_benchmark", "tests/test_training.py::test_compiled_run_matches_eager"),
-    "torchrun --standalone --nproc_per_node 2 -m lmcore.pretrain --params params.yaml": (
+        f"{HERE}::test_scratch_profile_ablation_benchmark", "tests/test_training.py::test_compiled_run_matches_eager"),
+    "torchrun --standalone --nproc_per_node 2 -m lmcore.pretrain --params profiles/scratch.yaml": (
         f"{HERE}::test_the_pretrain_entry_runs_on_the_shipped_params",
         "tests/test_distributed.py::test_ddp_on_two_processes_matches_one_process_at_equal_global_batch"),
     'lmcore generate "ROMEO:" --model models/base --top-p 0.9': (f"{FLOWS}::test_generate_and_chat_as_documented",),
@@ -285,9 +285,11 @@ WHERE: dict[str, tuple[str, ...] | NotRun] = {
     "python -m benchmarks.eval_speed --gguf ../shared/data/models/SmolLM2-135M-Instruct.Q4_1.gguf --tasks "
     "gsm8k,ifeval --limit 32 --repeats 1 --threads 1 --clock process": (
         f"{HERE}::test_eval_speed_benchmark_on_a_llama_with_a_chat_template",),
-    "python -m benchmarks.default_profile": (f"{HERE}::test_default_profile_benchmark",),
-    "python -m benchmarks.default_profile --no-before --vocab 2048 4096": (f"{HERE}::test_default_profile_benchmark",),
-    "python -m benchmarks.default_profile --no-before --ablation": (f"{HERE}::test_default_profile_ablation_benchmark",),
+    "python -m benchmarks.scratch_profile": (f"{HERE}::test_scratch_profile_benchmark",),
+    "python -m benchmarks.scratch_profile --no-before --vocab 2048 4096": (f"{HERE}::test_scratch_profile_benchmark",),
+    "python -m benchmarks.scratch_profile --no-before --ablation": (f"{HERE}::test_scratch_profile_ablation_benchmark",),
+    "python -m benchmarks.default_profile": (f"{FLOWS}::test_default_profile_benchmark_reads_the_runs",),
+    "python -m benchmarks.default_profile --root .": (f"{FLOWS}::test_default_profile_benchmark_reads_the_runs",),
     "python -m benchmarks.loader_speed": (f"{HERE}::test_loader_speed_benchmark",),
     "python -m benchmarks.tokenize_speed": (f"{HERE}::test_tokenize_speed_benchmark",),
     "python -m benchmarks.tokenize_speed --mb 50 --vocab 8192": (f"{HERE}::test_tokenize_speed_benchmark",),
@@ -439,9 +441,9 @@ def ratio(cell: str) -> float:
 
 
 def tiny_params(tmp_path: Path, **pretrain) -> Path:
-    """params.yaml as shipped (benchmark probe on) on the one short story, with a micro model: a tiny run of it."""
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    assert params["pretrain"]["eval_benchmarks_every"], "params.yaml turned the probe off: this file tests it on"
+    """profiles/scratch.yaml as shipped (benchmark probe on) on the one short story, with a micro model: a tiny run of it."""
+    params = yaml.safe_load(SCRATCH.read_text())
+    assert params["pretrain"]["eval_benchmarks_every"], "scratch.yaml turned the probe off: this file tests it on"
     params["collect"]["sources"] = [s for s in params["collect"]["sources"] if s["name"] == "the-verdict"]
     params["preprocess"]["near_dedup"]["enabled"] = False
     params["tokenize"]["val_fraction"] = 0.2
@@ -454,43 +456,43 @@ def tiny_params(tmp_path: Path, **pretrain) -> Path:
 
 
 def test_train_speed_benchmark(capsys, one_thread):
-    """The README's training benchmark on the shipped params.yaml (its benchmark probe on): a few steps of the default model."""
+    """The README's training benchmark on profiles/scratch.yaml (its benchmark probe on): a few steps of its model."""
     from benchmarks import train_speed
 
     out = run_main(train_speed.main, ["--steps", "2", "--threads", "1", "--tokens", "/nonexistent",
                                       "--set", "pretrain.compile=false", "--set", "pretrain.peak_flops=1e12"], capsys)
     assert "no tokens; a random stream instead" in out
-    assert "Model: 4 layers, n_embd 128, 4 heads, context 128, vocab 8192" in out  # params.yaml's model
+    assert "Model: 4 layers, n_embd 128, 4 heads, context 128, vocab 8192" in out  # scratch.yaml's model
     rows = {r[0]: r for r in table(out, "| loop | settings |")}
     assert set(rows) == {"nanoGPT", "lmcore"} and "AdamW fused, eager" in rows["lmcore"][1]
     assert all(float(r[2].replace(",", "")) > 0 and 8 < float(r[5]) < 10 for r in rows.values())  # ln(8192) = 9.01
     assert ratio(re.search(r"lmcore / nanoGPT: (\S+) tokens/s per step", out).group(1))
 
 
-def test_default_profile_benchmark(tmp_path, capsys, one_thread):
-    """The README's two rows (before, params.yaml) and another vocabulary's, then --no-before, at tiny sizes."""
-    from benchmarks import default_profile
+def test_scratch_profile_benchmark(tmp_path, capsys, one_thread):
+    """The README's two rows (before, scratch) and another vocabulary's, then --no-before, at tiny sizes."""
+    from benchmarks import scratch_profile
 
     params = str(tiny_params(tmp_path))
-    out = run_main(default_profile.main, ["--params", params, "--steps", "2", "--vocab", "300"], capsys)
+    out = run_main(scratch_profile.main, ["--params", params, "--steps", "2", "--vocab", "300"], capsys)
     rows = table(out, "| row | vocab |")
-    assert [(r[0], r[1]) for r in rows] == [("before (gpt2, fp32)", "50,257"), ("params.yaml", "320"), ("bpe-300", "300")]
+    assert [(r[0], r[1]) for r in rows] == [("before (gpt2, fp32)", "50,257"), ("scratch", "320"), ("bpe-300", "300")]
     assert rows[0][9] == "1.00x" and all(ratio(r[9]) and 0 < float(r[11]) < 10 for r in rows)  # speed-up, bits per byte
     assert "2 pretrain steps each" in out
 
-    out = run_main(default_profile.main, ["--params", params, "--steps", "1", "--no-before", "--vocab", "300", "290"], capsys)
-    assert [r[0] for r in table(out, "| row | vocab |")] == ["params.yaml", "bpe-300", "bpe-290"]
+    out = run_main(scratch_profile.main, ["--params", params, "--steps", "1", "--no-before", "--vocab", "300", "290"], capsys)
+    assert [r[0] for r in table(out, "| row | vocab |")] == ["scratch", "bpe-300", "bpe-290"]
 
 
 @pytest.mark.slow
-def test_default_profile_ablation_benchmark(tmp_path, capsys, one_thread):
-    """--no-before --ablation: params.yaml's row, bf16 forced and torch.compile (20-30 s of compilation on 2 cores)."""
-    from benchmarks import default_profile
+def test_scratch_profile_ablation_benchmark(tmp_path, capsys, one_thread):
+    """--no-before --ablation: the profile's row, bf16 forced and torch.compile (20-30 s of compilation on 2 cores)."""
+    from benchmarks import scratch_profile
 
-    out = run_main(default_profile.main, ["--params", str(tiny_params(tmp_path)), "--steps", "1", "--no-before", "--ablation"], capsys)
+    out = run_main(scratch_profile.main, ["--params", str(tiny_params(tmp_path)), "--steps", "1", "--no-before", "--ablation"], capsys)
     rows = table(out, "| row | vocab |")
     assert [(r[0], r[3], r[4]) for r in rows] == [
-        ("params.yaml", "auto", "False"), ("params.yaml + bf16", "bf16", "False"), ("params.yaml + compile", "auto", "True")]
+        ("scratch", "auto", "False"), ("scratch + bf16", "bf16", "False"), ("scratch + compile", "auto", "True")]
     assert all(0 < float(r[11]) < 10 for r in rows)
 
 
@@ -636,15 +638,15 @@ def test_make_targets_run_the_documented_commands():
 
 
 def test_the_readme_sed_lowers_the_learning_rate(tmp_path):
-    """README: `sed -i 's/^  lr: 0.002/  lr: 0.001/' params.yaml` changes pretrain.lr, and nothing else."""
+    """README: `sed -i 's/^  lr: 0.00002/  lr: 0.00001/' params.yaml` changes pretrain.lr, and nothing else."""
     from lmcore.config import load_params
 
     (command,) = [c for c in WHERE if c.startswith("sed ")]
     shutil.copyfile(ROOT / "params.yaml", tmp_path / "params.yaml")
     subprocess.run(shlex.split(command), cwd=tmp_path, check=True)
     before, after = load_params(ROOT / "params.yaml").to_dict(), load_params(tmp_path / "params.yaml").to_dict()
-    assert (before["pretrain"]["lr"], after["pretrain"]["lr"]) == (0.002, 0.001)
-    after["pretrain"]["lr"] = 0.002
+    assert (before["pretrain"]["lr"], after["pretrain"]["lr"]) == (0.00002, 0.00001)
+    after["pretrain"]["lr"] = 0.00002
     assert after == before
 
 
@@ -720,7 +722,7 @@ def test_the_work_pool_entrypoint_takes_the_documented_parameters():
 
 
 def test_the_pretrain_entry_runs_on_the_shipped_params(tmp_path, one_thread):
-    """What every torchrun rank runs (`-m lmcore.pretrain --params params.yaml`), on the shipped params.yaml with its
+    """What every torchrun rank runs (`-m lmcore.pretrain --params profiles/scratch.yaml`), on that profile with its
     benchmark probe (scored at step 0 and at the last step), at tiny sizes; torchrun itself is tests/test_distributed.py's."""
     from benchmarks.train_speed import random_tokens
     from lmcore.bpe import save_trained, train_bpe
@@ -731,11 +733,11 @@ def test_the_pretrain_entry_runs_on_the_shipped_params(tmp_path, one_thread):
     tokens.mkdir(parents=True)
     text = ["the lamp was lit early and the street was quiet again", "by morning the water had gone down"] * 20
     save_trained(train_bpe(text, vocab_size=300, special_tokens=["<|endoftext|>"]), tokens, name="bpe-300", eot="<|endoftext|>")
-    random_tokens(tokens, 300, n=20_000)  # shards of its ids (the model keeps params.yaml's 8,192 rows)
+    random_tokens(tokens, 300, n=20_000)  # shards of its ids (the model keeps scratch.yaml's 8,192 rows)
     overrides = ["pretrain.max_steps=2", "pretrain.eval_interval=2", "pretrain.eval_batches=1", "pretrain.eval_benchmarks_limit=2",
                  "pretrain.model.n_layer=1", "pretrain.model.n_embd=32", "pretrain.model.n_head=2", "pretrain.peak_flops=1e12",
                  "pretrain.threads=1"]
-    summary = main(["--params", str(ROOT / "params.yaml"), "--root", str(tmp_path), *(a for o in overrides for a in ("--set", o))])
+    summary = main(["--params", str(SCRATCH), "--root", str(tmp_path), *(a for o in overrides for a in ("--set", o))])
     assert summary["steps"] == 2 and 1 <= summary["eval_benchmarks_items"] <= 2  # an item longer than the context is left out
     curve = (Layout(tmp_path).pretrain_reports / "bench_curve.csv").read_text().splitlines()
     assert curve[0].startswith("step,") and [row.split(",")[0] for row in curve[1:]] == ["0", "2"]

@@ -183,7 +183,7 @@ def test_every_shipped_params_file_names_every_section_dvc_reads():
     root = Path(__file__).resolve().parents[1]
     sections = {p.split(".")[0] for stage in pipeline.STAGES for p in stage.params}
     # the files `dvc repro` runs on (params.yaml, and micro.yaml copied over it in tests/test_dvc.py), and the
-    # SmolLM2 profile; gpt2-124m.yaml is a pretraining profile for `lmcore run`/torchrun and names what it changes
-    for path in [root / "params.yaml", *(root / "profiles" / f"{p}.yaml" for p in ("micro", "llama-tiny", "smollm2"))]:
+    # whole-lifecycle profiles; gpt2-124m.yaml is a pretraining profile for `lmcore run`/torchrun and names what it changes
+    for path in [root / "params.yaml", *(root / "profiles" / f"{p}.yaml" for p in ("micro", "llama-tiny", "scratch"))]:
         missing = sections - set(yaml.safe_load(path.read_text()))
         assert not missing, f"{path.name} lacks {sorted(missing)}"

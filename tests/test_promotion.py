@@ -8,7 +8,7 @@ import math
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lmcore.promotion import Champion, Score, decide, lower_is_better, paired_difference, per_token
+from lmcore.promotion import Adaptation, Champion, Score, decide, lower_is_better, paired_difference, per_token
 from lmcore.tokenizer import get_tokenizer
 from tasks.registry import promote, tag_scores, tokenizer_tags
 from tasks.tags import TAG_TOKENIZER, TAG_TOKENIZER_SHA
@@ -91,6 +91,25 @@ def test_a_paired_comparison_decides_on_the_stderr_of_the_differences():
     assert paired["combined_stderr"] == pytest.approx(se) and paired["paired"] is True  # 0.014: the 192 shared items cancel
     with pytest.raises(ValueError, match="two equal lists"):
         paired_difference([True], [False])
+
+
+def test_continued_pretraining_is_decided_on_what_it_bought_and_what_it_cost():
+    """Adapted (held-out bpb down beyond its stderr) and no benchmark loss beyond the combined stderr: champion,
+    though it does not beat the champion on the benchmark; either condition missing: challenger."""
+    champion = Champion("1", Score(0.37, 0.06, "s1"))  # the base it continued
+    bought = Adaptation(before=1.842, after=1.748, stderr=0.01)
+    adapted = decide(METRIC, "2", Score(0.35, 0.06, "s1"), champion, adaptation=bought)
+    assert adapted["alias"] == "champion" and adapted["reason"].startswith("adapts to the corpus (held-out bits per byte 1.8420 -> 1.7480 (-0.0940 ± 0.0100))")
+    assert f"{METRIC} -0.0200 ± 0.0849 against v1" in adapted["reason"]
+    assert (adapted["heldout_bpb_change"], adapted["heldout_bpb_change_stderr"]) == (pytest.approx(-0.094), 0.01)
+    assert decide(METRIC, "2", Score(0.35, 0.06, "s1"), champion)["alias"] == "challenger"  # the benchmark alone
+
+    forgot = decide(METRIC, "2", Score(0.15, 0.05, "s1"), champion, adaptation=bought)  # -0.22 beyond 0.078
+    assert forgot["alias"] == "challenger" and "but loses more than the combined stderr on the benchmark" in forgot["reason"]
+    noise = decide(METRIC, "2", Score(0.37, 0.06, "s1"), champion, adaptation=Adaptation(1.842, 1.838, 0.01))
+    assert noise["alias"] == "challenger" and "is no gain beyond its stderr" in noise["reason"]
+    better = decide(METRIC, "2", Score(0.60, 0.05, "s1"), champion, adaptation=Adaptation(1.842, 1.838, 0.01))
+    assert better["alias"] == "champion" and better["reason"].startswith("beats v1 by more than the combined stderr; held-out")
 
 
 def test_a_bare_registered_name_is_its_champion(tmp_path):

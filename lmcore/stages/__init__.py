@@ -22,6 +22,7 @@ from typing import Any
 from lmcore.config import CollectConfig, Params, Source
 from lmcore.io import sha256_file
 from lmcore.paths import MANIFEST, Layout
+from lmcore.promotion import Adaptation
 from lmcore.tracking import NullTracker, Tracker
 
 # Lineage keys of StageResult.tags; the orchestration layer records each as the run tag "lmcore.<key>", and on
@@ -110,6 +111,9 @@ class Scores:
     label: which of the stage's models this is ("sft", "dpo"), when the stage scores several.
     settings: how the scores were made, where it differs from lm-evaluation-harness's own settings (a lower
         max_gen_toks) or qualifies them: tagged on the version (bench_settings.<key>) and shown in its card.
+    adaptation: what continued pretraining bought (held-out bits per byte before and after), and `started_from`
+        the sha256 of the weights it started from: the gate decides on both numbers when those weights are the
+        champion's (lmcore.promotion.decide).
     """
 
     weights: Path
@@ -121,6 +125,8 @@ class Scores:
     results_artifact: str | None = None
     label: str | None = None
     settings: dict[str, str] = field(default_factory=dict)
+    adaptation: Adaptation | None = None
+    started_from: str | None = None
 
 
 @dataclass(frozen=True)

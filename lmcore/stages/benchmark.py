@@ -38,13 +38,25 @@ from lmcore.harness.run import (
     score_of,
     table_rows,
 )
-from lmcore.io import sha256_file
-from lmcore.paths import MANIFEST, METRICS, WEIGHTS
+from lmcore.io import read_json, sha256_file
+from lmcore.paths import CARD_FACTS, MANIFEST, METRICS, WEIGHTS
+from lmcore.promotion import Adaptation
 from lmcore.stages import WEIGHTS_SHA, Artifact, ItemTable, Scores, StageContext, StageResult, Table, VersionTags
 from lmcore.stages import _decontam
 from lmcore.tokenizer import load_tokenizer
 
 ITEMS_TABLES = "tables/benchmark_items"  # /<task>.json: one row per scored item (lmcore.harness.run.item_rows)
+
+
+def adaptation(model_dir: Path) -> tuple[Adaptation | None, str | None]:
+    """What pretraining bought, from the model card pretrain wrote: the held-out bits per byte of the corpus before
+    and after on the same windows, with the paired standard error of the change, and the sha256 of the weights it
+    started from. (None, None) for a model trained from random weights or without those numbers."""
+    training = read_json(model_dir / CARD_FACTS).get("training", {}) if (model_dir / CARD_FACTS).is_file() else {}
+    values = [training.get(k) for k in ("first_val_bpb", "final_val_bpb", "val_bpb_change_stderr")]
+    if None in values or not training.get("start_weights_sha256"):
+        return None, None
+    return Adaptation(*values), training["start_weights_sha256"]
 
 
 def version_scores(results: dict, primary: str) -> dict[str, float]:
@@ -80,6 +92,7 @@ def run(ctx: StageContext) -> StageResult:
     clean, decontam_tags, decontam_rows, decontam = decontaminate(ctx, results, out / SAMPLES_DIR, out)
     primary = score_of(results, cfg.primary_metric)
     shown = primary["note"] if primary["value"] is None else f"{primary['value']:.4f}"
+    adapted, started_from = adaptation(layout.base_model)
     return StageResult(
         summary={
             "primary_metric": cfg.primary_metric,
@@ -90,6 +103,9 @@ def run(ctx: StageContext) -> StageResult:
             "items_per_s": results["items_per_s"],
             "sample_sha256": results["sample_sha256"],
             "decontamination": decontam,
+            # held-out bits per byte of the corpus before and after pretraining (the gate weighs it when the run
+            # continued the champion), None from random weights
+            "heldout_bpb": None if adapted is None else {"before": adapted.before, "after": adapted.after, "stderr": adapted.stderr},
         },
         artifacts=[
             Artifact(data_dir / MANIFEST, "data"),
@@ -98,7 +114,7 @@ def run(ctx: StageContext) -> StageResult:
         ],
         tags={WEIGHTS_SHA: sha256_file(weights)},
         scores=Scores(weights, {**version_scores(results, cfg.primary_metric), **clean}, cfg.primary_metric, results["sample_sha256"],
-                      note=primary["note"], results_dir=out, results_artifact="reports"),
+                      note=primary["note"], results_dir=out, results_artifact="reports", adaptation=adapted, started_from=started_from),
         scored=[VersionTags("registered_model", weights, decontam_tags)],
         tables=[Table("lmcore-benchmark", table_rows(reported_scores(results)), f"benchmark scores of models/base ({results['n_items']} items)")],
         item_tables=[ItemTable(f"{ITEMS_TABLES}/{part}.json", rows) for part, rows in item_tables(item_rows(out / SAMPLES_DIR)).items()]

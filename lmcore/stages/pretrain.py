@@ -66,15 +66,16 @@ def run(ctx: StageContext) -> StageResult:
         base_json = layout.base_source / BASE_MANIFEST
         tags[BASE_MANIFEST_SHA] = sha256_file(base_json)
         artifacts.append(Artifact(base_json, BASE_MANIFEST_DIR))
+    started_from = sha256_file(start.folder / WEIGHTS) if start.folder is not None and (start.folder / WEIGHTS).is_file() else None
     if start.init == "champion":  # lineage: the registered version it continued
-        tags[CONTINUED_WEIGHTS_SHA] = sha256_file(start.folder / WEIGHTS)
+        tags[CONTINUED_WEIGHTS_SHA] = started_from
     summary = pretrain(
         start.cfg, layout.tokens, layout.base_model, layout.pretrain_reports,
         seed=ctx.seed, params=ctx.params.to_dict(), tracker=ctx.tracker, checkpoint_dir=layout.checkpoints("pretrain"),
         bench_items=bench_sample(ctx, "pretrain"),  # the benchmark probe's sample; None when it is off
         init_dir=start.folder, start_step=start.step,
     )
-    summary.update(init=start.init, continued_from=start.continued_from)
+    summary.update(init=start.init, continued_from=start.continued_from, start_weights_sha256=started_from)
     if distributed.current().is_main:  # under torchrun the other ranks write nothing
         write_card(layout.base_model, pretrain_card(ctx, start, summary))
     artifacts += [Artifact(layout.pretrain_reports / name, "reports") for name in (LOSS_PLOT, TRAIN_LOSS, VAL_LOSS, SUMMARY)]
@@ -107,7 +108,11 @@ def pretrain_card(ctx: StageContext, start: Start, summary: dict) -> dict:
         "batch_size": f"{cfg.batch_size} × {cfg.grad_accum_steps} accumulation × {summary['world_size']} process(es)",
         "seq_len": cfg.seq_len or cfg.model.context_length, "lr": f"{cfg.lr:g} (min {cfg.min_lr:g}, warmup {cfg.warmup_steps})",
         "precision": summary["precision"], "stopped_early": summary["stopped_early"],
-        **{k: summary.get(k) for k in ("first_val_loss", "first_val_bpb", "final_val_loss", "final_val_bpb")},
+        **{k: summary.get(k) for k in ("first_val_loss", "first_val_bpb", "final_val_loss", "final_val_bpb",
+                                       "val_bpb_change", "val_bpb_change_stderr")},
+        # the weights it started from (the base's, or the champion's): the gate weighs the held-out bits per byte
+        # it bought against the benchmark change it cost when these are the champion's
+        "start_weights_sha256": summary["start_weights_sha256"],
     }
     return card_facts(layout.base_model, kind="base", stage="pretrain", started_from=started,
                       data={"corpus": layout.raw / MANIFEST}, training=training,

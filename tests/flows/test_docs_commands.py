@@ -189,3 +189,19 @@ def test_screenshot_ui_as_documented(lifecycle_run, tmp_path):
     screenshot_ui.main(["--db", str(db), "--model", "lmcore-instruct", "--version", "1", "--height", "1600", "--out", str(out)])
     png = out.read_bytes()
     assert png.startswith(b"\x89PNG") and int.from_bytes(png[20:24], "big") == 1600  # the PNG's height
+
+
+def test_default_profile_benchmark_reads_the_runs(in_project, capsys):
+    """`python -m benchmarks.default_profile --root .`: each stage's wall time and share of the lifecycle run,
+    from the parent run's stage_time_s.<stage> metrics (the clone-and-run mode times `lmcore pipeline` the same way)."""
+    from benchmarks import default_profile
+    from lmcore.pipeline import NAMES
+
+    default_profile.main(["--root", "."])
+    out = capsys.readouterr().out
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    stages = [r for r in rows if r[0].strip() in NAMES]
+    assert [r[0].strip() for r in stages][: len(NAMES)] == list(NAMES)  # every stage, in the flow's order
+    shares = [float(r[3].strip().rstrip("%")) for r in stages[: len(NAMES)]]
+    assert sum(shares) == pytest.approx(100, abs=0.1) and all(float(r[2]) >= 0 for r in stages)
+    assert "| **all** |" in out and "## run 1: MLflow run " in out

@@ -60,6 +60,13 @@ def test_mlflow_parent_and_nested_runs(lifecycle_run):
     assert parent.data.metrics["val_loss"] == pytest.approx(result["evaluate"]["val_loss"])
     assert parent.data.metrics["val_bpb"] == pytest.approx(result["evaluate"]["val_bpb"])
     assert parent.data.metrics["final_val_bpb"] == pytest.approx(result["pretrain"]["final_val_bpb"])
+    # each stage's wall time, on the parent run and in the summary (benchmarks.default_profile reads them)
+    times = result["stage_times"]
+    assert list(times) == list(STAGES) and all(s > 0 for s in times.values())
+    assert {s: parent.data.metrics[f"stage_time_s.{s}"] for s in STAGES} == pytest.approx(times)
+    assert parent.data.metrics["stages_time_s"] == pytest.approx(sum(times.values()), abs=1e-2)
+    row = dict(result["summary"])["stage time"]
+    assert row.startswith(f"{int(sum(times.values()) // 60)} min ") and f"longest: {max(times, key=times.get)} " in row
 
 
 def test_model_is_registered_and_loads(lifecycle_run):

@@ -105,8 +105,10 @@ def test_params_validate_the_benchmark_section():
         load_params(ROOT / "params.yaml", overrides=["benchmark.tasks=[arc_eazy]"])
     with pytest.raises(ParamsError, match="primary_metric 'arc_easy.acc_nrom' .*did you mean 'arc_easy.acc_norm'"):
         load_params(ROOT / "params.yaml", overrides=["benchmark.tasks=[arc_easy]", "benchmark.primary_metric=arc_easy.acc_nrom"])
-    with pytest.raises(ParamsError, match="judge.url is set but judge.model is not"):
+    with pytest.raises(ParamsError, match="judge.url and judge.serve are both set"):
         load_params(ROOT / "params.yaml", overrides=["judge.url=http://127.0.0.1:1/v1"])
+    with pytest.raises(ParamsError, match="judge.url is set but judge.model is not"):
+        load_params(ROOT / "params.yaml", overrides=["judge.serve=null", "judge.model=null", "judge.url=http://127.0.0.1:1/v1"])
 
 
 def test_bad_files_name_the_file_and_line(tmp_path):
