@@ -118,10 +118,23 @@ def train_dpo(
 
         return (*one(0), *one(1))
 
-    def loss_fn(model: GPT, batch) -> tuple[torch.Tensor, dict[str, float]]:
+    # The reference is frozen: its log-probabilities of a validation batch are the same at every evaluation, so
+    # they are computed once (the final evaluation over the whole split then costs the policy's forwards alone).
+    val_reference: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def reference_logprobs(batch, val_index: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if val_index in val_reference:
+            return val_reference[val_index]
         chosen_in, chosen_tg, rejected_in, rejected_tg = batch
         with torch.no_grad():
-            ref_c, ref_r = sequence_logprobs(reference, chosen_in, chosen_tg), sequence_logprobs(reference, rejected_in, rejected_tg)
+            out = sequence_logprobs(reference, chosen_in, chosen_tg), sequence_logprobs(reference, rejected_in, rejected_tg)
+        if val_index is not None:
+            val_reference[val_index] = out
+        return out
+
+    def loss_fn(model: GPT, batch, val_index: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        chosen_in, chosen_tg, rejected_in, rejected_tg = batch
+        ref_c, ref_r = reference_logprobs(batch, val_index)
         pol_c, pol_r = sequence_logprobs(model, chosen_in, chosen_tg), sequence_logprobs(model, rejected_in, rejected_tg)
         return dpo_loss(pol_c, pol_r, ref_c, ref_r, cfg.beta)
 
@@ -130,7 +143,7 @@ def train_dpo(
 
     def evaluate_fn(model: GPT, max_batches: int | None) -> dict[str, float]:
         chosen = val_batches[:max_batches] if max_batches else val_batches
-        rows = [(loss_fn(model, b)[1], b[0].size(0)) for b in chosen]
+        rows = [(loss_fn(model, b, val_index=i)[1], b[0].size(0)) for i, b in enumerate(chosen)]
         n = sum(size for _, size in rows)
         return {k: sum(m[k] * size for m, size in rows) / n for k in rows[0][0]}
 

@@ -215,10 +215,12 @@ def fit(
     for step in range(state.step, total + 1):  # updates done so far
         if step != resumed_at:  # a resumed step was evaluated and saved before the checkpoint was written
             if step % cfg.eval_interval == 0 or step == total:
+                t0 = time.perf_counter()
                 metrics = validate(model, evaluate_fn, None if step == total else cfg.eval_batches, precision)
                 check_finite(metrics["loss"], f"{desc}: val loss", step, lr_at(step, cfg, total), checkpoint_dir)
                 state.val_rows.append((step, metrics))
-                tracker.log_metrics({f"val_{k}": v for k, v in metrics.items()}, step=step)
+                # its own time: between two logged steps an evaluation would otherwise look like a slow step
+                tracker.log_metrics({**{f"val_{k}": v for k, v in metrics.items()}, "val_time_s": time.perf_counter() - t0}, step=step)
             if probe is not None and probe.due(step, last=step == total):
                 scores = probe.score(model)
                 state.bench_rows.append((step, scores))
@@ -233,10 +235,11 @@ def fit(
         micro = [collate(state.loader.next_batch()) for _ in range(cfg.grad_accum_steps)]
         out = train_step(model, optimizer, lambda batch: loss_fn(model, batch), micro, step=step + 1, lr=lr, precision=precision,
                          grad_clip=cfg.grad_clip, scaler=state.scaler, what=desc, checkpoint_dir=checkpoint_dir)
-        state.step, state.train_time_s = step + 1, state.train_time_s + time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        state.step, state.train_time_s = step + 1, state.train_time_s + dt
         row = {**out.metrics, "lr": lr, "grad_norm": out.grad_norm}
         state.train_rows.append((step + 1, row))
-        tracker.log_metrics({(k if k in ("lr", "grad_norm") else f"train_{k}"): v for k, v in row.items()}, step=step + 1)
+        tracker.log_metrics({**{(k if k in ("lr", "grad_norm") else f"train_{k}"): v for k, v in row.items()}, "step_time_s": dt}, step=step + 1)
         bar.set_postfix(loss=f"{out.metrics['loss']:.4f}", val=f"{state.val_rows[-1][1]['loss']:.4f}", refresh=False)
         bar.update()
     bar.close()

@@ -118,8 +118,9 @@ def test_precision_and_grad_accumulation_train(splits, base_model_dir, enc, tmp_
     assert summary["final_val_loss"] < summary["first_val_loss"] - 2.0, summary  # from ~log(50257) = 10.8
     train = [(s, m) for s, m in tracker.records if "train_loss" in m]
     assert [s for s, _ in train] == list(range(1, steps + 1))
-    assert all(m.keys() == {"train_loss", "lr", "grad_norm"} for _, m in train)
-    assert [s for s, m in tracker.records if "val_loss" in m] == sorted({*range(0, steps, 4), steps})
+    assert all(m.keys() == {"train_loss", "lr", "grad_norm", "step_time_s"} and m["step_time_s"] > 0 for _, m in train)
+    evals = [(s, m) for s, m in tracker.records if "val_loss" in m]
+    assert [s for s, _ in evals] == sorted({*range(0, steps, 4), steps}) and all(m["val_time_s"] > 0 for _, m in evals)
     assert (tmp_path / "reports" / TRAIN_LOSS).read_text().startswith("step,train_loss,lr,grad_norm\n")
 
 
