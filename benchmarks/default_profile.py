@@ -32,6 +32,11 @@ PREFIX = "stage_time_s."  # the lifecycle parent run's metric per stage (flows/l
 def run_pipeline(project: Path, params: str) -> float:
     """`lmcore pipeline` in `project`, as `make pipeline` runs it there; returns its wall time (process start included)."""
     env = {**os.environ, "PYTHONPATH": str(project), "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    shared = ROOT.parent / "shared"  # the offline mirror and GPT-2's ranks beside the checkout, as the Makefile finds them
+    if (shared / "data").is_dir():
+        env.setdefault("LMCORE_MIRROR", str(shared / "data"))
+    if (shared / "tokenizers" / "gpt2.tiktoken").is_file():
+        env.setdefault("LMCORE_TIKTOKEN_FILE", str(shared / "tokenizers" / "gpt2.tiktoken"))
     lmcore = Path(sys.executable).parent / "lmcore"
     started = time.perf_counter()
     proc = subprocess.run([str(lmcore), "pipeline", "--params", params, "--root", str(project)], cwd=project, env=env,
