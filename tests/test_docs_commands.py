@@ -176,18 +176,19 @@ WHERE: dict[str, tuple[str, ...] | NotRun] = {
     "lmcore chat --model models:/lmcore-instruct@dpo": (f"{FLOWS}::test_generate_and_chat_as_documented",),
     "lmcore run finetune_classifier --set finetune_classifier.lora.enabled=true": (
         f"{FLOWS}::test_stages_run_with_the_documented_overrides",),
-    # README: SmolLM2-135M end to end
-    "make pipeline PARAMS=profiles/smollm2.yaml": NotRun(
-        "the whole lifecycle on SmolLM2-135M takes 15 min on 2 cores (README); its profile is validated, its GGUF file "
-        "imported with transformers' logits and its recipe is `lmcore pipeline --params profiles/smollm2.yaml`",
-        (MAKE, PROFILES, SMOLLM2)),
-    "LMCORE_MIRROR=../shared/data lmcore pipeline --params profiles/smollm2.yaml": NotRun(
-        "as make pipeline PARAMS=profiles/smollm2.yaml: 15 minutes", (PROFILES, SMOLLM2)),
-    # (the registered models come from that pipeline; the same file, imported, answers greedily as the README shows)
-    'lmcore generate "The capital of France is" --model models:/lmcore-smollm2-base@champion --temperature 0 '
-    "--max-new-tokens 8": ("tests/test_smollm2.py::test_greedy_answer_names_paris",
-                           "tests/test_generation.py::test_cli_generate_streams_the_completion"),
-    "lmcore chat --model models:/lmcore-smollm2-instruct@dpo": (
+    # README: the default run (SmolLM2-135M end to end) and the from-scratch profile
+    "LMCORE_MIRROR=../shared/data lmcore pipeline": NotRun(
+        "the default lifecycle on SmolLM2-135M takes about 10 min on 2 cores (README); `make pipeline` runs this "
+        "command, its profile is validated and its GGUF file imported with transformers' logits",
+        (MAKE, PROFILES, SMOLLM2, "tests/flows/test_default_profile.py::test_default_profile_runs_every_stage_on_smollm2")),
+    "make pipeline PARAMS=profiles/scratch.yaml": (MAKE, PROFILES),  # the recipe, on a profile every section of
+    # which is validated; its stages run in every micro lifecycle test (the same code at other sizes)
+    # the registered models come from the default pipeline; the same file, imported, answers as the README shows
+    'lmcore classify "WINNER!! You have won a free prize, call now to claim" "Are we still on for lunch tomorrow?" '
+    "--model models:/lmcore-classifier": (f"{LIFECYCLE}::test_cli_classify_and_chat",),
+    'lmcore generate "The capital of France is" --model models:/lmcore-base --temperature 0 --max-new-tokens 8': (
+        "tests/test_smollm2.py::test_greedy_answer_names_paris", "tests/test_generation.py::test_cli_generate_streams_the_completion"),
+    "lmcore chat --model models:/lmcore-instruct": (
         "tests/test_chat.py::test_cli_generate_and_chat_use_the_chat_template",),  # a model in SmolLM2's ChatML template
     "lmcore export-gguf models/dpo smollm2-dpo.gguf --dtype f16": (
         "tests/test_smollm2.py::test_export_f16_reads_back_in_transformers", "tests/test_gguf.py::test_cli_import_and_export"),
@@ -619,7 +620,7 @@ def make_dry_run(*args: str) -> list[str]:
 def test_make_targets_run_the_documented_commands():
     """Each documented make target runs the command the docs say it does (the tests named beside it in WHERE run those)."""
     assert make_dry_run("pipeline") == [".venv/bin/lmcore pipeline --params params.yaml"]
-    assert make_dry_run("pipeline", "PARAMS=profiles/smollm2.yaml") == [".venv/bin/lmcore pipeline --params profiles/smollm2.yaml"]
+    assert make_dry_run("pipeline", "PARAMS=profiles/scratch.yaml") == [".venv/bin/lmcore pipeline --params profiles/scratch.yaml"]
     assert make_dry_run("repro") == [".venv/bin/lmcore dvc-yaml", f"PATH={ROOT}/.venv/bin:$PATH .venv/bin/dvc repro"]
     assert make_dry_run("push") == [".venv/bin/dvc push"] and make_dry_run("pull") == [".venv/bin/dvc pull"]
     assert make_dry_run("serve") == [".venv/bin/python -m flows.deploy --start-server --port 4200 --params params.yaml"]
