@@ -271,10 +271,15 @@ def chat(
     stream: StreamOpt = True,
     cache: CacheOpt = True,
 ) -> None:
-    """Talk to an instruction model: each line you type is an instruction; an empty line or EOF ends."""
+    """Talk to an instruction model: each line you type is an instruction; an empty line or EOF ends. A model whose
+    config.json names no template but whose tokenizer carries a chat template (a downloaded chat model, such as the
+    first champion of lmcore-instruct) talks in that template."""
     lm, template, enc = _load_generator(model)
+    if template is None and enc.chat_template is not None:
+        template = "chat"
     if template is None:
-        _fail(f"{model}: not an instruction model (its config.json names no template); use `lmcore generate`")
+        _fail(f"{model}: not an instruction model (its config.json names no template, its tokenizer no chat template); "
+              "use `lmcore generate`")
     typer.echo(f"lmcore chat ({template} template). Empty line or Ctrl-D to quit.", err=True)
     while True:
         try:

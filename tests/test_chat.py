@@ -385,3 +385,21 @@ def test_a_chat_model_whose_tokenizer_lost_its_template_is_refused(scripted, tmp
         create_app(broken, model_name="broken")
     out = CliRunner().invoke(cli_app, ["generate", "Say hi.", "--model", str(broken)])
     assert out.exit_code == 2 and "has no chat template" in out.output
+
+
+def test_chat_takes_a_downloaded_chat_model_in_its_tokenizers_template(scripted, tmp_path):
+    """The first champion of lmcore-instruct is the downloaded chat model: its config.json names no template, its
+    tokenizer carries the chat template, and `lmcore chat` talks in it (`generate` still continues the text)."""
+    import json
+
+    base = tmp_path / "downloaded"
+    base.mkdir()
+    for f in scripted.dir.iterdir():
+        (base / f.name).write_bytes(f.read_bytes())
+    config = json.loads((base / "config.json").read_text())
+    config.pop(TEMPLATE_KEY)
+    (base / "config.json").write_text(json.dumps(config))
+    assert TEMPLATE_KEY not in read_model_config(base)[1]
+    talk = CliRunner().invoke(cli_app, ["chat", "--model", str(base)], input="Say hi.\n\n")
+    assert talk.exit_code == 0, talk.output
+    assert talk.stdout == f"> {scripted.reply}\n> " and "chat template" in talk.stderr

@@ -186,7 +186,7 @@ WHERE: dict[str, tuple[str, ...] | NotRun] = {
     # the registered models come from the default pipeline; the same file, imported, answers as the README shows
     'lmcore classify "WINNER!! You have won a free prize, call now to claim" "Are we still on for lunch tomorrow?" '
     "--model models:/lmcore-classifier": (f"{LIFECYCLE}::test_cli_classify_and_chat",),
-    'lmcore generate "The capital of France is" --model models:/lmcore-base --temperature 0 --max-new-tokens 8': (
+    'lmcore generate "The capital of France is" --model models:/lmcore-base --temperature 0 --max-new-tokens 3': (
         "tests/test_smollm2.py::test_greedy_answer_names_paris", "tests/test_generation.py::test_cli_generate_streams_the_completion"),
     "lmcore chat --model models:/lmcore-instruct": (
         "tests/test_chat.py::test_cli_generate_and_chat_use_the_chat_template",),  # a model in SmolLM2's ChatML template
@@ -290,7 +290,6 @@ WHERE: dict[str, tuple[str, ...] | NotRun] = {
     "python -m benchmarks.scratch_profile --no-before --vocab 2048 4096": (f"{HERE}::test_scratch_profile_benchmark",),
     "python -m benchmarks.scratch_profile --no-before --ablation": (f"{HERE}::test_scratch_profile_ablation_benchmark",),
     "python -m benchmarks.default_profile": (f"{FLOWS}::test_default_profile_benchmark_reads_the_runs",),
-    "python -m benchmarks.default_profile --root .": (f"{FLOWS}::test_default_profile_benchmark_reads_the_runs",),
     "python -m benchmarks.loader_speed": (f"{HERE}::test_loader_speed_benchmark",),
     "python -m benchmarks.tokenize_speed": (f"{HERE}::test_tokenize_speed_benchmark",),
     "python -m benchmarks.tokenize_speed --mb 50 --vocab 8192": (f"{HERE}::test_tokenize_speed_benchmark",),
@@ -446,7 +445,7 @@ def tiny_params(tmp_path: Path, **pretrain) -> Path:
     params = yaml.safe_load(SCRATCH.read_text())
     assert params["pretrain"]["eval_benchmarks_every"], "scratch.yaml turned the probe off: this file tests it on"
     params["collect"]["sources"] = [s for s in params["collect"]["sources"] if s["name"] == "the-verdict"]
-    params["preprocess"]["near_dedup"]["enabled"] = False
+    params["preprocess"]["near_dedup"] = {"enabled": False}
     params["tokenize"]["val_fraction"] = 0.2
     params["train_tokenizer"]["vocab_size"] = 320
     params["pretrain"]["model"].update(vocab_size=320, context_length=32, n_embd=32, n_layer=1, n_head=2)

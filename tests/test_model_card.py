@@ -17,6 +17,7 @@ from lmcore.io import read_json
 from lmcore.model import GPT
 from lmcore.model_card import card_facts, render
 from lmcore.paths import CARD, CARD_FACTS, MANIFEST, WEIGHTS, Layout
+from lmcore.promotion import Adaptation
 from lmcore.stages import StageContext
 from lmcore.stages import collect as collect_stage
 from lmcore.stages import preprocess as preprocess_stage
@@ -113,9 +114,9 @@ def test_the_registry_card_follows_scores_and_aliases(trained, tmp_path):
     model = client.get_registered_model("lmcore-base").description
     assert "`@champion`" in model and "`@challenger`" in model and "`pretrain`:" in model
 
-    def scored(version: str, value: float, bench_run: str) -> dict:
+    def scored(version: str, value: float, bench_run: str, adaptation=None) -> dict:
         tag_scores(tracking, "lmcore-base", version, {"arc_easy.acc": value, "arc_easy.acc_stderr": 0.01}, "s1")
-        decision = promote(tracking, "lmcore-base", version, "arc_easy.acc")
+        decision = promote(tracking, "lmcore-base", version, "arc_easy.acc", adaptation=adaptation)
         client.log_text(bench_run, json.dumps(decision), "promotion.json")
         client.set_model_version_tag("lmcore-base", version, "promotion.run_id", bench_run)
         for v in ("1", "2"):
@@ -132,10 +133,12 @@ def test_the_registry_card_follows_scores_and_aliases(trained, tmp_path):
 
     v2, _ = registered(trained, tracking, tmp_path, 2)
     with tracking.run("benchmark") as bench:
-        decision = scored(v2, 0.40, bench.run_id)
+        decision = scored(v2, 0.40, bench.run_id, adaptation=Adaptation(before=1.9, after=1.8, stderr=0.01))
     assert decision["alias"] == "champion"
     new, old = (client.get_model_version("lmcore-base", v).description for v in (v2, v1))
     assert "`@champion`" in new.splitlines()[2] and "| champion v1 | 0.3000 ± 0.0100 |" in new
+    # continued pretraining: the held-out bits per byte it bought beside the benchmark change it cost
+    assert "| held-out bits per byte of the corpus (before: the champion's) | 1.9000 -> 1.8000 (-0.1000 ± 0.0100) |" in new
     assert "| difference | +0.1000 |" in new
     assert old.splitlines()[2].startswith("no alias")  # the alias moved: v1's card says so
     # replaced, not appended: one card, and the run's MODEL_CARD.md is the same text

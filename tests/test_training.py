@@ -122,7 +122,8 @@ def test_outputs(tmp_path, pattern_tokens):
     assert json.loads((reports_dir / SUMMARY).read_text()) == summary
     assert summary.keys() == {
         "n_params", "steps", "resumed_from_step", "tokens_seen", "train_time_s", "tokens_per_s", "mfu", "peak_flops", "precision", "world_size",
-        "first_val_loss", "final_val_loss", "first_val_bpb", "final_val_bpb", "best_val_loss", "best_step", "stopped_early",
+        "first_val_loss", "final_val_loss", "first_val_bpb", "final_val_bpb", "val_bpb_change", "val_bpb_change_stderr",
+        "best_val_loss", "best_step", "stopped_early",
         "final_train_loss", "train_tokens", "val_tokens", "documents_longer_than_context", "loader_state", "init", "start",
         "tokenizer", "start_step", "pretrain_steps",
     }

@@ -3,7 +3,7 @@
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tests.conftest import ROOT
+from tests.conftest import ROOT, SCRATCH
 
 runner = CliRunner()
 
@@ -50,7 +50,7 @@ def test_eval_scores_a_model_folder_and_collects_the_data(tmp_path, one_thread):
     torch.manual_seed(0)
     save_model(GPT(ModelConfig(vocab_size=50257, context_length=64, n_embd=16, n_layer=1, n_head=2)), tmp_path / "m")
     get_tokenizer("gpt2").save(tmp_path / "m")  # a model folder carries its tokenizer
-    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    (tmp_path / "params.yaml").write_text(SCRATCH.read_text())  # its benchmark section: limit, no per-subject one
     out = tmp_path / "scores"
     args = ["eval", "--model", str(tmp_path / "m"), "--tasks", "arc_easy,mmlu_anatomy", "--limit", "3",
             "--num-fewshot", "1", "--output", str(out), "--root", str(tmp_path)]
@@ -80,7 +80,7 @@ def test_eval_generates_and_scores_ifeval_and_gsm8k(tmp_path, one_thread, monkey
     torch.manual_seed(0)
     save_model(GPT(ModelConfig(vocab_size=50257, context_length=64, n_embd=16, n_layer=1, n_head=2)), tmp_path / "m")
     get_tokenizer("gpt2").save(tmp_path / "m")
-    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    (tmp_path / "params.yaml").write_text(SCRATCH.read_text())  # its benchmark section: limit, no per-subject one
     out = tmp_path / "gen"
     args = ["eval", "--model", str(tmp_path / "m"), "--tasks", "ifeval,gsm8k", "--limit", "2", "--max-gen-toks", "4",
             "--output", str(out), "--root", str(tmp_path)]

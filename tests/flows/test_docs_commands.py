@@ -203,5 +203,5 @@ def test_default_profile_benchmark_reads_the_runs(in_project, capsys):
     stages = [r for r in rows if r[0].strip() in NAMES]
     assert [r[0].strip() for r in stages][: len(NAMES)] == list(NAMES)  # every stage, in the flow's order
     shares = [float(r[3].strip().rstrip("%")) for r in stages[: len(NAMES)]]
-    assert sum(shares) == pytest.approx(100, abs=0.1) and all(float(r[2]) >= 0 for r in stages)
+    assert sum(shares) == pytest.approx(100, abs=1) and all(float(r[2]) >= 0 for r in stages)
     assert "| **all** |" in out and "## run 1: MLflow run " in out
