@@ -83,7 +83,7 @@ def test_default_profile_runs_every_stage_on_smollm2(tmp_path, prefect_harness, 
     instruct = {v.version: v.tags for v in client.search_model_versions("name = 'lmcore-instruct'")}
     assert client.get_model_version_by_alias("lmcore-instruct", "champion").tags["lmcore.origin"] == "base_model"
     assert len(instruct) == 3  # @sft, @dpo, the downloaded chat model
-    assert result["finetune_classifier"]["metrics"]["test"]["accuracy"] is not None
-    assert result["judge"]["model"] == "smollm2-judge" and set(result["judge"]["mean_scores"]) == {"instruct", "dpo"}
+    assert 0 <= result["finetune_classifier"]["test_accuracy"] <= 1
+    assert result["judge"]["skipped"] is False and set(result["judge"]["mean_scores"]) == {"instruct", "dpo"}
     times = result["stage_times"]
     assert list(times) == list(NAMES) and dict(result["summary"])["stage time"].startswith(f"{int(sum(times.values()) // 60)} min")
