@@ -46,12 +46,17 @@ def run_pipeline(project: Path, params: str) -> float:
     return time.perf_counter() - started
 
 
-def lifecycle_runs(project: Path, n: int) -> list:
-    """The last `n` lifecycle parent runs of the project's MLflow store, oldest first."""
+def client(project: Path):
+    """The project's MLflow store (its mlflow.db, as `lmcore pipeline` there uses it)."""
     import mlflow
 
-    client = mlflow.MlflowClient(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project.resolve() / 'mlflow.db'}")
-    runs = [r for e in client.search_experiments() for r in client.search_runs(
+    return mlflow.MlflowClient(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project.resolve() / 'mlflow.db'}")
+
+
+def lifecycle_runs(project: Path, n: int) -> list:
+    """The last `n` lifecycle parent runs of the project's MLflow store, oldest first."""
+    store = client(project)
+    runs = [r for e in store.search_experiments() for r in store.search_runs(
         [e.experiment_id], filter_string="tags.mlflow.runName = 'lifecycle'", order_by=["attributes.start_time DESC"], max_results=n)]
     runs = sorted(runs, key=lambda r: r.info.start_time)[-n:]
     if not runs:
@@ -60,10 +65,9 @@ def lifecycle_runs(project: Path, n: int) -> list:
 
 
 def versions(project: Path) -> dict[str, int]:
-    import mlflow
-
-    client = mlflow.MlflowClient(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project.resolve() / 'mlflow.db'}")
-    return {m.name: len(client.search_model_versions(f"name = '{m.name}'")) for m in client.search_registered_models()}
+    """Model versions per registered name."""
+    store = client(project)
+    return {m.name: len(store.search_model_versions(f"name = '{m.name}'")) for m in store.search_registered_models()}
 
 
 def table(run) -> str:

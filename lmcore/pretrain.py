@@ -324,9 +324,8 @@ def validation_loss(
             logits, loss = model(x, y)  # (B, T, V), the batch's mean loss
             sums[0] += w * loss.double()
             if bytes_per_token is not None and w:  # a repeated last batch (weight 0) has no window of its own
-                losses = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view(y.shape)
-                for b in range(y.shape[0]):
-                    rows[info.rank + i * info.world_size, b] = torch.stack(bpb_sums(losses[b], y[b], bytes_per_token))
+                losses = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none")  # (B*T,)
+                rows[info.rank + i * info.world_size] = torch.stack(bpb_sums(losses, y, bytes_per_token, dim=1), dim=-1)
     model.train()
     loss = distributed.all_reduce_sum(sums)[0].item()
     if bytes_per_token is None:

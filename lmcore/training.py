@@ -556,21 +556,23 @@ def token_bytes(tok, size: int) -> torch.Tensor:
     return _TOKEN_BYTES[key]
 
 
-def bpb_sums(losses: torch.Tensor, targets: torch.Tensor, bytes_per_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def bpb_sums(
+    losses: torch.Tensor, targets: torch.Tensor, bytes_per_token: torch.Tensor, dim: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The (nats, bytes) that bits per byte divides, of per-token losses: only targets that stand for bytes count.
 
     Args:
-        losses: per-token cross-entropy in nats (F.cross_entropy(..., reduction="none")), any shape.
-        targets: their target ids, the same number; ids outside token_bytes (an ignore_index) count 0.
+        losses: per-token cross-entropy in nats (F.cross_entropy(..., reduction="none")), as many as the targets.
+        targets: their target ids; ids outside token_bytes (an ignore_index) count 0.
         bytes_per_token: `token_bytes`, on the targets' device.
+        dim: sum over this dimension of `targets` only (each window's sums: (B,) of (B, T) targets); None: all.
 
-    Returns: two float64 scalars, summed over the tokens; add them up over batches (and ranks) before dividing.
+    Returns: two float64 tensors, summed over the tokens; add them up over batches (and ranks) before dividing.
     """
-    targets = targets.flatten()
     inside = (targets >= 0) & (targets < bytes_per_token.numel())
     n_bytes = torch.where(inside, bytes_per_token[targets.clamp(0, bytes_per_token.numel() - 1)], 0)
-    nats = torch.where(n_bytes > 0, losses.flatten().double(), 0.0).sum()
-    return nats, n_bytes.sum().double()
+    nats = torch.where(n_bytes > 0, losses.reshape(targets.shape).double(), 0.0)
+    return (nats.sum(), n_bytes.sum().double()) if dim is None else (nats.sum(dim), n_bytes.sum(dim).double())
 
 
 def bits_per_byte(nats: float, n_bytes: float) -> float | None:
