@@ -13,20 +13,44 @@ greedy tokens (fewer when the context is shorter: prompt plus new tokens fit the
 - transformers: `generate(do_sample=False, max_new_tokens=..., use_cache=True)`, no end-of-text stop.
 The three runs alternate, `--repeats` times after one warm-up each; a run's time covers prefill and decode, all
 tokens generated. Prints tokens/s (median), the ratios, and whether the token ids agree with transformers'.
+
+    .venv/bin/python -m benchmarks.decode_speed --gguf --threads 2    # SmolLM2-135M: llama.cpp, lmcore, transformers
+    .venv/bin/python -m benchmarks.decode_speed --gguf --threads 2 --new-tokens 8 --batch 4 --repeats 1   # a smoke run
+
+`--gguf [PATH]` (default ../shared/data/models/SmolLM2-135M-Instruct.Q4_1.gguf): the file imported into lmcore
+(lmcore.gguf.import_gguf, float32), exported again with `export_gguf(dtype="f32")` for llama.cpp (llama-cpp-python,
+`n_threads` = `--threads`) and handed to transformers (LlamaForCausalLM, lmcore.hf.to_hf): one set of float32
+weights for all. From one prompt (`--prompt-len` tokens of a text) each greedily decodes `--new-tokens` tokens:
+- llama.cpp batch 1: `Llama.generate(temp=0, top_k=1)`;
+- lmcore batch 1: `lmcore.generation.stream(temperature=0)` on the KV cache;
+- lmcore batch `--batch` (32): the same on `--batch` rows (the prompt's tokens rotated by the row, one length), every
+  row decoding at every step: aggregate tokens/s = rows x tokens / time;
+- transformers batch 1: `generate(do_sample=False, use_cache=True)`, no end-of-text stop.
+Decode tokens/s counts the steps after the first token (prefill and first token left out): (n - 1) / (time of the
+n-th token - time of the first), each token's time taken as the engine hands it over (transformers: a streamer).
+Medians of `--repeats` runs after one warm-up each, the runs alternating; the ratios are lmcore's against llama.cpp's
+batch 1, and the ids of lmcore and transformers are compared with llama.cpp's.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from benchmarks.peers import hf_model
+from lmcore.checkpoint import load_model
 from lmcore.config import ModelConfig
-from lmcore.generation import generate
+from lmcore.generation import generate, stream
 from lmcore.model import GPT
+
+SMOLLM2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined movable "
+        "metal type, oil-based ink and a wooden press adapted from those used to make wine. Within fifty years")
 
 SHAPES = {
     "6x384": dict(n_layer=6, n_embd=384, n_head=6, context_length=512),
@@ -98,17 +122,145 @@ def bench_shape(name: str, *, prompt_len: int, new_tokens: int, repeats: int, de
     return {"shape": name, "config": model.config, "new_tokens": n, "tps": tps, "agree": agree}
 
 
+def _stamps(tokens, n: int) -> list[float]:
+    """perf_counter() as each of the first n items of the generator `tokens` arrives; then the generator is closed
+    (lmcore's stream drops its KV cache, llama.cpp's generate would go on forever)."""
+    out = []
+    try:
+        for _ in tokens:
+            out.append(time.perf_counter())
+            if len(out) == n:
+                break
+    finally:
+        tokens.close()
+    return out
+
+
+class _Stamps:
+    """A transformers streamer that notes when each new token arrives (the first `put` is the prompt)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def _first(tokens, n: int) -> list[int]:
+    """The first n items of the generator `tokens`, which is then closed."""
+    out = []
+    try:
+        for t in tokens:
+            out.append(int(t))
+            if len(out) == n:
+                break
+    finally:
+        tokens.close()
+    return out
+
+
+def _decode_tps(times: list[float], rows: int) -> float:
+    """Tokens/s of the steps after the first token: rows x (n - 1) / (t_n - t_1)."""
+    return rows * (len(times) - 1) / (times[-1] - times[0])
+
+
+def bench_gguf(path: Path, *, prompt_len: int, new_tokens: int, batch: int, repeats: int, threads: int) -> dict:
+    """llama.cpp, lmcore (batch 1 and `batch`) and transformers decoding the same float32 weights; see the docstring."""
+    from llama_cpp import Llama
+
+    from lmcore.gguf import export_gguf, import_gguf
+    from lmcore.tokenizer import load_tokenizer
+
+    with tempfile.TemporaryDirectory(prefix="decode-speed-") as tmp:
+        folder, f32 = Path(tmp) / "model", Path(tmp) / "model.f32.gguf"
+        import_gguf(path, folder)
+        export_gguf(folder, f32, dtype="f32")
+        model, tok = load_model(folder).eval(), load_tokenizer(folder)
+        llm = Llama(model_path=str(f32), n_ctx=prompt_len + new_tokens + 8, n_threads=threads, n_threads_batch=threads,
+                    verbose=False)
+    hf = hf_peer(model)
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    ids = (tok.encode(TEXT) * prompt_len)[:prompt_len]
+    idx = torch.tensor([ids])  # (1, T)
+    rows = torch.stack([idx[0].roll(r) for r in range(batch)])  # (batch, T): one length, different prompts
+    n = new_tokens
+    kv = dict(temperature=0)
+
+    def hf_run() -> list[float]:
+        streamer = _Stamps()
+        hf.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                    use_cache=True, streamer=streamer)
+        return streamer.times[1:]
+
+    runs = {
+        "llama.cpp b1": (1, lambda: _stamps(llm.generate(ids, temp=0.0, top_k=1, reset=True), n)),
+        "lmcore b1": (1, lambda: _stamps(stream(model, idx, n, **kv), n)),
+        f"lmcore b{batch}": (batch, lambda: _stamps(stream(model, rows, n, **kv), n)),
+        "transformers b1": (1, hf_run),
+    }
+    tokens = {
+        "llama.cpp b1": _first(llm.generate(ids, temp=0.0, top_k=1, reset=True), n),
+        "lmcore b1": generate(model, idx, n, **kv)[0, prompt_len:].tolist(),
+        "transformers b1": hf.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False, max_new_tokens=n,
+                                       min_new_tokens=n, use_cache=True)[0, prompt_len:].tolist(),
+    }
+    tps: dict[str, list[float]] = {k: [] for k in runs}
+    with torch.inference_mode():
+        for _, fn in runs.values():  # warm-up
+            fn()
+        for _ in range(repeats):
+            for key, (b, fn) in runs.items():
+                tps[key].append(_decode_tps(fn(), b))
+    ref = tokens["llama.cpp b1"]
+    agree = {k: next((f"no (first at token {i})" for i, (a, b) in enumerate(zip(v, ref)) if a != b), "yes")
+             for k, v in tokens.items() if k != "llama.cpp b1"}
+    return {"tps": {k: statistics.median(v) for k, v in tps.items()}, "agree": agree}
+
+
+def main_gguf(args) -> None:
+    import llama_cpp
+    import transformers
+
+    path = Path(args.gguf)
+    print(f"{path.name}: torch {torch.__version__} ({torch.get_num_threads()} threads), llama-cpp-python "
+          f"{llama_cpp.__version__} ({args.threads} threads), transformers {transformers.__version__}; "
+          f"float32 weights, prompt {args.prompt_len} tokens, {args.new_tokens} greedy tokens, decode tokens/s "
+          f"(after the first token), median of {args.repeats}")
+    r = bench_gguf(path, prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch=args.batch, repeats=args.repeats,
+                   threads=args.threads)
+    t, base = r["tps"], r["tps"]["llama.cpp b1"]
+    print()
+    print("| engine | batch | decode tok/s | / llama.cpp b1 | ids = llama.cpp's |")
+    print("|---|---:|---:|---:|---|")
+    for key, value in t.items():
+        name, b = key.rsplit(" b", 1)
+        print(f"| {name} | {b} | {value:.1f} | {value / base:.2f}x | {r['agree'].get(key, '-')} |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="6x384,tiny,llama-6x384", help=f"comma-separated, of: {', '.join(SHAPES)}")
+    ap.add_argument("--gguf", nargs="?", const=str(SMOLLM2), default=None,
+                    help="a GGUF model (default: SmolLM2-135M-Instruct) against llama.cpp instead of --shapes")
+    ap.add_argument("--batch", type=int, default=32, help="--gguf: the rows of lmcore's batched run")
     ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--new-tokens", type=int, default=None, help="default: 256, with --gguf 128")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's); with --gguf llama.cpp's too")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.gguf:
+        args.new_tokens = args.new_tokens or 128
+        args.threads = args.threads or torch.get_num_threads()
+        return main_gguf(args)
+    args.new_tokens = args.new_tokens or 256
 
     import transformers
 

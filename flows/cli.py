@@ -418,32 +418,48 @@ def _collected_benchmarks(root: Path, cfg, out: Path | None = None) -> Path:
 @app.command()
 def serve(
     model: ModelOpt = "models/instruct",
-    host: Annotated[str, typer.Option(help="address to bind; anything but loopback exposes the model unauthenticated")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="address to bind; anything but loopback exposes the model (use --api-key)")] = "127.0.0.1",
     port: int = 8000,
     name: Annotated[str | None, typer.Option(help="the model name clients send; default: from --model")] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda | mps | auto")] = "cpu",
+    api_key: Annotated[str | None, typer.Option(envvar="LMCORE_API_KEY", show_envvar=True,
+                                                help="clients must send 'Authorization: Bearer KEY' (401 otherwise)")] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="requests decoded together (continuous batching)")] = 16,
+    max_queue: Annotated[int, typer.Option(min=0, help="requests waiting for a place; past that, 503 with Retry-After")] = 64,
+    queue_timeout: Annotated[float, typer.Option(min=0.0, help="seconds a request may wait for a place (then 503)")] = 30.0,
+    request_timeout: Annotated[float, typer.Option(min=0.0, help="seconds a non-streamed request may take (then 504)")] = 600.0,
+    max_tokens: Annotated[int | None, typer.Option(min=1, help="the most tokens a request may ask for; default: the context")] = None,
+    max_body_bytes: Annotated[int, typer.Option(min=1, help="larger request bodies are refused (413)")] = 1 << 20,
+    allowed_host: Annotated[list[str] | None, typer.Option(
+        help="a Host header name to accept (repeat; '*' any); default: loopback names, plus --host when it is not loopback")] = None,
+    quantize: Annotated[str | None, typer.Option(help="int8: dynamic int8 linear layers (CPU)")] = None,
 ) -> None:
-    """Serve a model over an OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models)."""
+    """Serve a model over an OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models), requests batched."""
     import ipaddress
 
+    from lmcore.serve import LOOPBACK_HOSTS, ServerOptions
     from lmcore.serve import serve as run_server
 
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:  # a host name
         loopback = False
-    if not loopback:
+    if not loopback and not api_key:
         typer.secho(
-            f"warning: binding {host}: anyone who can reach this machine can use the model (there is no authentication); "
-            "use --host 127.0.0.1 to keep it local",
+            f"warning: binding {host} without --api-key: anyone who can reach this machine can use the model; "
+            "use --host 127.0.0.1 to keep it local, or set LMCORE_API_KEY",
             fg=typer.colors.YELLOW,
             err=True,
         )
+    hosts = tuple(allowed_host) if allowed_host else LOOPBACK_HOSTS + (() if loopback else (host,))
+    options = ServerOptions(max_batch=max_batch, max_queue=max_queue, queue_timeout=queue_timeout,
+                            request_timeout=request_timeout, max_tokens=max_tokens, max_body_bytes=max_body_bytes,
+                            api_key=api_key or None, allowed_hosts=hosts)
     # "models:/lmcore-instruct@dpo" -> "lmcore-instruct@dpo"; a folder -> its name.
     name = name or (model.removeprefix("models:/") if model.startswith("models:/") else Path(model).resolve().name)
     try:
-        run_server(_model_dir(model), host=host, port=port, model_name=name, device=device)
-    except (ValueError, FileNotFoundError) as err:  # not a servable model folder
+        run_server(_model_dir(model), host=host, port=port, model_name=name, device=device, options=options, quantize=quantize)
+    except (ValueError, FileNotFoundError) as err:  # not a servable model folder, a bad --quantize
         _fail(str(err))
 
 

@@ -15,6 +15,10 @@ Runs execute in subprocesses of this one, so MLFLOW_TRACKING_URI and the other s
 apply to them. Schedules need a real Prefect server: the ephemeral one that `lmcore pipeline` starts
 cannot schedule. For a work pool (process, Dask, Ray, Kubernetes workers) use `prefect deploy` with the
 entrypoint `flows/lifecycle.py:lifecycle` instead; docs/operations.md shows both.
+
+The server `--start-server` starts takes state-changing requests only with a CSRF token and grants CORS to its own
+origin only, http://127.0.0.1:<port> (`server_settings`): a web page open in a browser on this machine cannot
+create, change or run deployments. Prefect's client fetches the token by itself.
 """
 
 from __future__ import annotations
@@ -48,9 +52,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "it fails (default: %(default)s)")
     p.add_argument("--paused", action="store_true", help="create the schedule paused (runs only when triggered)")
     p.add_argument("--start-server", action="store_true",
-                   help="start a Prefect server on 127.0.0.1:--port first, unless one answers there")
+                   help="start a Prefect server on 127.0.0.1:--port first (CSRF protection on, CORS for its own origin "
+                        "only), unless one answers there")
     p.add_argument("--port", type=int, default=4200, help="port of the server --start-server starts (default: %(default)s)")
     return p.parse_args(argv)
+
+
+def server_settings(port: int) -> dict[str, str]:
+    """The Prefect settings (environment variables) of the server on 127.0.0.1:port: CSRF protection on, and CORS
+    answers for its own origin only (the UI it serves there), not Prefect's default `*`."""
+    return {
+        "PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED": "true",
+        "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": f"http://127.0.0.1:{port}",
+    }
+
+
+def server_command(port: int) -> list[str]:
+    """`prefect server start` on 127.0.0.1:port, with this interpreter's prefect."""
+    return [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+
+
+def _csrf_enabled(api_url: str) -> bool:
+    """Whether the server at api_url asks for CSRF tokens (its token endpoint answers 422 when it does not)."""
+    try:
+        with urllib.request.urlopen(f"{api_url}/csrf-token?client=lmcore-deploy-probe", timeout=5) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
 
 
 def _healthy(api_url: str) -> bool:
@@ -63,14 +91,18 @@ def _healthy(api_url: str) -> bool:
 
 @contextlib.contextmanager
 def local_server(port: int, timeout: float = 180) -> Iterator[str]:
-    """A `prefect server start` on 127.0.0.1:port for the life of the block (or the one already there)."""
+    """A `prefect server start` on 127.0.0.1:port with `server_settings` for the life of the block (or the one
+    already there, with a warning when it takes requests without a CSRF token)."""
     api_url = f"http://127.0.0.1:{port}/api"
     if _healthy(api_url):
         print(f"using the Prefect server already at {api_url}", flush=True)
+        if not _csrf_enabled(api_url):
+            print(f"warning: the Prefect server at {api_url} has CSRF protection off: any web page open in a browser on "
+                  "this machine can drive it; start it with PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED=true", flush=True)
         yield api_url
         return
-    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    cmd = server_command(port)
+    env = {**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}, **server_settings(port)}
     # Its own session: Ctrl-C reaches only this process, which pauses the schedule while the server is still up.
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import yaml
 from pydantic import ValidationError
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from safetensors.torch import load_model as st_load_model
 
@@ -167,24 +167,34 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> GPT
     Raises: MissingInputError (also a FileNotFoundError) when config.json or the weights are not there;
         CheckpointError naming the file when one is malformed, truncated or does not match the other.
     """
-    config, extra = read_model_config(model_dir)
+    config, extra = read_model_config(model_dir)  # bounds and memory checked there (ModelConfig)
     path = Path(model_dir) / WEIGHTS
     if not path.is_file():
         raise MissingInputError(f"{path}: no weights file")
-    model = GPT(config)
     head = extra.get(HEAD_KEY)
+    n_out = None
     if head is not None:
-        if not isinstance(head, dict) or head.get("type") != HEAD_CLASSIFIER or len(head.get("labels") or []) < 2:
-            raise CheckpointError(f"{Path(model_dir) / MODEL_CONFIG}: unsupported '{HEAD_KEY}': {head!r}")
-        model.replace_head(len(head["labels"]))
+        labels = head.get("labels") if isinstance(head, dict) else None
+        if not isinstance(labels, list) or len(labels) < 2 or head.get("type") != HEAD_CLASSIFIER:
+            raise CheckpointError(f"{Path(model_dir) / MODEL_CONFIG}: unsupported '{HEAD_KEY}': {one_line(repr(head))[:200]}")
+        n_out = len(labels)
+    # Before anything is allocated: the file's header holds every tensor the config describes, in its shape.
+    found, expected = _with_safetensors_errors(path, _header_shapes), config.tensor_shapes(n_out)
+    missing = sorted(expected.keys() - found.keys())
+    if missing:
+        unexpected = sorted(found.keys() - expected.keys())
+        raise CheckpointError(f"{path}: weights do not match {MODEL_CONFIG}: missing keys {_few(missing)}, "
+                              f"unexpected keys {_few(unexpected)}")
+    wrong = [f"size mismatch for {k}: {found[k]} in the file, {s} in {MODEL_CONFIG}" for k, s in expected.items()
+             if found[k] != s]
+    if wrong:
+        more = f" (and {len(wrong) - 2} more)" if len(wrong) > 2 else ""
+        raise CheckpointError(f"{path}: weights do not match {MODEL_CONFIG}: {'; '.join(wrong[:2])}{more}")
+    model = GPT(config)
+    if n_out is not None:
+        model.replace_head(n_out)
     try:
-        missing, unexpected = st_load_model(model, path, strict=False)
-    except SafetensorError as err:  # empty, cut short, or another kind of file
-        raise CheckpointError(
-            f"{path}: is truncated or not a safetensors file ({one_line(err)}); save or copy the model folder again"
-        ) from None
-    except OSError as err:
-        raise CheckpointError(f"{path}: cannot be read: {err.strerror or one_line(err)}") from None
+        missing, unexpected = _with_safetensors_errors(path, lambda p: st_load_model(model, p, strict=False))
     except RuntimeError as err:  # load_state_dict: "size mismatch for <name>: ..." lines
         lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()] or [one_line(err)]
         more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
@@ -194,6 +204,29 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> GPT
             f"{path}: weights do not match {MODEL_CONFIG}: missing keys {sorted(missing)}, unexpected keys {sorted(unexpected)}"
         )
     return model.to(device).eval()
+
+
+def _few(names: list[str], n: int = 8) -> str:
+    return f"{names[:n]}{f' and {len(names) - n} more' if len(names) > n else ''}"
+
+
+def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape in a safetensors file, from its header alone (which safetensors checks against the
+    file's size: the data is there)."""
+    with safe_open(path, framework="pt") as f:
+        return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+
+
+def _with_safetensors_errors(path: Path, read):
+    """read(path), with safetensors' and the file system's errors as one CheckpointError line naming the file."""
+    try:
+        return read(path)
+    except SafetensorError as err:  # empty, cut short, a header too large or not JSON, or another kind of file
+        raise CheckpointError(
+            f"{path}: is truncated or not a safetensors file ({one_line(err)}); save or copy the model folder again"
+        ) from None
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot be read: {err.strerror or one_line(err)}") from None
 
 
 # Training checkpoints: file names inside a step folder (see the module docstring).

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -317,22 +318,35 @@ MODEL_PRESETS.update({
 })
 
 
+# Plausible bounds of a model's shape, checked before anything is allocated (a config.json or GGUF header is
+# untrusted input): far above any released decoder (vocabularies up to 262k, contexts up to 1M, widths up to 25k,
+# MLPs up to 74k, 126 layers), far below what would exhaust memory by itself. MAX_MODEL_BYTES caps the float32
+# parameters and buffers GPT(config) allocates (ModelConfig.alloc_bytes): 16B parameters.
+MAX_VOCAB = 1 << 22
+MAX_CONTEXT = 1 << 20
+MAX_WIDTH = 1 << 16
+MAX_MLP = 1 << 18
+MAX_LAYERS = 1 << 10
+MAX_MODEL_BYTES = 64 << 30
+
+
 class ModelConfig(_Section):
     """The decoder's shape and its architecture options (GPT-2 by default; see MODEL_PRESETS for Llama-style)."""
 
     preset: str | None = None  # a MODEL_PRESETS name; fields given beside it override the preset's
-    vocab_size: int = Field(default=50257, ge=1)
-    context_length: int = Field(default=128, ge=1)
-    n_embd: int = Field(default=128, ge=1)
-    n_layer: int = Field(default=2, ge=1)
+    vocab_size: int = Field(default=50257, ge=1, le=MAX_VOCAB)
+    context_length: int = Field(default=128, ge=1, le=MAX_CONTEXT)
+    n_embd: int = Field(default=128, ge=1, le=MAX_WIDTH)
+    n_layer: int = Field(default=2, ge=1, le=MAX_LAYERS)
     n_head: int = Field(default=4, ge=1)
     n_kv_head: int | None = Field(default=None, ge=1)  # grouped-query attention; null: n_head (multi-head)
-    intermediate_size: int | None = Field(default=None, ge=1)  # MLP width; null: 4C (gelu) or 8C/3 rounded up to 64 (swiglu)
+    # MLP width; null: 4C (gelu) or 8C/3 rounded up to 64 (swiglu)
+    intermediate_size: int | None = Field(default=None, ge=1, le=MAX_MLP)
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    norm_eps: float = Field(default=1e-5, gt=0)
+    norm_eps: float = Field(default=1e-5, gt=0, allow_inf_nan=False)
     mlp: Literal["gelu", "swiglu"] = "gelu"
     positions: Literal["learned", "rope"] = "learned"
-    rope_base: float = Field(default=10000.0, gt=0)
+    rope_base: float = Field(default=10000.0, gt=0, allow_inf_nan=False)
     dropout: float = Field(default=0.0, ge=0, lt=1)
     bias: bool = True
     tie_weights: bool = True
@@ -359,6 +373,57 @@ class ModelConfig(_Section):
         if self.positions == "rope" and self.head_size % 2:
             raise ValueError(f"RoPE needs an even head size, got n_embd / n_head = {self.head_size}")
         return self
+
+    @model_validator(mode="after")
+    def _fits_in_memory(self) -> ModelConfig:
+        need = self.alloc_bytes()
+        if need > MAX_MODEL_BYTES:
+            raise ValueError(
+                f"vocab_size {self.vocab_size}, context_length {self.context_length}, n_embd {self.n_embd}, "
+                f"n_layer {self.n_layer}, intermediate_size {self.mlp_size} make {self.param_count():,} parameters: "
+                f"{need / 2**30:.1f} GiB in float32, over the {MAX_MODEL_BYTES / 2**30:.0f} GiB lmcore builds"
+            )
+        return self
+
+    def tensor_shapes(self, n_out: int | None = None) -> dict[str, tuple[int, ...]]:
+        """Every tensor GPT(self) saves, by name, with its shape (a tied head once, as wte.weight), computed from
+        the config alone; with `n_out`, those of the model with an n_out-way classifier head (GPT.replace_head).
+        Checked against GPT itself in tests/test_hostile_files.py."""
+        C, V, M, b = self.n_embd, self.vocab_size, self.mlp_size, self.bias
+        qkv = (self.n_head + 2 * self.kv_heads) * self.head_size
+
+        def linear(name: str, n_in: int, n_out_: int, bias: bool = b) -> dict[str, tuple[int, ...]]:
+            return {f"{name}.weight": (n_out_, n_in), **({f"{name}.bias": (n_out_,)} if bias else {})}
+
+        def norm(name: str) -> dict[str, tuple[int, ...]]:
+            return {f"{name}.weight": (C,), **({f"{name}.bias": (C,)} if self.norm == "layernorm" and b else {})}
+
+        shapes = {"wte.weight": (V, C), **({"wpe.weight": (self.context_length, C)} if self.positions == "learned" else {})}
+        for i in range(self.n_layer):
+            block = f"blocks.{i}."
+            shapes |= norm(f"{block}norm_1") | linear(f"{block}attn.qkv", C, qkv) | linear(f"{block}attn.proj", C, C)
+            shapes |= norm(f"{block}norm_2")
+            if self.mlp == "swiglu":
+                shapes |= linear(f"{block}mlp.fc_1", C, M) | linear(f"{block}mlp.fc_2", C, M)
+            else:
+                shapes |= linear(f"{block}mlp.fc", C, M)
+            shapes |= linear(f"{block}mlp.proj", M, C)
+        shapes |= norm("norm_f")
+        if n_out:
+            shapes |= linear("lm_head", C, n_out, bias=True)
+        elif not self.tie_weights:
+            shapes |= linear("lm_head", C, V, bias=False)
+        return shapes
+
+    def param_count(self, n_out: int | None = None) -> int:
+        """The parameters GPT(self) has, each shared tensor once (with `n_out`: see tensor_shapes)."""
+        return sum(math.prod(shape) for shape in self.tensor_shapes(n_out).values())
+
+    def alloc_bytes(self) -> int:
+        """What GPT(self) allocates at most, in bytes: its float32 parameters, and with RoPE the (context_length,
+        head_size) cos and sin tables with the two temporaries they are made from."""
+        rope = 4 * self.context_length * self.head_size if self.positions == "rope" else 0
+        return 4 * (self.param_count() + rope)
 
     @property
     def head_size(self) -> int:
@@ -785,6 +850,12 @@ class InstructEvalConfig(_Section):
         return self
 
 
+# judge.api_key_env: names made for an API key (OPENAI_API_KEY, GROQ_API_KEY, LMCORE_JUDGE_API_KEY, SERVICE_API_TOKEN)
+# and Hugging Face's HF_TOKEN (its inference endpoints speak the OpenAI API). Deliberately not every *_KEY or *_TOKEN:
+# AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN and GITHUB_TOKEN are credentials for other services.
+API_KEY_ENV = re.compile(r"[A-Z][A-Z0-9_]*_API_(?:KEY|TOKEN)|HF_TOKEN")
+
+
 class JudgeConfig(_Section):
     """LLM-as-judge (book ch. 7): an OpenAI-compatible chat endpoint scores responses 0-100.
 
@@ -796,7 +867,10 @@ class JudgeConfig(_Section):
     # Instead of `url`: a model the stage serves itself for the judging, as `lmcore serve` does (127.0.0.1, a
     # free port, for the stage's duration): a registered model (models:/name@alias) or a model folder.
     serve: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"  # the variable holding the API key, if the endpoint needs one
+    # The variable holding the API key, if the endpoint needs one. Its value is sent to `url` as a bearer token, so
+    # only a name made for an API key is taken (API_KEY_ENV): a params file cannot send HOME, a database URL or the
+    # AWS/GitHub credentials of the shell that runs the stage to a judge endpoint.
+    api_key_env: str = "OPENAI_API_KEY"
     responses: list[Literal["instruct", "dpo"]] = Field(default=["instruct", "dpo"], min_length=1)
     max_items: int | None = Field(default=None, ge=1)  # responses judged per model; null: all
     temperature: float = Field(default=0.0, ge=0)
@@ -810,6 +884,14 @@ class JudgeConfig(_Section):
     # Replies without a 0-100 score are counted and left out of the mean; above this share the judge is not
     # following the prompt and the stage fails.
     max_unparsed_fraction: float = Field(default=0.5, ge=0, le=1)
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _api_key_name(cls, name: str) -> str:
+        if not API_KEY_ENV.fullmatch(name):
+            raise ValueError("not the name of an API key variable: expected <NAME>_API_KEY or <NAME>_API_TOKEN in "
+                             "capitals (OPENAI_API_KEY, LMCORE_JUDGE_API_KEY), or HF_TOKEN")
+        return name
 
     @model_validator(mode="after")
     def _model_with_url(self) -> JudgeConfig:

@@ -47,14 +47,21 @@ def one_line(text: object) -> str:
     return re.sub(r"\s*[\r\n]+\s*", "; ", str(text).strip())
 
 
-def validation_summary(err: Exception) -> str:
-    """A pydantic ValidationError on one line: "n_embd: Input should be a valid integer (got 'x'); bogus: ..."."""
+def validation_summary(err: Exception, names: dict[str, str] | None = None) -> str:
+    """A pydantic ValidationError on one line: "n_embd: Input should be a valid integer (got 'x'); bogus: ...".
+
+    names: what the file being read calls each field ({"context_length": "max_position_embeddings"}), so the
+    message names the key the user can find there, in the key and in the text of a whole-model error.
+    """
+    names = names or {}
+    rename = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b") if names else None
     parts = []
     for e in err.errors():  # type: ignore[attr-defined]
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        key = ".".join(names.get(str(p), str(p)) for p in e["loc"]) or "<root>"
         got = e.get("input")
         shown = "" if isinstance(got, (dict, list)) or "input" not in e else f" (got {got!r})"
-        parts.append(f"{key}: {e['msg']}{shown}")
+        msg = rename.sub(lambda m: names[m.group(1)], e["msg"]) if rename else e["msg"]
+        parts.append(f"{key}: {msg}{shown}")
     return one_line("; ".join(parts))
 
 

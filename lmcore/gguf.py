@@ -8,6 +8,11 @@
 Tests: `python -m pytest tests/test_gguf.py -q` (tiny random models, seconds) and
 `python -m pytest -m slow tests/test_smollm2.py -q` (the real SmolLM2 file).
 
+A GGUF file is untrusted input. FastReader checks every count and length against the bytes left before it reads
+or allocates, the hyperparameters are checked (head counts here, plausible bounds and memory in lmcore.config)
+before anything is dequantized, and anything wrong is one GGUFError line naming the file and the key, tensor or
+offset; `python -m pytest tests/test_hostile_files.py -q` feeds the readers a few hundred mutated files.
+
 Import dequantizes every tensor to float32 (gguf.quants: F32, F16, BF16, Q4_0 ... Q8_0, the K and IQ quants) and
 goes through lmcore.hf: GGUF names -> Hugging Face names and config -> `from_hf`. Export is the reverse: `to_hf`
 -> GGUF names. What llama.cpp's converter (convert_hf_to_gguf.py) does differently from Hugging Face, undone here:
@@ -35,6 +40,7 @@ import base64
 import hashlib
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -48,7 +54,7 @@ import torch
 
 from lmcore.checkpoint import HEAD_KEY, load_model, read_model_config, save_model
 from lmcore.errors import InputError, one_line
-from lmcore.hf import GPT2, LLAMA, _check_target, from_hf, to_hf
+from lmcore.hf import GPT2, LLAMA, HFError, _check_target, from_hf, model_config_from_hf, to_hf
 from lmcore.io import atomic_dir, fsync_dir, sha256_file
 from lmcore.paths import MODEL_CONFIG
 from lmcore.tokenizer import (
@@ -141,6 +147,19 @@ _BLOCK_PREFIX = {LLAMA: "model.layers.", GPT2: "transformer.h."}
 _KEEP_F32 = ("position_embd.weight",)  # llama.cpp's converter never quantizes these
 
 
+# Limits of the GGUF reader: a tensor's dimensions (llama.cpp's GGML_MAX_DIMS); and lmcore's own, as gguf's reader
+# keeps a few small Python objects per key, tensor and array item (~100 bytes each): keys and tensors (real files
+# have tens of keys and up to a few thousand tensors), and items of all metadata arrays together (a vocabulary's
+# tokens, types and merges are 0.2-1M).
+GGML_MAX_DIMS = 4
+MAX_KEYS = 1 << 16
+MAX_TENSORS = 1 << 16
+MAX_ARRAY_ITEMS = 1 << 22
+_MIN_KV_BYTES = 8 + 4 + 1  # a key's length, the value's type, the smallest value
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # a name's length, n_dims, the type, the data offset
+_INT64_MAX = (1 << 63) - 1
+
+
 class GGUFError(InputError):
     """A GGUF file or an lmcore model that cannot be converted; the message names the file and what is refused."""
 
@@ -150,23 +169,172 @@ class GGUFError(InputError):
 
 
 class FastReader(gguf.GGUFReader):
-    """gguf's reader, reading the header through a plain ndarray view of the same memory map.
+    """gguf's reader, reading the header through a plain ndarray view of the same memory map, and checking every
+    length and count against the bytes left before it reads or allocates (as llama.cpp's gguf_init_from_file does).
 
     gguf 0.19's GGUFReader slices its np.memmap once per metadata value; a memmap slice costs several times a plain
     array's, and a vocabulary is ~100k strings: 6 s against 1.5 s to open SmolLM2's file here. The values and the
     (still memory-mapped) tensor data are the same; tests/test_gguf.py compares the two readers.
+
+    gguf's own reader trusts the file: a read past the end gives an empty array, so an array that claims 2^62 items
+    loops forever on a 58-byte file while its list of parts grows. Here every count is checked against the bytes
+    left first, and a file that cannot be what it claims is a GGUFError naming the file, the key or tensor, and
+    the offset (tests/test_hostile_files.py feeds it mutated files).
     """
+
+    def __init__(self, path: os.PathLike[str] | str, mode: str = "r"):
+        self.src = Path(path)
+        self._what = "the header"  # what is being read, for messages
+        self._items = 0  # metadata array items so far
+        super().__init__(path, mode)
+
+    def _refuse(self, offset: int, problem: str) -> GGUFError:
+        size = int(self.data.size)
+        return GGUFError(f"{self.src}: truncated or malformed GGUF: {self._what} at offset {offset}: {problem} "
+                         f"(the file has {size} bytes, {max(size - offset, 0)} after that offset)")
 
     def _get(self, offset, dtype, count=1, override_order=None):
         plain = self.__dict__.get("_plain")
         if plain is None:
             plain = self._plain = self.data.view(np.ndarray)
-        dtype, count = np.dtype(dtype), int(count)
-        arr = plain[offset:offset + dtype.itemsize * count].view(dtype)[:count]
+        dtype, count, offset = np.dtype(dtype), int(count), int(offset)
+        n_bytes = dtype.itemsize * count
+        if count < 0 or offset + n_bytes > plain.size:
+            raise self._refuse(offset, f"needs {n_bytes} bytes")
+        arr = plain[offset:offset + n_bytes].view(dtype)
         order = self.byte_order if override_order is None else override_order
         if order == "I" or (order == "<" and sys.byteorder == "little"):
             return arr  # already in the host's order
         return arr.view(arr.dtype.newbyteorder(order))
+
+    def _fits(self, offset: int, count: int, min_bytes: int, what: str, limit: int) -> None:
+        """Refuse `count` items of at least `min_bytes` each that the bytes left after `offset` cannot hold, or more
+        than `limit` of them."""
+        if count * min_bytes > int(self.data.size) - offset:
+            raise self._refuse(offset, f"{count} {what} of at least {min_bytes} bytes each cannot fit")
+        if count > limit:
+            raise self._refuse(offset, f"{count} {what}, more than the {limit} lmcore reads")
+
+    def _text(self, data: np.ndarray, offset: int) -> str:
+        try:
+            return str(bytes(data), encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise self._refuse(offset, f"a name that is not UTF-8 ({err.reason} at byte {err.start})") from None
+
+    def _build_fields(self, offs: int, count: int) -> int:
+        count = int(count)
+        self._what = "GGUF.kv_count"
+        self._fits(offs, count, _MIN_KV_BYTES, "key-value pairs", MAX_KEYS)
+        for i in range(count):
+            orig_offs = offs
+            self._what = f"metadata key {i}"
+            kv_klen, kv_kdata = self._get_str(offs)
+            offs += int(kv_klen.nbytes + kv_kdata.nbytes)
+            key = self._text(kv_kdata, orig_offs)
+            self._what = f"metadata {_short(key)}"
+            if key in self.fields:
+                raise self._refuse(orig_offs, "the key appears twice")
+            raw_kv_type = self._get(offs, np.uint32)
+            offs += int(raw_kv_type.nbytes)
+            size, parts, idxs, types = self._get_field_parts(offs, raw_kv_type[0])
+            self._push_field(gguf.ReaderField(orig_offs, key, [kv_klen, kv_kdata, raw_kv_type, *parts],
+                                              [i + 3 for i in idxs], types), skip_sum=True)
+            offs += size
+        return offs
+
+    def _get_field_parts(self, orig_offs: int, raw_type: int):
+        gtype = _member(gguf.GGUFValueType, raw_type)
+        if gtype is None:
+            raise self._refuse(orig_offs, f"unknown value type {int(raw_type)}")
+        if gtype != gguf.GGUFValueType.ARRAY:
+            return super()._get_field_parts(orig_offs, gtype)  # a string (its length checked by _get) or a scalar
+        # An array: its item type and count, checked against the bytes left before any item is read.
+        offs = orig_offs
+        raw_itype = self._get(offs, np.uint32)
+        offs += int(raw_itype.nbytes)
+        alen = self._get(offs, np.uint64)
+        offs += int(alen.nbytes)
+        itype, n = _member(gguf.GGUFValueType, raw_itype[0]), int(alen[0])
+        if itype == gguf.GGUFValueType.STRING:
+            min_bytes = 8  # each string's length
+        elif itype in self.gguf_scalar_to_np:
+            min_bytes = np.dtype(self.gguf_scalar_to_np[itype]).itemsize
+        else:  # an unknown type, or an array of arrays, which llama.cpp refuses too
+            raise self._refuse(orig_offs, f"an array of item type {int(raw_itype[0])}, which lmcore and llama.cpp do not read")
+        self._fits(offs, n, min_bytes, "array items", MAX_ARRAY_ITEMS - self._items)  # of all arrays together
+        self._items += n
+        types = [gguf.GGUFValueType.ARRAY, itype]
+        aparts: list[np.ndarray] = [raw_itype, alen]
+        data_idxs: list[int] = []
+        for _ in range(n):  # as gguf's reader: one part (two for a string) per item, which transformers reads
+            size, parts, idxs, _ = super()._get_field_parts(offs, itype)
+            first = len(aparts)
+            aparts += parts
+            data_idxs += (i + first for i in idxs)
+            offs += size
+        return offs - orig_offs, aparts, data_idxs, types
+
+    def _build_tensor_info(self, offs: int, count: int) -> tuple[int, list]:
+        count = int(count)
+        self._what = "GGUF.tensor_count"
+        self._fits(offs, count, _MIN_TENSOR_INFO_BYTES, "tensor infos", MAX_TENSORS)
+        fields = []
+        for i in range(count):
+            orig_offs = offs
+            self._what = f"tensor info {i}"
+            name_len, name_data = self._get_str(offs)
+            offs += int(name_len.nbytes + name_data.nbytes)
+            name = self._text(name_data, orig_offs)
+            self._what = f"tensor {_short(name)}"
+            n_dims = self._get(offs, np.uint32)
+            if int(n_dims[0]) > GGML_MAX_DIMS:
+                raise self._refuse(offs, f"{int(n_dims[0])} dimensions (GGUF tensors have up to {GGML_MAX_DIMS})")
+            offs += int(n_dims.nbytes)
+            dims = self._get(offs, np.uint64, n_dims[0])
+            offs += int(dims.nbytes)
+            raw_dtype = self._get(offs, np.uint32)
+            offs += int(raw_dtype.nbytes)
+            offset_tensor = self._get(offs, np.uint64)
+            offs += int(offset_tensor.nbytes)
+            fields.append(gguf.ReaderField(orig_offs, name, [name_len, name_data, n_dims, dims, raw_dtype, offset_tensor],
+                                           [1, 3, 4, 5]))
+        return offs, fields
+
+    def _build_tensors(self, start_offs: int, fields: list) -> None:
+        """Each tensor's type, shape and data checked against the file before gguf's reader maps it."""
+        size, names = int(self.data.size), set()
+        for field in fields:
+            _, _, _, dims, raw_dtype, offset_tensor = field.parts
+            self._what = f"tensor {_short(field.name)}"
+            if field.name in names:
+                raise self._refuse(field.offset, "a second tensor of this name")
+            names.add(field.name)
+            qtype = _member(gguf.GGMLQuantizationType, raw_dtype[0])
+            if qtype is None:
+                raise self._refuse(field.offset, f"unknown tensor type {int(raw_dtype[0])}")
+            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+            shape = [int(d) for d in dims]
+            if any(d > _INT64_MAX for d in shape):
+                raise self._refuse(field.offset, f"shape {shape} has a dimension over 2^63 - 1")
+            if shape and shape[0] % block:
+                raise self._refuse(field.offset, f"shape {shape} is not whole {qtype.name} rows of {block}-value blocks")
+            n_bytes = math.prod(shape) // block * type_size
+            offset = int(offset_tensor[0])
+            if offset % self.alignment:
+                raise self._refuse(field.offset, f"data offset {offset} is not a multiple of the alignment {self.alignment}")
+            if start_offs + offset + n_bytes > size:
+                raise self._refuse(start_offs + offset, f"{n_bytes} bytes of {qtype.name} data for shape {shape} run "
+                                                         f"past the end of the file")
+        self._what = "the tensors"
+        super()._build_tensors(start_offs, fields)
+
+
+def _member(enum: type, value) -> Any:
+    """enum(value), or None when `value` names no member."""
+    try:
+        return enum(int(value))
+    except ValueError:
+        return None
 
 
 def open_gguf(src: str | Path):
@@ -181,6 +349,8 @@ def open_gguf(src: str | Path):
         raise GGUFError(f"{src}: not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r})")
     try:
         return FastReader(src)
+    except GGUFError:
+        raise
     except Exception as err:  # noqa: BLE001 - the reader raises ValueError, IndexError, struct and numpy errors alike
         raise GGUFError(f"{src}: truncated or malformed GGUF ({type(err).__name__}: {one_line(err)})") from None
 
@@ -204,17 +374,41 @@ class _Metadata:
             raise GGUFError(f"{self.src}: metadata {key} is not UTF-8 text ({err.reason} at byte {err.start})") from None
 
     def require(self, key: str, kind: type, default: Any = None) -> Any:
-        value = self.get(key, default)
-        if value is None:
-            raise GGUFError(f"{self.src}: metadata {key} is missing")
+        """The value of `key`, one `kind`; `default` when the file has no such key (None: the key is required)."""
+        if key not in self.fields:
+            if default is None:
+                raise GGUFError(f"{self.src}: metadata {key} is missing")
+            return default
+        value = self.get(key)
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         elif kind is float and isinstance(value, float) and self.fields[key].types[0] == gguf.GGUFValueType.FLOAT32:
             value = float(str(np.float32(value)))  # 1e-5 stored as float32 reads 9.9999997e-06: give back 1e-5
         if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
-            raise GGUFError(f"{self.src}: metadata {key} is {value!r}; lmcore expects one {kind.__name__} "
+            raise GGUFError(f"{self.src}: metadata {key} is {_short(value)}; lmcore expects one {kind.__name__} "
                             f"(per-layer values are not supported)")
         return value
+
+    def text(self, key: str) -> str | None:
+        """The text value of `key`, or None when the file has no such key."""
+        value = self.get(key)
+        if value is not None and not isinstance(value, str):
+            raise GGUFError(f"{self.src}: metadata {key} is {_short(value)}; expected text")
+        return value
+
+    def array(self, key: str, item: type) -> list | None:
+        """The array value of `key`, every item one `item`, or None when the file has no such key."""
+        value = self.get(key)
+        if value is not None and not (isinstance(value, list) and all(
+                isinstance(v, item) and isinstance(v, bool) == (item is bool) for v in value)):
+            raise GGUFError(f"{self.src}: metadata {key} is {_short(value)}; expected an array of {item.__name__}")
+        return value
+
+
+def _short(value: Any) -> str:
+    """repr(value), at most 80 characters, for messages (an array may hold 100k tokens)."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
 
 
 def _dequantize(tensor, src: Path) -> np.ndarray:
@@ -251,13 +445,33 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _check_heads(arch: str, n_embd: int, n_head: int, n_kv: int, src: Path) -> None:
+    """Head counts that can be right, before anything divides by them; GGUFError naming the key otherwise."""
+    key = f"{arch}.attention.head_count"
+    if n_embd < 1:
+        raise GGUFError(f"{src}: {arch}.embedding_length {n_embd}: a model needs a width of at least 1")
+    for name, n in ((key, n_head), (f"{key}_kv", n_kv)):
+        if n < 1:
+            raise GGUFError(f"{src}: {name} {n}: a model needs at least one head")
+    if n_embd % n_head:
+        raise GGUFError(f"{src}: {key} {n_head} does not divide {arch}.embedding_length {n_embd} into whole heads")
+    if n_head % n_kv:
+        raise GGUFError(f"{src}: {key}_kv {n_kv} does not divide {key} {n_head}: each key/value head serves a whole "
+                        f"group of query heads")
+
+
 def _llama_config(meta: _Metadata, shapes: dict[str, tuple], src: Path) -> dict:
-    """The Hugging Face LlamaConfig dict of a llama GGUF (its llama.* metadata and tensor shapes)."""
+    """The Hugging Face LlamaConfig dict of a llama GGUF (its llama.* metadata and tensor shapes).
+
+    Keys llama.cpp reads as optional take its defaults: head_count_kv = head_count, rope.freq_base 10000; a
+    missing layer_norm_rms_epsilon is 1e-5, what llama.cpp's converter writes for Llama 2 and 3 and SmolLM2.
+    """
     arch = LLAMA
     n_embd = meta.require(f"{arch}.embedding_length", int)
     n_head = meta.require(f"{arch}.attention.head_count", int)
     n_kv = meta.require(f"{arch}.attention.head_count_kv", int, default=n_head)
-    head = n_embd // n_head if n_head else 0
+    _check_heads(arch, n_embd, n_head, n_kv, src)
+    head = n_embd // n_head
     for key in (f"{arch}.rope.dimension_count", f"{arch}.attention.key_length", f"{arch}.attention.value_length"):
         if key in meta and meta.require(key, int) != head:
             raise GGUFError(f"{src}: {key} {meta.get(key)} != embedding_length / head_count ({head}): lmcore's heads "
@@ -289,14 +503,16 @@ def _llama_config(meta: _Metadata, shapes: dict[str, tuple], src: Path) -> dict:
 def _gpt2_config(meta: _Metadata, shapes: dict[str, tuple], src: Path) -> dict:
     """The Hugging Face GPT2Config dict of a gpt2 GGUF."""
     arch = GPT2
+    n_embd = meta.require(f"{arch}.embedding_length", int)
     n_head = meta.require(f"{arch}.attention.head_count", int)
+    _check_heads(arch, n_embd, n_head, n_head, src)
     if meta.get(f"{arch}.attention.head_count_kv", n_head) != n_head:
         raise GGUFError(f"{src}: {arch}.attention.head_count_kv != head_count: a GPT-2 has no grouped-query attention")
     return {
         "model_type": GPT2,
         "vocab_size": shapes["token_embd.weight"][0],
         "n_positions": meta.require(f"{arch}.context_length", int),
-        "n_embd": meta.require(f"{arch}.embedding_length", int),
+        "n_embd": n_embd,
         "n_layer": meta.require(f"{arch}.block_count", int),
         "n_head": n_head,
         "n_inner": meta.require(f"{arch}.feed_forward_length", int),
@@ -332,24 +548,31 @@ def read_gguf(src: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict[str,
 def _read_model(reader, meta: _Metadata, src: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, Any]]:
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
-        raise GGUFError(f"{src}: architecture {arch!r} is not supported; lmcore reads {' and '.join(map(repr, ARCHITECTURES))}")
+        raise GGUFError(f"{src}: architecture {_short(arch)} is not supported; lmcore reads {' and '.join(map(repr, ARCHITECTURES))}")
     shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
-    if "token_embd.weight" not in shapes:
-        raise GGUFError(f"{src}: no token_embd.weight tensor")
+    if len(shapes.get("token_embd.weight", ())) != 2:
+        raise GGUFError(f"{src}: no token_embd.weight tensor of (vocabulary, width)")
     config = (_llama_config if arch == LLAMA else _gpt2_config)(meta, shapes, src)
-    n_head, n_kv = config.get("num_attention_heads"), config.get("num_key_value_heads")
+    try:  # bounds and memory, before anything is dequantized or allocated
+        cfg = model_config_from_hf(config, origin=str(src), names=_gguf_keys(arch))
+    except HFError as err:
+        raise GGUFError(str(err)) from None
+    hf_names = [_hf_name(arch, t.name, src) for t in reader.tensors]  # refuse an unknown tensor before dequantizing
     state: dict[str, torch.Tensor] = {}
     types: Counter[str] = Counter()
-    for tensor in reader.tensors:
+    for tensor, hf in zip(reader.tensors, hf_names):
         name = tensor.name
-        hf = _hf_name(arch, name, src)  # refuse an unknown tensor before dequantizing anything big
+        short = name.split(".", 2)[-1]
+        n_rows = None  # the heads of a llama q or k projection, whose rows llama.cpp permuted
+        if arch == LLAMA and short.startswith(("attn_q.", "attn_k.")):
+            n_rows = cfg.n_head if short.startswith("attn_q.") else cfg.kv_heads
+        if n_rows is not None and shapes[name][:1] != (n_rows * cfg.head_size,):
+            raise GGUFError(f"{src}: tensor {name} has shape {shapes[name]}; {n_rows} heads of {cfg.head_size} make "
+                            f"{n_rows * cfg.head_size} rows")
         w = _dequantize(tensor, src)
         types[tensor.tensor_type.name] += 1
-        short = name.split(".", 2)[-1]
-        if arch == LLAMA and short.startswith("attn_q."):
-            w = _unpermute(w, n_head)
-        elif arch == LLAMA and short.startswith("attn_k."):
-            w = _unpermute(w, n_kv)
+        if n_rows is not None:
+            w = _unpermute(w, n_rows)
         elif arch == GPT2 and short in _GPT2_CONV1D and name.startswith("blk."):
             w = np.ascontiguousarray(w.T)
         state[hf] = torch.from_numpy(w)
@@ -357,9 +580,18 @@ def _read_model(reader, meta: _Metadata, src: Path) -> tuple[dict, dict[str, tor
     if lm_head is not None and torch.equal(lm_head, wte):  # llama.cpp's GPT-2 files repeat the embedding as output
         config["tie_word_embeddings"] = True
         del state["lm_head.weight"]
-    info = {"architecture": arch, "name": meta.get("general.name") or src.stem,
-            "license": meta.get("general.license"), "tensor_types": dict(sorted(types.items()))}
+    info = {"architecture": arch, "name": meta.text("general.name") or src.stem,
+            "license": meta.text("general.license"), "tensor_types": dict(sorted(types.items()))}
     return config, state, info
+
+
+def _gguf_keys(arch: str) -> dict[str, str]:
+    """The GGUF key each ModelConfig field comes from, to name it in messages."""
+    return {"vocab_size": "token_embd.weight rows", "context_length": f"{arch}.context_length",
+            "n_embd": f"{arch}.embedding_length", "n_layer": f"{arch}.block_count",
+            "n_head": f"{arch}.attention.head_count", "n_kv_head": f"{arch}.attention.head_count_kv",
+            "intermediate_size": f"{arch}.feed_forward_length", "rope_base": f"{arch}.rope.freq_base",
+            "norm_eps": f"{arch}.attention.layer_norm_{'rms_' if arch == LLAMA else ''}epsilon"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -405,15 +637,15 @@ def _build_tokenizer(meta: _Metadata, src: Path, folder: Path, name: str, contex
     if kind is None or "tokenizer.ggml.tokens" not in meta:
         raise GGUFError(f"{src}: carries no tokenizer (tokenizer.ggml.model / tokens); a model folder needs one")
     if kind != "gpt2":
-        raise GGUFError(f"{src}: tokenizer.ggml.model {kind!r}: lmcore rebuilds byte-level BPE ('gpt2') tokenizers only")
-    pre = meta.get("tokenizer.ggml.pre") or "gpt-2"  # files from before llama.cpp named pre-tokenizers: GPT-2's
+        raise GGUFError(f"{src}: tokenizer.ggml.model {_short(kind)}: lmcore rebuilds byte-level BPE ('gpt2') tokenizers only")
+    pre = meta.text("tokenizer.ggml.pre") or "gpt-2"  # files from before llama.cpp named pre-tokenizers: GPT-2's
     pre = PRE_ALIASES.get(pre, pre)
     if pre not in PRE_TOKENIZERS:
         raise GGUFError(f"{src}: tokenizer.ggml.pre {pre!r} is not a pre-tokenizer lmcore knows "
                         f"({', '.join(sorted({*PRE_TOKENIZERS, *PRE_ALIASES}))})")
-    tokens: list[str] = meta.get("tokenizer.ggml.tokens")
-    types: list[int] = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
-    merges: list[str] = meta.get("tokenizer.ggml.merges") or []
+    tokens: list[str] = meta.array("tokenizer.ggml.tokens", str)
+    types: list[int] = meta.array("tokenizer.ggml.token_type", int) or [NORMAL] * len(tokens)
+    merges: list[str] = meta.array("tokenizer.ggml.merges", str) or []
     if len(types) != len(tokens):
         raise GGUFError(f"{src}: {len(types)} token types for {len(tokens)} tokens")
     seen: dict[str, int] = {}
@@ -434,7 +666,7 @@ def _build_tokenizer(meta: _Metadata, src: Path, folder: Path, name: str, contex
                                                   "eot_token_id"))
     # lmcore's eot_token separates documents and ends generated text; the file's own, else <|endoftext|>, else eos
     eot = eot or (EOT if EOT in seen else eos)
-    template = meta.get("tokenizer.chat_template")
+    template = meta.text("tokenizer.chat_template")
     if pre == "gpt-2" and not template and (ranks := _gpt2_ranks(tokens, types)) is not None:
         staged = folder / ".gguf-ranks.tiktoken"  # save() replaces tokenizer.tiktoken: stage the ranks beside it
         staged.write_bytes(ranks)
@@ -450,7 +682,10 @@ def _build_tokenizer(meta: _Metadata, src: Path, folder: Path, name: str, contex
         if len(parts) != 2:
             raise GGUFError(f"{src}: tokenizer.ggml.merges has {merge!r}, not two tokens separated by one space")
         pairs.append((parts[0], parts[1]))
-    bpe = models.BPE(vocab=seen, merges=pairs, ignore_merges=pre in IGNORE_MERGES)
+    try:
+        bpe = models.BPE(vocab=seen, merges=pairs, ignore_merges=pre in IGNORE_MERGES)
+    except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception (a merge of tokens not in the vocabulary)
+        raise GGUFError(f"{src}: tokenizer.ggml.tokens and merges make no BPE: {one_line(err)[:200]}") from None
     rust = RustTokenizer(bpe)
     rust.pre_tokenizer = _pre_tokenizer(PRE_TOKENIZERS[pre])
     rust.decoder = decoders.ByteLevel()

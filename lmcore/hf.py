@@ -206,8 +206,13 @@ def hf_config(cfg: ModelConfig) -> dict:
             "dtype": "float32", "torch_dtype": "float32", "use_cache": True}
 
 
-def model_config_from_hf(config: dict, origin: str = HF_CONFIG) -> ModelConfig:
-    """The lmcore ModelConfig of a Hugging Face GPT-2 or Llama config dict; HFError naming `origin` if it has none."""
+def model_config_from_hf(config: dict, origin: str = HF_CONFIG, names: dict[str, str] | None = None) -> ModelConfig:
+    """The lmcore ModelConfig of a Hugging Face GPT-2 or Llama config dict; HFError naming `origin` if it has none.
+
+    Its shape is checked for plausible bounds and its memory estimated (lmcore.config.MAX_MODEL_BYTES) here,
+    before any weight is read or allocated. `names`: what `origin` calls each ModelConfig field, for messages
+    (default: the config.json keys).
+    """
     model_type = config.get("model_type")
     if model_type == GPT2:
         fields = _gpt2_fields(config, origin)
@@ -218,19 +223,36 @@ def model_config_from_hf(config: dict, origin: str = HF_CONFIG) -> ModelConfig:
     try:
         return ModelConfig(**fields)
     except ValidationError as err:
-        raise HFError(f"{origin}: not a valid lmcore model: {validation_summary(err)}") from None
+        summary = validation_summary(err, _HF_KEYS[model_type] if names is None else names)
+        raise HFError(f"{origin}: not a valid lmcore model: {summary}") from None
 
 
-def _require(config: dict, origin: str, *keys: str) -> None:
+# The config.json key each ModelConfig field comes from, to name it in messages.
+_HF_KEYS = {
+    GPT2: {"context_length": "n_positions", "intermediate_size": "n_inner", "norm_eps": "layer_norm_epsilon",
+           "dropout": "resid_pdrop", "tie_weights": "tie_word_embeddings"},
+    LLAMA: {"context_length": "max_position_embeddings", "n_embd": "hidden_size", "n_layer": "num_hidden_layers",
+            "n_head": "num_attention_heads", "n_kv_head": "num_key_value_heads", "norm_eps": "rms_norm_eps",
+            "rope_base": "rope_theta", "dropout": "attention_dropout", "bias": "attention_bias",
+            "tie_weights": "tie_word_embeddings"},
+}
+
+
+def _require(config: dict, origin: str, *keys: str, optional: tuple[str, ...] = ()) -> None:
+    """`keys` are there and, with the `optional` ones that are, whole numbers."""
     missing = [k for k in keys if config.get(k) is None]
     if missing:
         raise HFError(f"{origin}: missing {', '.join(missing)}")
+    for key in (*keys, *(k for k in optional if config.get(k) is not None)):
+        value = config[key]
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise HFError(f"{origin}: {key} is {value!r}; expected a whole number")
 
 
 def _gpt2_fields(config: dict, origin: str) -> dict:
     if "n_positions" not in config and "n_ctx" in config:  # very old configs
         config = {**config, "n_positions": config["n_ctx"]}
-    _require(config, origin, "vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+    _require(config, origin, "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", optional=("n_inner",))
     act = config.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
         raise HFError(f"{origin}: activation_function {act!r}: lmcore's GPT-2 MLP uses the tanh-approximated GELU (gelu_new)")
@@ -254,7 +276,8 @@ def _gpt2_fields(config: dict, origin: str) -> dict:
 
 
 def _llama_fields(config: dict, origin: str) -> dict:
-    _require(config, origin, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    _require(config, origin, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             optional=("head_dim", "num_key_value_heads", "max_position_embeddings"))
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     act = config.get("hidden_act", "silu")
     if act != "silu":
@@ -383,17 +406,20 @@ def from_hf(config: dict, state: dict[str, torch.Tensor], origin: str = "state d
     for (i, kind), parts in qkv.items():
         if len(parts) != 3:
             raise HFError(f"{origin}: layer {i} has {sorted(parts)} but not all of q_proj, k_proj, v_proj ({kind})")
+        shapes = [tuple(parts[p].shape) for p in _LLAMA_QKV]
+        if len({s[1:] for s in shapes}) != 1:
+            raise HFError(f"{origin}: layer {i} q_proj, k_proj, v_proj {kind} shapes {shapes} do not stack")
         ours[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts[p] for p in _LLAMA_QKV], dim=0)
     if unknown:
         raise HFError(f"{origin}: weights lmcore has no place for: {sorted(unknown)[:8]}{' ...' if len(unknown) > 8 else ''}")
-    model = GPT(cfg)
-    expected = {k: v.shape for k, v in model.state_dict().items() if not (cfg.tie_weights and k == "lm_head.weight")}
+    expected = cfg.tensor_shapes()  # checked before the model is allocated
     missing = sorted(expected.keys() - ours.keys())
     if missing:
         raise HFError(f"{origin}: missing weights for {missing[:8]}{' ...' if len(missing) > 8 else ''} (lmcore names)")
-    wrong = [f"{k}: {tuple(ours[k].shape)} != {tuple(s)}" for k, s in expected.items() if ours[k].shape != s]
+    wrong = [f"{k}: {tuple(ours[k].shape)} != {s}" for k, s in expected.items() if tuple(ours[k].shape) != s]
     if wrong:
         raise HFError(f"{origin}: shapes do not match config.json: {wrong[:4]}")
+    model = GPT(cfg)
     with torch.no_grad():
         model.load_state_dict(ours, strict=False)  # copies into float32; a tied lm_head follows wte
     return model.eval()

@@ -12,7 +12,7 @@ guessed. With no endpoint configured there is nothing to ask: `judge_skip_reason
 Outputs (the folder is replaced whole): scores.jsonl (one row per response: instruction, input,
 output, response, judge_reply, score or null) and metrics.json (mean_score, stderr, n_items,
 n_scored, n_unparsed and the judge's url, model and sampling options). The API key is sent in the
-Authorization header only: it is never logged or written.
+Authorization header only: it is never logged or written; nor are credentials in the URL (lmcore.redact).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from lmcore.errors import InputError, TransientError, one_line
 from lmcore.finetune.data import RESPONSE_MARKERS, DataError, format_prompt
 from lmcore.io import atomic_dir, jsonl_objects, utf8_error, write_json, write_text
 from lmcore.paths import JUDGE_SCORES, METRICS
+from lmcore.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -122,12 +123,6 @@ def judge_skip_reason(cfg: JudgeConfig) -> str | None:
     return None
 
 
-def _public_url(url: str) -> str:
-    """The URL without user:password, safe to log and write."""
-    parsed = httpx.URL(url)
-    return str(parsed.copy_with(username=None, password=None)) if parsed.userinfo else url
-
-
 def _server_message(response: httpx.Response) -> str:
     """The error message in a response body: OpenAI's {"error": {"message"}}, Ollama's {"error": "..."}, or the text."""
     try:
@@ -172,7 +167,7 @@ class ChatClient:
         """
         if retries < 0 or backoff_s < 0 or timeout_s <= 0:
             raise ValueError(f"need retries >= 0, backoff_s >= 0, timeout_s > 0; got {retries}, {backoff_s}, {timeout_s}")
-        self.endpoint = _public_url(url.rstrip("/") + "/chat/completions")
+        self.endpoint = redact(url.rstrip("/") + "/chat/completions")
         self.model = model
         self.retries, self.backoff_s = retries, backoff_s
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -305,7 +300,7 @@ def judge_responses(
     if unparsed > cfg.max_unparsed_fraction * len(scored_rows):
         first = next(r["judge_reply"] for r in scored_rows if r["score"] is None)
         raise JudgeError(
-            f"{_public_url(cfg.url)}: {unparsed} of {len(scored_rows)} replies of judge {cfg.model!r} hold no score 0-{MAX_SCORE} "
+            f"{redact(cfg.url)}: {unparsed} of {len(scored_rows)} replies of judge {cfg.model!r} hold no score 0-{MAX_SCORE} "
             f"(judge.max_unparsed_fraction is {cfg.max_unparsed_fraction}); e.g. {first[:80]!r}"
         )
     metrics = {
@@ -315,7 +310,7 @@ def judge_responses(
         "n_scored": len(scores),
         "n_unparsed": unparsed,
         "judge": {
-            "url": _public_url(cfg.url),
+            "url": redact(cfg.url),
             "model": cfg.model,
             "temperature": cfg.temperature,
             "seed": cfg.seed,

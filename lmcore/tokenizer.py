@@ -41,7 +41,7 @@ import tiktoken
 import tiktoken.load
 from tiktoken_ext.openai_public import r50k_pat_str
 
-from lmcore.errors import InputError, MissingInputError, TransientError
+from lmcore.errors import InputError, MissingInputError, TransientError, one_line
 from lmcore.io import read_json, sha256_file, write_bytes, write_json
 
 if TYPE_CHECKING:
@@ -290,7 +290,10 @@ def _local_gpt2(name: str, path: str) -> tiktoken.Encoding:
     # tiktoken caches every file it reads under a key made of the path alone (in $TIKTOKEN_CACHE_DIR
     # or a temp folder) and, without a hash, would serve a stale copy after the file changed.
     # Passing the file's own hash makes it check the cached copy against the file.
-    ranks = tiktoken.load.load_tiktoken_bpe(path, expected_hash=digest)
+    try:
+        ranks = tiktoken.load.load_tiktoken_bpe(path, expected_hash=digest)
+    except ValueError as err:  # a line that is not "<base64 token> <rank>" (binascii.Error is a ValueError)
+        raise TokenizerError(f"{path}: not a tiktoken ranks file ({one_line(err)[:200]})") from None
     if len(ranks) != GPT2_N_RANKS:
         raise InputError(f"{path}: {len(ranks)} BPE ranks, expected {GPT2_N_RANKS} for gpt2; not a GPT-2 ranks file")
     if set(ranks.values()) != set(range(GPT2_N_RANKS)):
@@ -357,7 +360,7 @@ class HFTokenizer(Tokenizer):
             self._plain = RustTokenizer.from_file(str(self.path))
             self._special = RustTokenizer.from_file(str(self.path))
         except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception for a malformed file
-            raise TokenizerError(f"{self.path}: not a Hugging Face tokenizer.json ({str(err).splitlines()[0]})") from None
+            raise TokenizerError(f"{self.path}: not a Hugging Face tokenizer.json ({one_line(err)[:300]})") from None
         self._plain.encode_special_tokens = True  # special tokens in text are plain text, as tiktoken's ordinary
         self.sha256 = sha256_file(self.path)
         self.name = name or f"tokenizer-{self.sha256[:12]}"
@@ -541,8 +544,14 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
         )
     config = read_tokenizer_config(config_path)
     section = config.get(LMCORE_KEY) or {}
+    if not isinstance(section, dict):
+        raise TokenizerError(f"{config_path}: '{LMCORE_KEY}' is {_short(section)}, not an object")
+    for key in ("kind", "name", "sha256", "eot_token"):
+        _check_text(section.get(key), config_path, f"{LMCORE_KEY}.{key}")
+    _check_text(config.get("eot_token_text"), config_path, "eot_token_text")
     kind = section.get("kind") or (HUGGINGFACE if (folder / HF_TOKENIZER_FILE).is_file() else None)
-    file = folder / (section.get("file") or (HF_TOKENIZER_FILE if kind == HUGGINGFACE else TIKTOKEN_FILE))
+    file_name = section.get("file") or (HF_TOKENIZER_FILE if kind == HUGGINGFACE else TIKTOKEN_FILE)
+    file = folder / _plain_name(file_name, config_path, f"{LMCORE_KEY}.file")
     if not file.is_file():
         raise MissingInputError(f"{config_path}: names {file.name}, which is not in {folder}")
     expected = section.get("sha256")
@@ -550,6 +559,9 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
         raise TokenizerError(f"{file}: sha256 {sha256_file(file)} differs from {expected} recorded in {config_path}")
     if kind == TIKTOKEN:
         name = section.get("name") or "gpt2"
+        if name != "gpt2":
+            raise TokenizerError(f"{config_path}: {LMCORE_KEY}.name {name!r}: the one tiktoken encoding lmcore builds "
+                                 f"from a ranks file is 'gpt2'")
         return TiktokenTokenizer(get_encoding(name, file), file)
     if kind == HUGGINGFACE:
         known = {LMCORE_KEY, "chat_template", "bos_token", "eos_token", "eot_token_text", "tokenizer_class"}
@@ -560,6 +572,25 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
             extra_config={k: v for k, v in config.items() if k not in known},
         )
     raise TokenizerError(f"{config_path}: unknown tokenizer kind {kind!r} (expected {TIKTOKEN!r} or {HUGGINGFACE!r})")
+
+
+def _plain_name(name: Any, config_path: Path, key: str) -> str:
+    """`name`, a file name inside the tokenizer's folder: no folder part, no "..", not absolute (a tokenizer config
+    is untrusted input: it must not point lmcore at another file on the machine)."""
+    if (not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\x00")
+            or Path(name).is_absolute() or Path(name).name != name):
+        raise TokenizerError(f"{config_path}: {key} {_short(name)} is not a plain file name inside its folder")
+    return name
+
+
+def _check_text(value: Any, config_path: Path, key: str) -> None:
+    if value is not None and not isinstance(value, str):
+        raise TokenizerError(f"{config_path}: {key} is {_short(value)}; expected text")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
 
 
 def read_tokenizer_config(path: Path) -> dict:
@@ -585,14 +616,14 @@ def _names_gpt2(folder: Path) -> bool:
 def token_text(value: Any) -> str | None:
     """HF writes special tokens as text or as {"content": text, ...}."""
     if isinstance(value, dict):
-        return value.get("content")
+        value = value.get("content")
     return value if isinstance(value, str) else None
 
 
 def template_text(value: Any) -> str | None:
     """HF's chat_template is a string, or a list of {"name", "template"} of which "default" is the one."""
     if isinstance(value, list):
-        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        named = {t.get("name"): t["template"] for t in value if isinstance(t, dict) and isinstance(t.get("template"), str)}
         return named.get("default") or next(iter(named.values()), None)
     return value if isinstance(value, str) else None
 

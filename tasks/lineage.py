@@ -7,7 +7,8 @@ A model version names its run; a fine-tune's version names the weights it starte
 (`lmcore.base_weights_sha256`), found among registered versions; the pretrain run's tokens manifest sha256 finds
 the tokenize run; the tokenize run's `data/clean` dependency hash (tasks/dvc_hashes.py records them) finds the
 preprocess run whose output it was, and its `data/raw` dependency the collect run, whose manifest (an artifact)
-names the raw sources. tasks/lineage_print.py prints the chain for people.
+names the raw sources. tasks/lineage_print.py prints the chain for people. Credentials in the URLs the chain holds
+(sources, the tracking URI, tags) are masked (lmcore.redact) before anyone sees them.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 from lmcore.errors import InputError
 from lmcore.paths import BASE_MANIFEST
+from lmcore.redact import redact_tree
 from lmcore.stages import (
     BASE_MANIFEST_DIR,
     FINETUNE_MANIFEST_DIR,
@@ -69,6 +71,7 @@ def model_lineage(uri: str, tracking_uri: str) -> dict[str, Any]:
         tracking_uri: the MLflow tracking (and registry) URI.
     Returns: {"model": uri, "chain": [node, ...], "warnings": [...]}; each node has a "kind" (model_version,
         run, finetune_sources, tokens_manifest, raw_sources) and, after the first, "found_by": how it was found.
+        Every string has the credentials of its URLs masked (`https://***@host`, `?token=***`).
     Raises: LineageError for a malformed URI or an unknown model, version or alias.
     """
     from mlflow.tracking import MlflowClient
@@ -76,7 +79,7 @@ def model_lineage(uri: str, tracking_uri: str) -> dict[str, Any]:
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     walk = _Walk(client)
     walk.version(_resolve(client, uri), found_by=None)
-    return {"model": uri, "tracking_uri": tracking_uri, "chain": walk.chain, "warnings": walk.warnings}
+    return redact_tree({"model": uri, "tracking_uri": tracking_uri, "chain": walk.chain, "warnings": walk.warnings})
 
 
 def _resolve(client, uri: str):

@@ -5,10 +5,13 @@ from __future__ import annotations
 from rich.console import Console
 from rich.markup import escape
 
+from lmcore.redact import redact_tree
+
 
 def render(lineage: dict, console=None) -> None:
     """The chain for people: one block per node, newest first, each preceded by how it was found. Lines are
-    not wrapped, so hashes stay whole for copying."""
+    not wrapped, so hashes stay whole for copying. Credentials in URLs are masked, whoever built `lineage`."""
+    lineage = redact_tree(lineage)
     console = console or Console(soft_wrap=True, highlight=False)
     console.print(f"[bold]Lineage of {escape(lineage['model'])}[/bold]  [dim]({escape(lineage['tracking_uri'])})[/dim]")
     for node in lineage["chain"]:

@@ -1,7 +1,8 @@
 """MLflow on the edge of the pipeline: runs, params, metrics, tags and the model registry.
 
 Prefect runs tasks in worker threads and MLflow's active run is thread-local, so everything here
-goes through `MlflowClient` with explicit run ids.
+goes through `MlflowClient` with explicit run ids. Param and tag values, the error tag and the traceback artifact
+are logged with the credentials in their URLs masked (lmcore.redact): `user:password@` and `?token=...`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from filelock import FileLock
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from lmcore.redact import redact
 from tasks import dvc_hashes
 from tasks.tags import ERROR_ARTIFACT, PARENT_RUN, TAG_ERROR, TAG_STAGE
 
@@ -45,14 +47,15 @@ def git_commit(root: Path) -> str:
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """{"pretrain": {"lr": 0.001}} -> {"pretrain.lr": "0.001"}; lists are kept as one value."""
+    """{"pretrain": {"lr": 0.001}} -> {"pretrain.lr": "0.001"}; lists are kept as one value. Credentials in URLs
+    are masked (lmcore.redact) before the value is cut to MLflow's length limit."""
     flat: dict[str, str] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             flat.update(flatten(value, f"{name}."))
         else:
-            flat[name] = str(value)[:MAX_PARAM_LEN]
+            flat[name] = redact(str(value))[:MAX_PARAM_LEN]
     return flat
 
 
@@ -74,7 +77,7 @@ class MlflowTracker:
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.client.log_batch(self.run_id, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()])
 
     def log_table(self, artifact_file: str, rows: list[dict]) -> None:
         """Rows as an MLflow table artifact: the UI's artifact view shows it as a table to filter and sort."""
@@ -142,7 +145,7 @@ class Tracking:
         With `lineage_root`, a stage's run starts with its inputs' DVC hashes and ends with its outputs'.
         """
         client = self.client()
-        all_tags = {TAG_STAGE: name, **self.tags, **(tags or {})}
+        all_tags = {k: redact(str(v)) for k, v in {TAG_STAGE: name, **self.tags, **(tags or {})}.items()}
         if self.parent_run_id:
             all_tags[PARENT_RUN] = self.parent_run_id
         if self.lineage_root is not None:
@@ -156,8 +159,8 @@ class Tracking:
         except BaseException as err:
             with contextlib.suppress(Exception):  # the run is failed whatever happens to its error record
                 message = (str(err).strip().splitlines() or [type(err).__name__])[0]
-                client.set_tag(run.info.run_id, TAG_ERROR, f"{type(err).__name__}: {message}"[:MAX_PARAM_LEN])
-                client.log_text(run.info.run_id, "".join(traceback.format_exception(err)), ERROR_ARTIFACT)
+                client.set_tag(run.info.run_id, TAG_ERROR, redact(f"{type(err).__name__}: {message}")[:MAX_PARAM_LEN])
+                client.log_text(run.info.run_id, redact("".join(traceback.format_exception(err))), ERROR_ARTIFACT)
             client.set_terminated(run.info.run_id, "FAILED")
             raise
         client.set_terminated(run.info.run_id, "FINISHED")

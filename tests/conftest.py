@@ -7,6 +7,7 @@ the fixture is built once, on one worker; the groups go out longest first (tests
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -126,12 +127,21 @@ def _no_process_wide_mlflow_uris():
             os.environ[name] = value
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to n for the block, then put back."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture
 def one_thread():
     """Micro models run faster on one thread, and steadily when other processes share the cores."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield

@@ -1,4 +1,5 @@
-"""Real servers for tests, on 127.0.0.1 and free ports: `mlflow server` and `prefect server start`.
+"""Real servers for tests, on 127.0.0.1 and free ports: `mlflow server` and `prefect server start` (the command
+and settings `make serve` starts it with: flows.deploy).
 
 Each is a context manager that starts the server as a subprocess, waits for its health endpoint,
 yields its URL and terminates it (the whole process group) on exit. The server's own log is kept in a
@@ -20,6 +21,8 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from flows.deploy import server_command, server_settings
 
 BIN = Path(sys.executable).parent
 
@@ -122,7 +125,8 @@ class PrefectServer:
 
 @contextlib.contextmanager
 def prefect_server(workdir: Path, env: dict | None = None) -> Iterator[PrefectServer]:
-    """`prefect server start` on 127.0.0.1 with its own PREFECT_HOME (SQLite database inside), scheduler on.
+    """`prefect server start` on 127.0.0.1 as `make serve` starts it (CSRF protection on, CORS for its own origin:
+    flows.deploy.server_settings), without the UI, with its own PREFECT_HOME (SQLite database inside), scheduler on.
 
     env: extra server settings, e.g. {"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2"}.
     """
@@ -136,8 +140,9 @@ def prefect_server(workdir: Path, env: dict | None = None) -> Iterator[PrefectSe
         "PREFECT_SERVER_UI_ENABLED": "false",
         "PREFECT_API_URL": "",
         **(env or {}),
+        **server_settings(port),
     }
-    cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"]
+    cmd = [*server_command(port), "--no-ui"]
     log = workdir / "prefect-server.log"
     with background(cmd, log, env=env) as proc:
         api = f"http://127.0.0.1:{port}/api"

@@ -326,7 +326,7 @@ def scripted(tok_no_eos, tmp_path_factory) -> SimpleNamespace:
 
 
 def test_serve_answers_in_the_chat_template(scripted):
-    client = TestClient(create_app(scripted.dir, model_name="chatml"))
+    client = TestClient(create_app(scripted.dir, model_name="chatml"), base_url="http://127.0.0.1")
     messages = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Say hi<|im_end|>"}]
     body = {"model": "chatml", "messages": messages, "temperature": 0, "max_tokens": 8}
     out = client.post("/v1/chat/completions", json=body)
@@ -352,7 +352,7 @@ def test_serve_reports_a_template_that_refuses_the_messages(scripted, tmp_path):
     no_system = SMOLLM2_TEMPLATE.replace("{% for message in messages %}", "{% for message in messages %}{% if message['role'] == "
                                          "'system' %}{{ raise_exception('no system role') }}{% endif %}")
     HFTokenizer(scripted.tok.path, eot_token="<|endoftext|>", chat_template=no_system).save(picky)
-    client = TestClient(create_app(picky, model_name="picky"))
+    client = TestClient(create_app(picky, model_name="picky"), base_url="http://127.0.0.1")
     out = client.post("/v1/chat/completions", json={"model": "picky", "messages": [{"role": "system", "content": "s"}]})
     assert out.status_code == 400 and "no system role" in out.json()["error"]["message"]
 

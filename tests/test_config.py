@@ -56,6 +56,21 @@ def test_wrong_type_names_the_key(key, value):
         params_from_dict(base(), overrides=[f"{key}={value}"])
 
 
+@pytest.mark.parametrize("name", ["OPENAI_API_KEY", "LMCORE_JUDGE_API_KEY", "GROQ_API_KEY", "SERVICE_API_TOKEN", "HF_TOKEN"])
+def test_judge_api_key_env_takes_the_name_of_an_api_key(name):
+    assert params_from_dict(base(), overrides=[f"judge.api_key_env={name}"]).judge.api_key_env == name
+
+
+@pytest.mark.parametrize(
+    "name", ["HOME", "PATH", "MLFLOW_TRACKING_URI", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "GITHUB_TOKEN",
+             "openai_api_key", "API_KEY", "_API_KEY", "OPENAI_API_KEY_FILE", "X_API_KEY;rm"],
+)
+def test_judge_api_key_env_refuses_other_variables(name):
+    """Its value goes to the judge URL as a bearer token: a params file must not be able to send any variable there."""
+    with pytest.raises(ParamsError, match="key 'judge.api_key_env': .*not the name of an API key variable"):
+        params_from_dict(base(), overrides=[f"judge.api_key_env={name}"])
+
+
 def test_overrides_apply_and_yaml_floats_parse():
     params = params_from_dict(base(), overrides=["pretrain.lr=3e-4", "pretrain.max_steps=7", "evaluate.top_k=null"])
     assert params.pretrain.lr == pytest.approx(3e-4)

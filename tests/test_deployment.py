@@ -3,7 +3,8 @@ served by `python -m flows.deploy` (what `make serve` runs) for a DVC project on
 triggered runs log to the MLflow server over HTTP: the first runs every stage; the second, with nothing changed,
 runs none and registers nothing; the third, after a new document in the folder source, runs the affected stages
 and continues the champion. The tests read the schedule, the flow runs, the MLflow runs tagged with their ids
-and the registered models back from the servers."""
+and the registered models back from the servers. The Prefect server runs as `make serve` starts it, CSRF protection
+on and CORS for its own origin only: all of the above goes through Prefect's client with that on."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 import os
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -127,6 +129,42 @@ def test_deployment_has_the_cron_schedule_and_parameters(served):
                 and r.id not in {f.id for f in served["flow_runs"]}]
     assert upcoming, "the scheduler created no scheduled runs"
     assert all((r.expected_start_time.hour, r.expected_start_time.minute) == (3, 17) for r in upcoming)
+
+
+def request(method: str, url: str, headers: dict[str, str], body: bytes | None = None) -> tuple[int, dict[str, str]]:
+    """(status, headers with lower-case names) of one plain HTTP request, as a web page's script would send it."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=body, headers=headers, method=method), timeout=30) as resp:
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}
+    except urllib.error.HTTPError as err:
+        return err.code, {k.lower(): v for k, v in err.headers.items()}
+
+
+def test_the_server_takes_changes_only_with_a_csrf_token_and_answers_only_its_own_origin(served):
+    """What a web page in a browser on this machine could do to the server `make serve` starts: post without
+    Prefect's CSRF token (refused), read the API cross-origin (no CORS grant), while Prefect's own client, which
+    fetches the token, works: it served the deployment and ran it three times (the fixture), and creates a flow here."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    api = served["prefect"].api_url
+    own, other = api.removesuffix("/api"), "http://attacker.example"
+    post = {"Content-Type": "application/json", "Origin": other}
+    status, _ = request("POST", f"{api}/flows/", post, json.dumps({"name": "from-a-web-page"}).encode())
+    assert status == 403
+    status, _ = request("POST", f"{api}/deployments/{served['deployment'].id}/create_flow_run", post, b"{}")
+    assert status == 403
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        assert client.read_flow(client.create_flow_from_name("with-prefects-client")).name == "with-prefects-client"
+        assert not [f for f in client.read_flows() if f.name == "from-a-web-page"]
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+    status, headers = request("OPTIONS", f"{api}/flows/", {**preflight, "Origin": other})
+    assert status == 400 and "access-control-allow-origin" not in headers
+    status, headers = request("OPTIONS", f"{api}/flows/", {**preflight, "Origin": own})
+    assert status == 200 and headers["access-control-allow-origin"] == own
+    # nor may another origin's script read a CSRF token (the browser withholds a response without the grant)
+    status, headers = request("GET", f"{api}/csrf-token?client=web-page", {"Origin": other})
+    assert "access-control-allow-origin" not in headers
 
 
 def test_triggered_run_is_tracked_under_its_flow_run_id(served):

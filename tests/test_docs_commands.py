@@ -204,7 +204,14 @@ WHERE: dict[str, tuple[str, ...] | NotRun] = {
     "lmcore run instruct_eval --set instruct_eval.limit=100": (
         "tests/flows/test_lifecycle.py::test_every_registered_family_has_a_gated_champion",
         "tests/flows/test_family_gates.py::test_the_pretrained_chat_model_is_the_first_instruct_champion"),
-    "lmcore serve --model models:/lmcore-instruct@dpo --port 8000": (JUDGE,),  # it serves models:/judge-73@prod
+    "lmcore serve --model models:/lmcore-instruct@dpo --port 8000": (JUDGE,),
+    # docs/models.md: serving options, the load test
+    "LMCORE_API_KEY=... lmcore serve --model models/instruct --host 0.0.0.0 --allowed-host llm.internal --max-batch 32 "
+    "--max-queue 128 --max-tokens 512 --quantize int8": ("tests/test_serve.py::test_sigterm_ends_in_flight_requests_and_exits_within_seconds",),
+    "python -m benchmarks.serve_load --clients 64 --duration 60": ("tests/test_serve_load.py::test_64_clients_mixed_streams_every_reply_as_alone",),
+    "python -m benchmarks.decode_speed --gguf --threads 2 --repeats 3": (
+        "tests/test_llama_cpp.py::test_decode_speed_benchmark_runs_llama_cpp_beside_lmcore",),
+    "python -m benchmarks.serve_load": ("tests/test_serve_load.py::test_64_clients_mixed_streams_every_reply_as_alone",),  # it serves models:/judge-73@prod
     "lmcore run judge --set judge.url=http://127.0.0.1:11434/v1 --set judge.model=llama3": (JUDGE,),
     "lmcore run judge --set judge.url=http://127.0.0.1:8000/v1 --set judge.model=lmcore-instruct@dpo": (JUDGE,),
     "curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' -d '{\"model\": \"lmcore-instruct@dpo\", "

@@ -246,7 +246,7 @@ def _random_k_blocks(qtype, rows: int, cols: int, rng: np.random.Generator) -> n
 def _rewrite(src: Path, dst: Path, tensor=None, fields: dict | None = None, arch: str | None = None,
              extra: dict[str, np.ndarray] | None = None) -> Path:
     """Copy a GGUF, `tensor(name, float32 array)` -> (data, raw_dtype) or None (as it is), metadata overridden by
-    `fields` {key: (value, GGUFValueType, sub_type)}, `extra` tensors added."""
+    `fields` {key: (value, GGUFValueType[, sub_type])} or dropped ({key: None}), `extra` tensors added."""
     reader = open_gguf(src)
     writer = gguf.GGUFWriter(dst, arch or reader.fields["general.architecture"].contents())
     fields = fields or {}
@@ -255,11 +255,14 @@ def _rewrite(src: Path, dst: Path, tensor=None, fields: dict | None = None, arch
             continue
         sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
-    for key, (value, vtype, sub) in fields.items():
-        writer.add_key_value(key, value, vtype, sub_type=sub)
+    for key, spec in fields.items():
+        if spec is not None:
+            writer.add_key_value(key, spec[0], spec[1], sub_type=spec[2] if len(spec) > 2 else None)
     for t in reader.tensors:
-        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(int(d) for d in reversed(t.shape)))
-        new = tensor(t.name, w) if tensor else None
+        new = None
+        if tensor is not None:
+            w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(int(d) for d in reversed(t.shape)))
+            new = tensor(t.name, w)
         if new is None:
             writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -19,13 +20,14 @@ import torch
 import uvicorn
 from typer.testing import CliRunner
 
+from benchmarks import serve_load
 from flows.cli import app as cli_app
 from lmcore.checkpoint import load_model, save_model
 from lmcore.config import ModelConfig
 from lmcore.finetune.data import format_prompt
 from lmcore.generation import generate
 from lmcore.model import GPT
-from lmcore.serve import APIError, ChatMessage, build_prompt, create_app
+from lmcore.serve import APIError, ChatMessage, ServerOptions, build_prompt, create_app
 from lmcore.tokenizer import get_tokenizer
 from tests.conftest import ROOT
 
@@ -56,23 +58,10 @@ def wait_healthy(base: str, alive, log: Path | None = None) -> None:
 
 @contextlib.contextmanager
 def running_server(model_dir: Path, log_dir: Path, *args: str) -> Iterator[str]:
-    """`python -m flows.cli serve --model model_dir *args` on a free port; yields the base URL (ending in /v1)."""
-    port = free_port()
-    log = log_dir / f"serve-{port}.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # steady on shared cores, and the same numbers as one_thread here
-    cmd = [sys.executable, "-m", "flows.cli", "serve", "--model", str(model_dir), "--port", str(port), *args]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}", lambda: proc.poll() is None, log)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    """`python -m flows.cli serve --model model_dir *args` on a free port, one thread (steady on shared cores, and
+    the same numbers as one_thread here); yields the base URL (ending in /v1)."""
+    with serve_load.server(model_dir, log_dir / f"serve-{model_dir.name}.log", *args, threads=1, name=None) as base:
+        yield base
 
 
 @contextlib.contextmanager
@@ -248,33 +237,220 @@ def test_streaming_sends_the_reply_in_chunks(server, enc, one_thread):
     assert "".join(e["choices"][0]["delta"]["content"] for e in events[1:-3]) == expected["choices"][0]["message"]["content"]
 
 
-def test_a_client_that_hangs_up_ends_its_stream(tmp_path, monkeypatch, one_thread):
-    import lmcore.generation
-    import lmcore.serve
-
+@pytest.fixture(scope="module")
+def long_dir(tmp_path_factory) -> Path:
+    """A micro model with a 4,096-token context (the issue's deadlock report), GPT-2 vocabulary, plain LM."""
     torch.manual_seed(0)
-    save_model(GPT(ModelConfig(**{**MICRO, "context_length": 1024})), tmp_path / "long", extra={"tokenizer": "gpt2"})
-    real_sample, real_stream_text, replies = lmcore.generation.sample_next, lmcore.serve.stream_text, []
+    out = tmp_path_factory.mktemp("models") / "long"
+    save_model(GPT(ModelConfig(**{**MICRO, "context_length": 4096})), out, extra={"tokenizer": "gpt2"})
+    return out
 
-    def slow_sample(*args, **kwargs):  # 1000 tokens would take 20 s
+
+@pytest.fixture
+def slow_steps(monkeypatch):
+    """Every decoding step takes at least 20 ms: a long reply takes seconds (the engine runs in this process)."""
+    from lmcore.generation import DecodeBatch
+
+    real = DecodeBatch.step
+
+    def step(self):
         time.sleep(0.02)
-        return real_sample(*args, **kwargs)
+        return real(self)
 
-    def recorded(*args, **kwargs):
-        replies.append(real_stream_text(*args, **kwargs))
-        return replies[-1]
+    monkeypatch.setattr(DecodeBatch, "step", step)
 
-    monkeypatch.setattr(lmcore.generation, "sample_next", slow_sample)
-    monkeypatch.setattr(lmcore.serve, "stream_text", recorded)
-    body = {"model": "long", "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 1000}
-    with in_thread_server(create_app(tmp_path / "long", model_name="long")) as base:
-        with httpx.stream("POST", f"{base}/chat/completions", json=body, timeout=30) as r:
+
+def body_for(model: str, content: str = "hi", **options) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": content}], "temperature": 0, **options}
+
+
+def health(base: str) -> dict:
+    return httpx.get(base.removesuffix("/v1") + "/health", timeout=5).json()
+
+
+def wait_until(predicate, timeout: float = 5.0) -> float:
+    """Seconds until predicate() held; fails past timeout."""
+    t0 = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - t0 < timeout, "timed out"
+        time.sleep(0.02)
+    return time.monotonic() - t0
+
+
+def test_one_long_stream_and_45_requests_at_once_are_all_answered_as_alone(long_dir, tmp_path, one_thread):
+    # The issue's report: one streamed request for 4,000 tokens and 45 others at once locked the server up for
+    # good (a lock held across the stream's yields while the waiting requests took every worker thread).
+    import asyncio
+
+    async def load(base: str) -> tuple[dict, list[httpx.Response], list[float]]:
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=64)) as client:
+            async def stream() -> dict:
+                events = []
+                async with client.stream("POST", f"{base}/chat/completions", json=body_for(
+                        "long", stream=True, max_tokens=4000, stream_options={"include_usage": True})) as r:
+                    assert r.status_code == 200
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {"):
+                            events.append(json.loads(line[6:]))
+                return {"text": "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"]),
+                        "usage": events[-1]["usage"]}
+
+            async def probe() -> list[float]:  # /health answers while the load runs
+                times = []
+                for _ in range(5):
+                    t0 = time.monotonic()
+                    assert (await client.get(base.removesuffix("/v1") + "/health")).status_code == 200
+                    times.append(time.monotonic() - t0)
+                    await asyncio.sleep(0.1)
+                return times
+
+            others = [client.post(f"{base}/chat/completions", json=body_for("long", f"question {i}", max_tokens=8 + i % 24))
+                      for i in range(45)]
+            streamed, probes, *replies = await asyncio.gather(stream(), probe(), *others)
+            return streamed, replies, probes
+
+    with running_server(long_dir, tmp_path, "--max-batch", "16") as base:
+        streamed, replies, probes = asyncio.run(load(base))
+        assert all(r.status_code == 200 for r in replies), [r.text for r in replies if r.status_code != 200][:2]
+        assert streamed["usage"]["completion_tokens"] == 4000 or streamed["usage"]["completion_tokens"] < 4000
+        assert max(probes) < 2.0
+        # each reply equals the same request sent alone, afterwards
+        for i in (0, 7, 23, 44):
+            alone = httpx.post(f"{base}/chat/completions", json=body_for("long", f"question {i}", max_tokens=8 + i % 24), timeout=30)
+            assert replies[i].json()["choices"][0]["message"] == alone.json()["choices"][0]["message"]
+        alone = chat_stream_text(base, body_for("long", stream=True, max_tokens=4000))
+        assert streamed["text"] == alone
+        assert health(base)["running"] == 0
+
+
+def chat_stream_text(base: str, body: dict) -> str:
+    with httpx.stream("POST", f"{base}/chat/completions", json=body, timeout=60) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    return "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+
+
+def test_a_client_that_hangs_up_frees_its_place_at_once(long_dir, slow_steps, one_thread):
+    # one place in the batch: the next request is served only once the first one's place is free
+    app = create_app(long_dir, model_name="long", options=ServerOptions(max_batch=1, max_queue=4))
+    with in_thread_server(app) as base:
+        with httpx.stream("POST", f"{base}/chat/completions", json=body_for("long", stream=True, max_tokens=1000, temperature=1.0), timeout=30) as r:
             lines = r.iter_lines()
-            assert next(lines).startswith("data: ")  # the first chunk; then hang up
+            assert next(lines).startswith("data: ")  # the first chunk; then hang up (1,000 tokens would take 20 s)
+        assert wait_until(lambda: health(base)["running"] == 0) < 2
         t0 = time.monotonic()
-        after = httpx.post(f"{base}/chat/completions", json={**body, "stream": False, "max_tokens": 2}, timeout=30)
-        assert after.status_code == 200 and time.monotonic() - t0 < 10  # the lock was released at once
-    assert replies[0].finish_reason is not None and len(replies[0].token_ids) < 200
+        after = httpx.post(f"{base}/chat/completions", json=body_for("long", max_tokens=2), timeout=30)
+        assert after.status_code == 200 and time.monotonic() - t0 < 3
+        # a non-streamed request whose client gives up is dropped too
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base}/chat/completions", json=body_for("long", max_tokens=1000, temperature=1.0), timeout=0.5)
+        assert wait_until(lambda: health(base)["running"] == 0) < 3
+        assert app.state.engine.steps < 400
+
+
+def test_a_full_queue_answers_503_and_a_long_wait_503_or_504(long_dir, slow_steps, one_thread):
+    app = create_app(long_dir, model_name="long", options=ServerOptions(max_batch=1, max_queue=1, queue_timeout=0.5, request_timeout=1.5))
+    with in_thread_server(app) as base:
+        with httpx.stream("POST", f"{base}/chat/completions", json=body_for("long", stream=True, max_tokens=1000, temperature=1.0), timeout=30) as r:
+            lines = r.iter_lines()
+            next(lines)  # decoding: the one place is taken (the iterator kept: closing it hangs up)
+            # the next request waits in the queue, and is answered 503 after queue_timeout
+            t0 = time.monotonic()
+            waited = httpx.post(f"{base}/chat/completions", json=body_for("long", max_tokens=2), timeout=10)
+            assert waited.status_code == 503 and waited.headers["retry-after"] == "1"
+            assert 0.4 < time.monotonic() - t0 < 3
+            assert waited.json()["error"]["code"] == "server_busy" and "waited 0.5 s" in waited.json()["error"]["message"]
+
+            async def two():  # one waits in the queue; the other finds the queue full at once
+                import asyncio
+
+                async with httpx.AsyncClient(timeout=10) as client:
+                    first = asyncio.create_task(client.post(f"{base}/chat/completions", json=body_for("long", max_tokens=2)))
+                    await asyncio.sleep(0.2)
+                    t0 = time.monotonic()
+                    full = await client.post(f"{base}/chat/completions", json=body_for("long", max_tokens=2))
+                    return await first, full, time.monotonic() - t0
+
+            import asyncio
+
+            queued, full, took = asyncio.run(two())
+            assert full.status_code == 503 and full.headers["retry-after"] == "1" and took < 0.5
+            assert "busy: 1 requests decoding and 1 waiting" in full.json()["error"]["message"]
+            assert set(full.json()["error"]) == {"message", "type", "param", "code"}
+            assert queued.status_code == 503
+        # a request that runs past request_timeout: 504, and its place is freed
+        wait_until(lambda: health(base)["running"] == 0)
+        slow = httpx.post(f"{base}/chat/completions", json=body_for("long", max_tokens=1000, temperature=1.0), timeout=10)
+        assert slow.status_code == 504 and slow.json()["error"]["code"] == "timeout"
+        assert wait_until(lambda: health(base)["running"] == 0) < 2
+
+
+def test_api_key_body_limit_max_tokens_and_host(instruct_dir, one_thread):
+    options = ServerOptions(api_key="s3cret", max_body_bytes=4000, max_tokens=8)
+    with in_thread_server(create_app(instruct_dir, model_name="instruct", options=options)) as base:
+        key = {"Authorization": "Bearer s3cret"}
+        ok = httpx.post(f"{base}/chat/completions", json=body_for("instruct", max_tokens=2), headers=key, timeout=10)
+        assert ok.status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            r = httpx.post(f"{base}/chat/completions", json=body_for("instruct", max_tokens=2), headers=headers, timeout=10)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+        assert httpx.get(f"{base}/models", timeout=10).status_code == 401
+        assert httpx.get(base.removesuffix("/v1") + "/health", timeout=10).status_code == 200  # probes need no key
+
+        big = body_for("instruct", "word " * 1000, max_tokens=2)  # 5 kB
+        r = httpx.post(f"{base}/chat/completions", json=big, headers=key, timeout=10)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large" and "4000 bytes" in r.json()["error"]["message"]
+        chunked = httpx.post(f"{base}/chat/completions", content=iter([json.dumps(big).encode()[i : i + 1000] for i in range(0, 6000, 1000)]),
+                             headers={**key, "content-type": "application/json"}, timeout=10)
+        assert "content-length" not in chunked.request.headers and chunked.status_code == 413
+
+        too_many = httpx.post(f"{base}/chat/completions", json=body_for("instruct", max_tokens=9), headers=key, timeout=10)
+        assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "max_tokens"
+        assert "at most 8 tokens a request" in too_many.json()["error"]["message"]
+        default = httpx.post(f"{base}/chat/completions", json=body_for("instruct"), headers=key, timeout=10).json()
+        assert default["usage"]["completion_tokens"] <= 8  # no max_tokens: the server's limit
+
+        rebound = httpx.post(f"{base}/chat/completions", json=body_for("instruct", max_tokens=2), headers={**key, "Host": "evil.example"}, timeout=10)
+        assert rebound.status_code == 400 and rebound.json()["error"]["code"] == "invalid_host"
+        assert httpx.get(base.replace("127.0.0.1", "localhost") + "/models", headers=key, timeout=10).status_code == 200
+
+
+def test_sigterm_ends_in_flight_requests_and_exits_within_seconds(long_dir, tmp_path):
+    # The CLI (docs/models.md's options) takes its key from LMCORE_API_KEY; SIGTERM while a long stream runs: the stream ends (its last
+    # event an error: cut off), the process exits within a few seconds.
+    port = free_port()
+    log = tmp_path / "serve.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LMCORE_API_KEY": "k3y"}
+    cmd = [sys.executable, "-m", "flows.cli", "serve", "--model", str(long_dir), "--port", str(port), "--host", "0.0.0.0",
+           "--allowed-host", "llm.internal", "--allowed-host", "127.0.0.1", "--max-batch", "32", "--max-queue", "128",
+           "--max-tokens", "4000", "--quantize", "int8"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_healthy(base, lambda: proc.poll() is None, log)
+        assert httpx.get(f"{base}/v1/models", timeout=5).status_code == 401
+        headers = {"Authorization": "Bearer k3y"}
+        assert httpx.get(f"{base}/v1/models", headers={**headers, "Host": "llm.internal:8000"}, timeout=5).status_code == 200
+        assert httpx.get(f"{base}/v1/models", headers={**headers, "Host": "localhost"}, timeout=5).status_code == 400
+        assert httpx.get(f"{base}/health", timeout=5).json()["max_batch"] == 32
+        events = []
+        with httpx.stream("POST", f"{base}/v1/chat/completions", headers=headers, timeout=30,
+                          json=body_for("long", stream=True, max_tokens=4000, temperature=1.0)) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                if len(events) == 20:
+                    t0 = time.monotonic()
+                    proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
+        took = time.monotonic() - t0
+        assert took < 8, log.read_text()
+        assert len(events) < 4000 and ('"error"' in events[-1] or events[-1] == "[DONE]")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_default_max_tokens_fill_the_context(server, instruct_dir, prompt_ids, enc, one_thread):
@@ -299,7 +475,8 @@ def test_models_and_health(server):
     models = httpx.get(f"{server}/models", timeout=10).json()
     assert models["object"] == "list"
     assert [(m["id"], m["object"], m["owned_by"]) for m in models["data"]] == [("instruct", "model", "lmcore")]
-    assert httpx.get(server.removesuffix("/v1") + "/health", timeout=10).json() == {"status": "ok", "model": "instruct"}
+    health = httpx.get(server.removesuffix("/v1") + "/health", timeout=10).json()
+    assert health == {"status": "ok", "model": "instruct", "running": 0, "waiting": 0, "max_batch": 16, "max_queue": 64}
 
 
 @pytest.mark.parametrize(

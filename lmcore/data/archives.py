@@ -12,6 +12,11 @@ resolves outside the destination (following the archive's own symbolic links, as
 would), and device files, FIFOs or other special members. Tar extraction also passes
 `filter="data"` as defence in depth. Symbolic links that stay inside are not created: their targets
 are members in their own right, and they are reported in `Extracted.skipped`.
+
+Limits, so that a small hostile archive cannot fill the disk or the memory: at most `max_members` members
+(MAX_MEMBERS) and `max_bytes` bytes once uncompressed (MAX_TOTAL_BYTES), counted from the sizes the
+archive declares before anything is written (zipfile and tarfile never give more than a member declares);
+a link's target, a GNU long name and a pax header are read only up to a size cap.
 """
 
 from __future__ import annotations
@@ -39,6 +44,11 @@ _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _FILE, _DIR, _SYMLINK, _HARDLINK, _SPECIAL = "file", "dir", "symlink", "hardlink", "special"
 _MAX_LINK_HOPS = 40  # as Linux's MAXSYMLINKS: a longer chain is a loop
 _COPY_CHUNK = 1 << 20
+# Defaults of extract's limits: members, and bytes once uncompressed (both far above any corpus source).
+MAX_MEMBERS = 100_000
+MAX_TOTAL_BYTES = 16 << 30
+MAX_LINK_TARGET = 4096  # bytes of a link target or a member name (Linux's PATH_MAX)
+MAX_PAX_HEADER = 1 << 20  # bytes of a tar pax header (a path, times, attributes)
 
 
 class ArchiveError(InputError):
@@ -81,7 +91,8 @@ def archive_kind(path: Path, name: str | None = None) -> str | None:
         return None
 
 
-def extract(path: Path, dest: Path, name: str | None = None) -> Extracted:
+def extract(path: Path, dest: Path, name: str | None = None, *, max_members: int = MAX_MEMBERS,
+            max_bytes: int = MAX_TOTAL_BYTES) -> Extracted:
     """Check every member of the archive at `path`, then extract it into `dest`.
 
     Args:
@@ -89,6 +100,8 @@ def extract(path: Path, dest: Path, name: str | None = None) -> Extracted:
         dest: the folder to extract into; created when missing.
         name: the archive's file name, which gives its kind and names it in errors (default: `path`'s);
             collect passes the downloaded file's name, as the file itself sits under a temporary one.
+        max_members, max_bytes: the most members, and bytes of their contents once uncompressed, an archive
+            may have; more is an ArchiveError before anything is written.
 
     Returns:
         The member count and the members not written (symbolic links), with reasons.
@@ -102,8 +115,9 @@ def extract(path: Path, dest: Path, name: str | None = None) -> Extracted:
     kind = archive_kind(path, label)
     if kind is None:
         raise ArchiveError(f"archive {label}: not a zip or tar archive (known: {', '.join(ARCHIVE_SUFFIXES)})")
+    limits = _Limits(label, max_members, max_bytes)
     try:
-        members = _zip_members(path, label) if kind == ZIP else _tar_members(path, kind, label)
+        members = _zip_members(path, limits) if kind == ZIP else _tar_members(path, kind, limits)
         _check(members, label)
         dest.mkdir(parents=True, exist_ok=True)
         if kind == ZIP:
@@ -114,6 +128,8 @@ def extract(path: Path, dest: Path, name: str | None = None) -> Extracted:
         raise
     except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError, _zstd_error()) as err:
         raise ArchiveError(f"archive {label}: cannot be extracted: {type(err).__name__}: {one_line(err)}") from err
+    except RecursionError:  # tarfile follows a chain of GNU long-name or pax headers by recursion
+        raise ArchiveError(f"archive {label}: cannot be extracted: a chain of extended headers too long") from None
     skipped = [(m.raw, f"symbolic link to {m.target!r} (not created; its target is a member of its own)")
                for m in members if m.kind == _SYMLINK]
     return Extracted(members=len(members), skipped=skipped)
@@ -121,6 +137,27 @@ def extract(path: Path, dest: Path, name: str | None = None) -> Extracted:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Checks: done on the whole member list before anything is written.
+
+
+@dataclass
+class _Limits:
+    """Counts members and their declared bytes as they are listed; ArchiveError past either limit."""
+
+    label: str
+    max_members: int
+    max_bytes: int
+    members: int = 0
+    bytes: int = 0
+
+    def add(self, raw: str, size: int) -> None:
+        self.members += 1
+        self.bytes += max(size, 0)
+        if self.members > self.max_members:
+            raise ArchiveError(f"archive {self.label}: more than {self.max_members} members (at {raw!r}); "
+                               f"lmcore extracts up to {self.max_members}")
+        if self.bytes > self.max_bytes:
+            raise ArchiveError(f"archive {self.label}: more than {self.max_bytes} bytes once extracted (at {raw!r}, "
+                               f"which declares {size}); lmcore extracts up to {self.max_bytes}")
 
 
 def _split(name: str) -> list[str]:
@@ -193,7 +230,8 @@ def _check(members: list[_Member], label: str) -> None:
 # Zip
 
 
-def _zip_members(path: Path, label: str) -> list[_Member]:
+def _zip_members(path: Path, limits: _Limits) -> list[_Member]:
+    label = limits.label
     members = []
     with zipfile.ZipFile(path) as zf:
         for info in zf.infolist():
@@ -202,13 +240,26 @@ def _zip_members(path: Path, label: str) -> list[_Member]:
             if info.is_dir() or stat.S_ISDIR(mode):
                 kind = _DIR
             elif stat.S_ISLNK(mode):
-                kind, target = _SYMLINK, zf.read(info).decode("utf-8", "surrogateescape")
+                kind = _SYMLINK
             elif mode and stat.S_IFMT(mode) and not stat.S_ISREG(mode):
                 kind = _SPECIAL
             else:
                 kind = _FILE
+            limits.add(info.filename, info.file_size if kind == _FILE else 0)  # only files are written
+            if kind == _SYMLINK:
+                target = _zip_link_target(zf, info, label)
             members.append(_Member(info.filename, _parts(info.filename, label), kind, target))
     return members
+
+
+def _zip_link_target(zf: zipfile.ZipFile, info: zipfile.ZipInfo, label: str) -> str:
+    """A zip symbolic link's target (the member's contents), read no further than MAX_LINK_TARGET bytes."""
+    with zf.open(info) as f:
+        target = f.read(MAX_LINK_TARGET + 1)
+    if len(target) > MAX_LINK_TARGET:
+        raise ArchiveError(f"archive {label}: member {info.filename!r} is a symbolic link to a target of more than "
+                           f"{MAX_LINK_TARGET} bytes")
+    return target.decode("utf-8", "surrogateescape")
 
 
 def _extract_zip(path: Path, dest: Path, members: list[_Member], label: str) -> None:
@@ -238,6 +289,21 @@ def _zstd_error() -> type[Exception]:
     return zstandard.ZstdError
 
 
+class _CappedTarInfo(tarfile.TarInfo):
+    """tarfile's member header, refusing a GNU long name or link, or a pax header, larger than its cap before
+    reading it (tarfile reads each whole into memory, whatever size the archive declares)."""
+
+    def _proc_gnulong(self, tarfile_):
+        if self.size > MAX_LINK_TARGET:
+            raise tarfile.HeaderError(f"a GNU long name or link target of {self.size} bytes (more than {MAX_LINK_TARGET})")
+        return super()._proc_gnulong(tarfile_)
+
+    def _proc_pax(self, tarfile_):
+        if self.size > MAX_PAX_HEADER:
+            raise tarfile.HeaderError(f"a pax header of {self.size} bytes (more than {MAX_PAX_HEADER})")
+        return super()._proc_pax(tarfile_)
+
+
 @contextlib.contextmanager
 def _open_tar(path: Path, kind: str) -> Iterator[tarfile.TarFile]:
     if kind == TAR_ZSTD:
@@ -245,10 +311,10 @@ def _open_tar(path: Path, kind: str) -> Iterator[tarfile.TarFile]:
 
         with open(path, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(
             raw, read_across_frames=True
-        ) as stream, tarfile.open(fileobj=stream, mode="r|") as tf:
+        ) as stream, tarfile.open(fileobj=stream, mode="r|", tarinfo=_CappedTarInfo) as tf:
             yield tf
     else:
-        with tarfile.open(path, mode="r|*") as tf:
+        with tarfile.open(path, mode="r|*", tarinfo=_CappedTarInfo) as tf:
             yield tf
 
 
@@ -264,13 +330,14 @@ def _tar_kind(ti: tarfile.TarInfo) -> str:
     return _SPECIAL  # character/block devices, FIFOs, unknown types
 
 
-def _tar_members(path: Path, kind: str, label: str) -> list[_Member]:
+def _tar_members(path: Path, kind: str, limits: _Limits) -> list[_Member]:
     members = []
     with _open_tar(path, kind) as tf:
-        for ti in tf:
+        for ti in tf:  # the limits are checked before tarfile reads on past this member's data
             m_kind = _tar_kind(ti)
+            limits.add(ti.name, ti.size if m_kind == _FILE else 0)
             target = ti.linkname if m_kind in (_SYMLINK, _HARDLINK) else None
-            members.append(_Member(ti.name, _parts(ti.name, label), m_kind, target))
+            members.append(_Member(ti.name, _parts(ti.name, limits.label), m_kind, target))
     return members
 
 

@@ -228,3 +228,49 @@ def test_a_stage_run_by_lmcore_run_in_a_dvc_project_matches_dvc_lock(lifecycle_r
     assert tags[TAG_DVC_HASHED_BY] == f"dvc: the DVC project at {project.resolve()}"
     assert {k[len(TAG_DVC_DEP):]: v for k, v in tags.items() if k.startswith(TAG_DVC_DEP)} == {d["path"]: d["md5"] for d in lock["deps"]}
     assert {k[len(TAG_DVC_OUT):]: v for k, v in tags.items() if k.startswith(TAG_DVC_OUT)} == {o["path"]: o["md5"] for o in lock["outs"]}
+
+
+def test_lineage_shows_where_a_model_came_from_without_the_credentials_in_its_urls(tmp_path, monkeypatch):
+    """A pretrained base fetched from URLs with credentials (user:password@, ?token=, a signed S3 link), registered in
+    a SQLite store: `lmcore lineage`, for people and as JSON, names the hosts and paths and none of the secrets; so
+    does `render` for a chain someone else built (the tracking URI, a warning)."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from lmcore.stages import BASE_MANIFEST_DIR
+    from tasks.lineage_print import render
+    from tasks.tags import TAG_BASE_MANIFEST_SHA, TAG_ORIGIN, TAG_STAGE, TAG_WEIGHTS_SHA
+
+    secrets = ("hf-pass", "tok-1", "sig-2", "mlflow-pass")
+    manifest = tmp_path / "base" / "base.json"
+    manifest.parent.mkdir()
+    manifest.write_text(json.dumps({
+        "source": "https://hf-user:hf-pass@models.example/SmolLM2?token=tok-1", "name": "smol", "license": "apache-2.0",
+        "architecture": "llama", "parameters": 135, "tokenizer": {"name": "smol"},
+        "files": [{"file": "model.gguf", "url": "https://bucket.s3.example/m.gguf?X-Amz-Signature=sig-2&X-Amz-Date=1",
+                   "path": None, "sha256": "ab" * 32, "origin": "download", "bytes": 10}],
+    }))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)  # not a registry URI another test left set
+    experiment = client.create_experiment("lineage", artifact_location=(tmp_path / "mlruns").as_uri())
+    run = client.create_run(experiment, tags={TAG_STAGE: "base_model", TAG_ORIGIN: "base_model",
+                                              TAG_BASE_MANIFEST_SHA: sha256_file(manifest)})
+    client.log_artifact(run.info.run_id, str(manifest), BASE_MANIFEST_DIR)
+    client.set_terminated(run.info.run_id)
+    client.create_registered_model("smol")
+    client.create_model_version("smol", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id, tags={TAG_WEIGHTS_SHA: "cd" * 32})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+
+    text, as_json = lineage("models:/smol/1"), lineage("models:/smol/1", "--json")
+    assert text.exit_code == 0 and as_json.exit_code == 0, text.output + as_json.output
+    (base,) = [n for n in json.loads(as_json.output)["chain"] if n["kind"] == "base_model"]
+    assert base["verified"] is True  # the manifest read is the one logged; only what is shown is masked
+    assert base["source"] == "https://***@models.example/SmolLM2?token=***"
+    assert base["files"][0]["url"] == "https://bucket.s3.example/m.gguf?X-Amz-Signature=***&X-Amz-Date=1"
+    assert "https://***@models.example/SmolLM2?token=***" in text.output and "https://bucket.s3.example/m.gguf" in text.output
+    out = StringIO()
+    render({"model": "models:/smol/1", "tracking_uri": "https://ci:mlflow-pass@mlflow.example", "chain": [],
+            "warnings": ["https://ci:mlflow-pass@mlflow.example: slow"]}, Console(file=out, soft_wrap=True))
+    assert "https://***@mlflow.example" in out.getvalue()
+    assert not [s for s in secrets if s in text.output + as_json.output + out.getvalue()]
