@@ -88,8 +88,8 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def server(model_dir: Path, log: Path, *args: str, threads: int = 2, name: str | None = "m") -> Iterator[str]:
-    """`lmcore serve --model model_dir *args` (as `name`; None: the folder's name) on a free port of 127.0.0.1, with
+def server(model_dir: Path | str, log: Path, *args: str, threads: int = 2, name: str | None = "m") -> Iterator[str]:
+    """`lmcore serve --model model_dir *args` (a folder or a models:/ URI; as `name`, None: lmcore's default) on a free port of 127.0.0.1, with
     `threads` torch threads; yields the base URL (ending in /v1). Its output goes to `log`, shown if it fails to start."""
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}

@@ -57,10 +57,11 @@ def wait_healthy(base: str, alive, log: Path | None = None) -> None:
 
 
 @contextlib.contextmanager
-def running_server(model_dir: Path, log_dir: Path, *args: str) -> Iterator[str]:
-    """`python -m flows.cli serve --model model_dir *args` on a free port, one thread (steady on shared cores, and
-    the same numbers as one_thread here); yields the base URL (ending in /v1)."""
-    with serve_load.server(model_dir, log_dir / f"serve-{model_dir.name}.log", *args, threads=1, name=None) as base:
+def running_server(model: Path | str, log_dir: Path, *args: str) -> Iterator[str]:
+    """`python -m flows.cli serve --model model *args` (a folder or a models:/ URI) on a free port, one thread (steady
+    on shared cores, and the same numbers as one_thread here); yields the base URL (ending in /v1)."""
+    log = log_dir / f"serve-{Path(str(model)).name}.log"
+    with serve_load.server(model, log, *args, threads=1, name=None) as base:
         yield base
 
 
