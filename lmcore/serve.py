@@ -450,19 +450,15 @@ def create_app(
         }
 
     async def _receive(channel: asyncio.Queue, request: Request, deadline: float):
-        """The request's next event. Past its deadline: 504; every DISCONNECT_POLL_S, whether its client is still
-        there (_ClientGone if not). The caller then drops it from the engine."""
-        checked = request.state.__dict__.setdefault("checked", time.monotonic())
-        while True:
-            now = time.monotonic()
-            if now >= deadline:
-                raise APIError(504, f"the request took longer than {options.request_timeout:g} s", code="timeout")
-            if now - checked >= DISCONNECT_POLL_S:
-                request.state.checked = checked = now
-                if await request.is_disconnected():
-                    raise _ClientGone
+        """The request's next event (a non-streamed request gets only "start" and its end). Past its deadline: 504;
+        while it waits, every DISCONNECT_POLL_S, whether its client is still there (_ClientGone if not). The caller
+        then drops it from the engine."""
+        while (left := deadline - time.monotonic()) > 0:
             with contextlib.suppress(TimeoutError):
-                return await asyncio.wait_for(channel.get(), timeout=min(deadline - now, DISCONNECT_POLL_S))
+                return await asyncio.wait_for(channel.get(), timeout=min(left, DISCONNECT_POLL_S))
+            if await request.is_disconnected():
+                raise _ClientGone
+        raise APIError(504, f"the request took longer than {options.request_timeout:g} s", code="timeout")
 
     async def _events(completion_id: str, ticket, channel: asyncio.Queue, include_usage: bool) -> AsyncIterator[str]:
         """The server-sent events of one streamed reply. Starlette stops iterating when the client hangs up; the
