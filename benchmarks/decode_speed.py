@@ -209,16 +209,43 @@ def bench_gguf(path: Path, *, prompt_len: int, new_tokens: int, batch: int, repe
                                        min_new_tokens=n, use_cache=True)[0, prompt_len:].tolist(),
     }
     tps: dict[str, list[float]] = {k: [] for k in runs}
+    matmul_s = []
     with torch.inference_mode():
         for _, fn in runs.values():  # warm-up
             fn()
+        matmul_step(model)
         for _ in range(repeats):
             for key, (b, fn) in runs.items():
                 tps[key].append(_decode_tps(fn(), b))
+            matmul_s.append(statistics.median(matmul_step(model) for _ in range(n)))  # as many as the steps timed
     ref = tokens["llama.cpp b1"]
     agree = {k: next((f"no (first at token {i})" for i, (a, b) in enumerate(zip(v, ref)) if a != b), "yes")
              for k, v in tokens.items() if k != "llama.cpp b1"}
-    return {"tps": {k: statistics.median(v) for k, v in tps.items()}, "agree": agree}
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"tps": {k: statistics.median(v) for k, v in tps.items()}, "agree": agree, "matmul_s": statistics.median(matmul_s),
+            "weight_bytes": weight_bytes}
+
+
+def matmul_step(model: GPT) -> float:
+    """Seconds for one batch-1 decode step's matrix products alone, each as lmcore's decode runs it
+    (`lmcore.model.linear`, SwiGLU's gate and up together, the decode LM head) on one row: every weight read once,
+    nothing else. No decode step of lmcore's can take less."""
+    from lmcore.generation import _lm_head
+    from lmcore.model import _gate_up, _split, linear
+
+    head = _lm_head(model)
+    x = torch.randn(1, 1, model.config.n_embd)
+    h = torch.randn(1, 1, model.config.mlp_size)
+    start = time.perf_counter()
+    for block in model.blocks:
+        attn, mlp = block.attn, block.mlp
+        linear(attn.qkv, x)
+        linear(attn.proj, x)
+        k = _split(x, mlp.fc_1, mlp.fc_2)
+        _gate_up(mlp, k, x) if k else (mlp.fc_1(x), mlp.fc_2(x))
+        linear(mlp.proj, h)
+    head(x[:, -1])
+    return time.perf_counter() - start
 
 
 def main_gguf(args) -> None:
@@ -239,6 +266,11 @@ def main_gguf(args) -> None:
     for key, value in t.items():
         name, b = key.rsplit(" b", 1)
         print(f"| {name} | {b} | {value:.1f} | {value / base:.2f}x | {r['agree'].get(key, '-')} |", flush=True)
+    ceiling = 1 / r["matmul_s"]
+    print(f"\nlmcore's matrix products alone (every weight read once, as its decode step multiplies them): "
+          f"{r['matmul_s'] * 1e3:.1f} ms a token, {r['weight_bytes'] / r['matmul_s'] / 1e9:.1f} GB/s; a step with "
+          f"nothing else would decode {ceiling:.1f} tok/s = {ceiling / base:.2f}x llama.cpp's batch 1, whose whole step "
+          f"takes {1e3 / base:.1f} ms ({r['weight_bytes'] * base / 1e9:.1f} GB/s)")
 
 
 def main(argv: list[str] | None = None) -> None:

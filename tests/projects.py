@@ -81,11 +81,16 @@ def pipeline_ran(output: str) -> list[str]:
 CORPUS = {f"corpus/doc{i}.txt": "\n\n".join(f"Paragraph {j} of document {i}: the river ran past the old stone house "
                                               f"in the morning light, and nobody said a word about it." for j in range(8))
           for i in range(2)}
+# ... and the classifier's labelled data as a local file (the mirror's SMS spam collection, copied): a change to it
+# re-runs finetune_classifier alone, which nothing reads.
+LABELLED = "labelled/sms.tsv"
+SMS_SPAM = Path(os.environ.get("LMCORE_MIRROR", ROOT.parent / "shared" / "data")) / "classification" / "sms_spam" / "SMSSpamCollection"
 
 
 def micro_with_folder_source() -> dict:
     params = yaml.safe_load(MICRO.read_text())
     params["collect"]["sources"].append({"name": "notes", "path": "corpus", "license": "test"})
+    params["finetune_classifier"]["sources"] = [{"name": "sms-spam", "path": LABELLED, "license": "CC BY 4.0"}]
     return params
 
 
@@ -102,7 +107,7 @@ class PipelineProject:
 
 
 def run_pipeline_project(work: Path) -> PipelineProject:
-    repo, env = make_project(work / "repo", micro_with_folder_source(), CORPUS)
+    repo, env = make_project(work / "repo", micro_with_folder_source(), {**CORPUS, LABELLED: SMS_SPAM.read_text(encoding="utf-8")})
     pristine = work / "pristine" / "repo"  # .../pristine/repo: its default DVC remote is .../pristine/lmcore-dvc-remote
     shutil.copytree(repo, pristine, symlinks=True)
     cmd = ["lmcore", "pipeline", "--wait", "900"]

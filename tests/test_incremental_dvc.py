@@ -2,10 +2,11 @@
 
 The session's micro project with a folder source (tests/conftest.py `pipeline_project`, shared with tests/test_dvc.py)
 was run by two `lmcore pipeline --wait` started at once: one ran every stage, the other waited for it and then found
-nothing to do. Then, for each change (a `dpo` param; a new document in the folder source; a code file of the
-tokenizer), two copies of that project get the change: `dvc repro` runs in one and `lmcore pipeline` in the other,
-and the stages each ran are compared. With nothing changed both run nothing: the waiting pipeline above, and
-`dvc repro` in tests/test_dvc.py::test_prefect_run_leaves_dvc_nothing_to_do (the same project)."""
+nothing to do. Then, for each change (a `dpo` param; a new example in the classifier's local labelled file; a code
+file of the tokenizer), two copies of that project get the change: `dvc repro` runs in one and `lmcore pipeline` in
+the other, and the stages each ran are compared. With nothing changed both run nothing: the waiting pipeline above,
+and `dvc repro` in tests/test_dvc.py::test_prefect_run_leaves_dvc_nothing_to_do (the same project). A new document in
+the corpus, which re-runs nearly every stage, is tests/test_deployment.py's third scheduled run."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from lmcore import pipeline
-from tests.projects import copy_project, dvc, pipeline_ran, repro_ran, sh
+from tests.projects import LABELLED, copy_project, dvc, pipeline_ran, repro_ran, sh
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # the shared project's two pipelines are its set-up
 STAGES = list(pipeline.NAMES)
@@ -57,11 +58,9 @@ def change_dpo(repo):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def new_document(repo):
-    (repo / "corpus" / "doc9.txt").write_text(
-        "A new document arrived overnight, about a ferry crossing in winter.\n\n"
-        "The boat left at six, and the harbour lights were still burning when it came back for the second time.\n\n"
-        "Nobody on board could remember a colder morning, though the captain said he had seen worse ones.\n")
+def new_labelled_example(repo):
+    with (repo / LABELLED).open("a", encoding="utf-8") as f:
+        f.write("spam\tWINNER! A free ferry crossing in winter is yours: text FERRY to 80085 before six tomorrow\n")
 
 
 def tokenizer_code(repo):
@@ -71,7 +70,7 @@ def tokenizer_code(repo):
 
 @pytest.mark.parametrize("change, expected", [
     (change_dpo, ["dpo", "instruct_eval"]),  # the judge stage re-runs only if the dpo responses changed: compared, not assumed
-    (new_document, None),  # every stage downstream of collect whose inputs came out different
+    (new_labelled_example, ["finetune_classifier"]),  # a local source's file: the stage that reads it, nothing after
     # train_tokenizer splits train/val with tokenize's code, so it re-runs too; its tokenizer and the shards come out
     # byte-identical: nothing after tokenize runs
     (tokenizer_code, ["train_tokenizer", "tokenize"]),
@@ -84,10 +83,7 @@ def test_prefect_path_runs_what_dvc_repro_runs(project, tmp_path, change, expect
     repro = repro_ran(dvc(by_dvc, dvc_env, "repro"))
     flow = pipeline_ran(sh(by_prefect, prefect_env, "lmcore", "pipeline"))
     assert flow == repro
-    if expected is not None:
-        assert flow[: len(expected)] == expected and set(flow) - set(expected) <= {"judge"}
-    else:
-        assert flow[:2] == ["collect", "preprocess"] and "base_model" not in flow and "pretrain" in flow
+    assert flow[: len(expected)] == expected and set(flow) - set(expected) <= {"judge"}
     assert "up to date" in dvc(by_prefect, prefect_env, "status")  # each stage that ran was committed
     client, runs = lifecycle_runs(by_prefect, prefect_env)
     assert runs[-1].data.tags["lmcore.stages_run"] == (",".join(flow) or "none")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -163,14 +164,18 @@ def test_chat_template_reply_equals_lmcore(llama_cpp, exported, ours):
 
 
 def test_decode_speed_benchmark_runs_llama_cpp_beside_lmcore(llama_cpp, exported, capsys, one_thread):
-    """`python -m benchmarks.decode_speed --gguf` on the fine-tuned model, a few tokens: every engine's row, and
-    lmcore's and transformers' greedy ids equal llama.cpp's."""
+    """`python -m benchmarks.decode_speed --gguf` on the fine-tuned model, a few tokens: every engine's row,
+    lmcore's and transformers' greedy ids equal llama.cpp's, and the floor of lmcore's step (its matrix products)."""
     from benchmarks import decode_speed
 
     decode_speed.main(["--gguf", str(exported["f32"]), "--threads", "1", "--prompt-len", "8", "--new-tokens", "4",
                        "--batch", "3", "--repeats", "1"])
-    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    out = capsys.readouterr().out
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ")][1:]
     assert [(r[0].strip(), r[1].strip()) for r in rows] == [
         ("llama.cpp", "1"), ("lmcore", "1"), ("lmcore", "3"), ("transformers", "1")]
     assert all(float(r[2]) > 0 for r in rows) and rows[0][3].strip() == "1.00x"
     assert [r[4].strip() for r in rows] == ["-", "yes", "-", "yes"]
+    floor = re.search(r"matrix products alone .*: ([\d.]+) ms a token, ([\d.]+) GB/s; .* decode ([\d.]+) tok/s", out)
+    assert floor and float(floor[1]) > 0 and float(floor[2]) > 0, out
+    assert float(floor[3]) > float(rows[1][2])  # nothing but the products: faster than lmcore's whole step
