@@ -230,10 +230,10 @@ def matmul_step(model: GPT) -> float:
     """Seconds for one batch-1 decode step's matrix products alone, each as lmcore's decode runs it
     (`lmcore.model.linear`, SwiGLU's gate and up together, the decode LM head) on one row: every weight read once,
     nothing else. No decode step of lmcore's can take less."""
-    from lmcore.generation import _lm_head
-    from lmcore.model import _gate_up, _split, linear
+    from lmcore.generation import decode_head
+    from lmcore.model import gate_up, split_blocks, linear
 
-    head = _lm_head(model)
+    head = decode_head(model)
     x = torch.randn(1, 1, model.config.n_embd)
     h = torch.randn(1, 1, model.config.mlp_size)
     start = time.perf_counter()
@@ -241,8 +241,8 @@ def matmul_step(model: GPT) -> float:
         attn, mlp = block.attn, block.mlp
         linear(attn.qkv, x)
         linear(attn.proj, x)
-        k = _split(x, mlp.fc_1, mlp.fc_2)
-        _gate_up(mlp, k, x) if k else (mlp.fc_1(x), mlp.fc_2(x))
+        k = split_blocks(x, mlp.fc_1, mlp.fc_2)
+        gate_up(mlp, k, x) if k else (mlp.fc_1(x), mlp.fc_2(x))
         linear(mlp.proj, h)
     head(x[:, -1])
     return time.perf_counter() - start

@@ -28,7 +28,6 @@ import json
 import os
 import random
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -227,7 +226,7 @@ def run_model(name: str, model_dir: Path, *, clients: int, duration: float, solo
         extra = asyncio.run(phase(base, "batch 1 (more)", 1, solo_duration, requests, timeout, mixed=False))
         batch1.results += extra.results
         batch1.wall += extra.wall
-        load = asyncio.run(phase(base, f"load, mixed", clients, duration, requests, timeout))
+        load = asyncio.run(phase(base, "load, mixed", clients, duration, requests, timeout))
         at32 = asyncio.run(phase(base, "32 concurrent", 32, max(duration / 3, 10), requests, timeout, mixed=False))
     return report(name, [batch1, load, at32], alone)
 

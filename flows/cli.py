@@ -11,7 +11,7 @@
     lmcore generate "ROMEO:" --top-p 0.9 --stop $'\\n\\n' --no-stream   # nucleus sampling, stop at a blank line, no streaming
     lmcore chat --model models:/lmcore-instruct@dpo  # instructions from stdin, one streamed response each
     lmcore classify "WINNER! Claim your prize now"   # label and probability from models/classifier
-    lmcore eval --model models:/lmcore-base@champion --tasks hellaswag,mmlu --limit 100 --output reports/eval
+    lmcore benchmark --model models:/lmcore-base@champion --tasks hellaswag,mmlu --limit 100 --output reports/eval
     lmcore serve --model models:/lmcore-instruct@dpo --port 8000   # an OpenAI-compatible chat API on 127.0.0.1
     lmcore import-hf hf/llama models/llama           # a Hugging Face GPT-2 or Llama folder -> an lmcore model folder
     lmcore export-hf models/base hf/base             # an lmcore model folder -> config.json + model.safetensors for transformers
@@ -42,7 +42,7 @@ import typer
 import yaml
 from typer.core import TyperGroup
 
-from lmcore import pipeline as stages
+from lmcore import pipeline
 from lmcore.config import load_params
 from lmcore.errors import is_input_error, is_transient
 from tasks import failures
@@ -120,8 +120,8 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-@app.command()
-def pipeline(
+@app.command("pipeline")
+def run_pipeline(
     params: ParamsOpt = "params.yaml",
     set_: SetOpt = None,
     root: RootOpt = ".",
@@ -130,7 +130,7 @@ def pipeline(
     wait: WaitOpt = 0.0,
 ) -> None:
     """Run the lifecycle as one Prefect flow, each stage only when it changed (see dvc.lock); prints the summary."""
-    _check_params(root, params, set_)
+    _check_inputs(root, _check_params(root, params, set_), pipeline.NAMES)
     _quiet_terminal()
     from flows.lifecycle import lifecycle
 
@@ -142,16 +142,16 @@ def pipeline(
 
 @app.command()
 def run(
-    stage: Annotated[str, typer.Argument(help=" | ".join(stages.NAMES))],
+    stage: Annotated[str, typer.Argument(help=" | ".join(pipeline.NAMES))],
     params: ParamsOpt = "params.yaml",
     set_: SetOpt = None,
     root: RootOpt = ".",
     wait: WaitOpt = 0.0,
 ) -> None:
     """Run one stage as its own Prefect flow (dvc.yaml calls this); prints its summary as JSON."""
-    if stage not in stages.NAMES:
-        _fail(f"unknown stage {stage!r}; stages: {', '.join(stages.NAMES)}")
-    _check_params(root, params, set_)
+    if stage not in pipeline.NAMES:
+        _fail(f"unknown stage {stage!r}; stages: {', '.join(pipeline.NAMES)}")
+    _check_inputs(root, _check_params(root, params, set_), [stage])
     _quiet_terminal()
     from flows.stage import stage_flow
 
@@ -179,7 +179,7 @@ def dvc_yaml(
         return
     if current != text:
         write_text(path, text)
-    typer.echo(f"{path}: {len(stages.STAGES)} stages" + ("" if current != text else " (unchanged)"))
+    typer.echo(f"{path}: {len(pipeline.STAGES)} stages" + ("" if current != text else " (unchanged)"))
 
 
 @app.command("params")
@@ -313,8 +313,8 @@ def classify(
         typer.echo(f"{labels[best]}\t{row[best]:.4f}")
 
 
-@app.command("eval")
-def eval_(
+@app.command("benchmark")
+def benchmark(
     model: ModelOpt = "models/base",
     tasks: Annotated[str | None, typer.Option(help="comma-separated: hellaswag, mmlu, mmlu_<subject>, truthfulqa_mc1, "
                                                    "truthfulqa_mc2, arc_easy, arc_challenge (default: params' benchmark.tasks); "
@@ -363,8 +363,12 @@ def eval_(
                f"sample seed {cfg.sample_seed}, sha256 {results['sample_sha256'][:12]}; written to {output}")
 
 
+# The command's first name, kept for scripts: `lmcore eval` is `lmcore benchmark` (not the evaluate stage).
+app.command("eval", hidden=True, help="The old name of `lmcore benchmark`.")(benchmark)
+
+
 def _eval_generative(model, names, limit, output, batch_size, seed, max_gen_toks, data, params, set_, root) -> None:
-    """`lmcore eval` of the generative tasks (lmcore.harness.generative) with the instruct_eval section's settings."""
+    """`lmcore benchmark` of the generative tasks (lmcore.harness.generative) with the instruct_eval section's settings."""
     from lmcore.harness.gentasks import TASKS as GENERATIVE_TASKS
 
     mixed = [t for t in names if t not in GENERATIVE_TASKS]
@@ -591,6 +595,15 @@ def _model_dir(model: str) -> Path:
 def _check_params(root: str, params: str, overrides: list[str] | None):
     path = Path(params) if Path(params).is_absolute() else Path(root) / params
     return load_params(path, overrides=overrides or [])  # a ParamsError is bad input: one line, exit 2
+
+
+def _check_inputs(root: str, params, names) -> None:
+    """The local files and folders the params name for these stages (sources, a base model) are there: bad input
+    answers in a second, before Prefect, MLflow and torch start (lmcore.pipeline.Stage.missing_local_paths)."""
+    for name in names:
+        missing = pipeline.get(name).missing_local_paths(params, Path(root))
+        if missing:
+            _fail(missing[0] + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
 
 
 def main() -> None:

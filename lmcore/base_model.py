@@ -45,7 +45,6 @@ from lmcore.tokenizer import (
     TOKENIZER_CONFIG,
     HFTokenizer,
     Tokenizer,
-    TokenizerError,
     template_text,
     token_text,
     check_vocab,

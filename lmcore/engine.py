@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lmcore.generation import DecodeBatch, TextDecoder, _end_ids
+from lmcore.generation import DecodeBatch, TextDecoder, end_ids
 from lmcore.model import GPT
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class Engine:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.model, self.enc = model, enc
         self.max_batch, self.max_queue, self.queue_timeout = max_batch, max_queue, queue_timeout
-        self.ends = _end_ids(enc, stop_ids)
+        self.ends = end_ids(enc, stop_ids)
         self.device = next(model.parameters()).device
         self._cond = threading.Condition()
         self._pending: deque[Ticket] = deque()  # submitted, waiting for a row

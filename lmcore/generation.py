@@ -45,11 +45,11 @@ from lmcore.model import GPT
 
 FinishReason = Literal["stop", "length"]
 
-# LM head weight -> ((data_ptr, version, blocks), its transpose cut into column blocks); see `_lm_head`.
+# LM head weight -> ((data_ptr, version, blocks), its transpose cut into column blocks); see `decode_head`.
 _TRANSPOSED_HEADS = WeakIdKeyDictionary()
 
 
-def _lm_head(model: GPT) -> Callable[[torch.Tensor], torch.Tensor]:
+def decode_head(model: GPT) -> Callable[[torch.Tensor], torch.Tensor]:
     """The LM head as a function of (B, C) hidden states, for decoding.
 
     On CPU it multiplies by a copy of the (V, C) weight transposed and cut into one (C, V/k) block per thread
@@ -203,7 +203,7 @@ class DecodeBatch:
         self.next_id = 0
         self.was_training = model.training
         model.eval()
-        self.lm_head = _lm_head(model)
+        self.lm_head = decode_head(model)
         if self.capacity:
             model.set_kv_cache(self.capacity, max_len=self.max_len)
 
@@ -639,7 +639,7 @@ def stream_text(
         ids = list(prompt) or [enc.eot_token]
     idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
     generator = torch.Generator(device=device).manual_seed(seed)
-    ends = _end_ids(enc, stop_ids)
+    ends = end_ids(enc, stop_ids)
     tokens = stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_token=ends,
                     generator=generator, use_cache=use_cache)
     return TextStream(tokens, enc, len(ids), set(ends), stop)
@@ -650,7 +650,7 @@ def _check_stop(stop: Sequence[str]) -> None:
         raise ValueError(f"stop strings must be non-empty, got {list(stop)!r}")
 
 
-def _end_ids(enc, stop_ids: Sequence[int]) -> list[int]:
+def end_ids(enc, stop_ids: Sequence[int]) -> list[int]:
     """The ids that end a completion: the tokenizer's own (end-of-text, end of turn), then `stop_ids`."""
     return list(dict.fromkeys([*getattr(enc, "stop_tokens", [enc.eot_token]), *stop_ids]))
 
@@ -770,7 +770,7 @@ def generate_batch(
     ctx = model.config.context_length
     device = next(model.parameters()).device
     order = sorted(range(len(ids)), key=lambda i: min(len(ids[i]), ctx))
-    ends = _end_ids(enc, stop_ids)
+    ends = end_ids(enc, stop_ids)
     texts = [TextDecoder(enc, set(ends), stop) for _ in ids]
     longest = min(len(ids[order[-1]]), ctx)
     batch = DecodeBatch(model, min(batch_size, len(ids)), longest + max_new_tokens - 1, temperature=temperature,

@@ -54,7 +54,7 @@ import torch
 
 from lmcore.checkpoint import HEAD_KEY, load_model, read_model_config, save_model
 from lmcore.errors import InputError, one_line
-from lmcore.hf import GPT2, LLAMA, HFError, _check_target, from_hf, model_config_from_hf, to_hf
+from lmcore.hf import GPT2, LLAMA, HFError, check_target, from_hf, model_config_from_hf, to_hf
 from lmcore.io import atomic_dir, fsync_dir, sha256_file
 from lmcore.paths import MODEL_CONFIG
 from lmcore.tokenizer import (
@@ -531,20 +531,6 @@ def _hf_name(arch: str, name: str, src: Path) -> str:
     raise GGUFError(f"{src}: tensor {name}: lmcore's {arch} has no place for it")
 
 
-def read_gguf(src: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, Any]]:
-    """A GGUF file's model as Hugging Face names, without its tokenizer.
-
-    Args:
-        src: the .gguf file.
-    Returns: (the HF config dict, the HF state dict in float32, info: {"architecture", "name", "license",
-        "tensor_types": {type name: count}}).
-    Raises: GGUFError naming the file and what is refused (architecture, tensor type, metadata).
-    """
-    src = Path(src)
-    reader = open_gguf(src)
-    return _read_model(reader, _Metadata(reader, src), src)
-
-
 def _read_model(reader, meta: _Metadata, src: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, Any]]:
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
@@ -725,7 +711,7 @@ def import_gguf(src: str | Path, dst_dir: str | Path, *, name: str | None = None
     src, dst = Path(src), Path(dst_dir)
     reader = open_gguf(src)
     meta = _Metadata(reader, src)
-    _check_target(dst, "format_version", "an lmcore model folder")
+    check_target(dst, "format_version", "an lmcore model folder")
     config, state, info = _read_model(reader, meta, src)
     info["name"] = name or info["name"]
     model = from_hf(config, state, origin=str(src))

@@ -504,7 +504,7 @@ def read_hf_config(src_dir: str | Path) -> dict:
     return config
 
 
-def _check_target(dst: Path, marker_key: str, what: str) -> None:
+def check_target(dst: Path, marker_key: str, what: str) -> None:
     """Refuse to replace a folder that is not empty and not a previous output of the same kind."""
     if not dst.exists():
         return
@@ -539,7 +539,7 @@ def import_hf(src_dir: str | Path, dst_dir: str | Path) -> dict[str, Any]:
     # The gpt2 encoding is GPT-2's own tokenizer; other vocabularies are not an encoding lmcore can build.
     tokenizer = "gpt2" if model_type == GPT2 and model.config.vocab_size == GPT2_EOT + 1 else None
     hf_meta = {"model_type": model_type, "source": str(src.resolve()), **{k: config.get(k) for k in TOKEN_IDS}}
-    _check_target(dst, "format_version", "an lmcore model folder")
+    check_target(dst, "format_version", "an lmcore model folder")
     with atomic_dir(dst) as tmp:
         save_model(model, tmp, extra={"tokenizer": tokenizer, HF_KEY: hf_meta})
     return {"model_type": model_type, "params": model.num_params(), "path": str(dst)}
@@ -567,7 +567,7 @@ def export_hf(src_dir: str | Path, dst_dir: str | Path, *, card: str | None = No
     hf_meta = extra.get(HF_KEY) or {}
     if hf_meta.get("model_type") == config["model_type"]:  # imported: give back the source's special tokens
         config.update({k: hf_meta[k] for k in TOKEN_IDS if k in hf_meta})
-    _check_target(dst, "model_type", "a Hugging Face model folder")
+    check_target(dst, "model_type", "a Hugging Face model folder")
     with atomic_dir(dst) as tmp:
         save_tensors({k: v.float().contiguous() for k, v in state.items()}, tmp / HF_WEIGHTS)
         write_json(tmp / HF_CONFIG, config)

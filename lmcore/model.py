@@ -75,7 +75,7 @@ def rope_cache(config: ModelConfig, device: torch.device | None = None) -> tuple
 # threads torch has. `linear` cuts the weight's rows into one block per thread (a view, no copy) and multiplies the
 # blocks in one bmm, which runs them side by side. Only without autograd, for a few float32 rows on the CPU and
 # weights too big for the caches; otherwise nn.Linear. SmolLM2-135M's batch-1 decode on 2 threads (AMD EPYC, MKL):
-# 20 -> 29 tokens/s; with SwiGLU's gate and up projections in one bmm over a copy laid out for it (`_gate_up`),
+# 20 -> 29 tokens/s; with SwiGLU's gate and up projections in one bmm over a copy laid out for it (`gate_up`),
 # 33 tokens/s (llama.cpp: 58, benchmarks/decode_speed.py --gguf).
 SPLIT_MAX_ROWS = 4
 SPLIT_MIN_WEIGHT = 1 << 16  # elements; smaller weights stay in cache, where the split costs more than it gains
@@ -84,7 +84,7 @@ SPLIT_MIN_WEIGHT = 1 << 16  # elements; smaller weights stay in cache, where the
 _GATE_UPS = WeakIdKeyDictionary()
 
 
-def _split(x: torch.Tensor, *layers: nn.Module) -> int:
+def split_blocks(x: torch.Tensor, *layers: nn.Module) -> int:
     """The number of blocks (torch's threads) to cut these layers' matmul with x into; 0: use the layers as they are.
     Never under autograd nor torch.compile (which makes its own kernels, and would break its graph here)."""
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
@@ -112,7 +112,7 @@ def _blockwise(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
 
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`layer(x)`; an nn.Linear on a few float32 CPU rows without autograd: one block of its rows per thread."""
-    k = _split(x, layer)
+    k = split_blocks(x, layer)
     if not k:
         return layer(x)
     w = layer.weight
@@ -120,7 +120,7 @@ def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y if layer.bias is None else y + layer.bias
 
 
-def _gate_up(mlp: SwiGLU, k: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def gate_up(mlp: SwiGLU, k: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fc_1(x), fc_2(x) in one bmm (see `linear`), over a copy of both weights transposed side by side (C, 2H) and
     cut into k contiguous column blocks: MKL reads that layout faster than views of the weights (SmolLM2: 29 -> 33
     tokens/s). The copy is made once per weight version and thread count and kept while fc_1's weight lives: the
@@ -281,8 +281,8 @@ class SwiGLU(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = _split(x, self.fc_1, self.fc_2)
-        gate, up = _gate_up(self, k, x) if k else (self.fc_1(x), self.fc_2(x))  # (B, T, H) each
+        k = split_blocks(x, self.fc_1, self.fc_2)
+        gate, up = gate_up(self, k, x) if k else (self.fc_1(x), self.fc_2(x))  # (B, T, H) each
         return self.drop(linear(self.proj, F.silu(gate) * up))  # (B, T, C)
 
 

@@ -25,7 +25,6 @@ CONFUSION_PLOT = "confusion_matrix.png"
 TEST_RESPONSES = "test_responses.jsonl"
 ADAPTER = "adapter.safetensors"  # the LoRA adapter alone (the model folder holds the merged weights)
 ADAPTER_CONFIG = "adapter_config.json"
-FINETUNES = ("classifier", "instruct", "dpo")
 JUDGE_SCORES = "scores.jsonl"  # per judged response: the judge's reply and its score
 CARD = "MODEL_CARD.md"  # in a model folder: its model card (lmcore.model_card), also in HF exports
 CARD_FACTS = "card.json"  # in a model folder: the card's facts, which the registry renders with the version's scores
@@ -83,7 +82,8 @@ class Layout:
         return self.root / TOKENS
 
     @property
-    def base_model(self) -> Path:
+    def pretrained(self) -> Path:
+        """models/base: the pretrain stage's model (the base_model stage's starting point is `base_source`)."""
         return self.model("base")
 
     @property

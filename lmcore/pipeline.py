@@ -136,18 +136,35 @@ class Stage:
         """The lmcore source files the stage's function imports, directly or not (see `import_closure`)."""
         return import_closure(self.module)
 
-    def local_deps(self, params: Params | None, root: Path) -> list[str]:
-        """The local files and folders the stage reads because its params name them (a source's `path`, a base
-        model's file or folder): relative to `root` when inside it, a glob's fixed leading folder for a glob.
-        DVC deps, so that a new document in a source folder re-runs the stage."""
+    def local_paths(self, params: Params | None) -> list[tuple[str, str]]:
+        """(params key, path) of every local file or folder the stage reads because its params name it: a source's
+        `path`, a base model's file or folder."""
         section = getattr(params, self.name, None) if params is not None else None
         if section is None:
             return []
-        paths = [src.path for src in [*getattr(section, "sources", []), getattr(section, "source", None)]
-                 if isinstance(src, Source) and src.path is not None]
+        found = [(f"{self.name}.sources[{i}].path (source {src.name!r})", src.path)
+                 for i, src in enumerate(getattr(section, "sources", [])) if isinstance(src, Source) and src.path is not None]
+        source = getattr(section, "source", None)
+        if isinstance(source, Source) and source.path is not None:
+            found.append((f"{self.name}.source.path (source {source.name!r})", source.path))
         if isinstance(section, BaseModelConfig) and section.source in ("gguf", "folder") and section.path:
-            paths.append(section.path)
-        return list(dict.fromkeys(_dep_path(p, Path(root)) for p in paths))
+            found.append((f"{self.name}.path", section.path))
+        return found
+
+    def local_deps(self, params: Params | None, root: Path) -> list[str]:
+        """`local_paths` as DVC deps, so that a new document in a source folder re-runs the stage: relative to
+        `root` when inside it, a glob's fixed leading folder for a glob."""
+        return list(dict.fromkeys(_dep_path(p, Path(root)) for _, p in self.local_paths(params)))
+
+    def missing_local_paths(self, params: Params | None, root: Path) -> list[str]:
+        """One line for each of `local_paths` that is not there (for a glob: its fixed leading folder), naming the
+        params key: what the CLI checks before it starts the machinery."""
+        missing = []
+        for key, path in self.local_paths(params):
+            dep = Path(_dep_path(path, Path(root)))
+            if not (dep if dep.is_absolute() else Path(root) / dep).exists():
+                missing.append(f"{key}: {path} does not exist" + (f" (under {Path(root).resolve()})" if not Path(path).expanduser().is_absolute() else ""))
+        return missing
 
 
 def _dep_path(path: str, root: Path) -> str:

@@ -7,10 +7,9 @@
     summary = pretrain(params.pretrain, Path("data/tokens"), Path("models/base"), Path("reports/pretrain"),
                        seed=params.seed, params=params.to_dict(), checkpoint_dir=Path("models/checkpoints/pretrain"))
 
-From the command line (without the orchestration layer): reads the params file (with dotted `--set` overrides)
-and trains `pretrain.model` on <root>/data/tokens, as the pretrain stage does: rank 0 writes <root>/models/base,
-<root>/reports/pretrain and the training checkpoints in <root>/models/checkpoints/pretrain; the other ranks write
-nothing. Under torchrun the process group is gloo on CPU and NCCL on CUDA; every rank must see the same tokens
+From the command line (without the orchestration layer, `lmcore.stages.pretrain.main`): the pretrain stage on the params file
+(with dotted `--set` overrides), on <root>/data/tokens: rank 0 writes <root>/models/base, <root>/reports/pretrain
+and the training checkpoints in <root>/models/checkpoints/pretrain; the other ranks write nothing. Under torchrun the process group is gloo on CPU and NCCL on CUDA; every rank must see the same tokens
 and checkpoint folder. No MLflow here: `torchrun ... -m flows.torchrun` is the tracked, registered variant.
 
 Step numbering: the train metrics of the k-th optimizer update (its batch loss, lr and gradient norm)
@@ -38,11 +37,8 @@ sample's benchmark sources are collected (mirror first) into a temporary folder,
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -52,13 +48,13 @@ from tqdm import tqdm
 
 from lmcore import distributed
 from lmcore.checkpoint import load_model, save_model
-from lmcore.config import ModelConfig, PretrainConfig, load_params
+from lmcore.config import ModelConfig, PretrainConfig
 from lmcore.data.loader import RANDOM, TokenDataset, TokenLoader
 from lmcore.harness.benchmarks import Item
 from lmcore.harness.probe import section_probe
 from lmcore.io import atomic_dir, sha256_file, write_json, write_text
 from lmcore.model import GPT
-from lmcore.paths import BENCH_CURVE, CHECKPOINTS, LOSS_PLOT, MANIFEST, SUMMARY, TRAIN_LOSS, VAL_LOSS, WEIGHTS, Layout
+from lmcore.paths import BENCH_CURVE, CHECKPOINTS, LOSS_PLOT, MANIFEST, SUMMARY, TRAIN_LOSS, VAL_LOSS, WEIGHTS
 from lmcore.tokenizer import Tokenizer, TokenizerError, has_tokenizer, load_tokenizer
 from lmcore.tracking import NullTracker, OffsetTracker, Tracker
 from lmcore.training import (
@@ -405,46 +401,10 @@ def write_outputs(
     distributed.barrier()
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m lmcore.pretrain", description="Pretraining without the orchestration layer: alone, or one process per device under torchrun.")
-    ap.add_argument("--params", default="params.yaml", help="the params file (default params.yaml)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
-    ap.add_argument("--root", default=".", help="project root: data/tokens is read, models/ and reports/ are written")
-    ap.add_argument("--tokens", help="tokens folder (default <root>/data/tokens)")
-    ap.add_argument("--model-dir", help="default <root>/models/base")
-    ap.add_argument("--reports-dir", help="default <root>/reports/pretrain")
-    ap.add_argument("--checkpoint-dir", help="default <root>/models/checkpoints/pretrain")
-    args = ap.parse_args(argv)
-
-    params = load_params(args.params, overrides=args.overrides)
-    layout = Layout(Path(args.root))
-    info = distributed.init_from_env(params.pretrain.device)
-    from lmcore.stages import StageContext
-    from lmcore.stages._probe import bench_sample
-
-    bench_items = bench_sample(StageContext(root=Path(args.root), params=params), "pretrain")  # None: probe off
-    try:
-        summary = pretrain(
-            params.pretrain,
-            Path(args.tokens) if args.tokens else layout.tokens,
-            Path(args.model_dir) if args.model_dir else layout.base_model,
-            Path(args.reports_dir) if args.reports_dir else layout.pretrain_reports,
-            seed=params.seed,
-            params=params.to_dict(),
-            checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else layout.checkpoints("pretrain"),
-            init_dir=layout.base_source if params.pretrain.init == "base" else None,
-            bench_items=bench_items,
-        )
-    finally:
-        distributed.destroy()
-    if info.is_main:
-        shown = {k: v for k, v in summary.items() if k != "loader_state"}
-        print(json.dumps(shown, indent=2), file=sys.stderr)
-    return summary
+__all__ = ["PRETRAIN_CHECKPOINTS", "pretrain"]
 
 
-__all__ = ["PRETRAIN_CHECKPOINTS", "main", "pretrain"]
+if __name__ == "__main__":  # `python -m lmcore.pretrain`, `torchrun ... -m lmcore.pretrain`: the pretrain stage's entry
+    import runpy
 
-
-if __name__ == "__main__":
-    main()
+    runpy.run_module("lmcore.stages.pretrain", run_name="__main__", alter_sys=True)

@@ -20,7 +20,7 @@ sample unless given). KL(float || int8) of the next-token distribution on real t
 per-token 0.050, per-token smoothed 0.016-0.025 (weight-only int8: 0.004).
 
 What stays float: the token embedding and the LM head (tied in SmolLM2 and GPT-2: one tensor; the head is one
-matmul per token that generation already runs on a transposed copy, see lmcore.generation._lm_head), the norms,
+matmul per token that generation already runs on a transposed copy, see lmcore.generation.decode_head), the norms,
 attention itself (softmax and the KV cache). A quantized model is for inference only: its int8 buffers get no
 gradients, and its state dict is refused (save_model would write weights no GPT loads). LoRA adapters are merged
 first (lmcore.finetune.lora.merge_lora).

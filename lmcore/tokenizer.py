@@ -35,7 +35,7 @@ import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import tiktoken
 import tiktoken.load
@@ -43,9 +43,6 @@ from tiktoken_ext.openai_public import r50k_pat_str
 
 from lmcore.errors import InputError, MissingInputError, TransientError, one_line
 from lmcore.io import read_json, sha256_file, write_bytes, write_json
-
-if TYPE_CHECKING:
-    from lmcore.config import TokenizeConfig
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +60,6 @@ GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838
 TOKENIZER_CONFIG = "tokenizer_config.json"
 HF_TOKENIZER_FILE = "tokenizer.json"
 TIKTOKEN_FILE = "tokenizer.tiktoken"
-TOKENIZER_FILES = (TOKENIZER_CONFIG, HF_TOKENIZER_FILE, TIKTOKEN_FILE)
 LMCORE_KEY = "lmcore"  # our section of tokenizer_config.json
 TIKTOKEN, HUGGINGFACE = "tiktoken", "huggingface"
 
@@ -675,11 +671,6 @@ def resolve_tokenizer(spec: str, *, root: str | Path, ranks_file: str | None, ba
     if path.is_dir():
         return load_tokenizer(path)
     raise MissingInputError(f"tokenize.tokenizer: {spec!r} is not auto, gpt2, trained, base, a folder or a tokenizer.json ({path} does not exist)")
-
-
-def encoding_for(cfg: TokenizeConfig, root: str | Path) -> tiktoken.Encoding:
-    """The GPT-2 encoding a run's `tokenize` section names, from its local ranks file when there is one."""
-    return get_encoding("gpt2", configured_ranks_file(cfg.ranks_file, root))
 
 
 def eot_token(enc: tiktoken.Encoding | Tokenizer) -> int:

@@ -47,9 +47,10 @@ from tasks.tracking import MlflowTracker
 
 
 def section(params: Params, stage: Stage) -> dict[str, Any]:
-    """The params a stage's run logs: its own section (when it has one) and the seed."""
+    """The params a stage's run logs: the top-level keys it declares (`Stage.params`), the ones dvc.yaml tracks for it
+    and the change check names (train_tokenizer: seed, train_tokenizer, tokenize and benchmark)."""
     data = params.to_dict()
-    return {"seed": params.seed, **({stage.name: data[stage.name]} if stage.name in data else {})}
+    return {key: data[key] for key in stage.params}
 
 
 def stage_context(rc: RunContext, stage: Stage, tracker, downloads: Path | None = None) -> StageContext:

@@ -45,8 +45,6 @@ TAG_FINETUNE_MANIFEST_SHA = tag(FINETUNE_MANIFEST_SHA)  # the data a fine-tune c
 # only between versions with the same one.
 TAG_TOKENIZER = tag("tokenizer")
 TAG_TOKENIZER_SHA = tag("tokenizer_sha256")
-TAG_REGISTERED_MODEL = "lmcore.registered_model"  # on the lifecycle run
-TAG_MODEL_VERSION = "lmcore.model_version"
 # DVC hashes (md5, as dvc.lock records them) of a stage run's inputs and outputs: one tag per path.
 TAG_DVC_DEP = "lmcore.dvc.dep."  # + the path as dvc.yaml writes it
 TAG_DVC_OUT = "lmcore.dvc.out."

@@ -1,5 +1,5 @@
 """Decoding's matrix-vector products cut into one block per thread (lmcore.model.linear, SwiGLU's gate and up in one
-bmm, the LM head in lmcore.generation._lm_head): nn.Linear's values up to float rounding, and used only where they
+bmm, the LM head in lmcore.generation.decode_head): nn.Linear's values up to float rounding, and used only where they
 pay (no autograd, a few float32 rows on the CPU, big weights, more than one thread)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch.nn as nn
 
 from lmcore.config import ModelConfig
 from lmcore.finetune.lora import LoRALinear
-from lmcore.generation import _lm_head, generate
-from lmcore.model import GPT, _split, linear
+from lmcore.generation import decode_head, generate
+from lmcore.model import GPT, split_blocks, linear
 from tests.conftest import torch_threads
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -35,7 +35,7 @@ def test_linear_equals_nn_linear(two_threads, shape):
     layer = nn.Linear(256, 384)
     x = torch.randn(shape)
     with torch.no_grad():
-        assert _split(x, layer) == 2
+        assert split_blocks(x, layer) == 2
         torch.testing.assert_close(linear(layer, x), layer(x), **TOL)
 
 
@@ -43,15 +43,15 @@ def test_split_only_where_it_pays(two_threads):
     big, small = nn.Linear(256, 384), nn.Linear(64, 64)
     x = torch.randn(1, 256)
     with torch.no_grad():
-        assert _split(x, big) == 2
-        assert _split(torch.randn(5, 256), big) == 0  # many rows: a matrix-matrix product, MKL threads it
-        assert _split(torch.randn(1, 64), small) == 0  # in cache: the split costs more than it gains
-        assert _split(x.double(), big.double()) == 0
-        assert _split(x, nn.Linear(256, 385)) == 0  # rows not divisible by the thread count
-        assert _split(x, LoRALinear(big, rank=2, alpha=4)) == 0  # adapters run as they are
+        assert split_blocks(x, big) == 2
+        assert split_blocks(torch.randn(5, 256), big) == 0  # many rows: a matrix-matrix product, MKL threads it
+        assert split_blocks(torch.randn(1, 64), small) == 0  # in cache: the split costs more than it gains
+        assert split_blocks(x.double(), big.double()) == 0
+        assert split_blocks(x, nn.Linear(256, 385)) == 0  # rows not divisible by the thread count
+        assert split_blocks(x, LoRALinear(big, rank=2, alpha=4)) == 0  # adapters run as they are
         torch.set_num_threads(1)
-        assert _split(x, big) == 0
-    assert _split(x, big) == 0  # autograd on: training never takes this path
+        assert split_blocks(x, big) == 0
+    assert split_blocks(x, big) == 0  # autograd on: training never takes this path
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -81,9 +81,9 @@ def test_lm_head_blocks_equal_the_head(two_threads):
     model = _model()
     h = torch.randn(3, 256)
     with torch.no_grad():
-        torch.testing.assert_close(_lm_head(model)(h), model.lm_head(h), **TOL)
+        torch.testing.assert_close(decode_head(model)(h), model.lm_head(h), **TOL)
         torch.set_num_threads(1)  # another thread count: another copy, one block
-        torch.testing.assert_close(_lm_head(model)(h), model.lm_head(h), **TOL)
+        torch.testing.assert_close(decode_head(model)(h), model.lm_head(h), **TOL)
 
 
 def test_greedy_tokens_do_not_depend_on_the_split(two_threads):

@@ -75,11 +75,11 @@ def test_ddp_on_two_processes_matches_one_process_at_equal_global_batch(project)
 
     for name in (TRAIN_LOSS, VAL_LOSS):
         assert max_gap(losses(layout.pretrain_reports, name), losses(reference / "reports", name)) <= TOL
-    ddp, single = load_model(layout.base_model), load_model(reference / "model")
+    ddp, single = load_model(layout.pretrained), load_model(reference / "model")
     for (n, a), (_, b) in zip(ddp.state_dict().items(), single.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=n)
     # rank 0 alone wrote: one model folder, no temporary folders left beside it
-    assert sorted(p.name for p in layout.base_model.parent.iterdir()) == ["base"]
+    assert sorted(p.name for p in layout.pretrained.parent.iterdir()) == ["base"]
 
     # negative control: batches of 8 other windows give another trajectory, far outside the tolerance
     other = single_process(project, "other", batch_size=8)
@@ -90,7 +90,7 @@ def test_ddp_on_two_processes_matches_one_process_at_equal_global_batch(project)
 def test_fsdp_on_two_processes_trains_checkpoints_and_resumes(project):
     layout = Layout(project)
     torchrun(project, "pretrain.distributed=fsdp", "pretrain.checkpoint_interval=10", "pretrain.keep_checkpoints=3")
-    full = layout.base_model.joinpath(WEIGHTS).read_bytes()
+    full = layout.pretrained.joinpath(WEIGHTS).read_bytes()
     reference = single_process(project, "single", grad_accum_steps=2)
     assert max_gap(losses(layout.pretrain_reports, TRAIN_LOSS), losses(reference / "reports", TRAIN_LOSS)) <= TOL
     ckpts = project / PRETRAIN_CHECKPOINTS
@@ -100,15 +100,15 @@ def test_fsdp_on_two_processes_trains_checkpoints_and_resumes(project):
     for _, path in list_checkpoints(ckpts)[1:]:
         shutil.rmtree(path)
     torchrun(project, "pretrain.distributed=fsdp", "pretrain.checkpoint_interval=10", "pretrain.resume=true")
-    assert layout.base_model.joinpath(WEIGHTS).read_bytes() == full
+    assert layout.pretrained.joinpath(WEIGHTS).read_bytes() == full
 
 
 def test_entry_runs_alone_without_torchrun(project):
-    from lmcore.pretrain import main
+    from lmcore.stages.pretrain import main
 
     summary = main(["--params", str(project / "params.yaml"), "--root", str(project), "--set", "pretrain.max_steps=5"])
     assert summary["world_size"] == 1 and summary["steps"] == 5
-    assert load_model(Layout(project).base_model).config.n_embd == 32
+    assert load_model(Layout(project).pretrained).config.n_embd == 32
 
 
 @pytest.mark.slow

@@ -193,12 +193,12 @@ WHERE: dict[str, tuple[str, ...] | NotRun] = {
     "lmcore export-gguf models/dpo smollm2-dpo.gguf --dtype f16": (
         "tests/test_smollm2.py::test_export_f16_reads_back_in_transformers", "tests/test_gguf.py::test_cli_import_and_export"),
     # README, docs/evaluation.md: evaluate, serve, judge
-    "lmcore eval --model models/base --tasks hellaswag,mmlu,truthfulqa_mc1,truthfulqa_mc2,arc_easy,arc_challenge "
+    "lmcore benchmark --model models/base --tasks hellaswag,mmlu,truthfulqa_mc1,truthfulqa_mc2,arc_easy,arc_challenge "
     "--limit 100 --output reports/eval": (
         "tests/flows/test_cli.py::test_eval_scores_a_model_folder_and_collects_the_data", f"{FLOWS}::test_eval_as_documented"),
-    "lmcore eval --model models:/lmcore-base@champion --tasks mmlu --num-fewshot 5 --limit 20 --output reports/eval-mmlu5":
+    "lmcore benchmark --model models:/lmcore-base@champion --tasks mmlu --num-fewshot 5 --limit 20 --output reports/eval-mmlu5":
         (f"{FLOWS}::test_eval_as_documented",),
-    "lmcore eval --model models:/lmcore-instruct --tasks ifeval,gsm8k --limit 50 --output reports/eval-gen": (
+    "lmcore benchmark --model models:/lmcore-instruct --tasks ifeval,gsm8k --limit 50 --output reports/eval-gen": (
         "tests/flows/test_cli.py::test_eval_generates_and_scores_ifeval_and_gsm8k",  # a bare models:/<name> is its @champion:
         "tests/flows/test_lifecycle.py::test_every_registered_family_has_a_gated_champion"),
     "lmcore run instruct_eval --set instruct_eval.limit=100": (
@@ -734,7 +734,7 @@ def test_the_pretrain_entry_runs_on_the_shipped_params(tmp_path, one_thread):
     from benchmarks.train_speed import random_tokens
     from lmcore.bpe import save_trained, train_bpe
     from lmcore.paths import Layout
-    from lmcore.pretrain import main
+    from lmcore.stages.pretrain import main
 
     tokens = Layout(tmp_path).tokens
     tokens.mkdir(parents=True)

@@ -53,7 +53,7 @@ def test_a_model_scored_before_on_the_same_items_runs_no_forward_pass(tmp_path, 
     assert forward_calls, "the first run scores the model"
     forward_calls.clear()
     # the champion re-scored on the same sample (the gate's `rescore`): from the cache, without loading the model
-    again = benchmark.rescore(ctx, layout.base_model, tmp_path / "rescored", "models:/lmcore-base/1")
+    again = benchmark.rescore(ctx, layout.pretrained, tmp_path / "rescored", "models:/lmcore-base/1")
     assert forward_calls == []
     assert again.values == {k: v for k, v in first.scores.values.items() if k in again.values}
     assert again.sample_sha256 == first.scores.sample_sha256
@@ -62,7 +62,7 @@ def test_a_model_scored_before_on_the_same_items_runs_no_forward_pass(tmp_path, 
     # another sample is another key: scored
     ctx = StageContext(root=tmp_path, params=load_params(MICRO, overrides=[
         "benchmark.tasks=[arc_easy]", "benchmark.limit=6", "benchmark.primary_metric=arc_easy.acc", "benchmark.sample_seed=7"]))
-    benchmark.rescore(ctx, layout.base_model, tmp_path / "other", "models:/lmcore-base/1")
+    benchmark.rescore(ctx, layout.pretrained, tmp_path / "other", "models:/lmcore-base/1")
     assert forward_calls
 
 

@@ -98,8 +98,8 @@ def test_killed_flow_resumes_pretrain_from_its_checkpoint(tmp_path, prefect_harn
         proc.stdout.close()
     killed_at = list_checkpoints(checkpoints)[-1][0]
     assert 20 <= killed_at < 300
-    assert not (Layout(root).base_model / WEIGHTS).exists()  # killed mid-pretrain: no model yet
-    assert not list(Layout(root).base_model.parent.glob("**/*.tmp*"))
+    assert not (Layout(root).pretrained / WEIGHTS).exists()  # killed mid-pretrain: no model yet
+    assert not list(Layout(root).pretrained.parent.glob("**/*.tmp*"))
 
     out = finish(subprocess.Popen(cmd, cwd=ROOT, env=project_env(root), stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True), "the re-run")
@@ -151,7 +151,7 @@ def test_two_lifecycle_runs_at_once_keep_outputs_and_registry_whole(tmp_path, pr
             assert run.info.status == "FINISHED"
             assert v.tags["lmcore.weights_sha256"] == run.data.tags["lmcore.weights_sha256"]
             assert run.data.tags[PARENT] in {r.info.run_id for r in run_ids.values()}
-    weights = sha256_file(a.base_model / WEIGHTS)
+    weights = sha256_file(a.pretrained / WEIGHTS)
     base = client.search_model_versions("name = 'lmcore-base'")
     assert {v.tags["lmcore.weights_sha256"] for v in base} == {weights}
     champion = client.get_model_version_by_alias("lmcore-base", "champion")

@@ -25,7 +25,6 @@ import traceback
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 

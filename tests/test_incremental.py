@@ -192,8 +192,8 @@ def test_pretrain_continues_the_champion_with_the_continued_schedule(tokens_root
     assert first.summary["init"] == "scratch" and first.summary["continued_from"] is None
     assert first.warnings == ["pretrain.init champion: no champion yet (models:/lmcore-base@champion: Registered model "
                               "alias champion not found.); starting from random weights"]
-    assert read_model_config(layout.base_model)[1]["pretrain_steps"] == 6
-    champion = registered(Path(shutil.copytree(layout.base_model, tmp_path / "v1")), 1)
+    assert read_model_config(layout.pretrained)[1]["pretrain_steps"] == 6
+    champion = registered(Path(shutil.copytree(layout.pretrained, tmp_path / "v1")), 1)
 
     tracker = ListTracker()
     second = pretrain_stage(StageContext(root=tokens_root, params=params(max_steps=4, lr=0.0005, warmup_steps=0),
@@ -207,8 +207,8 @@ def test_pretrain_continues_the_champion_with_the_continued_schedule(tokens_root
     assert [step for step, _ in train_steps] == [7, 8, 9, 10]  # numbered on from the champion's 6
     assert train_steps[0][1] == pytest.approx(0.0005)  # the continued peak, no warmup
     assert [step for step, m in tracker.records if "val_loss" in m] == [6, 9, 10]
-    assert read_model_config(layout.base_model)[1]["pretrain_steps"] == 10
-    assert load_tokenizer(layout.base_model).identity == load_tokenizer(champion).identity
+    assert read_model_config(layout.pretrained)[1]["pretrain_steps"] == 10
+    assert load_tokenizer(layout.pretrained).identity == load_tokenizer(champion).identity
 
 
 def test_a_champion_of_another_architecture_is_not_continued(tokens_root, tmp_path, one_thread):

@@ -53,8 +53,8 @@ def project(root: Path, enc, context_length: int = 32) -> Layout:
     layout = Layout(root)
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=GPT2_VOCAB, context_length=context_length, n_embd=32, n_layer=2, n_head=2))
-    save_model(model, layout.base_model, extra={"tokenizer": "gpt2"})
-    enc.save(layout.base_model)
+    save_model(model, layout.pretrained, extra={"tokenizer": "gpt2"})
+    enc.save(layout.pretrained)
     return layout
 
 

@@ -48,14 +48,14 @@ def headings(text: str) -> list[str]:
 
 def test_pretrain_writes_the_card_into_the_model_folder(trained):
     layout = Layout(trained)
-    text = (layout.base_model / CARD).read_text()
-    facts = read_json(layout.base_model / CARD_FACTS)
+    text = (layout.pretrained / CARD).read_text()
+    facts = read_json(layout.pretrained / CARD_FACTS)
     assert text == render(facts)
     assert text.startswith("# lmcore base model\n")
     assert headings(text) == HEADINGS  # no registry yet: no promotion
     from lmcore.checkpoint import load_model
 
-    model: GPT = load_model(layout.base_model)
+    model: GPT = load_model(layout.pretrained)
     assert facts["model"]["parameters"] == model.num_params()
     assert f"| parameters | {model.num_params():,} |" in text
     assert "GPT-2-style decoder: 2 layers, 2 heads, width 32, context 32" in text
@@ -73,11 +73,11 @@ def test_pretrain_writes_the_card_into_the_model_folder(trained):
 
 def test_the_card_is_the_same_for_the_same_inputs(trained, tmp_path):
     layout = Layout(trained)
-    before = (layout.base_model / CARD).read_bytes(), (layout.base_model / CARD_FACTS).read_bytes()
+    before = (layout.pretrained / CARD).read_bytes(), (layout.pretrained / CARD_FACTS).read_bytes()
     root = tmp_path / "again"
     shutil.copytree(trained, root, ignore=shutil.ignore_patterns("models"))
     pretrain_stage.run(StageContext(root=root, params=load_params(MICRO, overrides=["pretrain.max_steps=6", "pretrain.eval_interval=3"])))
-    again = Layout(root).base_model
+    again = Layout(root).pretrained
     assert ((again / CARD).read_bytes(), (again / CARD_FACTS).read_bytes()) == before
 
 
@@ -88,7 +88,7 @@ def registered(trained: Path, tracking: Tracking, tmp_path: Path, seed: int) -> 
     from safetensors.torch import load_file, save_file
 
     folder = tmp_path / f"model-{seed}"
-    shutil.copytree(Layout(trained).base_model, folder)
+    shutil.copytree(Layout(trained).pretrained, folder)
     state = load_file(folder / WEIGHTS)
     state = {k: v + seed * 1e-3 * torch.ones_like(v) for k, v in state.items()}
     save_file(state, folder / WEIGHTS)
@@ -153,7 +153,7 @@ def test_hf_export_carries_the_card(trained, tmp_path, monkeypatch):
     from flows.cli import app
     from lmcore.hf import export_hf
 
-    folder = Layout(trained).base_model
+    folder = Layout(trained).pretrained
     export_hf(folder, tmp_path / "hf")
     card = (folder / CARD).read_text()
     assert (tmp_path / "hf" / CARD).read_text() == card

@@ -82,3 +82,18 @@ def test_params_and_errors_are_logged_without_the_credentials_in_their_urls(tmp_
     assert "ConnectionError: https://***@judge.example/v1?api_key=***" in traceback
     logged = "\n".join([*whole.data.params.values(), *judge.data.params.values(), *judge.data.tags.values(), traceback])
     assert not [s for s in SECRETS if s in logged]
+
+
+def test_a_stage_run_logs_exactly_the_params_dvc_tracks_for_it():
+    """One record of what a stage used: the sections its run logs to MLflow are the ones dvc.yaml tracks for it
+    (`Stage.params`), for every stage; e.g. train_tokenizer's four."""
+    from lmcore.pipeline import STAGES
+    from tests.conftest import ROOT
+
+    params = params_from_dict(yaml.safe_load(MICRO.read_text()))
+    tracked = {name: spec.get("params", []) for name, spec in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items()}
+    for stage in STAGES:
+        logged = section(params, stage)
+        assert list(logged) == list(stage.params) == tracked[stage.name], stage.name
+    assert list(section(params, BY_NAME["train_tokenizer"])) == ["seed", "train_tokenizer", "tokenize", "benchmark"]
+    assert section(params, BY_NAME["collect"]) == {"collect": params.to_dict()["collect"]}  # no seed: collect has none

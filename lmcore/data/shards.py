@@ -197,10 +197,6 @@ class Shard:
         return self.tokens[self.offsets[i] : self.offsets[i + 1]]
 
 
-def open_shards(paths: Sequence[str | Path]) -> list[Shard]:
-    return [Shard(p) for p in paths]
-
-
 def sha256_bytes_of(location: str | Path) -> str:
     """sha256 of a shard file, local or remote."""
     path = local_path(location)

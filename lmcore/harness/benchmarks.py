@@ -169,7 +169,7 @@ def read_hellaswag(path: Path) -> list[dict]:
     return docs
 
 
-def _read_jsonl(path: Path) -> Iterable[tuple[int, dict]]:
+def read_jsonl(path: Path) -> Iterable[tuple[int, dict]]:
     text = _open_text(path)
     if not text.strip():
         raise BenchmarkDataError(f"{path}: empty file")
@@ -179,7 +179,7 @@ def _read_jsonl(path: Path) -> Iterable[tuple[int, dict]]:
 def read_arc(path: Path) -> list[dict]:
     """AI2 ARC JSONL: {"question": {"stem", "choices": [{"text", "label"}]}, "answerKey"}; labels A-E or 1-5."""
     docs = []
-    for lineno, record in _read_jsonl(path):
+    for lineno, record in read_jsonl(path):
         try:
             question = record["question"]
             texts = [c["text"] for c in question["choices"]]

@@ -77,7 +77,7 @@ from tqdm import tqdm
 from lmcore.chat import ChatTemplateError, render
 from lmcore.errors import InputError
 from lmcore.generation import Completion, encode_prompt, generate_batch
-from lmcore.harness.benchmarks import BenchmarkDataError, _read_jsonl, sample, source_file
+from lmcore.harness.benchmarks import BenchmarkDataError, read_jsonl, sample, source_file
 from lmcore.harness.gentasks import (
     EM_FLEXIBLE,
     EM_STRICT,
@@ -177,7 +177,7 @@ def read_ifeval(path: Path) -> list[dict]:
     from lm_eval.tasks.ifeval.instructions_registry import INSTRUCTION_DICT
 
     docs = []
-    for lineno, r in _read_jsonl(path):
+    for lineno, r in read_jsonl(path):
         where = f"{path}:{lineno}"
         ids, kwargs = _field(r, "instruction_id_list", list, where), _field(r, "kwargs", list, where)
         if len(ids) != len(kwargs) or not all(isinstance(k, dict) for k in kwargs):
@@ -193,7 +193,7 @@ def read_ifeval(path: Path) -> list[dict]:
 def read_gsm8k(path: Path) -> list[dict]:
     """GSM8K JSONL: {"question", "answer"}, the answer ending in "#### <number>"."""
     docs = []
-    for lineno, r in _read_jsonl(path):
+    for lineno, r in read_jsonl(path):
         where = f"{path}:{lineno}"
         doc = {"question": _field(r, "question", str, where), "answer": _field(r, "answer", str, where)}
         if "#### " not in doc["answer"]:

@@ -17,10 +17,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from lmcore.harness.benchmarks import ACC, ACC_NORM, Item
-from lmcore.harness.scoring import Scores
+from lmcore.harness.scoring import ChoiceScores
 
 
-def item_result(item: Item, scores: Scores) -> dict:
+def item_result(item: Item, scores: ChoiceScores) -> dict:
     """The per-item record: what was asked, each choice's log-likelihood, the picks and whether they were right."""
     lls = np.array(scores.loglikelihoods, dtype=np.float64)
     lengths = np.array([float(len(c)) for c in item.choices])

@@ -52,7 +52,7 @@ TOKENS_PER_BATCH = 512
 
 
 @dataclass(frozen=True)
-class Scores:
+class ChoiceScores:
     """One item's choices, scored."""
 
     loglikelihoods: tuple[float, ...]  # log P(continuation | context), summed over the continuation's tokens
@@ -170,8 +170,8 @@ def score_items(
     batch_size: int = 16,
     skip_too_long: bool = False,
     progress: bool = True,
-) -> list[Scores | None]:
-    """Score every choice of every item. Returns one Scores per item, in the items' order.
+) -> list[ChoiceScores | None]:
+    """Score every choice of every item. Returns one ChoiceScores per item, in the items' order.
 
     Args:
         model: a language model (not a classifier head); run in eval mode, put back in its mode afterwards.
@@ -240,6 +240,6 @@ def score_items(
     finally:
         model.train(was_training)
     return [
-        None if i in skipped else Scores(tuple(ll[i]), tuple(greedy[i]), tuple(len(c) for c in encoded[i][1]), truncated[i])
+        None if i in skipped else ChoiceScores(tuple(ll[i]), tuple(greedy[i]), tuple(len(c) for c in encoded[i][1]), truncated[i])
         for i in range(len(items))
     ]

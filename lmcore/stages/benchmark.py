@@ -84,15 +84,15 @@ def decontaminate(ctx: StageContext, results: dict, samples_dir: Path, out_dir: 
 
 def run(ctx: StageContext) -> StageResult:
     cfg, layout = ctx.params.benchmark, ctx.layout
-    data_dir, out, weights = layout.benchmark_data, layout.reports("benchmark"), layout.base_model / WEIGHTS
+    data_dir, out, weights = layout.benchmark_data, layout.reports("benchmark"), layout.pretrained / WEIGHTS
     collect(ctx.collect_config(cfg.sources), data_dir, mirror=mirror_from_env(), base_dir=ctx.root)
-    enc = load_tokenizer(layout.base_model)
-    results = benchmark_model(cfg, layout.base_model, data_dir, out, enc=enc, model_ref="models/base", tracker=ctx.tracker,
+    enc = load_tokenizer(layout.pretrained)
+    results = benchmark_model(cfg, layout.pretrained, data_dir, out, enc=enc, model_ref="models/base", tracker=ctx.tracker,
                               cache=EvalCache(cache_root(ctx.root)))
     clean, decontam_tags, decontam_rows, decontam = decontaminate(ctx, results, out / SAMPLES_DIR, out)
     primary = score_of(results, cfg.primary_metric)
     shown = primary["note"] if primary["value"] is None else f"{primary['value']:.4f}"
-    adapted, started_from = adaptation(layout.base_model)
+    adapted, started_from = adaptation(layout.pretrained)
     return StageResult(
         summary={
             "primary_metric": cfg.primary_metric,

@@ -28,9 +28,9 @@ def sample_rows(samples_file: Path) -> list[dict]:
 
 def run(ctx: StageContext) -> StageResult:
     layout = ctx.layout
-    out, weights = layout.evaluate_reports, layout.base_model / WEIGHTS
-    enc = load_tokenizer(layout.base_model)
-    metrics = evaluate(ctx.params.evaluate, layout.base_model, layout.tokens, out, seed=ctx.seed, enc=enc, tracker=ctx.tracker)
+    out, weights = layout.evaluate_reports, layout.pretrained / WEIGHTS
+    enc = load_tokenizer(layout.pretrained)
+    metrics = evaluate(ctx.params.evaluate, layout.pretrained, layout.tokens, out, seed=ctx.seed, enc=enc, tracker=ctx.tracker)
     return StageResult(
         summary={**metrics, "samples": len(ctx.params.evaluate.prompts)},
         artifacts=[Artifact(out / METRICS), Artifact(out / SAMPLES)],

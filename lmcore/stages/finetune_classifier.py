@@ -94,8 +94,8 @@ def run(ctx: StageContext) -> StageResult:
     cfg, layout, seed = ctx.params.finetune_classifier, ctx.layout, ctx.seed
     data = prepare_data(ctx, "classifier", cfg.sources, lambda raw, splits: prepare_classification(cfg, raw, splits, seed=seed))
     summary = finetune_classifier(
-        cfg, layout.base_model, data.splits, layout.model("classifier"), layout.reports("classifier"),
-        seed=seed, enc=load_tokenizer(layout.base_model), params=ctx.params.to_dict(), tracker=ctx.tracker,
+        cfg, layout.pretrained, data.splits, layout.model("classifier"), layout.reports("classifier"),
+        seed=seed, enc=load_tokenizer(layout.pretrained), params=ctx.params.to_dict(), tracker=ctx.tracker,
         checkpoint_dir=layout.checkpoints("finetune_classifier"),
     )
     test = summary["metrics"]["test"]
@@ -103,7 +103,7 @@ def run(ctx: StageContext) -> StageResult:
     scores = write_gate_results(layout.reports("classifier") / GATE_DIR, read_split(data.splits, "test"),
                                 [r["predicted"] for r in rows], cfg.labels, "models/classifier")
     result = finetuned(
-        ctx, "classifier", start=layout.base_model, data=data, reports=CURVES + (CONFUSION_PLOT, PREDICTIONS),
+        ctx, "classifier", start=layout.pretrained, data=data, reports=CURVES + (CONFUSION_PLOT, PREDICTIONS),
         item_tables=[ItemTable(PREDICTIONS_TABLE, rows)],
         summary={
             "test_accuracy": test["accuracy"],
@@ -117,7 +117,7 @@ def run(ctx: StageContext) -> StageResult:
             "eval.test_accuracy": f"{test['accuracy']:.6f}",
             "eval.test_f1": f"{test['f1']:.6f}",
         },
-        card=finetune_card(ctx, "classifier", "finetune_classifier", layout.base_model, data, summary, {
+        card=finetune_card(ctx, "classifier", "finetune_classifier", layout.pretrained, data, summary, {
             "labels": ", ".join(cfg.labels), "test_accuracy": test["accuracy"], "test_f1": test["f1"],
             "majority_baseline_accuracy": test["majority_baseline_accuracy"], "val_accuracy": summary["metrics"]["val"]["accuracy"],
         }),

@@ -23,12 +23,12 @@ def run(ctx: StageContext) -> StageResult:
     cfg, layout, seed = ctx.params.finetune_instruct, ctx.layout, ctx.seed
     data = prepare_data(ctx, "instruct", [cfg.source], lambda raw, splits: prepare_instructions(cfg, raw, splits, seed=seed))
     summary = finetune_instruct(
-        cfg, layout.base_model, data.splits, layout.model("instruct"), layout.reports("instruct"),
-        seed=seed, enc=load_tokenizer(layout.base_model), params=ctx.params.to_dict(), tracker=ctx.tracker,
+        cfg, layout.pretrained, data.splits, layout.model("instruct"), layout.reports("instruct"),
+        seed=seed, enc=load_tokenizer(layout.pretrained), params=ctx.params.to_dict(), tracker=ctx.tracker,
         checkpoint_dir=layout.checkpoints("finetune_instruct"), bench_items=bench_sample(ctx, "finetune_instruct"),
     )
     return finetuned(
-        ctx, "instruct", start=layout.base_model, data=data, reports=CURVES + (TEST_RESPONSES,),
+        ctx, "instruct", start=layout.pretrained, data=data, reports=CURVES + (TEST_RESPONSES,),
         item_tables=[ItemTable(RESPONSES_TABLE, response_rows(layout.reports("instruct") / TEST_RESPONSES))],
         summary={k: summary[k] for k in SUMMARY_KEYS + PROBE_SUMMARY_KEYS if k in summary},
         version_tags={
@@ -37,6 +37,6 @@ def run(ctx: StageContext) -> StageResult:
             "eval.test_loss": f"{summary['test_loss']:.6f}",
             **({"eval.val_bpb": f"{summary['final_val_bpb']:.6f}"} if "final_val_bpb" in summary else {}),
         },
-        card=finetune_card(ctx, "instruct", "finetune_instruct", layout.base_model, data, summary, {"test_loss": summary["test_loss"]}),
+        card=finetune_card(ctx, "instruct", "finetune_instruct", layout.pretrained, data, summary, {"test_loss": summary["test_loss"]}),
         log=f"instruct: val loss {summary['first_val_loss']:.3f} -> {summary['final_val_loss']:.3f}, test loss {summary['test_loss']:.3f}",
     )

@@ -5,16 +5,21 @@ taken as it is (scored on the validation split), so the fine-tuning stages start
 
     lmcore run pretrain
     lmcore run pretrain --set pretrain.max_steps=50 --set pretrain.checkpoint_interval=10
+    torchrun --standalone --nproc_per_node 2 -m lmcore.pretrain --params params.yaml   # `main`: no MLflow, no registry
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lmcore import distributed
 from lmcore.checkpoint import read_model_config
-from lmcore.config import PretrainConfig
+from lmcore.config import PretrainConfig, load_params
 from lmcore.errors import NotRegisteredError, one_line
 from lmcore.io import read_json, sha256_file
 from lmcore.model_card import card_facts, write_card
@@ -51,6 +56,8 @@ from lmcore.stages import (
 from lmcore.stages._probe import bench_sample
 from lmcore.tokenizer import Tokenizer, has_tokenizer, load_tokenizer
 
+log = logging.getLogger(__name__)
+
 
 def run(ctx: StageContext) -> StageResult:
     layout = ctx.layout
@@ -70,16 +77,16 @@ def run(ctx: StageContext) -> StageResult:
     if start.init == "champion":  # lineage: the registered version it continued
         tags[CONTINUED_WEIGHTS_SHA] = started_from
     summary = pretrain(
-        start.cfg, layout.tokens, layout.base_model, layout.pretrain_reports,
+        start.cfg, layout.tokens, layout.pretrained, layout.pretrain_reports,
         seed=ctx.seed, params=ctx.params.to_dict(), tracker=ctx.tracker, checkpoint_dir=layout.checkpoints("pretrain"),
         bench_items=bench_sample(ctx, "pretrain"),  # the benchmark probe's sample; None when it is off
         init_dir=start.folder, start_step=start.step,
     )
     summary.update(init=start.init, continued_from=start.continued_from, start_weights_sha256=started_from)
     if distributed.current().is_main:  # under torchrun the other ranks write nothing
-        write_card(layout.base_model, pretrain_card(ctx, start, summary))
+        write_card(layout.pretrained, pretrain_card(ctx, start, summary))
     artifacts += [Artifact(layout.pretrain_reports / name, "reports") for name in (LOSS_PLOT, TRAIN_LOSS, VAL_LOSS, SUMMARY)]
-    artifacts += [Artifact(layout.base_model / name, "checkpoint") for name in (MODEL_CONFIG, RESOLVED_PARAMS, CARD)]
+    artifacts += [Artifact(layout.pretrained / name, "checkpoint") for name in (MODEL_CONFIG, RESOLVED_PARAMS, CARD)]
     artifacts += [Artifact(layout.pretrain_reports / f, "reports") for f in (BENCH_CURVE,) if (layout.pretrain_reports / f).is_file()]
     resumed = f" (resumed from step {summary['resumed_from_step']})" if summary.get("resumed_from_step") else ""
     return StageResult(
@@ -114,7 +121,7 @@ def pretrain_card(ctx: StageContext, start: Start, summary: dict) -> dict:
         # it bought against the benchmark change it cost when these are the champion's
         "start_weights_sha256": summary["start_weights_sha256"],
     }
-    return card_facts(layout.base_model, kind="base", stage="pretrain", started_from=started,
+    return card_facts(layout.pretrained, kind="base", stage="pretrain", started_from=started,
                       data={"corpus": layout.raw / MANIFEST}, training=training,
                       extra={"tokens": {"train": summary["train_tokens"], "val": summary["val_tokens"]}})
 
@@ -181,3 +188,30 @@ def registered_champion(ctx: StageContext) -> tuple[Start | None, str]:
 
 def read_tokenizer(folder: Path) -> Tokenizer | None:
     return load_tokenizer(folder) if has_tokenizer(folder) else None
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """The pretrain stage (`lmcore.stages.pretrain.run`) without the orchestration layer: the same inputs, outputs
+    and card, no MLflow and no registry (`init: champion` starts as the stage would without a champion, with a
+    warning). Alone, or one process per device under torchrun (rank 0 writes). Returns the stage's summary."""
+    ap = argparse.ArgumentParser(prog="python -m lmcore.pretrain", description="The pretrain stage without the orchestration layer: alone, or one process per device under torchrun.")
+    ap.add_argument("--params", default="params.yaml", help="the params file (default params.yaml)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
+    ap.add_argument("--root", default=".", help="project root: data/tokens is read, models/base and reports/pretrain are written")
+    args = ap.parse_args(argv)
+
+    params = load_params(args.params, overrides=args.overrides)
+    info = distributed.init_from_env(params.pretrain.device)
+    try:
+        result = run(StageContext(root=Path(args.root), params=params))
+    finally:
+        distributed.destroy()
+    if info.is_main:
+        for line in result.warnings:
+            log.warning(line)
+        print(json.dumps(result.summary, indent=2, default=str), file=sys.stderr)
+    return result.summary
+
+
+if __name__ == "__main__":
+    main()

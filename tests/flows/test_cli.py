@@ -52,7 +52,7 @@ def test_eval_scores_a_model_folder_and_collects_the_data(tmp_path, one_thread):
     get_tokenizer("gpt2").save(tmp_path / "m")  # a model folder carries its tokenizer
     (tmp_path / "params.yaml").write_text(SCRATCH.read_text())  # its benchmark section: limit, no per-subject one
     out = tmp_path / "scores"
-    args = ["eval", "--model", str(tmp_path / "m"), "--tasks", "arc_easy,mmlu_anatomy", "--limit", "3",
+    args = ["benchmark", "--model", str(tmp_path / "m"), "--tasks", "arc_easy,mmlu_anatomy", "--limit", "3",
             "--num-fewshot", "1", "--output", str(out), "--root", str(tmp_path)]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, _all_output(result)
@@ -62,6 +62,7 @@ def test_eval_scores_a_model_folder_and_collects_the_data(tmp_path, one_thread):
     manifest = json.loads((tmp_path / "data" / "benchmarks" / "manifest.json").read_text())
     assert {s["name"]: s["origin"] for s in manifest["sources"]}["mmlu"] == "mirror"
 
+    # `lmcore eval`: the old name, kept for scripts
     unknown = runner.invoke(app, ["eval", "--model", str(tmp_path / "m"), "--tasks", "hellaswg", "--root", str(tmp_path)])
     assert unknown.exit_code == 2 and "unknown benchmark task 'hellaswg' (did you mean 'hellaswag'?)" in _all_output(unknown)
 
@@ -82,7 +83,7 @@ def test_eval_generates_and_scores_ifeval_and_gsm8k(tmp_path, one_thread, monkey
     get_tokenizer("gpt2").save(tmp_path / "m")
     (tmp_path / "params.yaml").write_text(SCRATCH.read_text())  # its benchmark section: limit, no per-subject one
     out = tmp_path / "gen"
-    args = ["eval", "--model", str(tmp_path / "m"), "--tasks", "ifeval,gsm8k", "--limit", "2", "--max-gen-toks", "4",
+    args = ["benchmark", "--model", str(tmp_path / "m"), "--tasks", "ifeval,gsm8k", "--limit", "2", "--max-gen-toks", "4",
             "--output", str(out), "--root", str(tmp_path)]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, _all_output(result)

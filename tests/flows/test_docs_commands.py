@@ -88,12 +88,12 @@ def test_eval_as_documented(in_project, one_thread):
     """README, docs/evaluation.md: every task of a model folder, and the registered champion on MMLU 5-shot, with one
     item per task and subject (the collected data/benchmarks of the project)."""
     tasks = "hellaswag,mmlu,truthfulqa_mc1,truthfulqa_mc2,arc_easy,arc_challenge"
-    out = lmcore("eval", "--model", "models/base", "--tasks", tasks, "--limit", "1", "--output", "reports/eval").stdout
+    out = lmcore("benchmark", "--model", "models/base", "--tasks", tasks, "--limit", "1", "--output", "reports/eval").stdout
     results = json.loads((in_project / "reports" / "eval" / "results.json").read_text())
     assert set(results["groups"]) >= {"mmlu"} and {"hellaswag", "truthfulqa_mc2", "arc_challenge"} <= set(results["tasks"])
     assert "| hellaswag |" in out and "written to reports/eval" in out
 
-    out = lmcore("eval", "--model", "models:/lmcore-base@champion", "--tasks", "mmlu", "--num-fewshot", "5", "--limit", "1",
+    out = lmcore("benchmark", "--model", "models:/lmcore-base@champion", "--tasks", "mmlu", "--num-fewshot", "5", "--limit", "1",
                  "--output", "reports/eval-mmlu5").stdout
     results = json.loads((in_project / "reports" / "eval-mmlu5" / "results.json").read_text())
     assert results["tasks"]["mmlu_anatomy"]["num_fewshot"] == 5 and results["groups"]["mmlu"]["n"] == 57
@@ -150,18 +150,18 @@ def test_data_and_pretrain_stages_as_documented(workspace, one_thread, monkeypat
 
     # killed after its checkpoint at step 8 (the newest, at 12, gone), the same command with resume=true ends as before
     first = run_stage("pretrain", "--set", "pretrain.checkpoint_interval=4")
-    weights = (layout.base_model / "model.safetensors").read_bytes()
+    weights = (layout.pretrained / "model.safetensors").read_bytes()
     checkpoints = sorted((workspace / "models" / "checkpoints" / "pretrain").iterdir())
     assert [p.name for p in checkpoints][-1].endswith("12") and first["steps"] == 12
     shutil.rmtree(checkpoints[-1])
     resumed = run_stage("pretrain", "--set", "pretrain.checkpoint_interval=4", "--set", "pretrain.resume=true")
-    assert resumed["resumed_from_step"] == 8 and (layout.base_model / "model.safetensors").read_bytes() == weights
+    assert resumed["resumed_from_step"] == 8 and (layout.pretrained / "model.safetensors").read_bytes() == weights
 
-    shutil.rmtree(layout.base_model)
+    shutil.rmtree(layout.pretrained)
     monkeypatch.setattr(sys, "argv", ["flows/stage.py", "pretrain"])  # python -m flows.stage pretrain
     runpy.run_module("flows.stage", run_name="__main__")
     summary = json.loads((layout.pretrain_reports / "summary.json").read_text())
-    assert summary["steps"] == 12 and summary["resumed_from_step"] is None and (layout.base_model / "model.safetensors").is_file()
+    assert summary["steps"] == 12 and summary["resumed_from_step"] is None and (layout.pretrained / "model.safetensors").is_file()
 
 
 @pytest.mark.slow

@@ -92,15 +92,23 @@ def test_zip_slip_is_one_line_exit_2_not_retried_and_traced_in_the_log_and_mlflo
     assert verbose.returncode == 2 and "Traceback (most recent call last)" in verbose.stderr
 
 
-@pytest.mark.parametrize("case", ["missing path", "wrong checksum"])
-def test_collect_input_errors_are_one_line(tmp_path, prefect_harness, monkeypatch, case):
+def test_a_missing_local_source_is_one_line_before_prefect_starts(tmp_path):
+    """Checked from the params alone, before Prefect, MLflow or torch start: here no Prefect server can be reached at
+    all, and the command still ends with the one line (in well under a second of its own; `lmcore run` of a stage
+    starts a temporary Prefect server first, 15 s and more on two cores). `lmcore pipeline` checks every stage's."""
+    root = project(tmp_path, [{"name": "ghost", "path": "nowhere.txt"}])
+    env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api", "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    for command in (["run", "collect"], ["pipeline"]):
+        proc = subprocess.run([LMCORE, *command], cwd=root, env=env, capture_output=True, text=True, timeout=60)
+        assert_one_line(proc, "collect.sources[0].path (source 'ghost'): nowhere.txt does not exist", str(root))
+        assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (root / "mlflow.db").exists() and not (root / "logs").exists()
+
+
+def test_a_wrong_checksum_is_one_line(tmp_path, prefect_harness, monkeypatch):
     (tmp_path / "book.txt").write_text(TEXT)
-    if case == "missing path":
-        source, fragments = {"name": "ghost", "path": "nowhere.txt"}, ("source 'ghost'", "nowhere.txt")
-    else:
-        source = {"name": "book", "path": "book.txt", "sha256": hashlib.sha256(b"other bytes").hexdigest()}
-        fragments = ("source 'book'", "sha256 mismatch", "book.txt")
-    assert_one_line(in_process(project(tmp_path, [source]), monkeypatch, "run", "collect"), *fragments)
+    source = {"name": "book", "path": "book.txt", "sha256": hashlib.sha256(b"other bytes").hexdigest()}
+    assert_one_line(in_process(project(tmp_path, [source]), monkeypatch, "run", "collect"), "source 'book'", "sha256 mismatch", "book.txt")
 
 
 @pytest.mark.parametrize("case", ["non-utf8", "malformed jsonl"])
@@ -135,7 +143,7 @@ def truncated_model(tmp_path) -> Path:
                extra={"tokenizer": "gpt2"})
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    (tmp_path / "params.yaml").write_text(MICRO.read_text())  # `lmcore eval` reads the benchmark section
+    (tmp_path / "params.yaml").write_text(MICRO.read_text())  # `lmcore eval` (the old name of `lmcore benchmark`) reads the benchmark section
     return folder
 
 

@@ -118,7 +118,7 @@ def test_lineage_of_the_base_model_reaches_the_raw_sources(lifecycle_run, monkey
     layout = Layout(root)
     runs = stage_runs(uri, result["mlflow_run_id"])
     assert (version["name"], version["version"], version["aliases"]) == ("lmcore-base", "1", ["champion"])
-    assert version["weights_sha256"] == sha256_file(layout.base_model / WEIGHTS)
+    assert version["weights_sha256"] == sha256_file(layout.pretrained / WEIGHTS)
     assert pretrain["run_id"] == result["pretrain"]["run_id"]
     assert pretrain["prefect_flow_run_id"] and pretrain["git_commit"] and pretrain["params_sha256"]
     assert pretrain["launcher"] == "prefect"

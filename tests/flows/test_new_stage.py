@@ -4,6 +4,7 @@ dvc.yaml code names it."""
 
 from __future__ import annotations
 
+import re
 import sys
 import types
 
@@ -70,9 +71,24 @@ def test_a_declared_stage_runs_logs_and_shows_in_dvc_yaml(tmp_path, monkeypatch,
     assert summary["words"] == 5 and summary["run_id"]
     run = MlflowClient(uri).get_run(summary["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["lmcore.stage"] == "count_words"
-    assert run.data.metrics == {"words": 5.0, "lines": 2.0} and run.data.params["seed"] == str(ctx.params.seed)
+    assert run.data.metrics == {"words": 5.0, "lines": 2.0} and run.data.params == {"seed": str(ctx.params.seed)}
     assert [a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id, "reports")] == ["reports/metrics.json"]
 
     monkeypatch.setattr(pipeline, "STAGES", (COUNT_WORDS,))
     assert pipeline.summary_rows({"count_words": summary}) == [("words", "5")]
     assert pipeline.parent_metrics({"count_words": summary}) == {"words": 5}
+
+
+def test_docs_give_one_list_for_adding_a_stage():
+    """docs/architecture.md says once how a stage is added: the four steps the stage above took (a params section
+    is optional for it: its params are the seed), each naming where it goes."""
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    assert text.count("## Adding a stage\n") == 1
+    section = text.split("## Adding a stage\n", 1)[1].split("\n## ", 1)[0]
+    steps = re.findall(r"^(\d)\. \*\*(.+?)\*\*(.*?)(?=^\d\. |\Z)", section, re.M | re.S)
+    assert [(n, title.rstrip(":,")) for n, title, _ in steps] == [
+        ("1", "Its params section"), ("2", "Its function"), ("3", "Its declaration"), ("4", "dvc.yaml")]
+    where = ["lmcore/config/", "lmcore/stages/<name>.py", "lmcore/pipeline.py", "lmcore dvc-yaml"]
+    assert all(place in body.replace("\n   ", " ") for place, (_, _, body) in zip(where, steps)), steps
+    assert len(re.findall(r"^1\. ", text, re.M)) == 1  # no second list elsewhere in the file
+    assert COUNT_WORDS.module == "lmcore.stages.count_words"  # step 2's place, where the test above put its function

@@ -29,7 +29,7 @@ def test_every_registered_version_has_its_card(lifecycle_run):
     root, uri, result = lifecycle_run
     client = MlflowClient(uri, registry_uri=uri)
     layout = Layout(root)
-    folders = {"pretrain": layout.base_model, "finetune_classifier": layout.model("classifier"),
+    folders = {"pretrain": layout.pretrained, "finetune_classifier": layout.model("classifier"),
                "finetune_instruct": layout.model("instruct"), "dpo": layout.model("dpo")}
     for stage in (s for s in STAGES if s.registers is not None):
         name, version = result[stage.name]["registered_model"], result[stage.name]["model_version"]
