@@ -31,10 +31,12 @@ from lmcore.paths import (
     BENCHMARK_DATA,
     CLEAN,
     GENERATIVE_DATA,
+    MANIFEST,
     RAW,
     TOK_EVAL,
     TOKENIZER,
     TOKENS,
+    WEIGHTS,
     finetune_data_path,
     model_path,
     reports_path,
@@ -283,7 +285,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "pretrain",
         "a decoder on the token shards, from random weights or continuing the base model; registered as tracking.registered_model",
-        deps=(TOKENS, BASE_SOURCE),
+        deps=(TOKENS, BASE_SOURCE, f"{RAW}/{MANIFEST}"),  # the raw manifest: its lineage tag and the card's corpus
         outs=(model_path("base"), reports_path("pretrain")),
         plots=(
             Curve("loss", "step", {f"{reports_path('pretrain')}/train_loss.csv": "train_loss",
@@ -432,7 +434,9 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "judge",
         "LLM-as-judge scores of the instruction models' test responses, by an endpoint or a model the stage serves (skipped without either)",
-        deps=(f"{reports_path('instruct')}/test_responses.jsonl", f"{reports_path('dpo')}/test_responses.jsonl", BASE_SOURCE),
+        # the weights: the registered versions it tags with their scores are found by their sha256
+        deps=(f"{reports_path('instruct')}/test_responses.jsonl", f"{reports_path('dpo')}/test_responses.jsonl",
+              f"{model_path('instruct')}/{WEIGHTS}", f"{model_path('dpo')}/{WEIGHTS}", BASE_SOURCE),
         outs=(reports_path("judge"),),
         metrics=(f"{reports_path('judge')}/summary.json",),
         params=("judge",),
@@ -451,6 +455,20 @@ def get(name: str) -> Stage:
     if name not in BY_NAME:
         raise KeyError(f"unknown stage {name!r}; stages: {', '.join(NAMES)}")
     return BY_NAME[name]
+
+
+def producer(path: str) -> str | None:
+    """The stage whose outs hold `path` (a folder or a file inside one), or None."""
+    return next((s.name for s in STAGES for o in s.outs if path == o or path.startswith(o.rstrip("/") + "/")), None)
+
+
+def missing_inputs(name: str, params: Params | None, root: Path) -> list[str]:
+    """One line for each input of stage `name` that is not there: its declared deps under `root` (made by earlier
+    stages) and the local paths its params name. What `lmcore run <stage>` checks before it starts anything."""
+    stage, root = get(name), Path(root)
+    lines = [f"{name}: {dep} does not exist under {root.resolve()}: the {producer(dep)} stage makes it "
+             f"(lmcore run {producer(dep)}, or lmcore pipeline)" for dep in stage.deps if not (root / dep).exists()]
+    return lines + [f"{name}: {line}" for line in stage.missing_local_paths(params, root)]
 
 
 def downstream(name: str) -> list[str]:

@@ -110,7 +110,7 @@ def stage_runs(served, i: int) -> dict:
     """The MLflow runs of the i-th triggered flow run, by stage."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(served["mlflow"].url)
+    client = MlflowClient(served["mlflow"].url, registry_uri=served["mlflow"].url)  # not a process-wide registry URI
     exp = client.get_experiment_by_name("lmcore-micro")
     runs = client.search_runs([exp.experiment_id], f"tags.`lmcore.prefect_flow_run_id` = '{served['flow_runs'][i].id}'")
     return {r.data.tags["lmcore.stage"]: r for r in runs}
@@ -173,7 +173,7 @@ def test_triggered_run_is_tracked_under_its_flow_run_id(served):
     from lmcore.pipeline import NAMES as STAGES
 
     run_id = str(served["flow_run"].id)
-    client = MlflowClient(served["mlflow"].url)
+    client = MlflowClient(served["mlflow"].url, registry_uri=served["mlflow"].url)  # not a process-wide registry URI
     exp = client.get_experiment_by_name("lmcore-micro")
     runs = client.search_runs([exp.experiment_id], f"tags.`lmcore.prefect_flow_run_id` = '{run_id}'")
     stages = sorted(r.data.tags["lmcore.stage"] for r in runs)
@@ -235,7 +235,7 @@ def test_a_new_document_runs_the_affected_stages_and_continues_the_champion(serv
     assert sorted(runs) == sorted([*ran, "lifecycle"])
     assert runs["lifecycle"].data.tags["lmcore.decision.collect"] == "changed: deps corpus modified"
     # pretraining continued the champion (v1), on the new shards, with the continued schedule
-    client = MlflowClient(served["mlflow"].url)
+    client = MlflowClient(served["mlflow"].url, registry_uri=served["mlflow"].url)  # not a process-wide registry URI
     v1 = client.get_model_version("lmcore-base", "1")
     pretrain = runs["pretrain"]
     assert pretrain.data.tags["lmcore.continued_weights_sha256"] == v1.tags["lmcore.weights_sha256"]

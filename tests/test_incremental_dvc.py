@@ -69,7 +69,7 @@ def tokenizer_code(repo):
 
 
 @pytest.mark.parametrize("change, expected", [
-    (change_dpo, ["dpo", "instruct_eval"]),  # the judge stage re-runs only if the dpo responses changed: compared, not assumed
+    (change_dpo, ["dpo", "instruct_eval"]),  # and the judge when the DPO weights it reads changed (a micro run's may not)
     (new_labelled_example, ["finetune_classifier"]),  # a local source's file: the stage that reads it, nothing after
     # train_tokenizer splits train/val with tokenize's code, so it re-runs too; its tokenizer and the shards come out
     # byte-identical: nothing after tokenize runs

@@ -105,6 +105,17 @@ def test_a_missing_local_source_is_one_line_before_prefect_starts(tmp_path):
     assert not (root / "mlflow.db").exists() and not (root / "logs").exists()
 
 
+def test_a_stage_whose_inputs_are_not_made_yet_is_one_line_naming_the_stage_that_makes_them(tmp_path):
+    """`lmcore run pretrain` in a project where nothing ran: its declared inputs are checked first, with no Prefect
+    server reachable, and the line says which stage makes the first missing one."""
+    root = project(tmp_path, [{"name": "book", "path": "book.txt"}])
+    (root / "book.txt").write_text(TEXT)
+    env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api", "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    proc = subprocess.run([LMCORE, "run", "pretrain"], cwd=root, env=env, capture_output=True, text=True, timeout=60)
+    assert_one_line(proc, "pretrain: data/tokens does not exist", "the tokenize stage makes it", "(and 2 more)")
+    assert not (root / "mlflow.db").exists()
+
+
 def test_a_wrong_checksum_is_one_line(tmp_path, prefect_harness, monkeypatch):
     (tmp_path / "book.txt").write_text(TEXT)
     source = {"name": "book", "path": "book.txt", "sha256": hashlib.sha256(b"other bytes").hexdigest()}
