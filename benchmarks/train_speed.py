@@ -134,7 +134,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads for both loops; 0 keeps torch's default")
     ap.add_argument("--ablation", action="store_true", help="also lmcore in fp32 eager and bf16 eager")
     args = ap.parse_args(argv)
-    logging.disable(logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -148,6 +147,10 @@ def main(argv: list[str] | None = None) -> None:
             cfg = load_params(args.params, overrides=common + ["pretrain.optimizer_impl=fused", *extra]).pretrain
             loops.append((name, lmcore_loop, cfg))
     with contextlib.ExitStack() as stack:
+        # the loops' warnings (a random stream carries no tokenizer) are not the benchmark's; logging is process-wide,
+        # so it comes back on when they are done (tests call main in their own process)
+        logging.disable(logging.WARNING)
+        stack.callback(logging.disable, logging.NOTSET)
         tokens = Path(args.tokens)
         if not (tokens / MANIFEST).is_file():
             tokens = random_tokens(Path(stack.enter_context(tempfile.TemporaryDirectory())), base.model.vocab_size)

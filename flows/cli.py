@@ -17,7 +17,7 @@
     lmcore export-hf models/base hf/base             # an lmcore model folder -> config.json + model.safetensors for transformers
     lmcore import-gguf model.gguf models/imported    # a llama.cpp GGUF file (dequantized, with tokenizer and chat template)
     lmcore export-gguf models/instruct out.gguf --dtype f16   # for llama.cpp and Ollama, with the model's tokenizer
-    lmcore lineage models:/lmcore-base@champion      # model version -> run -> tokens -> preprocess -> collect -> raw sources
+    lmcore lineage models:/lmcore-base@champion      # model version -> its run -> the runs that made its inputs -> raw sources
 
 It lives beside the flows, not in `lmcore/`, because it drives Prefect and MLflow.
 

@@ -34,7 +34,7 @@ from flows.dvc_yaml import refresh as refresh_dvc_yaml
 from lmcore import pipeline
 from lmcore.config import load_params
 from tasks.context import logger
-from tasks.incremental import Plan, made_by, root_lock
+from tasks.incremental import Plan, made_by, registry_moves, root_lock
 from tasks.runner import TASKS, Unchanged
 from tasks.tags import TAG_STAGE_DECISION, TAG_STAGES_RUN, TAG_STAGES_SKIPPED, tag
 
@@ -95,7 +95,9 @@ def lifecycle(
 def run_or_skip(name: str, ctx, plan: Plan, commit_dvc: bool) -> dict:
     """The stage's summary: run when the plan says so (then committed to dvc.lock at once), else the summary of
     the run that made its outputs, from a task run in state Skipped."""
-    decision = plan.decide(name)
+    registry = pipeline.get(name).registry_deps(ctx.params)  # what DVC cannot see: asked when DVC finds no change
+    moves = (lambda: registry_moves(ctx.tracking, made_by(ctx.tracking, ctx.root, name)[0], registry)) if registry else None
+    decision = plan.decide(name, moves)
     if decision.run:
         logger().info("%s: running (%s)", name, decision.reason)
         result = TASKS[name](ctx)

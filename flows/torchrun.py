@@ -17,7 +17,6 @@ import json
 from flows.common import make_context, resolve
 from lmcore import distributed, pipeline
 from lmcore.config import load_params
-from lmcore.stages import StageContext
 from tasks.runner import execute
 
 
@@ -36,7 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
         if info.is_main:
             result = execute(stage, make_context(root, params, launcher="torchrun"))
         else:  # the same training; rank 0 alone writes, logs and registers
-            result = stage.function()(StageContext(root=root, params=params)).summary
+            result = stage.function()(stage.context(root, params)).summary
     finally:
         distributed.destroy()
     if info.is_main:

@@ -310,7 +310,8 @@ def judge_responses(
         "n_scored": len(scores),
         "n_unparsed": unparsed,
         "judge": {
-            "url": redact(cfg.url),
+            # a model the stage served (judge.serve) by what it is, not by its port, which differs every run
+            **({"url": redact(cfg.url)} if cfg.serve is None else {"served": cfg.serve}),
             "model": cfg.model,
             "temperature": cfg.temperature,
             "seed": cfg.seed,

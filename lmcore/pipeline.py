@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lmcore.config import BaseModelConfig, Params, Source
+from lmcore.stages import StageContext
 from lmcore.paths import (
     BASE_SOURCE,
     BENCHMARK_DATA,
@@ -106,6 +107,9 @@ class Stage:
     metrics: JSON files inside outs that DVC shows as metrics; plots: images and CSV curves inside outs.
     params: the params.yaml keys its outputs depend on.
     tags: run tags (lineage keys, "lmcore.<key>") known before it runs.
+    registry: the registered models it reads, given the params (`models:/name@alias` URIs: a champion it continues,
+        a model it serves): the only ones its context resolves, and what the change check compares with the versions
+        the run that made its outputs read (tasks.incremental).
     registers, promotes: what it does to the model registry.
     retries: extra attempts on a transient failure (network); bad input is never retried.
     summary: rows of the lifecycle summary; parent_metrics, parent_tags: what it adds to the lifecycle's run.
@@ -119,6 +123,7 @@ class Stage:
     plots: tuple[str | Curve, ...] = ()
     params: tuple[str, ...] = ()
     tags: dict[str, str] = field(default_factory=dict)
+    registry: Callable[[Params], tuple[str, ...]] | None = None
     registers: Registers | None = None
     promotes: Promotes | None = None
     retries: int = 0
@@ -133,6 +138,16 @@ class Stage:
 
     def function(self) -> Callable:
         return importlib.import_module(self.module).run
+
+    def registry_deps(self, params: Params) -> tuple[str, ...]:
+        """The registered models the stage reads under `params`."""
+        return self.registry(params) if self.registry is not None else ()
+
+    def context(self, root: Path, params: Params, **kwargs: Any) -> StageContext:
+        """The context the stage's function runs in: handed its declared deps and outs (and nothing else), and the
+        registered models it declares; kwargs: tracker, map, resolve_model."""
+        return StageContext(root=root, params=params, stage=self.name, deps=tuple(dict.fromkeys((*self.deps, *self.local_deps(params, root)))),
+                            outs=self.outs, registry=self.registry_deps(params), **kwargs)
 
     def code_deps(self) -> list[str]:
         """The lmcore source files the stage's function imports, directly or not (see `import_closure`)."""
@@ -151,6 +166,9 @@ class Stage:
             found.append((f"{self.name}.source.path (source {source.name!r})", source.path))
         if isinstance(section, BaseModelConfig) and section.source in ("gguf", "folder") and section.path:
             found.append((f"{self.name}.path", section.path))
+        serve = getattr(section, "serve", None)  # a model folder the stage serves (judge.serve), not a registered one
+        if isinstance(serve, str) and not serve.startswith("models:/"):
+            found.append((f"{self.name}.serve", serve))
         return found
 
     def local_deps(self, params: Params | None, root: Path) -> list[str]:
@@ -269,6 +287,7 @@ STAGES: tuple[Stage, ...] = (
         "the model a run starts from (scratch, Hugging Face, GGUF, a folder, the registry) into models/base_model",
         outs=(BASE_SOURCE,),
         params=("base_model",),
+        registry=lambda p: (p.base_model.uri,) if p.base_model.source == "registry" else (),
         retries=2,
         summary=(Row("base model", _base),),
         parent_tags=lambda s: {"base_manifest_sha256": s["base_manifest_sha256"]},
@@ -293,6 +312,7 @@ STAGES: tuple[Stage, ...] = (
             f"{reports_path('pretrain')}/loss.png",
         ),
         params=("seed", "pretrain"),
+        registry=lambda p: (f"models:/{p.tracking.registered_model}@champion",) if p.pretrain.init == "champion" else (),
         registers=Registers(model_path("base"), "registered_model"),
         summary=(
             Row("parameters", lambda s: f"{s['n_params']:,}"),
@@ -440,6 +460,7 @@ STAGES: tuple[Stage, ...] = (
         outs=(reports_path("judge"),),
         metrics=(f"{reports_path('judge')}/summary.json",),
         params=("judge",),
+        registry=lambda p: (p.judge.serve,) if p.judge.serve else (),
         retries=2,
         summary=(Row("LLM-as-judge", _judge),),
         parent_metrics=lambda s: {f"judge.{name}_mean_score": v for name, v in s.get("mean_scores", {}).items() if v is not None},

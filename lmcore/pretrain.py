@@ -7,27 +7,29 @@
     summary = pretrain(params.pretrain, Path("data/tokens"), Path("models/base"), Path("reports/pretrain"),
                        seed=params.seed, params=params.to_dict(), checkpoint_dir=Path("models/checkpoints/pretrain"))
 
-From the command line (without the orchestration layer, `lmcore.stages.pretrain.main`): the pretrain stage on the params file
+From the command line (without the orchestration layer, `lmcore.launch`): the pretrain stage on the params file
 (with dotted `--set` overrides), on <root>/data/tokens: rank 0 writes <root>/models/base, <root>/reports/pretrain
 and the training checkpoints in <root>/models/checkpoints/pretrain; the other ranks write nothing. Under torchrun the process group is gloo on CPU and NCCL on CUDA; every rank must see the same tokens
 and checkpoint folder. No MLflow here: `torchrun ... -m flows.torchrun` is the tracked, registered variant.
 
-Step numbering: the train metrics of the k-th optimizer update (its batch loss, lr and gradient norm)
-are logged at step k = 1 .. max_steps, as litgpt and the HF Trainer count; "val_loss at step k" is
-the model after k updates: step 0 (the initial model), every `eval_interval` steps and at the last step
-(max_steps, or where early stopping ended the run). The same windows also give `val_bpb`, bits per byte
-(lmcore.training.bpb_sums; shards without a tokenizer have none), which compares across tokenizers.
-
-One update (lmcore.training.train_step): `grad_accum_steps` micro-batches of `batch_size` windows. Under
-torchrun every rank does the same on its own batches and gradients are averaged (lmcore.distributed); rank r's
-micro-batch j of step s is the loader's global batch (s * grad_accum_steps + j) * world_size + r, so one process
-with grad_accum_steps = A * W sees the very windows that W processes with A micro-batches each see.
+The loop is lmcore.training.train_loop, the one the fine-tunes run (its docstring lays it out: evaluation at step 0,
+every `eval_interval` steps and at the last step, the benchmark probe, checkpoints, early stopping, the updates);
+pretraining gives it what is its own:
+- the batches: `grad_accum_steps` micro-batches of `batch_size` windows per update (lmcore.training.train_step).
+  Under torchrun every rank does the same on its own batches and gradients are averaged (lmcore.distributed);
+  rank r's micro-batch j of step s is the loader's global batch (s * grad_accum_steps + j) * world_size + r, so one
+  process with grad_accum_steps = A * W sees the very windows that W processes with A micro-batches each see;
+- the loss: the mean next-token cross-entropy, its schedule lr_at over max_steps;
+- evaluation: `val_loss` on the same validation windows at every eval, and `val_bpb`, bits per byte
+  (lmcore.training.bpb_sums; shards without a tokenizer have none), which compares across tokenizers; rows
+  (step, val_loss, val_bpb); early stopping (`early_stopping_patience`) on val_loss;
+- per step: train_loss, lr, grad_norm, `tokens_per_s` (all ranks) and `mfu` (lmcore.training.flops_per_token),
+  rows (step, train_loss, lr); the train metrics of the k-th update are logged at step k = 1 .. max_steps, as
+  litgpt and the HF Trainer count, moved on by `start_step` for a continued champion.
 
 Checkpoints and resume: every `checkpoint_interval` steps (lmcore.training.save_checkpoint). With `resume` the
 run continues from the latest complete one and ends with the weights an uninterrupted run ends with, bit for bit
 on CPU. A NaN/inf loss or gradient norm stops the run with FloatingPointError.
-
-Throughput: `tokens_per_s` (all ranks) and `mfu` (lmcore.training.flops_per_token) are logged every step.
 
 Benchmark probe (`eval_benchmarks_every`, off by default): a fixed sample of benchmark items (lmcore.harness.probe)
 scored at step 0, every N steps and at the last step, after val_loss, logged as train_bench.<task>.<metric> and
@@ -39,12 +41,10 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from lmcore import distributed
 from lmcore.checkpoint import load_model, save_model
@@ -56,17 +56,16 @@ from lmcore.io import atomic_dir, sha256_file, write_json, write_text
 from lmcore.model import GPT
 from lmcore.paths import BENCH_CURVE, CHECKPOINTS, LOSS_PLOT, MANIFEST, SUMMARY, TRAIN_LOSS, VAL_LOSS, WEIGHTS
 from lmcore.tokenizer import Tokenizer, TokenizerError, has_tokenizer, load_tokenizer
-from lmcore.tracking import NullTracker, OffsetTracker, Tracker
+from lmcore.tracking import NullTracker, Tracker
 from lmcore.training import (
     EarlyStopping,
     Precision,
+    StepResult,
     TrainState,
     bits_per_byte,
     bpb_change,
     bpb_sums,
     check_compile,
-    check_finite,
-    checkpoint_due,
     flops_per_token,
     full_state,
     lr_at,
@@ -76,12 +75,11 @@ from lmcore.training import (
     plot_losses,
     resolve_device,
     resolve_precision,
-    save_checkpoint,
     seed_everything,
     start_or_resume,
     tied_aliases,
     token_bytes,
-    train_step,
+    train_loop,
 )
 
 log = logging.getLogger(__name__)
@@ -167,45 +165,26 @@ def pretrain(
     resumed_at = start_or_resume(checkpoint_dir, resume, model, optimizer, state, run_config, what="pretrain")
     if any(len(row) < 3 for row in state.val_rows):
         log.info("pretrain: the checkpoint's val rows predate val_bpb; their val_bpb cells stay empty")
-    # A run resumed from the checkpoint of an evaluation that ended it early stays stopped.
-    stopped_early = early.stopped and state.step < cfg.max_steps
     loss_fn = functools.partial(next_token_loss, torch.compile(wrapped) if cfg.compile else wrapped)
     fpt = flops_per_token(model.config, model.num_params(non_embedding=True), T)
     peak = cfg.peak_flops or measure_peak_flops(device, precision.dtype)
-    log_metrics = OffsetTracker(tracker, start_step).log_metrics if info.is_main else NullTracker().log_metrics
 
     row_bytes: dict[int, torch.Tensor | None] = {}  # step -> each val window's (nats, bytes), for the paired stderr
-    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="pretrain", unit="step", dynamic_ncols=True, disable=not info.is_main)
-    for step in range(state.step, cfg.max_steps + 1):  # updates done so far
-        if step != resumed_at:  # a resumed step was evaluated and saved before the checkpoint was written
-            if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-                val_loss, val_bpb, rows = validation_loss(model, val_windows, precision, val_bytes)
-                check_finite(val_loss, "pretrain: val loss", step, lr_at(step, cfg), checkpoint_dir)
-                row_bytes[step] = rows
-                state.val_rows.append((step, val_loss, val_bpb))
-                log_metrics({"val_loss": val_loss, **({"val_bpb": val_bpb} if val_bpb is not None else {})}, step=step)
-                stopped_early = early.update(step, val_loss) and step < cfg.max_steps
-            if probe is not None and probe.due(step, last=step == cfg.max_steps or stopped_early):
-                scores = probe.score(model)  # every rank: the same forwards
-                state.bench_rows.append((step, scores))
-                log_metrics(scores, step=step)
-            if checkpoint_due(step, cfg.checkpoint_interval, checkpoint_dir):
-                save_checkpoint(checkpoint_dir, model, optimizer, state, run_config, cfg.keep_checkpoints, what="pretrain")
-        if step == cfg.max_steps or stopped_early:
-            break
 
-        t0 = time.perf_counter()
-        lr = lr_at(step, cfg)
-        out = train_step(wrapped, optimizer, loss_fn, next_batches(train_loader, A, device), step=step + 1, lr=lr,
-                         precision=precision, grad_clip=cfg.grad_clip, scaler=state.scaler, what="pretrain", checkpoint_dir=checkpoint_dir)
-        dt = time.perf_counter() - t0
-        state.step, state.train_time_s = step + 1, state.train_time_s + dt
-        state.train_rows.append((step + 1, out.loss, lr))
-        log_metrics({"train_loss": out.loss, "lr": lr, "grad_norm": out.grad_norm, "tokens_per_s": B * T * A * W / dt,
-                     "mfu": fpt * B * T * A / dt / peak}, step=step + 1)
-        bar.set_postfix(loss=f"{out.loss:.4f}", val=f"{state.val_rows[-1][1]:.4f}", refresh=False)
-        bar.update()
-    bar.close()
+    def evaluate(step: int) -> tuple[tuple, dict[str, float]]:
+        val_loss, val_bpb, row_bytes[step] = validation_loss(model, val_windows, precision, val_bytes)
+        return (step, val_loss, val_bpb), {"val_loss": val_loss, **({"val_bpb": val_bpb} if val_bpb is not None else {})}
+
+    def record(step: int, out: StepResult, lr: float, dt: float) -> tuple[tuple, dict[str, float]]:
+        throughput = {"tokens_per_s": B * T * A * W / dt, "mfu": fpt * B * T * A / dt / peak}
+        return (step, out.loss, lr), {"train_loss": out.loss, "lr": lr, "grad_norm": out.grad_norm, **throughput}
+
+    stopped_early = train_loop(
+        model, optimizer, state, cfg, total=cfg.max_steps, next_batch=functools.partial(next_batch, train_loader, device),
+        loss_fn=loss_fn, schedule=lambda step: lr_at(step, cfg), evaluate=evaluate, record=record, precision=precision,
+        run_config=run_config, checkpoint_dir=checkpoint_dir, resumed_at=resumed_at, wrapped=wrapped,
+        early_stopping=True, probe=probe, tracker=tracker, step_offset=start_step, what="pretrain",
+    )
 
     summary = make_summary(cfg, model, state, train_loader, val, precision, peak=peak, resumed_at=resumed_at,
                            stopped_early=stopped_early, seq_len=T)
@@ -282,8 +261,13 @@ def check_vocab(vocab_size: int, train: TokenDataset, tokens_dir: Path) -> None:
         )
 
 
+def next_batch(loader: TokenLoader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loader's next (x, y) batch, on `device`."""
+    return tuple(t.to(device, non_blocking=True) for t in loader.next_batch())
+
+
 def next_batches(loader: TokenLoader, n: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [tuple(t.to(device, non_blocking=True) for t in loader.next_batch()) for _ in range(n)]
+    return [next_batch(loader, device) for _ in range(n)]
 
 
 def next_token_loss(forward: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
@@ -407,4 +391,4 @@ __all__ = ["PRETRAIN_CHECKPOINTS", "pretrain"]
 if __name__ == "__main__":  # `python -m lmcore.pretrain`, `torchrun ... -m lmcore.pretrain`: the pretrain stage's entry
     import runpy
 
-    runpy.run_module("lmcore.stages.pretrain", run_name="__main__", alter_sys=True)
+    runpy.run_module("lmcore.launch", run_name="__main__", alter_sys=True)  # by name: no stage's code dep

@@ -1,15 +1,28 @@
 """What every trainer shares: device and precision, AdamW and its schedule, the optimizer step, the training
-state, checkpoint save and restore, the loss plot.
+state, checkpoint save and restore, the training loop, the loss plot.
 
-    state = TrainState(loader=loader, scaler=scaler)
+    state = TrainState(loader=loader, scaler=precision.grad_scaler())
     resumed_at = start_or_resume(checkpoint_dir, resume, model, optimizer, state, run_config, what="pretrain")
-    for step in range(state.step, max_steps):
-        result = train_step(model, optimizer, loss_fn, micro_batches, step=step + 1, lr=lr_at(step, cfg),
-                            precision=precision, grad_clip=cfg.grad_clip, scaler=state.scaler)
-        state.step = step + 1
-        save_checkpoint(checkpoint_dir, model, optimizer, state, run_config, keep=cfg.keep_checkpoints)
+    stopped_early = train_loop(model, optimizer, state, cfg, total=cfg.max_steps, next_batch=loader.next_batch,
+                               loss_fn=loss_fn, schedule=lambda step: lr_at(step, cfg), evaluate=evaluate, record=record,
+                               precision=precision, run_config=run_config, checkpoint_dir=checkpoint_dir,
+                               resumed_at=resumed_at, what="pretrain")
 
-Used by lmcore.pretrain (pretraining) and lmcore.finetune.trainer (classifier, instruct, DPO).
+Used by lmcore.pretrain (pretraining) and lmcore.finetune.trainer (classifier, instruct, DPO): both run
+`train_loop`, and say only what differs through its arguments.
+
+The loop (`train_loop`), top to bottom, for step = the updates done so far, from state.step to `total`:
+    1. evaluate at step 0 (the initial model), every `eval_interval` steps and at the last step: the caller's
+       `evaluate(step)` gives the row TrainState.val_rows keeps and the metrics to log; a NaN/inf val loss stops
+       the run; with `early_stopping` the val loss updates state.early_stopping, which may end the run;
+    2. the benchmark probe, when due (step 0, every N steps, the last step: `total` or where early stopping ended);
+    3. a training checkpoint every `checkpoint_interval` steps (`save_checkpoint`);
+    4. stop at `total` (or early); else one update (`train_step`) on `grad_accum_steps` micro-batches, each drawn
+       by `next_batch()`, at the lr `schedule(step)`; the caller's `record(step + 1, result, lr, seconds)` gives the row
+       TrainState.train_rows keeps and the metrics to log at step + 1 (train metrics of the k-th update at step k).
+Metrics go to the tracker with their steps moved by `step_offset` (a continued champion's), from rank 0 only;
+the progress bar shows the last train and val loss. A resumed run skips 1-3 at the step it resumes at: they ran
+before that checkpoint was written.
 
 One update (`train_step`): the micro-batches forward and backward under the configured precision (fp32, or
 bf16/fp16 autocast; fp16 with a gradient scaler), each micro-batch's loss divided by their number so that the
@@ -48,10 +61,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from lmcore import distributed
 from lmcore.checkpoint import (
@@ -68,7 +82,8 @@ from lmcore.checkpoint import (
     save_training_checkpoint,
     step_dir,
 )
-from lmcore.config import FinetuneConfig, ModelConfig, PretrainConfig
+from lmcore.config import FinetuneConfig, ModelConfig, PretrainConfig, TrainConfig
+from lmcore.tracking import NullTracker, OffsetTracker, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +101,11 @@ _TOKEN_BYTES: dict[tuple[str, int], torch.Tensor] = {}  # (tokenizer sha256, voc
 
 # loss_fn(batch) -> (the batch's mean loss to backpropagate, metrics to log: {"loss": ..., ...} or {}).
 LossFn = Callable[[Any], tuple[torch.Tensor, dict[str, float]]]
+# evaluate(step) -> (the row TrainState.val_rows keeps, the metrics to log at `step`).
+EvalFn = Callable[[int], tuple[tuple, dict[str, float]]]
+# record(the update's number, its StepResult, its lr, its seconds) -> (the row TrainState.train_rows keeps, the
+# metrics to log at that step).
+RecordFn = Callable[[int, "StepResult", float, float], tuple[tuple, dict[str, float]]]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -127,7 +147,7 @@ def decay_groups(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list
 
 
 def make_optimizer(
-    model: torch.nn.Module, cfg: PretrainConfig | FinetuneConfig, device: torch.device, *, impl: str = "auto"
+    model: torch.nn.Module, cfg: TrainConfig, device: torch.device, *, impl: str = "auto"
 ) -> torch.optim.AdamW:
     """AdamW with two groups (`decay_groups`): weight decay on matmul weights only.
 
@@ -534,6 +554,106 @@ def checkpoint_due(step: int, interval: int | None, checkpoint_dir: Path | None)
     return checkpoint_dir is not None and bool(interval) and step > 0 and step % interval == 0
 
 
+class Probe(Protocol):
+    """What train_loop needs of lmcore.harness.probe.BenchProbe: when to score, and the scores (model back in its mode)."""
+
+    def due(self, step: int, *, last: bool) -> bool: ...
+
+    def score(self, model: torch.nn.Module) -> dict[str, float]: ...
+
+
+def row_loss(row: tuple) -> float:
+    """The loss in a TrainState row: pretraining's (step, loss, ...) or a fine-tune's (step, {"loss": ..., ...})."""
+    return row[1]["loss"] if isinstance(row[1], dict) else row[1]
+
+
+def train_loop(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    cfg: TrainConfig,
+    *,
+    total: int,
+    next_batch: Callable[[], Any],
+    loss_fn: LossFn,
+    schedule: Callable[[int], float],
+    evaluate: EvalFn,
+    record: RecordFn,
+    precision: Precision,
+    run_config: dict[str, Any],
+    checkpoint_dir: Path | None = None,
+    resumed_at: int | None = None,
+    wrapped: torch.nn.Module | None = None,
+    early_stopping: bool = False,
+    probe: Probe | None = None,
+    tracker: Tracker = NullTracker(),
+    step_offset: int = 0,
+    what: str = "train",
+) -> bool:
+    """Train from `state.step` to `total` updates: evaluation, benchmark probe, checkpoints, early stopping, the
+    updates, per-step metrics and a progress bar, as the module docstring lays out. Every rank calls it.
+
+    Args:
+        model: the model: checkpointed, probed; `wrapped` (its DDP or FSDP wrapper under torchrun; None: `model`)
+            is the module `train_step` runs.
+        state: the run's TrainState, restored by start_or_resume when resuming (`resumed_at` its step).
+        cfg: grad_accum_steps, grad_clip, eval_interval, checkpoint_interval and keep_checkpoints.
+        total: the updates the run makes at most.
+        next_batch: draws the next micro-batch (on the device), `grad_accum_steps` times per update.
+        loss_fn: batch -> (mean loss, metrics), run under `precision` by `train_step`.
+        schedule: step -> the lr of the update after `step` updates (also named in divergence messages).
+        evaluate: step -> (val row, metrics to log); row_loss(row) is the val loss.
+        record: (the update's number, its StepResult, lr, seconds) -> (train row, metrics to log).
+        run_config: what the checkpoints record and a resumed run must match.
+        early_stopping: update state.early_stopping at each evaluation and stop when it says so.
+        probe: the benchmark probe, or None.
+        tracker, step_offset: where metrics go (rank 0), their steps moved by `step_offset`.
+        what: the run in messages, checkpoints and the progress bar.
+
+    Returns: whether early stopping ended the run before `total`.
+    Raises: FloatingPointError on a NaN/inf val loss, train loss or gradient norm, naming the step.
+    """
+    info = distributed.current()
+    log_metrics = OffsetTracker(tracker, step_offset).log_metrics if info.is_main else NullTracker().log_metrics
+    early = state.early_stopping
+    # A run resumed from the checkpoint of an evaluation that ended it early stays stopped.
+    stopped = early.stopped and state.step < total
+    bar = tqdm(total=total, initial=state.step, desc=what, unit="step", dynamic_ncols=True, disable=not info.is_main)
+    for step in range(state.step, total + 1):  # updates done so far
+        if step != resumed_at:  # a resumed step was evaluated and saved before the checkpoint was written
+            if step % cfg.eval_interval == 0 or step == total:
+                row, metrics = evaluate(step)
+                check_finite(row_loss(row), f"{what}: val loss", step, schedule(step), checkpoint_dir)
+                state.val_rows.append(row)
+                log_metrics(metrics, step=step)
+                if early_stopping:
+                    stopped = early.update(step, row_loss(row)) and step < total
+            if probe is not None and probe.due(step, last=step == total or stopped):
+                scores = probe.score(model)  # every rank: the same forwards
+                state.bench_rows.append((step, scores))
+                log_metrics(scores, step=step)
+            if checkpoint_due(step, cfg.checkpoint_interval, checkpoint_dir):
+                save_checkpoint(checkpoint_dir, model, optimizer, state, run_config, cfg.keep_checkpoints, what=what)
+        if step == total or stopped:
+            break
+
+        t0 = time.perf_counter()
+        lr = schedule(step)
+        micro_batches = [next_batch() for _ in range(cfg.grad_accum_steps)]
+        out = train_step(model if wrapped is None else wrapped, optimizer, loss_fn, micro_batches, step=step + 1, lr=lr,
+                         precision=precision, grad_clip=cfg.grad_clip, scaler=state.scaler, what=what,
+                         checkpoint_dir=checkpoint_dir)
+        dt = time.perf_counter() - t0
+        state.step, state.train_time_s = step + 1, state.train_time_s + dt
+        row, metrics = record(step + 1, out, lr, dt)
+        state.train_rows.append(row)
+        log_metrics(metrics, step=step + 1)
+        bar.set_postfix(loss=f"{row_loss(row):.4f}", val=f"{row_loss(state.val_rows[-1]):.4f}", refresh=False)
+        bar.update()
+    bar.close()
+    return stopped
+
+
 def token_bytes(tok, size: int) -> torch.Tensor:
     """The UTF-8 bytes each token id stands for, for bits per byte.
 
@@ -629,8 +749,9 @@ def plot_losses(path: Path, train: list[tuple[int, float, float]], val: list[tup
 
 
 __all__ = [
-    "EarlyStopping", "LossFn", "Precision", "StepResult", "TrainState", "bits_per_byte", "bpb_sums", "check_compile",
-    "check_finite", "checkpoint_due", "cpu_has_native_bf16", "decay_groups", "flops_per_token", "full_state", "kept_message",
-    "lr_at", "make_optimizer", "measure_peak_flops", "metrics_csv", "plot_losses", "resolve_device", "resolve_precision",
-    "restore_checkpoint", "save_checkpoint", "seed_everything", "start_or_resume", "tied_aliases", "token_bytes", "train_step",
+    "EarlyStopping", "EvalFn", "LossFn", "Precision", "Probe", "RecordFn", "StepResult", "TrainState", "bits_per_byte",
+    "bpb_sums", "check_compile", "check_finite", "checkpoint_due", "cpu_has_native_bf16", "decay_groups", "flops_per_token",
+    "full_state", "kept_message", "lr_at", "make_optimizer", "measure_peak_flops", "metrics_csv", "plot_losses",
+    "resolve_device", "resolve_precision", "restore_checkpoint", "row_loss", "save_checkpoint", "seed_everything",
+    "start_or_resume", "tied_aliases", "token_bytes", "train_loop", "train_step",
 ]

@@ -29,7 +29,7 @@ from lmcore.model_card import card_facts
 from lmcore.paths import BASE_MANIFEST, WEIGHTS
 from lmcore.pipeline import Stage
 from lmcore.promotion import CHAMPION, paired_difference
-from lmcore.stages import BASE_MANIFEST_DIR, Scores, StageContext
+from lmcore.stages import BASE_MANIFEST_DIR, Scores
 from lmcore.tokenizer import has_tokenizer, load_tokenizer
 from tasks import cards
 from tasks.compare import compare_with_champion, record_results
@@ -144,7 +144,7 @@ def rescore_champion(rc: RunContext, stage: Stage, name: str, version: str, samp
     logger().info("champion %s v%s was scored on other items: scoring it on this sample", name, champion.version)
     with tempfile.TemporaryDirectory(prefix="lmcore-champion-") as tmp:
         model_dir = download_model_dir(uri, rc.tracking.uri, Path(tmp) / "model")
-        scores = _rescore_fn(stage)(StageContext(root=rc.root, params=rc.params), model_dir, work / f"rescored-v{champion.version}", uri)
+        scores = _rescore_fn(stage)(stage.context(rc.root, rc.params), model_dir, work / f"rescored-v{champion.version}", uri)
     tag_scores(rc.tracking, name, str(champion.version), scores.values, scores.sample_sha256)
     record_results(rc.tracking, run, name, str(champion.version), scores, f"champion_v{champion.version}")
 
@@ -187,7 +187,7 @@ def first_champion(rc: RunContext, stage: Stage, name: str, scores: Scores, run:
                 cards.refresh(rc.tracking, name, version)
         logger().info("%s: registered the pretrained base %s as %s v%s", stage.name, what, name, version)
     uri = f"models:/{name}/{version}"
-    base_scores = _rescore_fn(stage)(StageContext(root=rc.root, params=rc.params), base_dir, work / "base-scored", uri)
+    base_scores = _rescore_fn(stage)(stage.context(rc.root, rc.params), base_dir, work / "base-scored", uri)
     tag_scores(rc.tracking, name, version, base_scores.values, base_scores.sample_sha256)
     for key, value in base_scores.settings.items():
         client.set_model_version_tag(name, version, f"{BENCH_SETTINGS_PREFIX}{key}", value)

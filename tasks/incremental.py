@@ -16,6 +16,10 @@ params.yaml without overrides. Anywhere else every stage runs and the decision s
 A skipped stage's summary is the one the run that made its outputs logged (`made_by`): the newest finished
 MLflow run of that stage whose output hashes (`lmcore.dvc.out.*`) are dvc.lock's.
 
+Registry deps (`Stage.registry`: the champion pretrain continues, the model judge serves) are outside DVC: a stage
+DVC finds unchanged still runs when a registered model it reads now resolves to another version than the one the
+run that made its outputs read (`registry_moves`; that run's tag lmcore.registry_deps).
+
 `root_lock`: a lifecycle run and `lmcore run <stage>` hold <root>/.lmcore/run.lock while they work, so two runs
 in one root never execute a stage on the same outputs; the second waits up to `wait_s` seconds, then fails
 with one line naming the holder.
@@ -30,18 +34,18 @@ import logging
 import os
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 from filelock import FileLock, Timeout
 
-from lmcore.errors import InputError
+from lmcore.errors import InputError, NotRegisteredError
 from lmcore.io import write_json
 from tasks import failures
 from tasks.dvc_hashes import is_dvc_project
-from tasks.tags import TAG_DVC_OUT, TAG_STAGE
+from tasks.tags import TAG_DVC_OUT, TAG_REGISTRY_DEPS, TAG_STAGE, TAG_START_WEIGHTS_SHA, TAG_WEIGHTS_SHA
 from tasks.tracking import Tracking, no_progress_bar
 
 log = logging.getLogger("lmcore.incremental")
@@ -88,14 +92,22 @@ class Plan:
     def checks(self) -> bool:
         return self.checked_against is None
 
-    def decide(self, stage: str) -> Decision:
+    def decide(self, stage: str, registry_moves: Callable[[], list[str]] | None = None) -> Decision:
+        """Whether `stage` runs; `registry_moves` (asked only when DVC finds it unchanged): its registry deps that
+        now resolve to other versions, one line each."""
         if self.force:
             decision = Decision(stage, True, "forced")
         elif not self.checks:
             decision = Decision(stage, True, f"not checked: {self.checked_against}")
         else:
             changes = stage_status(self.root, stage)
-            decision = Decision(stage, True, f"changed: {describe(changes)}", changes) if changes else Decision(stage, False, "unchanged")
+            moved = [] if changes or registry_moves is None else registry_moves()
+            if changes:
+                decision = Decision(stage, True, f"changed: {describe(changes, changed_keys(self.root, stage))}", changes)
+            elif moved:
+                decision = Decision(stage, True, f"changed: registry {'; '.join(moved)}", [{"changed registry": moved}])
+            else:
+                decision = Decision(stage, False, "unchanged")
         self.decisions.append(decision)
         return decision
 
@@ -173,8 +185,30 @@ def stage_status(root: Path, stage: str) -> list:
         return dvc_stage.status().get(dvc_stage.addressing, [])
 
 
-def describe(changes: list) -> str:
-    """DVC's status entries in one line: "deps data/raw modified, lmcore/io.py modified (+3 more); params tokenize"."""
+def changed_keys(root: Path, stage: str) -> dict[str, list[str]]:
+    """For each params section of `stage` that dvc.lock recorded: the dotted keys whose values params.yaml now
+    changes, adds or removes ("tokenize.val_fraction"), the names the stage's MLflow run logs them under."""
+    lock, params = Path(root) / "dvc.lock", Path(root) / "params.yaml"
+    if not lock.is_file() or not params.is_file():
+        return {}
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    entry = (yaml.load(lock.read_text(encoding="utf-8"), Loader=loader) or {}).get("stages", {}).get(stage, {})
+    before = entry.get("params", {}).get("params.yaml", {})
+    now = yaml.load(params.read_text(encoding="utf-8"), Loader=loader) or {}
+    return {key: sorted(_differ(before.get(key), now.get(key), key)) for key in before}
+
+
+def _differ(a, b, prefix: str) -> list[str]:
+    """The dotted keys under `prefix` where a and b differ (a whole list counts as one value)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [k for key in a.keys() | b.keys() for k in _differ(a.get(key), b.get(key), f"{prefix}.{key}")]
+    return [] if a == b else [prefix]
+
+
+def describe(changes: list, keys: dict[str, list[str]] | None = None) -> str:
+    """DVC's status entries in one line: "deps data/raw modified, lmcore/io.py modified (+3 more); params
+    tokenize.val_fraction modified". `keys` (`changed_keys`): a changed section named by its changed dotted keys,
+    as the stage's MLflow run logs them; DVC itself names the section."""
     parts = []
     for entry in changes:
         if isinstance(entry, str):  # "changed command", "always changed"
@@ -184,7 +218,7 @@ def describe(changes: list) -> str:
             named, params = [], []
             for path, status in paths.items():
                 if isinstance(status, dict):  # params.yaml: {"dpo": "modified"}
-                    params += [f"{key} {value}" for key, value in status.items()]
+                    params += [f"{', '.join((keys or {}).get(key) or [key])} {value}" for key, value in status.items()]
                 else:
                     named.append(f"{path} {status}")
             if named:
@@ -228,6 +262,32 @@ def made_by(tracking: Tracking, root: Path, stage: str) -> tuple[str | None, dic
     except Exception as err:  # noqa: BLE001 - a run from before stage summaries were logged
         log.info("run %s of %s has no %s (%s)", run_id, stage, STAGE_SUMMARY, err)
         return run_id, {}
+
+
+def registry_moves(tracking: Tracking, run_id: str | None, uris: tuple[str, ...]) -> list[str]:
+    """Each of `uris` (a stage's registry deps) that resolves to another version now than it did for the run
+    `run_id` that made the stage's outputs (its tag lmcore.registry_deps): "models:/lmcore-base@champion: lmcore-base
+    v2 -> lmcore-base v3". A version whose weights that run made (pretrain's output, promoted since) or started from
+    (the pretrained base, registered as the first champion since) is no move: the run would start where it did."""
+    from tasks.registry import registered_version
+
+    if not uris:
+        return []
+    recorded, known = {}, set()
+    if run_id is not None:
+        tags = tracking.client().get_run(run_id).data.tags
+        recorded = json.loads(tags.get(TAG_REGISTRY_DEPS) or "{}")
+        known = {tags[t] for t in (TAG_WEIGHTS_SHA, TAG_START_WEIGHTS_SHA) if tags.get(t)}
+    moved = []
+    for uri in uris:
+        try:
+            version = registered_version(uri, tracking.uri)
+        except NotRegisteredError:
+            version = None
+        now = f"{version.name} v{version.version}" if version is not None else None
+        if now != recorded.get(uri) and (version is None or version.tags.get(TAG_WEIGHTS_SHA) not in known):
+            moved.append(f"{uri}: {recorded.get(uri) or 'none'} -> {now or 'none'}")
+    return moved
 
 
 @contextlib.contextmanager

@@ -1,14 +1,24 @@
 """Lineage: the chain from a registered model version back to its raw sources, read from MLflow alone.
 
-    lmcore lineage models:/lmcore-base/1          # model version -> run -> tokens -> preprocess -> collect -> sources
+    lmcore lineage models:/lmcore-base/1          # model version -> run -> the runs whose outputs it read -> sources
     lmcore lineage models:/lmcore-instruct@dpo --json
 
-A model version names its run; a fine-tune's version names the weights it started from
-(`lmcore.base_weights_sha256`), found among registered versions; the pretrain run's tokens manifest sha256 finds
-the tokenize run; the tokenize run's `data/clean` dependency hash (tasks/dvc_hashes.py records them) finds the
-preprocess run whose output it was, and its `data/raw` dependency the collect run, whose manifest (an artifact)
-names the raw sources. tasks/lineage_print.py prints the chain for people. Credentials in the URLs the chain holds
+The model side: a model version names its run; a fine-tune's version names the weights it started from
+(`lmcore.base_weights_sha256`), and a continued pretrain run the champion it continued, each found among the
+registered versions by `lmcore.weights_sha256`. The data side follows the stage declarations (lmcore.pipeline, read
+when the walk runs): for each dep a run's stage declares, the stage whose outs hold it (`pipeline.producer`) and
+that stage's run whose `lmcore.dvc.out.<path>` equals the run's `lmcore.dvc.dep.<path>` (tasks/dvc_hashes.py
+records both), or, without DVC tags, the producer's run with the same manifest sha256 (`lmcore.tokens_manifest_sha256`
+of a data/tokens dep, ...); then that run's deps, until stages that read nothing of the project. The run that wrote
+the raw manifest (collect) has it as an artifact: it names the raw sources. A new stage is followed by its
+declaration alone. tasks/lineage_print.py prints the chain for people. Credentials in the URLs the chain holds
 (sources, the tracking URI, tags) are masked (lmcore.redact) before anyone sees them.
+
+The chain's order, newest first: the version, its run, what that run logged of its own inputs (a fine-tune's data
+sources, a pretrained base's base.json, the tokens manifest), then the runs its data came from breadth first (the
+runs whose outputs it read, in the order its stage declares its deps, then the runs those read from, ...; each run
+once, where first reached), the raw sources, and last the versions it started from (a fine-tune's base, a continued
+champion), each with its own chain.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from lmcore import pipeline
 from lmcore.errors import InputError
 from lmcore.paths import BASE_MANIFEST
 from lmcore.redact import redact_tree
@@ -32,6 +43,7 @@ from lmcore.stages import (
 from tasks.dvc_hashes import MISSING
 from tasks.tags import (
     PARENT_RUN,
+    PREFIX,
     TAG_BASE_MANIFEST_SHA,
     TAG_BASE_WEIGHTS_SHA,
     TAG_CONTINUED_WEIGHTS_SHA,
@@ -55,6 +67,12 @@ from tasks.tracking import no_progress_bar
 
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_-]+))$")
 DOCUMENTS_KEPT = "documents_out"  # the preprocess run's metric
+SOURCE_COUNTS = ("sources", "files", "bytes")  # what a run that collected files counts
+# The manifest each of these folders holds, by the tag of its sha256: a run that read the folder and a run that
+# wrote it both carry the tag, the link between them when the runs have no DVC hashes.
+MANIFEST_TAGS = {TOKENS_MANIFEST_DIR: TAG_TOKENS_MANIFEST_SHA, RAW_MANIFEST_DIR: TAG_RAW_MANIFEST_SHA,
+                 BASE_MANIFEST_DIR: TAG_BASE_MANIFEST_SHA}
+RUN_CACHE = "outputs restored by DVC's run-cache make no run"
 
 
 class LineageError(InputError):
@@ -62,15 +80,15 @@ class LineageError(InputError):
 
 
 def model_lineage(uri: str, tracking_uri: str) -> dict[str, Any]:
-    """The chain behind a registered model version, newest first: the version, the run that made it, for a
-    fine-tune the base version and its run (recursively), the tokens manifest and the tokenize run, the
-    preprocess run, the collect run and the raw sources.
+    """The chain behind a registered model version, newest first (the module docstring has the order): the
+    version, the run that made it, the runs whose outputs that run read as the stages declare them, back to the
+    raw sources; for a fine-tune the base version and its chain, for a continued pretrain the champion's.
 
     Args:
         uri: models:/name/<version> or models:/name@<alias>.
         tracking_uri: the MLflow tracking (and registry) URI.
     Returns: {"model": uri, "chain": [node, ...], "warnings": [...]}; each node has a "kind" (model_version,
-        run, finetune_sources, tokens_manifest, raw_sources) and, after the first, "found_by": how it was found.
+        run, finetune_sources, base_model, tokens_manifest, raw_sources) and, after the first, "found_by": how it was found.
         Every string has the credentials of its URLs masked (`https://***@host`, `?token=***`).
     Raises: LineageError for a malformed URI or an unknown model, version or alias.
     """
@@ -111,6 +129,7 @@ class _Walk:
         self.chain: list[dict] = []
         self.warnings: list[str] = []
         self._seen: set[tuple[str, str]] = set()
+        self._runs: set[str] = set()  # run ids in the chain: a run reached twice shows once
 
     # the model side -------------------------------------------------------------------------------------------
 
@@ -125,25 +144,36 @@ class _Walk:
         if run is None:
             self.warnings.append(f"{mv.name} v{mv.version}: its run {mv.run_id} is not in the tracking store")
             return
+        if run.info.run_id in self._runs:  # already in the chain, with what it came from
+            return
+        self._runs.add(run.info.run_id)
         self.chain.append(_run_node(run, f"the run that registered {mv.name} v{mv.version}"))
-        base_sha = mv.tags.get(TAG_BASE_WEIGHTS_SHA) or run.data.tags.get(TAG_BASE_WEIGHTS_SHA)
+        tags = run.data.tags
+        base_sha = mv.tags.get(TAG_BASE_WEIGHTS_SHA) or tags.get(TAG_BASE_WEIGHTS_SHA)
         if base_sha:
+            self.finetune_sources(run)
+            self.data(run, by_weights=True)
             self.finetune(mv, run, base_sha)
-        elif run.data.tags.get(TAG_ORIGIN) == "base_model" and TAG_BASE_MANIFEST_SHA in run.data.tags:
-            self.base(run, run.data.tags[TAG_BASE_MANIFEST_SHA])  # the pretrained base itself, as downloaded
-        elif TAG_TOKENS_MANIFEST_SHA in run.data.tags:
-            self.pretrain(run)
-            continued = run.data.tags.get(TAG_CONTINUED_WEIGHTS_SHA)
+        elif tags.get(TAG_ORIGIN) == "base_model" and TAG_BASE_MANIFEST_SHA in tags:
+            self.base(run, tags[TAG_BASE_MANIFEST_SHA])  # the pretrained base itself, as downloaded
+        elif TAG_TOKENS_MANIFEST_SHA in tags or getattr(_declared(_stage(run)), "deps", ()):
+            if TAG_BASE_MANIFEST_SHA in tags:
+                self.base(run, tags[TAG_BASE_MANIFEST_SHA])
+            self.data(run)
+            continued = tags.get(TAG_CONTINUED_WEIGHTS_SHA)
             if continued:  # the champion it continued, and that version's own chain
                 self.continued(mv, run, continued)
         else:
-            self.warnings.append(f"run {run.info.run_id} ({_stage(run)}): no base weights or tokens manifest tag; the chain ends here")
+            self.warnings.append(f"run {run.info.run_id} ({_stage(run)}): no base weights, tokens manifest tag or declared "
+                                 "inputs; the chain ends here")
 
-    def finetune(self, mv, run, base_sha: str) -> None:
+    def finetune_sources(self, run) -> None:
         manifest = self._manifest(run, FINETUNE_MANIFEST_DIR)
         if manifest is not None:
             self.chain.append(_sources_node("finetune_sources", manifest, run.data.tags.get(TAG_FINETUNE_MANIFEST_SHA),
                                             f"artifact {FINETUNE_MANIFEST_DIR}/manifest.json of run {run.info.run_id}"))
+
+    def finetune(self, mv, run, base_sha: str) -> None:
         base = self._version_with_weights(base_sha, before=run.info.start_time)
         if base is None:
             self.warnings.append(f"{mv.name} v{mv.version}: no registered version has the base weights (sha256 {base_sha})")
@@ -159,38 +189,72 @@ class _Walk:
 
     # the data side --------------------------------------------------------------------------------------------
 
-    def pretrain(self, run) -> None:
-        tags = run.data.tags
-        if TAG_BASE_MANIFEST_SHA in tags:
-            self.base(run, tags[TAG_BASE_MANIFEST_SHA])
-        tokens_sha = tags[TAG_TOKENS_MANIFEST_SHA]
-        tokenize = self._run_with(run, "tokenize", TAG_TOKENS_MANIFEST_SHA, tokens_sha)
-        how = "its tokens manifest sha256 equals the pretrain run's"
-        if tokenize is None:
-            tokenize, how = self._producer(run, "data/tokens", "tokenize"), "its data/tokens output hash equals the pretrain run's input"
+    def data(self, run, by_weights: bool = False) -> None:
+        """The tokens manifest `run` trained on (when it names one), the runs whose outputs it read (`upstream`),
+        and the raw sources they start from.
+
+        Args:
+            run: a registered version's run, already in the chain.
+            by_weights: its version names the weights it started from: a dep on a registered model's folder is
+                that version's, followed through the registry (`finetune`) rather than by its DVC hash.
+        """
+        upstream = self.upstream(run, by_weights)
+        tokens_sha = run.data.tags.get(TAG_TOKENS_MANIFEST_SHA)
+        if tokens_sha:
+            self.chain.append(self._tokens_node(run, tokens_sha, [r for r, _ in upstream]))
+        for found, how in upstream:
+            self.chain.append(_run_node(found, how))
+        self.raw_sources(run, [r for r, _ in upstream if _writes(r, RAW_MANIFEST_DIR)])
+
+    def upstream(self, start, by_weights: bool = False) -> list[tuple[Any, str]]:
+        """(run, how it was found) of every run whose outputs `start` read, directly or through others, breadth
+        first: the runs one declared dep away in the order the stage declares its deps, then two away, ...; a run
+        already in the chain, or reached before, is not repeated."""
+        found: list[tuple[Any, str]] = []
+        queue = [start]
+        while queue:
+            run = queue.pop(0)
+            for producer, how in self._inputs(run, skip_models=by_weights and run is start):
+                if producer.info.run_id in self._runs:
+                    continue
+                self._runs.add(producer.info.run_id)
+                found.append((producer, how))
+                queue.append(producer)
+        return found
+
+    def _inputs(self, run, skip_models: bool) -> list[tuple[Any, str]]:
+        """(run, how) of the run that wrote each dep of `run`'s declared stage, as that stage declares them."""
+        name = _stage(run)
+        stage = _declared(name)
+        if stage is None:
+            self.warnings.append(f"run {run.info.run_id}: lmcore.pipeline declares no stage {name!r}; its inputs are not followed")
+            return []
+        inputs = []
+        for dep in stage.deps:
+            maker = _maker(dep)
+            # a file inside a stage's out folder: the producer's run has a hash of the folder alone; a stage that
+            # reads the folder declares it, and that dep is followed
+            if maker is None or maker[1] != dep:
+                continue
+            producer = maker[0]
+            if skip_models and producer.registers is not None and producer.registers.model == dep:
+                continue
+            if run.data.tags.get(TAG_DVC_DEP + dep) == MISSING:  # the run read nothing there: no upstream
+                continue
+            found, how = self._producer(run, producer.name, dep)
+            if found is None:
+                self.warnings.append(f"no {producer.name} run wrote the {dep} that {name} run {run.info.run_id} read ({RUN_CACHE})")
+            else:
+                inputs.append((found, how))
+        return inputs
+
+    def _tokens_node(self, run, sha: str, upstream: list) -> dict:
+        """The tokens manifest `run` trained on: its own copy, else that of the upstream run that made it."""
         manifest, where = self._manifest(run, TOKENS_MANIFEST_DIR), f"artifact {TOKENS_MANIFEST_DIR}/manifest.json of run {run.info.run_id}"
-        if manifest is None and tokenize is not None:
-            manifest, where = self._manifest(tokenize, ""), f"artifact manifest.json of run {tokenize.info.run_id}"
-        self.chain.append(_tokens_node(manifest, tokens_sha, where))
-        if tokenize is None:
-            self.warnings.append(f"no tokenize run made the tokens manifest {tokens_sha[:12]} (outputs restored by DVC's run-cache make no run)")
-            return self.raw_sources(run, None)
-        self.chain.append(_run_node(tokenize, how))
-        preprocess = self._producer(tokenize, "data/clean", "preprocess")
-        if preprocess is None:
-            self.warnings.append(f"no preprocess run wrote the data/clean that tokenize run {tokenize.info.run_id} read")
-            return self.raw_sources(run, None)
-        self.chain.append(_run_node(preprocess, "its data/clean output hash equals the tokenize run's input"))
-        collect = self._producer(preprocess, "data/raw", "collect")
-        how = "its data/raw output hash equals the preprocess run's input"
-        raw_sha = preprocess.data.tags.get(TAG_RAW_MANIFEST_SHA)
-        if collect is None and raw_sha:
-            collect, how = self._run_with(preprocess, "collect", TAG_RAW_MANIFEST_SHA, raw_sha), "its raw manifest sha256 equals the preprocess run's"
-        if collect is None:
-            self.warnings.append(f"no collect run wrote the data/raw that preprocess run {preprocess.info.run_id} read")
-            return self.raw_sources(run, None)
-        self.chain.append(_run_node(collect, how))
-        self.raw_sources(run, collect)
+        maker = next((r for r in upstream if r.data.tags.get(TAG_TOKENS_MANIFEST_SHA) == sha), None)
+        if manifest is None and maker is not None:
+            manifest, where = self._manifest(maker, ""), f"artifact manifest.json of run {maker.info.run_id}"
+        return _tokens_node(manifest, sha, where, f"the {_stage(run)} run's tokens manifest tag")
 
     def base(self, run, sha: str) -> None:
         """The pretrained base the pretrain run continued: its base.json, logged with the run."""
@@ -208,19 +272,22 @@ class _Walk:
             "files": [{k: f.get(k) for k in ("file", "url", "path", "sha256", "origin", "bytes")} for f in content.get("files", [])],
         })
 
-    def raw_sources(self, pretrain_run, collect_run) -> None:
-        """From the collect run's manifest; else the copy the pretrain run logged."""
-        pre_sha = pretrain_run.data.tags.get(TAG_RAW_MANIFEST_SHA)
-        if collect_run is not None:
-            sha = collect_run.data.tags.get(TAG_RAW_MANIFEST_SHA)
-            manifest = self._manifest(collect_run, "")
-            where = f"artifact manifest.json of run {collect_run.info.run_id}"
-            if pre_sha and sha and pre_sha != sha:
-                self.warnings.append(f"the pretrain run logged raw manifest {pre_sha[:12]}, but its data came from collect run "
-                                     f"{collect_run.info.run_id} with manifest {sha[:12]} (data/raw changed after tokenize)")
-        else:
-            sha, manifest = pre_sha, self._manifest(pretrain_run, RAW_MANIFEST_DIR)
-            where = f"artifact {RAW_MANIFEST_DIR}/manifest.json of run {pretrain_run.info.run_id}"
+    def raw_sources(self, run, makers: list) -> None:
+        """From the manifest of each run that wrote the raw data (`makers`, collect's); without one, the copy
+        `run` logged, when it names one."""
+        read_sha = run.data.tags.get(TAG_RAW_MANIFEST_SHA)
+        for maker in makers:
+            sha = maker.data.tags.get(TAG_RAW_MANIFEST_SHA)
+            if read_sha and sha and read_sha != sha:
+                self.warnings.append(f"the {_stage(run)} run logged raw manifest {read_sha[:12]}, but its data came from "
+                                     f"{_stage(maker)} run {maker.info.run_id} with manifest {sha[:12]} "
+                                     f"({RAW_MANIFEST_DIR} changed in between)")
+            self._raw_node(self._manifest(maker, ""), sha, f"artifact manifest.json of run {maker.info.run_id}")
+        if not makers and read_sha:
+            self._raw_node(self._manifest(run, RAW_MANIFEST_DIR), read_sha,
+                           f"artifact {RAW_MANIFEST_DIR}/manifest.json of run {run.info.run_id}")
+
+    def _raw_node(self, manifest: dict | None, sha: str | None, where: str) -> None:
         if manifest is None:
             self.warnings.append("no raw manifest found as an artifact")
             return
@@ -236,12 +303,21 @@ class _Walk:
         except MlflowException:
             return None
 
-    def _producer(self, run, path: str, stage: str):
-        """The `stage` run whose output `path` hashed to what `run` read there (its DVC dep tag)."""
+    def _producer(self, run, stage: str, path: str) -> tuple[Any, str]:
+        """The `stage` run whose output `path` hashed to what `run` read there (their DVC tags); without that, the
+        `stage` run with the sha256 of the manifest in `path` that `run` names. (None, "") when neither is found."""
+        reader = _stage(run)
         value = run.data.tags.get(TAG_DVC_DEP + path)
-        if not value or value == MISSING:
-            return None
-        return self._run_with(run, stage, TAG_DVC_OUT + path, value)
+        if value:
+            found = self._run_with(run, stage, TAG_DVC_OUT + path, value)
+            if found is not None:
+                return found, f"its {path} output hash equals the {reader} run's input"
+        tag = MANIFEST_TAGS.get(path)
+        if tag and run.data.tags.get(tag):
+            found = self._run_with(run, stage, tag, run.data.tags[tag])
+            if found is not None:
+                return found, f"its {tag.removeprefix(PREFIX).replace('_', ' ')} equals the {reader} run's"
+        return None, ""
 
     def _run_with(self, downstream, stage: str, tag: str, value: str):
         """The newest finished `stage` run with tag == value that started before `downstream` (same experiment
@@ -298,6 +374,27 @@ def _stage(run) -> str:
     return run.data.tags.get(TAG_STAGE, run.info.run_name or "?")
 
 
+# the declarations, read when the walk runs (pipeline.STAGES as it is then: BY_NAME is fixed at import)
+
+
+def _declared(name: str):
+    """The stage called `name` in lmcore.pipeline, or None."""
+    return next((s for s in pipeline.STAGES if s.name == name), None)
+
+
+def _maker(path: str):
+    """(the stage whose outs hold `path`, that out), or None for a path no stage writes."""
+    stage = _declared(pipeline.producer(path) or "")
+    if stage is None:
+        return None
+    return stage, next(o for o in stage.outs if path == o or path.startswith(o.rstrip("/") + "/"))
+
+
+def _writes(run, folder: str) -> bool:
+    """Whether `run`'s stage declares `folder` among its outs (it made what is there)."""
+    return folder in getattr(_declared(_stage(run)), "outs", ())
+
+
 def _version_node(mv, found_by: str | None) -> dict:
     tags = dict(mv.tags)
     node = {
@@ -344,21 +441,22 @@ def _run_node(run, found_by: str) -> dict:
         },
         "found_by": found_by,
     }
-    if stage == "preprocess" and DOCUMENTS_KEPT in metrics:
+    if DOCUMENTS_KEPT in metrics:
         node["documents_kept"] = int(metrics[DOCUMENTS_KEPT])
-    if stage == "tokenize":
+    if _writes(run, TOKENS_MANIFEST_DIR):
         node["tokens"] = {s: int(metrics[f"{s}_tokens"]) for s in ("train", "val") if f"{s}_tokens" in metrics}
-    if stage == "collect":
-        node.update({k: int(metrics[k]) for k in ("sources", "files", "bytes") if k in metrics})
+    if _writes(run, RAW_MANIFEST_DIR):
+        node.update({k: int(metrics[k]) for k in SOURCE_COUNTS if k in metrics})
     for key, tag in (("tokens_manifest_sha256", TAG_TOKENS_MANIFEST_SHA), ("raw_manifest_sha256", TAG_RAW_MANIFEST_SHA),
+                     ("base_manifest_sha256", TAG_BASE_MANIFEST_SHA),
                      ("weights_sha256", TAG_WEIGHTS_SHA), ("base_weights_sha256", TAG_BASE_WEIGHTS_SHA)):
         if tag in tags:
             node[key] = tags[tag]
     return node
 
 
-def _tokens_node(manifest: dict | None, sha: str, where: str) -> dict:
-    node: dict[str, Any] = {"kind": "tokens_manifest", "sha256": sha, "found_by": "the pretrain run's tokens manifest tag"}
+def _tokens_node(manifest: dict | None, sha: str, where: str, found_by: str) -> dict:
+    node: dict[str, Any] = {"kind": "tokens_manifest", "sha256": sha, "found_by": found_by}
     if manifest is None:
         node["artifact"] = None
         return node

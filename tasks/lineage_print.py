@@ -54,7 +54,8 @@ def _describe(node: dict) -> tuple[str, list[tuple[str, str]]]:
         add("launcher", node["launcher"])
         add("parent run", node["parent_run_id"])
         add("tokens", _counts(node.get("tokens")))
-        for key in ("documents_kept", "sources", "files", "bytes", "tokens_manifest_sha256", "raw_manifest_sha256"):
+        for key in ("documents_kept", "sources", "files", "bytes", "tokens_manifest_sha256", "raw_manifest_sha256",
+                    "base_manifest_sha256"):
             add(key.replace("_", " "), node.get(key))
         dvc = node["dvc"]
         add("DVC hashed by", dvc["hashed_by"])

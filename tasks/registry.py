@@ -131,7 +131,7 @@ def download_model_dir(uri: str, tracking_uri: str, dst: Path | None = None) -> 
     """
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
-    version = _registered_version(uri, tracking_uri)
+    version = registered_version(uri, tracking_uri)
     source = f"models:/{version.name}/{version.version}" if version is not None else uri
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=None if dst is None else str(dst)))
@@ -149,11 +149,11 @@ def download_model_dir(uri: str, tracking_uri: str, dst: Path | None = None) -> 
 
 def version_card(uri: str, tracking_uri: str) -> str | None:
     """The model card (description) of the version a `models:/` URI names; None when it has none."""
-    version = _registered_version(uri, tracking_uri)
+    version = registered_version(uri, tracking_uri)
     return (version.description or None) if version is not None else None
 
 
-def _registered_version(uri: str, tracking_uri: str):
+def registered_version(uri: str, tracking_uri: str):
     """The ModelVersion a `models:/name@alias`, `models:/name/<version>` or `models:/name` URI names (None for
     other URIs). A bare name is its `@champion`: the version a user serves."""
     match = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))?", uri)

@@ -32,8 +32,8 @@ from prefect.states import Completed, State
 
 from lmcore.config import Params
 from lmcore.errors import is_input_error, is_transient
-from lmcore.io import sha256_file
-from lmcore.paths import WEIGHTS
+from lmcore.io import read_json, sha256_file
+from lmcore.paths import REGISTERED, WEIGHTS
 from lmcore.pipeline import STAGES, UNCHANGED, Stage
 from lmcore.stages import Scores, StageContext, StageResult
 from tasks import cards, failures
@@ -42,7 +42,7 @@ from tasks.gate import gate
 from tasks.incremental import STAGE_SUMMARY
 from tasks.registry import download_model_dir, find_version, log_and_register
 from tasks.retries import RETRY_DELAY_S, retry_transient
-from tasks.tags import TAG_PARAMS_SHA, TAG_WEIGHTS_SHA, tag
+from tasks.tags import TAG_PARAMS_SHA, TAG_REGISTRY_DEPS, TAG_WEIGHTS_SHA, tag
 from tasks.tracking import MlflowTracker
 
 
@@ -53,17 +53,26 @@ def section(params: Params, stage: Stage) -> dict[str, Any]:
     return {key: data[key] for key in stage.params}
 
 
-def stage_context(rc: RunContext, stage: Stage, tracker, downloads: Path | None = None) -> StageContext:
-    """The library's view of the run: root, params, tracker, a Dask map for a section with `runner: dask`, and the
-    registry's models (`resolve_model`, downloaded under `downloads`)."""
+def stage_context(rc: RunContext, stage: Stage, tracker, downloads: Path | None = None,
+                  resolved: dict[str, str] | None = None) -> StageContext:
+    """The library's view of the run, made from the stage's declaration (its deps, outs and registry deps): root,
+    params, tracker, a Dask map for a section with `runner: dask`, and the registry's models (`resolve_model`,
+    downloaded under `downloads`; each URI resolved is recorded in `resolved` as "name vN")."""
     cfg = getattr(rc.params, stage.name, None)
     mapper = None
     if getattr(cfg, "runner", None) == "dask":
         from tasks.dask import dask_map
 
         mapper = dask_map(cfg.dask_address, cfg.workers, f"{stage.name}-item")
-    return StageContext(root=rc.root, params=rc.params, tracker=tracker, map=mapper,
-                        resolve_model=lambda uri: resolve_registered(uri, rc.tracking.uri, downloads))
+
+    def resolve(uri: str) -> Path:
+        folder = resolve_registered(uri, rc.tracking.uri, downloads)
+        if resolved is not None and (folder / REGISTERED).is_file():
+            record = read_json(folder / REGISTERED)
+            resolved[uri] = f"{record['name']} v{record['version']}"
+        return folder
+
+    return stage.context(rc.root, rc.params, tracker=tracker, map=mapper, resolve_model=resolve)
 
 
 def resolve_registered(uri: str, tracking_uri: str, downloads: Path | None = None) -> Path:
@@ -79,8 +88,11 @@ def execute(stage: Stage, rc: RunContext) -> dict[str, Any]:
             rc.tracking.run(stage.name, tags={tag(k): v for k, v in stage.tags.items()}) as run, \
             tempfile.TemporaryDirectory(prefix="lmcore-registry-") as downloads:
         run.log_params(section(rc.params, stage))
-        result: StageResult = stage.function()(stage_context(rc, stage, run, Path(downloads)))
+        resolved: dict[str, str] = {}
+        result: StageResult = stage.function()(stage_context(rc, stage, run, Path(downloads), resolved))
         run.set_tags({tag(k): v for k, v in result.tags.items()})
+        if stage.registry_deps(rc.params):  # what the change check compares with the registry next time
+            run.set_tags({TAG_REGISTRY_DEPS: json.dumps(resolved, sort_keys=True)})
         if result.metrics:
             run.log_metrics(result.metrics)
         for artifact in result.artifacts:

@@ -12,6 +12,7 @@ from lmcore.stages import (
     BASE_MANIFEST_SHA,
     BASE_WEIGHTS_SHA,
     CONTINUED_WEIGHTS_SHA,
+    START_WEIGHTS_SHA,
     FINETUNE,
     FINETUNE_MANIFEST_SHA,
     RAW_MANIFEST_SHA,
@@ -39,6 +40,7 @@ TAG_BASE_MANIFEST_SHA = tag(BASE_MANIFEST_SHA)  # a pretrain run that continued 
 TAG_WEIGHTS_SHA = tag(WEIGHTS_SHA)
 TAG_BASE_WEIGHTS_SHA = tag(BASE_WEIGHTS_SHA)  # the model a fine-tune started from
 TAG_CONTINUED_WEIGHTS_SHA = tag(CONTINUED_WEIGHTS_SHA)  # the registered champion a pretrain run continued
+TAG_START_WEIGHTS_SHA = tag(START_WEIGHTS_SHA)  # the weights a pretrain run started from
 TAG_FINETUNE = tag(FINETUNE)  # classifier | instruct | dpo
 TAG_FINETUNE_MANIFEST_SHA = tag(FINETUNE_MANIFEST_SHA)  # the data a fine-tune collected
 # The tokenizer a model version carries (and the tokenize run used): the promotion gate compares per-token losses
@@ -46,6 +48,7 @@ TAG_FINETUNE_MANIFEST_SHA = tag(FINETUNE_MANIFEST_SHA)  # the data a fine-tune c
 TAG_TOKENIZER = tag("tokenizer")
 TAG_TOKENIZER_SHA = tag("tokenizer_sha256")
 # DVC hashes (md5, as dvc.lock records them) of a stage run's inputs and outputs: one tag per path.
+TAG_REGISTRY_DEPS = "lmcore.registry_deps"  # JSON {models:/ URI: "name vN"}: the registered versions a stage run read
 TAG_DVC_DEP = "lmcore.dvc.dep."  # + the path as dvc.yaml writes it
 TAG_DVC_OUT = "lmcore.dvc.out."
 TAG_DVC_DEPS_MD5 = "lmcore.dvc.deps_md5"  # md5 of all the deps' hashes: runs with equal inputs share it

@@ -8,6 +8,7 @@ the fixture is built once, on one worker; the groups go out longest first (tests
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import tempfile
@@ -125,6 +126,17 @@ def _no_process_wide_mlflow_uris():
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+@pytest.fixture(autouse=True)
+def _logging_left_enabled():
+    """`logging.disable` is process-wide: a test that leaves it on (a benchmark's main run in-process) silences
+    every later test's caplog on that worker. Such a test fails here, naming itself, and logging is switched back on."""
+    yield
+    level = logging.root.manager.disable
+    if level:
+        logging.disable(logging.NOTSET)
+        pytest.fail(f"the test left logging.disable({logging.getLevelName(level)}) on: later tests' caplog would see nothing")
 
 
 @contextlib.contextmanager

@@ -1,10 +1,12 @@
 """Run every stage function of a project's params in order, recording each file the process opens under the root
-with the stage that was running (an audit hook), as JSON: [[stage, path relative to the root, "r" | "w"], ...].
+with the stage that was running (an audit hook), and the keys of each stage's summary, as JSON:
+{"opened": [[stage, path relative to the root, "r" | "w"], ...], "summary_keys": {stage: [key, ...]}}.
 
     python -m tests.stage_reads ROOT OUT.json
 
-The stage functions are called directly, as tests call them: no Prefect, no MLflow, so whatever is opened under the
-root is the stage's own doing (tests/flows/test_stage_reads.py checks it against the declarations)."""
+The stage functions are called directly in the contexts their declarations make (`Stage.context`, which refuses a
+path a stage asks for but did not declare): no Prefect, no MLflow, so whatever is opened under the root is the
+stage's own doing (tests/flows/test_stage_reads.py checks it against the declarations)."""
 
 from __future__ import annotations
 
@@ -32,14 +34,15 @@ def main(root: Path, out: Path) -> None:
     sys.addaudithook(hook)  # for the rest of this process, which exists for it
     from lmcore import pipeline
     from lmcore.config import load_params
-    from lmcore.stages import StageContext
 
     params = load_params(root / "params.yaml")
+    keys = {}
     for stage in pipeline.STAGES:
         running.append(stage.name)
-        stage.function()(StageContext(root=root, params=params))
+        result = stage.function()(stage.context(root, params))  # handed its declared deps and outs only
         running.pop()
-    out.write_text(json.dumps(opened))
+        keys[stage.name] = sorted(result.summary)
+    out.write_text(json.dumps({"opened": opened, "summary_keys": keys}))
 
 
 if __name__ == "__main__":  # a process pool's spawned children import this module again: no run there

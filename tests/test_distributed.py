@@ -104,7 +104,7 @@ def test_fsdp_on_two_processes_trains_checkpoints_and_resumes(project):
 
 
 def test_entry_runs_alone_without_torchrun(project):
-    from lmcore.stages.pretrain import main
+    from lmcore.launch import main
 
     summary = main(["--params", str(project / "params.yaml"), "--root", str(project), "--set", "pretrain.max_steps=5"])
     assert summary["world_size"] == 1 and summary["steps"] == 5

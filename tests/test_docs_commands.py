@@ -734,7 +734,7 @@ def test_the_pretrain_entry_runs_on_the_shipped_params(tmp_path, one_thread):
     from benchmarks.train_speed import random_tokens
     from lmcore.bpe import save_trained, train_bpe
     from lmcore.paths import Layout
-    from lmcore.stages.pretrain import main
+    from lmcore.launch import main
 
     tokens = Layout(tmp_path).tokens
     tokens.mkdir(parents=True)

@@ -36,7 +36,9 @@ from lmcore.stages import CONTINUED_WEIGHTS_SHA, StageContext
 from lmcore.stages.pretrain import run as pretrain_stage
 from lmcore.tokenizer import get_tokenizer, load_tokenizer
 from lmcore.tracking import ListTracker
-from tasks.incremental import Plan, RootBusyError, describe, root_lock
+from tasks.incremental import Plan, RootBusyError, changed_keys, describe, registry_moves, root_lock
+from tasks.tags import TAG_REGISTRY_DEPS, TAG_START_WEIGHTS_SHA, TAG_WEIGHTS_SHA
+from tasks.tracking import Tracking
 from tests.conftest import MICRO, ROOT, SHARED
 from tests.test_pretrain_base import documents
 
@@ -94,6 +96,9 @@ def test_dvc_status_decides_each_stage(dvc_project):
     assert plan.commit("collect")
     assert yaml.safe_load((root / "dvc.lock").read_text())["stages"]["collect"]["outs"][0]["path"] == "data/raw"
     assert not plan.decide("collect").run  # committed: unchanged
+    # a registry dep that moved (tasks.incremental.registry_moves) is asked only of a stage DVC finds unchanged
+    moved = plan.decide("collect", lambda: ["models:/m@champion: m v1 -> m v2"])
+    assert moved.run and moved.reason == "changed: registry models:/m@champion: m v1 -> m v2"
 
     (root / "corpus" / "b.txt").write_text("A new document in the folder source.\n")
     assert plan.decide("collect").reason == "changed: deps corpus modified"
@@ -103,11 +108,52 @@ def test_dvc_status_decides_each_stage(dvc_project):
     data = yaml.safe_load((root / "params.yaml").read_text())
     data["collect"]["retries"] = 5
     (root / "params.yaml").write_text(yaml.safe_dump(data))
-    assert plan.decide("collect").reason == "changed: params collect modified"
+    assert plan.decide("collect").reason == "changed: params collect.retries modified"  # as the stage's MLflow run logs it
     assert Plan.open(root, root / "params.yaml", None, force=True).decide("collect").reason == "forced"
     assert Plan.open(root, MICRO, None).decide("collect").reason.startswith("not checked: the run uses")
     assert Plan.open(root, root / "params.yaml", ["seed=1"]).decide("collect").reason == "not checked: the run overrides params (seed=1)"
-    assert plan.ran == ["collect", "collect", "collect"] and plan.skipped == ["collect", "collect"]
+    assert plan.ran == ["collect", "collect", "collect", "collect"] and plan.skipped == ["collect", "collect"]
+
+
+def test_the_reason_names_the_changed_params_keys_as_mlflow_logs_them(tmp_path):
+    lock = {"stages": {"tokenize": {"params": {"params.yaml": {"seed": 1, "tokenize": {"val_fraction": 0.1, "runner": "local",
+                                                                                     "dask": {"workers": 2}, "shards": [1, 2]}}}}}}
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"seed": 1, "tokenize": {"val_fraction": 0.2, "runner": "local",
+                                                                                  "dask": {"workers": 4}, "shards": [1, 3], "new": 1}}))
+    keys = changed_keys(tmp_path, "tokenize")
+    assert keys == {"seed": [], "tokenize": ["tokenize.dask.workers", "tokenize.new", "tokenize.shards", "tokenize.val_fraction"]}
+    changes = [{"changed deps": {"params.yaml": {"tokenize": "modified"}}}]
+    assert describe(changes, keys) == "params tokenize.dask.workers, tokenize.new, tokenize.shards, tokenize.val_fraction modified"
+    assert describe(changes) == "params tokenize modified"  # no dvc.lock entry to compare: DVC's own word
+
+
+def test_a_registry_dep_that_moved_is_a_change(tmp_path):
+    """pretrain.init: champion reads the registry: when the champion is another version than the one the run that made
+    the outputs continued, the stage is changed though DVC finds its files unchanged."""
+    tracking = Tracking(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="registry-deps")
+    client, uri = tracking.client(), "models:/lmcore-base@champion"
+    assert registry_moves(tracking, None, ()) == []
+    assert registry_moves(tracking, None, (uri,)) == []  # no champion then, none now
+    client.create_registered_model("lmcore-base")
+    for _ in range(2):
+        client.create_model_version("lmcore-base", source=str(tmp_path))
+    client.set_registered_model_alias("lmcore-base", "champion", "1")
+    assert registry_moves(tracking, None, (uri,)) == [f"{uri}: none -> lmcore-base v1"]
+    with tracking.run("pretrain") as run:
+        run.set_tags({TAG_REGISTRY_DEPS: json.dumps({uri: "lmcore-base v1"})})
+    assert registry_moves(tracking, run.run_id, (uri,)) == []
+    client.set_registered_model_alias("lmcore-base", "champion", "2")
+    assert registry_moves(tracking, run.run_id, (uri,)) == [f"{uri}: lmcore-base v1 -> lmcore-base v2"]
+    # the champion is the model that run made (v3, promoted since), or the base it started from (v4, registered as
+    # the first champion since): no move, the run would start where it did
+    with tracking.run("pretrain") as made:
+        made.set_tags({TAG_REGISTRY_DEPS: "{}", TAG_WEIGHTS_SHA: "w" * 64, TAG_START_WEIGHTS_SHA: "b" * 64})
+    for version, sha in (("3", "w" * 64), ("4", "b" * 64)):
+        client.create_model_version("lmcore-base", source=str(tmp_path), tags={TAG_WEIGHTS_SHA: sha})
+        client.set_registered_model_alias("lmcore-base", "champion", version)
+        assert registry_moves(tracking, made.run_id, (uri,)) == []
+    assert registry_moves(tracking, run.run_id, (uri,)) == [f"{uri}: lmcore-base v1 -> lmcore-base v4"]
 
 
 def test_summary_of_an_unchanged_stage_is_the_making_runs(tmp_path):

@@ -3,20 +3,24 @@ whose code deps are computed import closures that DVC itself acts on."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import types
+import typing
 from pathlib import Path
 
 import pytest
+import typing_extensions
 
 from flows.dvc_yaml import render
 from lmcore import pipeline
-from lmcore.config import Params
+from lmcore.config import Params, load_params
 from lmcore.pipeline import STAGES, Curve, import_closure
-from lmcore.stages import StageResult
+from lmcore.stages import Promoted, PromotedSeveral, Registered, StageContext, StageResult, UndeclaredError
 from tests.conftest import ROOT
 
 
@@ -126,6 +130,83 @@ def test_summary_rows_and_parent_metrics_come_from_the_declarations():
     assert pipeline.parent_tags(results) == {"raw_manifest_sha256": "r" * 64, "tokens_manifest_sha256": "t" * 64}
     assert pipeline.parent_metrics({"judge": {"skipped": False, "mean_scores": {"instruct": 61.5, "dpo": None}}}) == {
         "judge.instruct_mean_score": 61.5}
+
+
+def sample(tp: object) -> object:
+    """A value of type `tp`: TypedDicts with every key, "sample" for each string and each dict key."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if typing_extensions.is_typeddict(tp):  # typing's or typing_extensions' (train_tokenizer's has extra_items)
+        return {key: sample(t) for key, t in typing_extensions.get_type_hints(tp).items()}
+    if origin in (typing.Union, types.UnionType):
+        return sample(next(a for a in args if a is not type(None)))
+    if origin in (typing.NotRequired, typing.Required):
+        return sample(args[0])
+    if origin is dict:
+        return {"sample": sample(args[1])}
+    if origin is list:
+        return [sample(args[0])]
+    if origin is typing.Literal:
+        return args[0]
+    return {int: 3, float: 0.5, bool: False, str: "sample"}[tp]
+
+
+def summary_keys(typed: type) -> tuple[set[str], set[str]]:
+    """(required, optional) keys of a TypedDict. Its own __required_keys__ misses a NotRequired[...] written under
+    `from __future__ import annotations` (a string, on Python 3.11); the evaluated hints have it."""
+    hints = typing_extensions.get_type_hints(typed, include_extras=True)
+    optional = set(typed.__optional_keys__) | {k for k, t in hints.items() if typing.get_origin(t) is typing.NotRequired}
+    return set(hints) - optional, optional
+
+
+def summary_sample(stage: pipeline.Stage) -> dict:
+    """A summary of `stage` as the orchestration layer hands it on: its module's `Summary`, with what the layer adds
+    for a stage that registers a model or goes through a promotion gate."""
+    summary = sample(importlib.import_module(stage.module).Summary)
+    if stage.registers is not None:
+        summary |= sample(Registered)
+    if stage.promotes is not None:
+        summary |= sample(PromotedSeveral if stage.name == "instruct_eval" else Promoted)
+    return summary
+
+
+def read_everything(stage: pipeline.Stage, summary: dict) -> None:
+    """Every summary row, parent metric and parent tag of the declaration, on `summary`."""
+    for row in stage.summary:
+        assert isinstance(row.value(summary), (str, int, float)), (stage.name, row.label)
+    for what in (stage.parent_metrics, stage.parent_tags):
+        if what is not None:
+            what(summary)
+
+
+def test_every_summary_row_reads_keys_its_stage_returns():
+    """Each stage module types its summary (`Summary`); the declaration's rows, parent metrics and tags read only
+    those keys (and what the orchestration layer adds): a misspelled key is a KeyError here, not after a lifecycle."""
+    for stage in STAGES:
+        read_everything(stage, summary_sample(stage))
+    collect = pipeline.get("collect")
+    misspelled = pipeline.Row("sources collected", lambda s: s["source"])
+    with pytest.raises(KeyError, match="source"):
+        read_everything(pipeline.Stage("collect", "", outs=collect.outs, summary=(misspelled,)), summary_sample(collect))
+
+
+def test_a_stage_is_handed_what_it_declares_and_nothing_else(tmp_path):
+    params = load_params(ROOT / "params.yaml")
+    ctx = pipeline.get("evaluate").context(tmp_path, params, resolve_model=lambda uri: tmp_path / "never")
+    assert ctx.inputs["models/base"] == tmp_path.resolve() / "models" / "base" and set(ctx.inputs) == {"models/base", "data/tokens"}
+    assert ctx.outputs["reports/evaluate"] == tmp_path.resolve() / "reports" / "evaluate"
+    with pytest.raises(UndeclaredError, match=r"^evaluate: data/clean is not among its declared deps \(models/base, data/tokens\)"):
+        ctx.inputs["data/clean"]
+    with pytest.raises(UndeclaredError, match="evaluate: models/base is not among its declared outs"):
+        ctx.outputs["models/base"]
+    with pytest.raises(UndeclaredError, match="evaluate: models:/lmcore-base@champion is not among its declared registry deps"):
+        ctx.resolve_model("models:/lmcore-base@champion")
+    # pretrain continuing the champion declares that registry read, and resolves it
+    champion, base = (params.model_copy(update={"pretrain": params.pretrain.model_copy(update={"init": init})}) for init in ("champion", "base"))
+    uri = f"models:/{params.tracking.registered_model}@champion"
+    assert pipeline.get("pretrain").registry_deps(champion) == (uri,) and pipeline.get("pretrain").registry_deps(base) == ()
+    assert pipeline.get("pretrain").context(tmp_path, champion, resolve_model=lambda u: tmp_path / u[-8:]).resolve_model(uri) == tmp_path / "champion"
+    # a context built by hand (unit tests) resolves any path
+    assert StageContext(tmp_path, params).inputs["data/clean"] == tmp_path.resolve() / "data" / "clean"
 
 
 def test_a_stage_function_runs_without_any_orchestration(tmp_path):

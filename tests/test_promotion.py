@@ -113,14 +113,14 @@ def test_continued_pretraining_is_decided_on_what_it_bought_and_what_it_cost():
 
 
 def test_a_bare_registered_name_is_its_champion(tmp_path):
-    from tasks.registry import _registered_version
+    from tasks.registry import registered_version
 
     tracking, client, (v1, v2) = registry(tmp_path, 2)
     scored(tracking, v1, 0.25, 0.01)
     scored(tracking, v2, 0.40, 0.01)
-    assert str(_registered_version("models:/m", tracking.uri).version) == v2  # models:/m is models:/m@champion
-    assert str(_registered_version("models:/m/1", tracking.uri).version) == v1
-    assert _registered_version("runs:/abc/model", tracking.uri) is None
+    assert str(registered_version("models:/m", tracking.uri).version) == v2  # models:/m is models:/m@champion
+    assert str(registered_version("models:/m/1", tracking.uri).version) == v1
+    assert registered_version("runs:/abc/model", tracking.uri) is None
 
 
 def registry(tmp_path, n: int) -> tuple[Tracking, MlflowClient, list[str]]:

@@ -405,3 +405,30 @@ def test_nan_guard_keeps_the_last_good_checkpoint(tmp_path, pattern_tokens, monk
     good = load_training_checkpoint(latest_checkpoint(ckpts))
     assert all(torch.isfinite(t).all() for t in good.model.values())
     assert not (tmp_path / "run").exists()
+
+
+def test_pretraining_and_fine_tuning_run_the_one_loop(tmp_path, pattern_tokens, monkeypatch):
+    import lmcore.finetune.trainer as trainer
+    from lmcore.config import FinetuneConfig
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["what"])
+        return training.train_loop(*args, **kwargs)
+
+    monkeypatch.setattr(pretraining, "train_loop", counted)
+    monkeypatch.setattr(trainer, "train_loop", counted)
+    run(tmp_path, pattern_tokens, cfg=micro_cfg(max_steps=2))
+
+    torch.manual_seed(0)
+    model = GPT(micro_cfg().model)
+    items = [[(i + j) % VOCAB for j in range(17)] for i in range(6)]
+
+    def loss_fn(m, batch):
+        loss = m(batch[:, :-1], batch[:, 1:])[1]
+        return loss, {"loss": loss.item()}
+
+    history = trainer.fit(model, FinetuneConfig(batch_size=2, max_steps=2, device="cpu"), items, torch.tensor, loss_fn,
+                          lambda m, n: loss_fn(m, torch.tensor(items))[1], seed=0, desc="finetune_x")
+    assert calls == ["pretrain", "finetune_x"] and history.steps == 2

@@ -46,6 +46,7 @@ from lmcore.config.training import (
     LoraConfig,
     PretrainConfig,
     RESUME_FREE_KEYS,
+    TrainConfig,
 )
 from lmcore.config.evaluation import API_KEY_ENV, BenchmarkConfig, EvaluateConfig, InstructEvalConfig, JudgeConfig
 from lmcore.config.operations import TrackingConfig
@@ -95,6 +96,7 @@ __all__ = [
     "TEXT_FORMATS",
     "TokenizeConfig",
     "TrackingConfig",
+    "TrainConfig",
     "TrainTokenizerConfig",
     "load_params",
     "params_from_dict",

@@ -3,9 +3,9 @@ instruct, DPO) and LoRA."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_serializer, model_validator
 
 from lmcore.config.base import Section
 from lmcore.config.data import Source
@@ -35,7 +35,53 @@ class ContinuedConfig(Section):
     warmup_steps: int | None = Field(default=None, ge=0)
 
 
-class PretrainConfig(Section):
+class TrainConfig(Section):
+    """What every trainer shares (lmcore.training.train_loop: pretraining and the fine-tunes): the batch and its
+    accumulation, AdamW and its warmup-cosine schedule, precision, the evaluation cadence, training checkpoints and
+    resume, the device. The defaults are pretraining's; FinetuneConfig sets its own where they differ. The run length
+    (`max_steps`) and the evaluation size (`eval_batches`) mean different things in each, so each declares its own.
+
+    `key_order`: the order of a section's keys in what is written from it (params.yaml beside every model, MLflow
+    params, the checkpoints' config), kept as it was before these fields moved here, so those files do not change;
+    pydantic itself lists a base class's fields first.
+    """
+
+    batch_size: int = Field(default=16, ge=1)  # examples (windows) per forward pass (micro-batch), per process
+    grad_accum_steps: int = Field(default=1, ge=1)  # micro-batches per optimizer step
+    lr: float = Field(default=1e-3, gt=0)
+    min_lr: float = Field(default=1e-4, ge=0)
+    warmup_steps: int = Field(default=20, ge=0)
+    weight_decay: float = Field(default=0.1, ge=0)  # matmul weights only: never norms, biases, embeddings
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    beta2: float = Field(default=0.95, ge=0, lt=1)
+    grad_clip: float = Field(default=1.0, ge=0)  # 0 disables clipping
+    eval_interval: int = Field(default=25, ge=1)
+    # fp32; bf16 autocast; fp16 autocast with a gradient scaler; auto: bf16 where the device computes it
+    # natively (a GPU with bf16, a CPU with avx512_bf16 or AMX), else fp16 on a GPU and fp32 on a CPU.
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
+    # Training checkpoints every N optimizer steps (in the checkpoint folder the caller names; the pipeline's
+    # is models/checkpoints/<stage>); null writes none. The last `keep_checkpoints` are kept.
+    checkpoint_interval: int | None = Field(default=None, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    # Continue from the latest complete checkpoint (refused when it was written under other settings);
+    # false starts afresh and removes the folder's old checkpoints.
+    resume: bool = False
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    threads: int = Field(default=0, ge=0)  # torch intra-op threads; 0 keeps torch's default
+
+    key_order: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _in_key_order(self, handler) -> dict[str, Any]:
+        data = handler(self)  # include / exclude applied
+        return {k: data[k] for k in self.key_order if k in data} | data  # keys not in key_order follow in field order
+
+    def resume_key(self) -> dict[str, Any]:
+        """The settings a checkpoint must share with the run resuming it: all but how it runs and saves."""
+        return self.model_dump(mode="json", exclude=set(RESUME_FREE_KEYS))
+
+
+class PretrainConfig(TrainConfig):
     """Pretraining (lmcore.pretrain.pretrain); docs/models.md "## Training" explains each option.
 
     One optimizer step consumes batch_size x grad_accum_steps windows per process, and world_size times
@@ -53,17 +99,7 @@ class PretrainConfig(Section):
     model: ModelConfig = ModelConfig()
     # Training window in tokens; null: the model's context_length (a base's may be 8k: far beyond a CPU's budget).
     seq_len: int | None = Field(default=None, ge=1)
-    batch_size: int = Field(default=16, ge=1)  # windows per forward pass (micro-batch), per process
-    grad_accum_steps: int = Field(default=1, ge=1)  # micro-batches per optimizer step
     max_steps: int = Field(default=300, ge=0)  # 0: no update (with init base: the base as it is)
-    lr: float = Field(default=1e-3, gt=0)
-    min_lr: float = Field(default=1e-4, ge=0)
-    warmup_steps: int = Field(default=20, ge=0)
-    weight_decay: float = Field(default=0.1, ge=0)  # matmul weights only: never norms, biases, embeddings
-    beta1: float = Field(default=0.9, ge=0, lt=1)
-    beta2: float = Field(default=0.95, ge=0, lt=1)
-    grad_clip: float = Field(default=1.0, ge=0)  # 0 disables clipping
-    eval_interval: int = Field(default=25, ge=1)
     eval_batches: int = Field(default=8, ge=1)
     # The in-training benchmark probe (lmcore.harness.probe): at step 0, every N steps and at the last step, score a
     # fixed sample of `eval_benchmarks_limit` items per task (drawn with benchmark.sample_seed, zero-shot) and log
@@ -75,26 +111,22 @@ class PretrainConfig(Section):
     # in a row; null trains to max_steps.
     early_stopping_patience: int | None = Field(default=None, ge=1)
     early_stopping_min_delta: float = Field(default=0.0, ge=0)
-    # fp32; bf16 autocast; fp16 autocast with a gradient scaler; auto: bf16 where the device computes it
-    # natively (a GPU with bf16, a CPU with avx512_bf16 or AMX), else fp16 on a GPU and fp32 on a CPU.
-    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
     compile: bool = False  # torch.compile the training forward and backward (needs a C++ compiler on CPU)
     # AdamW implementation: auto is fused on CPU and CUDA (one kernel over all tensors), foreach elsewhere.
     optimizer_impl: Literal["auto", "fused", "foreach", "for-loop"] = "auto"
     # Device peak FLOP/s for MFU in the precision used; null measures it once with a short matmul benchmark.
     peak_flops: float | None = Field(default=None, gt=0)
-    # Training checkpoints every N optimizer steps (in the checkpoint folder the caller names; the pipeline's
-    # is models/checkpoints/pretrain); null writes none. The last `keep_checkpoints` are kept.
-    checkpoint_interval: int | None = Field(default=None, ge=1)
-    keep_checkpoints: int = Field(default=2, ge=1)
-    # Continue from the latest complete checkpoint (refused when it was written under other settings);
-    # false starts afresh and removes the folder's old checkpoints.
-    resume: bool = False
     # Under torchrun (world size > 1): ddp replicates the model; fsdp shards parameters, gradients and
     # optimizer state (FSDP2 fully_shard, one group per block).
     distributed: Literal["ddp", "fsdp"] = "ddp"
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    threads: int = Field(default=0, ge=0)  # torch intra-op threads; 0 keeps torch's default
+
+    key_order = (
+        "init", "continued", "model", "seq_len", "batch_size", "grad_accum_steps", "max_steps", "lr", "min_lr",
+        "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "eval_interval", "eval_batches",
+        "eval_benchmarks_every", "eval_benchmarks", "eval_benchmarks_limit", "early_stopping_patience",
+        "early_stopping_min_delta", "precision", "compile", "optimizer_impl", "peak_flops", "checkpoint_interval",
+        "keep_checkpoints", "resume", "distributed", "device", "threads",
+    )
 
     _probe_tasks = field_validator("eval_benchmarks")(_known_probe_tasks)
 
@@ -113,12 +145,8 @@ class PretrainConfig(Section):
             raise ValueError(f"pretrain.continued: min_lr ({merged.min_lr}) must not exceed lr ({merged.lr})")
         return merged
 
-    def resume_key(self) -> dict[str, Any]:
-        """The settings a checkpoint must share with the run resuming it: all but how it runs and saves."""
-        return self.model_dump(mode="json", exclude=set(RESUME_FREE_KEYS))
 
-
-# PretrainConfig keys a run may change when it resumes: they change how fast it runs or what it saves,
+# Keys a run may change when it resumes (TrainConfig.resume_key): they change how fast it runs or what it saves,
 # not which numbers it computes.
 RESUME_FREE_KEYS = ("threads", "checkpoint_interval", "keep_checkpoints", "resume", "peak_flops",
                     "eval_benchmarks_every", "eval_benchmarks", "eval_benchmarks_limit")
@@ -135,8 +163,9 @@ class LoraConfig(Section):
     target_modules: list[str] = Field(default=["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"], min_length=1)
 
 
-class FinetuneConfig(Section):
-    """What every fine-tuning stage shares: data policy, split, optimisation, LoRA."""
+class FinetuneConfig(TrainConfig):
+    """What every fine-tuning stage shares: data policy, split, optimisation (TrainConfig, with the fine-tunes'
+    defaults), LoRA."""
 
     # Bad records (malformed, missing fields, unknown labels): "error" stops at the first, naming file and
     # record; "skip" drops and counts them, and fails when more than max_bad_fraction of the records are bad.
@@ -147,28 +176,22 @@ class FinetuneConfig(Section):
     max_length: int | None = Field(default=None, ge=2)  # tokens per example; null: the model's context length
     epochs: int = Field(default=1, ge=1)
     max_steps: int | None = Field(default=None, ge=1)  # stop early after this many updates; null: run all epochs
+    eval_batches: int | None = Field(default=4, ge=1)  # val batches per periodic eval; null: the whole split
+    # TrainConfig's fields with the fine-tunes' defaults; grad_accum_steps draws its batches from one stream over
+    # the epochs.
     batch_size: int = Field(default=8, ge=1)
     lr: float = Field(default=5e-5, gt=0)
     min_lr: float = Field(default=0.0, ge=0)
     warmup_steps: int = Field(default=0, ge=0)
-    weight_decay: float = Field(default=0.1, ge=0)
-    beta1: float = Field(default=0.9, ge=0, lt=1)
     beta2: float = Field(default=0.999, ge=0, lt=1)
-    grad_clip: float = Field(default=1.0, ge=0)  # 0 disables clipping
     eval_interval: int = Field(default=50, ge=1)
-    eval_batches: int | None = Field(default=4, ge=1)  # val batches per periodic eval; null: the whole split
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    threads: int = Field(default=0, ge=0)
-    # fp32; bf16 autocast; fp16 autocast with a gradient scaler; auto as pretrain.precision.
-    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
-    grad_accum_steps: int = Field(default=1, ge=1)  # batches per optimizer step, from one stream over the epochs
-    # Training checkpoints every N optimizer steps (in the checkpoint folder the caller names); null writes none.
-    checkpoint_interval: int | None = Field(default=None, ge=1)
-    keep_checkpoints: int = Field(default=2, ge=1)
-    # Continue from the latest complete checkpoint (refused when it was written under other settings);
-    # false starts afresh and removes the folder's old checkpoints.
-    resume: bool = False
     lora: LoraConfig = LoraConfig()
+
+    key_order = (
+        "on_bad", "max_bad_fraction", "train_fraction", "val_fraction", "max_length", "epochs", "max_steps", "batch_size",
+        "lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "eval_interval", "eval_batches",
+        "device", "threads", "precision", "grad_accum_steps", "checkpoint_interval", "keep_checkpoints", "resume", "lora",
+    )
 
     @model_validator(mode="after")
     def _test_split_left(self) -> FinetuneConfig:

@@ -1,6 +1,6 @@
-"""The training loop every fine-tuning stage shares: a stream of shuffled batches over the epochs, AdamW,
-warmup-cosine, the optimizer step pretraining uses (precision, gradient accumulation, clipping, the NaN guard),
-periodic validation, per-step metrics, training checkpoints and exact resume.
+"""What every fine-tuning stage trains with: `fit`, a stream of shuffled batches over the epochs run through
+lmcore.training.train_loop, the loop pretraining runs too (its docstring lays it out: validation, benchmark probe,
+checkpoints, the updates with AdamW, warmup-cosine, precision, gradient accumulation, clipping and the NaN guard).
 
     history = fit(model, cfg, train_items, collate, loss_fn, evaluate_fn, seed=0, tracker=tracker, desc="finetune_instruct",
                   checkpoint_dir=Path("models/checkpoints/instruct"))
@@ -13,13 +13,14 @@ A stage supplies what differs: how items become a batch (`collate`), the loss an
 Batches: each epoch visits the items in a new order drawn from a generator seeded with `seed`, `batch_size` at
 a time (the last batch of an epoch may be smaller); the epochs form one stream, and an optimizer step consumes
 `grad_accum_steps` batches of it. Total steps = ceil(epochs x batches per epoch / grad_accum_steps), capped by
-`max_steps`.
+`max_steps`; the lr schedule runs over them.
 
-Step numbering as in pretraining: train metrics of the k-th update at step k = 1..total; validation
-at step 0 (before any update), every `eval_interval` steps and after the last update (on the whole split).
-
-With a `probe` (lmcore.harness.probe.BenchProbe) a fixed benchmark sample is scored at step 0, every N steps and
-after the last update, logged as train_bench.<task>.<metric> and kept in History.bench (bench_curve.csv).
+What fit gives the loop: validation on `eval_batches` batches, on the whole split after the last update, rows
+(step, {metric: value}), logged as val_<metric> with val_time_s; per step the loss_fn's metrics with lr and
+grad_norm, rows (step, {metric: value}), logged as train_<metric>, lr, grad_norm and step_time_s. No early
+stopping (the fine-tunes' params have none). With a `probe` (lmcore.harness.probe.BenchProbe) a fixed benchmark
+sample is scored at step 0, every N steps and after the last update, logged as train_bench.<task>.<metric> and
+kept in History.bench (bench_curve.csv).
 
 Checkpoints (lmcore.training.save_checkpoint) every `checkpoint_interval` steps into `checkpoint_dir`: the
 model (LoRA adapters and heads included), the optimizer, the RNG states (dropout) and the position in the batch
@@ -35,28 +36,26 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-from tqdm import tqdm
 
-from lmcore.config import RESUME_FREE_KEYS, FinetuneConfig
+from lmcore.config import FinetuneConfig
 from lmcore.io import sha256_file, write_text
 from lmcore.paths import BENCH_CURVE, LOSS_PLOT, TRAIN_LOSS, VAL_LOSS, WEIGHTS
 from lmcore.tracking import NullTracker, Tracker
 from lmcore.training import (
     Precision,
+    Probe,
+    StepResult,
     TrainState,
-    check_finite,
-    checkpoint_due,
     lr_at,
     make_optimizer,
     metrics_csv,
     plot_losses,
     resolve_precision,
-    save_checkpoint,
     start_or_resume,
-    train_step,
+    train_loop,
 )
 
 # loss_fn(model, batch) -> (loss to backpropagate, metrics to log: {"loss": ..., ...}).
@@ -64,14 +63,6 @@ LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
 # evaluate_fn(model, max_batches) -> validation metrics ({"loss": ..., ...}); max_batches None: the whole split.
 EvalFn = Callable[[torch.nn.Module, int | None], dict[str, float]]
 STREAM_STATE_VERSION = 1
-
-
-class Probe(Protocol):
-    """What fit needs of lmcore.harness.probe.BenchProbe: when to score, and the scores (model back in its mode)."""
-
-    def due(self, step: int, *, last: bool) -> bool: ...
-
-    def score(self, model: torch.nn.Module) -> dict[str, float]: ...
 
 
 @dataclass
@@ -205,44 +196,26 @@ def fit(
     optimizer = make_optimizer(model, cfg, device)
     total = total_steps(cfg, len(train_items))
     state = TrainState(loader=EpochBatches(train_items, cfg.batch_size, seed), scaler=precision.grad_scaler())
-    run_config = {desc: cfg.model_dump(mode="json", exclude=set(RESUME_FREE_KEYS)), "seed": seed}
+    run_config = {desc: cfg.resume_key(), "seed": seed}
     if start is not None:
         run_config["start_weights_sha256"] = sha256_file(Path(start) / WEIGHTS)
     resumed_at = start_or_resume(checkpoint_dir, cfg.resume, model, optimizer, state, run_config, what=desc)
 
-    model.train()
-    bar = tqdm(total=total, initial=state.step, desc=desc, unit="step", dynamic_ncols=True)
-    for step in range(state.step, total + 1):  # updates done so far
-        if step != resumed_at:  # a resumed step was evaluated and saved before the checkpoint was written
-            if step % cfg.eval_interval == 0 or step == total:
-                t0 = time.perf_counter()
-                metrics = validate(model, evaluate_fn, None if step == total else cfg.eval_batches, precision)
-                check_finite(metrics["loss"], f"{desc}: val loss", step, lr_at(step, cfg, total), checkpoint_dir)
-                state.val_rows.append((step, metrics))
-                # its own time: between two logged steps an evaluation would otherwise look like a slow step
-                tracker.log_metrics({**{f"val_{k}": v for k, v in metrics.items()}, "val_time_s": time.perf_counter() - t0}, step=step)
-            if probe is not None and probe.due(step, last=step == total):
-                scores = probe.score(model)
-                state.bench_rows.append((step, scores))
-                tracker.log_metrics(scores, step=step)
-            if checkpoint_due(step, cfg.checkpoint_interval, checkpoint_dir):
-                save_checkpoint(checkpoint_dir, model, optimizer, state, run_config, cfg.keep_checkpoints, what=desc)
-        if step == total:
-            break
-
+    def evaluate(step: int) -> tuple[tuple, dict[str, float]]:
         t0 = time.perf_counter()
-        lr = lr_at(step, cfg, total)
-        micro = [collate(state.loader.next_batch()) for _ in range(cfg.grad_accum_steps)]
-        out = train_step(model, optimizer, lambda batch: loss_fn(model, batch), micro, step=step + 1, lr=lr, precision=precision,
-                         grad_clip=cfg.grad_clip, scaler=state.scaler, what=desc, checkpoint_dir=checkpoint_dir)
-        dt = time.perf_counter() - t0
-        state.step, state.train_time_s = step + 1, state.train_time_s + dt
+        metrics = validate(model, evaluate_fn, None if step == total else cfg.eval_batches, precision)
+        # its own time: between two logged steps an evaluation would otherwise look like a slow step
+        return (step, metrics), {**{f"val_{k}": v for k, v in metrics.items()}, "val_time_s": time.perf_counter() - t0}
+
+    def record(step: int, out: StepResult, lr: float, dt: float) -> tuple[tuple, dict[str, float]]:
         row = {**out.metrics, "lr": lr, "grad_norm": out.grad_norm}
-        state.train_rows.append((step + 1, row))
-        tracker.log_metrics({**{(k if k in ("lr", "grad_norm") else f"train_{k}"): v for k, v in row.items()}, "step_time_s": dt}, step=step + 1)
-        bar.set_postfix(loss=f"{out.metrics['loss']:.4f}", val=f"{state.val_rows[-1][1]['loss']:.4f}", refresh=False)
-        bar.update()
-    bar.close()
+        return (step, row), {**{(k if k in ("lr", "grad_norm") else f"train_{k}"): v for k, v in row.items()}, "step_time_s": dt}
+
+    model.train()
+    train_loop(model, optimizer, state, cfg, total=total, next_batch=lambda: collate(state.loader.next_batch()),
+               loss_fn=lambda batch: loss_fn(model, batch), schedule=lambda step: lr_at(step, cfg, total),
+               evaluate=evaluate, record=record, precision=precision, run_config=run_config, checkpoint_dir=checkpoint_dir,
+               resumed_at=resumed_at, probe=probe, tracker=tracker, what=desc)
     return History(train=state.train_rows, val=state.val_rows, train_time_s=state.train_time_s, bench=state.bench_rows)
 
 

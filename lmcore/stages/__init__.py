@@ -1,27 +1,34 @@
 """What a stage function gets and what it returns: the contract between a stage's library code and whoever runs it.
 
 A stage function is `run(ctx: StageContext) -> StageResult`, one per module here (`lmcore.stages.<stage>`):
-it reads its inputs and writes its outputs under `ctx.root` at the paths its declaration in
-`lmcore.pipeline` names, calls the library functions that do the work, and returns what it made. It never
+it is handed its inputs and outputs as its declaration in `lmcore.pipeline` names them (`ctx.inputs[TOKENS]`,
+`ctx.outputs[model_path("base")]`: what is declared is what is passed, kedro's node shape), the registered models it
+may read (`ctx.resolve_model`, for the URIs its declaration's `registry` gives), calls the library functions that do
+the work, and returns what it made. It never
 logs to MLflow, registers a model or talks to Prefect: the orchestration layer (`tasks.runner`) does that for
 every stage alike, from the `StageResult` and the declaration. Tests call a stage function directly.
 
-    from lmcore.stages import StageContext
+    from lmcore import pipeline
     from lmcore.stages.preprocess import run
-    result = run(StageContext(root=Path("."), params=load_params("params.yaml")))
+    result = run(pipeline.get("preprocess").context(Path("."), load_params("params.yaml")))
     result.summary["documents"]
+
+A context built by hand (`StageContext(root, params)`, as unit tests do) resolves any path under the root: nothing
+is checked. One built from the declaration (`Stage.context`, what the orchestration layer runs) refuses a path or a
+registered model the stage did not declare, naming the stage and what it asked for.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from lmcore.config import CollectConfig, Params, Source
+from lmcore.errors import InputError
 from lmcore.io import sha256_file
-from lmcore.paths import MANIFEST, Layout
+from lmcore.paths import BASE_SOURCE, MANIFEST, Layout
 from lmcore.promotion import Adaptation
 from lmcore.tracking import NullTracker, Tracker
 
@@ -35,26 +42,105 @@ FINETUNE = "finetune"  # classifier | instruct | dpo
 FINETUNE_MANIFEST_SHA = "finetune_manifest_sha256"  # the data a fine-tune collected
 BASE_MANIFEST_SHA = "base_manifest_sha256"  # sha256 of models/base_model/base.json: the model a run started from
 CONTINUED_WEIGHTS_SHA = "continued_weights_sha256"  # the registered champion a pretrain run continued (its weights)
+START_WEIGHTS_SHA = "start_weights_sha256"  # the weights a pretrain run started from (the base's or the champion's)
 # Artifact folders of the manifests a model-making stage logs with its run (`manifest_tags`).
 RAW_MANIFEST_DIR = "data/raw"
 TOKENS_MANIFEST_DIR = "data/tokens"
 BASE_MANIFEST_DIR = "models/base_model"  # base.json of the pretrained base a pretrain run continued
 FINETUNE_MANIFEST_DIR = "data/finetune/raw"  # a fine-tune's own collected data
 
+# Typed summaries: each stage module defines `Summary`, the TypedDict of its StageResult.summary. The summary rows
+# and parent metrics of its declaration (lmcore.pipeline) read those keys, and the ones the orchestration layer adds
+# (`Registered`, `Promoted`, `PromotedSeveral`); tests/test_pipeline.py runs every row on a sample of the types, so a
+# misspelled key fails there, and tests/flows/test_stage_reads.py checks the keys each stage really returns.
+
+
+class Registered(TypedDict):
+    """What the orchestration layer adds to the summary of a stage that registers its model (`Stage.registers`)."""
+
+    registered_model: str
+    model_version: str
+    weights_sha256: str
+
+
+class Decision(TypedDict):
+    """The promotion gate's decision on a version (lmcore.promotion.decide; more keys as the gate had them)."""
+
+    version: str
+    alias: str
+    reason: str
+
+
+class Promoted(TypedDict):
+    """What the orchestration layer adds for a stage whose Scores go through the gate (`Stage.promotes`), one version."""
+
+    model_version: str | None
+    promotion: Decision | None
+
+
+class PromotedSeveral(TypedDict):
+    """... and for a stage that scores several versions of its family, by label."""
+
+    model_versions: dict[str, str | None]
+    promotions: dict[str, Decision | None]
+
+
+class Counts(TypedDict):
+    """Decontamination of one benchmark: items checked, found in training data, clean."""
+
+    items: int
+    contaminated: int
+    clean: int
+
+
+class Probe(TypedDict, total=False):
+    """The benchmark probe's part of a training stage's summary, when it ran (lmcore.harness.probe)."""
+
+    eval_benchmarks_items: int
+    eval_benchmarks_too_long: int
+    eval_benchmarks_time_s: float
+
+
 # (fn, items) -> [fn(item) for item in items], run somewhere: the stage's own process pool when None.
 MapFn = Callable[[Callable[[Any], Any], list], list]
+
+
+class UndeclaredError(InputError):
+    """A stage asked for a path or a registered model that its declaration (lmcore.pipeline) does not name."""
+
+
+class Declared(Mapping[str, Path]):
+    """A stage's declared paths (its deps, or its outs), as lmcore.pipeline names them relative to the root ->
+    the absolute path. `declared` None: any path under the root (a context built by hand, not from a declaration)."""
+
+    def __init__(self, root: Path, declared: tuple[str, ...] | None, stage: str, what: str):
+        self.root, self.declared, self.stage, self.what = root, declared, stage, what
+
+    def __getitem__(self, path: str) -> Path:
+        if self.declared is not None and path not in self.declared:
+            raise UndeclaredError(f"{self.stage}: {path} is not among its declared {self.what} "
+                                  f"({', '.join(self.declared) or 'none'}); declare it in lmcore/pipeline.py")
+        return self.root / path
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.declared or ())
+
+    def __len__(self) -> int:
+        return len(self.declared or ())
 
 
 @dataclass
 class StageContext:
     """Where a stage runs and with what.
 
-    root: the project root; every input and output path is relative to it (`layout`).
+    root: the project root; every input and output path is relative to it.
     params: the validated params (the stage reads its own section, `seed`, and what it shares).
     tracker: receives per-step metrics while the stage runs (MLflow under the orchestration layer).
     map: how independent work items run (e.g. a Prefect task per shard on Dask); None: the stage's default.
     resolve_model: a registered model's URI (`models:/name@alias`, `models:/name/3`) -> its lmcore model folder,
         downloaded; supplied by the orchestration layer (the library never talks to the registry). None: none.
+    stage, deps, outs, registry: the declaration the context was made from (`lmcore.pipeline.Stage.context`): its
+        name, the paths it reads and writes, and the registered models it may resolve. None: not checked.
     """
 
     root: Path
@@ -62,12 +148,38 @@ class StageContext:
     tracker: Tracker = field(default_factory=NullTracker)
     map: MapFn | None = None
     resolve_model: Callable[[str], Path] | None = None
+    stage: str = "stage"
+    deps: tuple[str, ...] | None = None
+    outs: tuple[str, ...] | None = None
+    registry: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         self.root = Path(self.root).resolve()
+        if self.resolve_model is not None and self.registry is not None:
+            self.resolve_model = self._checked(self.resolve_model)
+
+    def _checked(self, resolve: Callable[[str], Path]) -> Callable[[str], Path]:
+        def resolve_declared(uri: str) -> Path:
+            if uri not in self.registry:
+                raise UndeclaredError(f"{self.stage}: {uri} is not among its declared registry deps "
+                                      f"({', '.join(self.registry) or 'none'}); declare it in lmcore/pipeline.py")
+            return resolve(uri)
+
+        return resolve_declared
+
+    @property
+    def inputs(self) -> Declared:
+        """Its declared deps: `ctx.inputs[TOKENS]` is <root>/data/tokens."""
+        return Declared(self.root, self.deps, self.stage, "deps")
+
+    @property
+    def outputs(self) -> Declared:
+        """Its declared outs, each replaced whole by the stage."""
+        return Declared(self.root, self.outs, self.stage, "outs")
 
     @property
     def layout(self) -> Layout:
+        """The project's fixed places that belong to no stage's outs: training checkpoints, caches, logs."""
         return Layout(self.root)
 
     @property
@@ -196,7 +308,8 @@ def numeric(summary: dict[str, Any]) -> dict[str, float]:
 
 
 def base_dir(ctx: StageContext) -> Path | None:
-    """The base model folder (models/base_model) when the run starts from a pretrained base; None from scratch."""
+    """The base model folder (models/base_model, a declared dep) when the run starts from a pretrained base; None
+    from scratch."""
     if ctx.params.base_model.source == "scratch":
         return None
-    return ctx.layout.base_source
+    return ctx.inputs[BASE_SOURCE]

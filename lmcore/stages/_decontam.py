@@ -20,7 +20,7 @@ from pathlib import Path
 from lmcore.harness.decontam import Report, benchmark_ngrams, clean_ids, scan
 from lmcore.harness.metrics import mean_stderr
 from lmcore.io import jsonl_objects, write_json
-from lmcore.paths import CARD, DOCUMENTS
+from lmcore.paths import BASE_SOURCE, CARD, CLEAN, DOCUMENTS, finetune_data_path
 from lmcore.stages import StageContext
 
 REPORT = "decontamination.json"
@@ -30,17 +30,16 @@ CARD_FILES = (CARD, "README.md")  # what a base model folder may carry of its ca
 
 def training_sources(ctx: StageContext, names: Iterable[str]) -> dict[str, list[Path]]:
     """The training files of each named source, as far as this project holds them:
-    corpus (data/clean/documents.jsonl), sft, dpo, classifier (their train splits) and base_card (the card a
-    pretrained base came with: what it declares of its training data). A source with no file here has none."""
-    layout = ctx.layout
+    corpus (data/clean/documents.jsonl), sft, dpo (their train splits) and base_card (the card a pretrained base
+    came with: what it declares of its training data), each from the stage's declared deps. A source with no file
+    here has none."""
     where = {
-        "corpus": [layout.clean / DOCUMENTS],
-        "sft": [layout.finetune_data("instruct") / "splits" / "train.jsonl"],
-        "dpo": [layout.finetune_data("dpo") / "splits" / "train.jsonl"],
-        "classifier": [layout.finetune_data("classifier") / "splits" / "train.jsonl"],
-        "base_card": [layout.base_source / f for f in CARD_FILES],
+        "corpus": lambda: [ctx.inputs[CLEAN] / DOCUMENTS],
+        "sft": lambda: [ctx.inputs[finetune_data_path("instruct")] / "splits" / "train.jsonl"],
+        "dpo": lambda: [ctx.inputs[finetune_data_path("dpo")] / "splits" / "train.jsonl"],
+        "base_card": lambda: [ctx.inputs[BASE_SOURCE] / f for f in CARD_FILES],
     }
-    return {name: [p for p in where[name] if p.is_file()] for name in names}
+    return {name: [p for p in where[name]() if p.is_file()] for name in names}
 
 
 def check(ctx: StageContext, benchmarks: dict[str, list[tuple[str, str]]], sources: Iterable[str], out_dir: Path) -> Report:

@@ -25,6 +25,9 @@ from lmcore.paths import (
     TRAIN_LOSS,
     VAL_LOSS,
     WEIGHTS,
+    finetune_data_path,
+    model_path,
+    reports_path,
 )
 from lmcore.stages import (
     BASE_WEIGHTS_SHA,
@@ -53,7 +56,7 @@ class Data:
 
 def prepare_data(ctx: StageContext, name: str, sources: list[Source], prepare: Callable[[Path, Path], dict]) -> Data:
     """Collect `sources` into data/finetune/<name>/raw (mirror first) and `prepare(raw_dir, splits_dir)` the splits."""
-    data_dir = ctx.layout.finetune_data(name)
+    data_dir = ctx.outputs[finetune_data_path(name)]
     collect(ctx.collect_config(sources), data_dir / "raw", mirror=mirror_from_env(), base_dir=ctx.root)
     tags, artifacts = manifest_tags({FINETUNE_MANIFEST_SHA: (data_dir / "raw", FINETUNE_MANIFEST_DIR)})
     stats = prepare(data_dir / "raw", data_dir / "splits")
@@ -91,8 +94,8 @@ def finetune_card(ctx: StageContext, name: str, stage: str, start: Path, data: D
         **{k: trained[k] for k in ("steps", "trainable_params", "template", "first_val_loss", "final_val_loss", "final_val_bpb")
            if trained.get(k) is not None},
     }
-    started = f"`{ctx.layout.model(start.name).relative_to(ctx.root)}` of the same run (weights sha256 `{sha256_file(start / WEIGHTS)[:12]}`)"
-    return card_facts(ctx.layout.model(name), kind=name, stage=stage, started_from=started,
+    started = f"`{start.relative_to(ctx.root).as_posix()}` of the same run (weights sha256 `{sha256_file(start / WEIGHTS)[:12]}`)"
+    return card_facts(ctx.outputs[model_path(name)], kind=name, stage=stage, started_from=started,
                       data={"fine-tuning data": data.splits.parent / "raw" / MANIFEST}, training=training, scores=scores,
                       extra={"examples": {k.removesuffix("_examples"): v for k, v in data.metrics.items() if k.endswith("_examples")}})
 
@@ -104,7 +107,7 @@ def finetuned(
     """The StageResult of a fine-tune that wrote models/<name> and reports/<name>, starting from the folder `start`;
     item_tables: its per-example MLflow tables; card: its model card's facts (`finetune_card`), written into
     models/<name> as MODEL_CARD.md."""
-    model_dir, reports_dir = ctx.layout.model(name), ctx.layout.reports(name)
+    model_dir, reports_dir = ctx.outputs[model_path(name)], ctx.outputs[reports_path(name)]
     if card is not None:
         write_card(model_dir, card)
     artifacts = [*data.artifacts, *(Artifact(reports_dir / f, "reports") for f in reports)]

@@ -9,17 +9,26 @@ start from. Downloads use the collect section's retries and timeout, and the off
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 from lmcore.base_model import origins, prepare_base
 from lmcore.data.collect import mirror_from_env
 from lmcore.io import sha256_file
-from lmcore.paths import BASE_MANIFEST
+from lmcore.paths import BASE_MANIFEST, BASE_SOURCE
 from lmcore.stages import BASE_MANIFEST_SHA, Artifact, StageContext, StageResult
 from lmcore.tokenizer import configured_ranks_file
 
 
+class Summary(TypedDict):
+    source: str  # scratch | huggingface | gguf | folder | registry
+    name: str
+    parameters: int
+    base_manifest_sha256: str
+
+
 def run(ctx: StageContext) -> StageResult:
     params = ctx.params
-    out = ctx.layout.base_source
+    out = ctx.outputs[BASE_SOURCE]
     manifest = prepare_base(
         params.base_model, out, root=ctx.root, mirror=mirror_from_env(), resolve_model=ctx.resolve_model,
         retries=params.collect.retries, timeout_s=params.collect.timeout_s,

@@ -19,6 +19,7 @@ MLflow table (tables/decontamination.json), and every score also on the clean pa
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypedDict
 
 from lmcore.data.collect import collect, mirror_from_env
 from lmcore.harness.benchmarks import ACC, ACC_NORM
@@ -39,9 +40,9 @@ from lmcore.harness.run import (
     table_rows,
 )
 from lmcore.io import read_json, sha256_file
-from lmcore.paths import CARD_FACTS, MANIFEST, METRICS, WEIGHTS
+from lmcore.paths import BENCHMARK_DATA, CARD_FACTS, MANIFEST, METRICS, WEIGHTS, model_path, reports_path
 from lmcore.promotion import Adaptation
-from lmcore.stages import WEIGHTS_SHA, Artifact, ItemTable, Scores, StageContext, StageResult, Table, VersionTags
+from lmcore.stages import WEIGHTS_SHA, Artifact, Counts, ItemTable, Scores, StageContext, StageResult, Table, VersionTags
 from lmcore.stages import _decontam
 from lmcore.tokenizer import load_tokenizer
 
@@ -82,17 +83,35 @@ def decontaminate(ctx: StageContext, results: dict, samples_dir: Path, out_dir: 
     return clean, _decontam.version_tags(report), _decontam.table_rows(report, ctx.root), _decontam.summary(report)
 
 
+class HeldOut(TypedDict):
+    before: float
+    after: float
+    stderr: float | None
+
+
+class Summary(TypedDict):
+    primary_metric: str
+    primary_value: float | None  # None when not meaningful for the model
+    primary_stderr: float | None
+    primary_note: str | None  # why primary_value is None
+    n_items: int
+    items_per_s: float
+    sample_sha256: str
+    decontamination: dict[str, Counts] | None
+    heldout_bpb: HeldOut | None
+
+
 def run(ctx: StageContext) -> StageResult:
-    cfg, layout = ctx.params.benchmark, ctx.layout
-    data_dir, out, weights = layout.benchmark_data, layout.reports("benchmark"), layout.pretrained / WEIGHTS
+    cfg, model_dir = ctx.params.benchmark, ctx.inputs[model_path("base")]
+    data_dir, out, weights = ctx.outputs[BENCHMARK_DATA], ctx.outputs[reports_path("benchmark")], model_dir / WEIGHTS
     collect(ctx.collect_config(cfg.sources), data_dir, mirror=mirror_from_env(), base_dir=ctx.root)
-    enc = load_tokenizer(layout.pretrained)
-    results = benchmark_model(cfg, layout.pretrained, data_dir, out, enc=enc, model_ref="models/base", tracker=ctx.tracker,
+    enc = load_tokenizer(model_dir)
+    results = benchmark_model(cfg, model_dir, data_dir, out, enc=enc, model_ref="models/base", tracker=ctx.tracker,
                               cache=EvalCache(cache_root(ctx.root)))
     clean, decontam_tags, decontam_rows, decontam = decontaminate(ctx, results, out / SAMPLES_DIR, out)
     primary = score_of(results, cfg.primary_metric)
     shown = primary["note"] if primary["value"] is None else f"{primary['value']:.4f}"
-    adapted, started_from = adaptation(layout.pretrained)
+    adapted, started_from = adaptation(model_dir)
     return StageResult(
         summary={
             "primary_metric": cfg.primary_metric,
@@ -130,7 +149,7 @@ def rescore(ctx: StageContext, model_dir: Path, out_dir: Path, model_ref: str) -
     """Another model folder (the champion, downloaded) scored on the very items `run` scored."""
     cfg = ctx.params.benchmark
     enc = load_tokenizer(model_dir)
-    results = benchmark_model(cfg, model_dir, ctx.layout.benchmark_data, out_dir, enc=enc, model_ref=model_ref, progress=False,
+    results = benchmark_model(cfg, model_dir, ctx.outputs[BENCHMARK_DATA], out_dir, enc=enc, model_ref=model_ref, progress=False,
                               cache=EvalCache(cache_root(ctx.root)))
     return Scores(Path(model_dir) / WEIGHTS, version_scores(results, cfg.primary_metric), cfg.primary_metric, results["sample_sha256"],
                   results_dir=Path(out_dir))

@@ -5,14 +5,23 @@
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 from lmcore.data.collect import collect, mirror_from_env
 from lmcore.io import sha256_file
-from lmcore.paths import MANIFEST
+from lmcore.paths import MANIFEST, RAW
 from lmcore.stages import RAW_MANIFEST_SHA, Artifact, StageContext, StageResult
 
 
+class Summary(TypedDict):
+    sources: int
+    files: int
+    bytes: int
+    raw_manifest_sha256: str
+
+
 def run(ctx: StageContext) -> StageResult:
-    out = ctx.layout.raw
+    out = ctx.outputs[RAW]
     manifest = collect(ctx.params.collect, out, mirror=mirror_from_env(), base_dir=ctx.root)
     sha = sha256_file(out / MANIFEST)
     sources = manifest["sources"]

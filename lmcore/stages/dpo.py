@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from lmcore.finetune.dpo import PREFERENCE_FIELDS, train_dpo
 from lmcore.finetune.instruct import prepare_instructions
-from lmcore.paths import TEST_RESPONSES
-from lmcore.stages import ItemTable, StageContext, StageResult
+from lmcore.paths import TEST_RESPONSES, model_path, reports_path
+from lmcore.stages import ItemTable, Probe, StageContext, StageResult
 from lmcore.stages._finetune import CURVES, RESPONSES_TABLE, finetune_card, finetuned, prepare_data, response_rows
 from lmcore.stages._probe import PROBE_SUMMARY_KEYS, bench_sample
 from lmcore.tokenizer import load_tokenizer
@@ -21,19 +21,28 @@ SUMMARY_KEYS = ("first_val_loss", "final_val_loss", "first_val_reward_margin", "
                 "final_val_reward_accuracy", "trainable_params")
 
 
+class Summary(Probe):
+    first_val_loss: float
+    final_val_loss: float
+    first_val_reward_margin: float
+    final_val_reward_margin: float
+    final_val_reward_accuracy: float
+    trainable_params: int
+
+
 def run(ctx: StageContext) -> StageResult:
-    cfg, layout, seed = ctx.params.dpo, ctx.layout, ctx.seed
-    start = layout.model("instruct")
+    cfg, seed = ctx.params.dpo, ctx.seed
+    start, reports = ctx.inputs[model_path("instruct")], ctx.outputs[reports_path("dpo")]
     data = prepare_data(ctx, "dpo", [cfg.source],
                         lambda raw, splits: prepare_instructions(cfg, raw, splits, seed=seed, fields=PREFERENCE_FIELDS))
     summary = train_dpo(
-        cfg, start, data.splits, layout.model("dpo"), layout.reports("dpo"),
+        cfg, start, data.splits, ctx.outputs[model_path("dpo")], reports,
         seed=seed, enc=load_tokenizer(start), params=ctx.params.to_dict(), tracker=ctx.tracker,
-        checkpoint_dir=layout.checkpoints("dpo"), bench_items=bench_sample(ctx, "dpo"),
+        checkpoint_dir=ctx.layout.checkpoints("dpo"), bench_items=bench_sample(ctx, "dpo"),
     )
     return finetuned(
         ctx, "dpo", start=start, data=data, reports=CURVES + (TEST_RESPONSES,),
-        item_tables=[ItemTable(RESPONSES_TABLE, response_rows(layout.reports("dpo") / TEST_RESPONSES))],
+        item_tables=[ItemTable(RESPONSES_TABLE, response_rows(reports / TEST_RESPONSES))],
         summary={k: summary[k] for k in SUMMARY_KEYS + PROBE_SUMMARY_KEYS if k in summary},
         version_tags={"template": summary["template"], "eval.val_reward_margin": f"{summary['final_val_reward_margin']:.6f}"},
         card=finetune_card(ctx, "dpo", "dpo", start, data, summary,

@@ -8,10 +8,11 @@ the registered version with these weights is tagged eval.*.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NotRequired, TypedDict
 
 from lmcore.evaluation import evaluate
 from lmcore.io import jsonl_objects, sha256_file
-from lmcore.paths import METRICS, SAMPLES, WEIGHTS
+from lmcore.paths import METRICS, SAMPLES, TOKENS, WEIGHTS, model_path, reports_path
 from lmcore.stages import WEIGHTS_SHA, Artifact, ItemTable, StageContext, StageResult, VersionTags
 from lmcore.tokenizer import load_tokenizer
 
@@ -26,11 +27,19 @@ def sample_rows(samples_file: Path) -> list[dict]:
     return [{k: r.get(k) for k in keys} for _, r in jsonl_objects(path.read_text(encoding="utf-8"), path)]
 
 
+class Summary(TypedDict):
+    val_loss: float
+    perplexity: float
+    val_tokens: int
+    val_bytes: NotRequired[int]  # with a tokenizer
+    val_bpb: NotRequired[float]
+    samples: int
+
+
 def run(ctx: StageContext) -> StageResult:
-    layout = ctx.layout
-    out, weights = layout.evaluate_reports, layout.pretrained / WEIGHTS
-    enc = load_tokenizer(layout.pretrained)
-    metrics = evaluate(ctx.params.evaluate, layout.pretrained, layout.tokens, out, seed=ctx.seed, enc=enc, tracker=ctx.tracker)
+    model_dir, out = ctx.inputs[model_path("base")], ctx.outputs[reports_path("evaluate")]
+    weights, enc = model_dir / WEIGHTS, load_tokenizer(model_dir)
+    metrics = evaluate(ctx.params.evaluate, model_dir, ctx.inputs[TOKENS], out, seed=ctx.seed, enc=enc, tracker=ctx.tracker)
     return StageResult(
         summary={**metrics, "samples": len(ctx.params.evaluate.prompts)},
         artifacts=[Artifact(out / METRICS), Artifact(out / SAMPLES)],

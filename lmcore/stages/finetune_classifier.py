@@ -19,12 +19,13 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
+from typing import TypedDict
 
 from lmcore.finetune.classifier import PREDICTIONS, classify, finetune_classifier, load_classifier, prepare_classification
 from lmcore.finetune.common import read_split
 from lmcore.harness.metrics import mean_stderr
 from lmcore.io import atomic_dir, write_json, write_text
-from lmcore.paths import CONFUSION_PLOT, WEIGHTS
+from lmcore.paths import CONFUSION_PLOT, WEIGHTS, finetune_data_path, model_path, reports_path
 from lmcore.stages import Artifact, ItemTable, Scores, StageContext, StageResult
 from lmcore.stages._finetune import CURVES, finetune_card, finetuned, prepare_data
 from lmcore.tokenizer import load_tokenizer
@@ -84,26 +85,35 @@ def write_gate_results(out_dir: Path, examples: list[dict], predicted: list[str]
 def rescore(ctx: StageContext, model_dir: Path, out_dir: Path, model_ref: str) -> Scores:
     """Another classifier (the champion, downloaded) scored on this run's test split."""
     model, labels, max_length = load_classifier(model_dir)
-    examples = read_split(ctx.layout.finetune_data("classifier") / "splits", "test")
+    examples = read_split(ctx.outputs[finetune_data_path("classifier")] / "splits", "test")
     probs = classify(model, load_tokenizer(model_dir), [ex["text"] for ex in examples], max_length)
     scores = write_gate_results(out_dir, examples, [labels[i] for i in probs.argmax(axis=1)], labels, model_ref)
     return dataclasses.replace(scores, weights=Path(model_dir) / WEIGHTS)
 
 
+class Summary(TypedDict):
+    test_accuracy: float
+    test_f1: float
+    val_accuracy: float
+    majority_baseline_accuracy: float
+    trainable_params: int
+
+
 def run(ctx: StageContext) -> StageResult:
-    cfg, layout, seed = ctx.params.finetune_classifier, ctx.layout, ctx.seed
+    cfg, seed = ctx.params.finetune_classifier, ctx.seed
+    start, model_dir, reports = ctx.inputs[model_path("base")], ctx.outputs[model_path("classifier")], ctx.outputs[reports_path("classifier")]
     data = prepare_data(ctx, "classifier", cfg.sources, lambda raw, splits: prepare_classification(cfg, raw, splits, seed=seed))
     summary = finetune_classifier(
-        cfg, layout.pretrained, data.splits, layout.model("classifier"), layout.reports("classifier"),
-        seed=seed, enc=load_tokenizer(layout.pretrained), params=ctx.params.to_dict(), tracker=ctx.tracker,
-        checkpoint_dir=layout.checkpoints("finetune_classifier"),
+        cfg, start, data.splits, model_dir, reports,
+        seed=seed, enc=load_tokenizer(start), params=ctx.params.to_dict(), tracker=ctx.tracker,
+        checkpoint_dir=ctx.layout.checkpoints("finetune_classifier"),
     )
     test = summary["metrics"]["test"]
-    rows = prediction_rows(data.splits, layout.reports("classifier") / PREDICTIONS, cfg.labels)
-    scores = write_gate_results(layout.reports("classifier") / GATE_DIR, read_split(data.splits, "test"),
+    rows = prediction_rows(data.splits, reports / PREDICTIONS, cfg.labels)
+    scores = write_gate_results(reports / GATE_DIR, read_split(data.splits, "test"),
                                 [r["predicted"] for r in rows], cfg.labels, "models/classifier")
     result = finetuned(
-        ctx, "classifier", start=layout.pretrained, data=data, reports=CURVES + (CONFUSION_PLOT, PREDICTIONS),
+        ctx, "classifier", start=start, data=data, reports=CURVES + (CONFUSION_PLOT, PREDICTIONS),
         item_tables=[ItemTable(PREDICTIONS_TABLE, rows)],
         summary={
             "test_accuracy": test["accuracy"],
@@ -117,13 +127,13 @@ def run(ctx: StageContext) -> StageResult:
             "eval.test_accuracy": f"{test['accuracy']:.6f}",
             "eval.test_f1": f"{test['f1']:.6f}",
         },
-        card=finetune_card(ctx, "classifier", "finetune_classifier", layout.pretrained, data, summary, {
+        card=finetune_card(ctx, "classifier", "finetune_classifier", start, data, summary, {
             "labels": ", ".join(cfg.labels), "test_accuracy": test["accuracy"], "test_f1": test["f1"],
             "majority_baseline_accuracy": test["majority_baseline_accuracy"], "val_accuracy": summary["metrics"]["val"]["accuracy"],
         }),
         log=f"classifier: test accuracy {test['accuracy']:.3f} (majority baseline {test['majority_baseline_accuracy']:.3f}), "
             f"F1 {test['f1']:.3f}",
     )
-    result.scores = dataclasses.replace(scores, weights=layout.model("classifier") / WEIGHTS, results_artifact=f"reports/{GATE_DIR}")
-    result.artifacts.append(Artifact(layout.reports("classifier") / GATE_DIR, f"reports/{GATE_DIR}"))
+    result.scores = dataclasses.replace(scores, weights=model_dir / WEIGHTS, results_artifact=f"reports/{GATE_DIR}")
+    result.artifacts.append(Artifact(reports / GATE_DIR, f"reports/{GATE_DIR}"))
     return result

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TypedDict
 
 from lmcore.checkpoint import load_model, read_model_config
 from lmcore.data.collect import collect, mirror_from_env
@@ -36,8 +37,8 @@ from lmcore.harness.generative import (
     task_version,
 )
 from lmcore.io import read_json, sha256_file, write_json, write_text
-from lmcore.paths import WEIGHTS
-from lmcore.stages import Artifact, ItemTable, Scores, StageContext, StageResult, VersionTags, _decontam
+from lmcore.paths import GENERATIVE_DATA, WEIGHTS, model_path, reports_path
+from lmcore.stages import Artifact, Counts, ItemTable, Scores, StageContext, StageResult, VersionTags, _decontam
 from lmcore.tokenizer import load_tokenizer
 from lmcore.training import resolve_device
 
@@ -52,7 +53,7 @@ def evaluate(ctx: StageContext, model_dir: Path, out_dir: Path, model_ref: str, 
     """The generative tasks of `instruct_eval` on one model folder into `out_dir` (results.json, samples/), from
     the evaluation cache when these weights were scored on these items, prompts and settings before."""
     cfg = ctx.params.instruct_eval
-    data_dir, enc = ctx.layout.generative_data, load_tokenizer(model_dir)
+    data_dir, enc = ctx.outputs[GENERATIVE_DATA], load_tokenizer(model_dir)
     chat = resolve_chat(enc, cfg.chat_template)
     items = [it for t in cfg.tasks for it in generative_items(t, data_dir, limit=cfg.limit, sample_seed=cfg.sample_seed)]
     context_length = read_model_config(model_dir)[0].context_length
@@ -124,20 +125,35 @@ def _table(rows: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+class Score(TypedDict):
+    value: float | None
+    stderr: float | None
+
+
+class Summary(TypedDict):
+    """By label (sft, dpo): each scored model's primary score, items and speed."""
+
+    primary_metric: str
+    scores: dict[str, Score]
+    n_items: dict[str, int]
+    items_per_s: dict[str, float]
+    sample_sha256: str
+    decontamination: dict[str, Counts] | None
+
+
 def run(ctx: StageContext) -> StageResult:
-    cfg, layout = ctx.params.instruct_eval, ctx.layout
-    out = layout.reports("instruct_eval")
-    collect(ctx.collect_config(cfg.sources), layout.generative_data, mirror=mirror_from_env(), base_dir=ctx.root)
+    cfg, data_dir, out = ctx.params.instruct_eval, ctx.outputs[GENERATIVE_DATA], ctx.outputs[reports_path("instruct_eval")]
+    collect(ctx.collect_config(cfg.sources), data_dir, mirror=mirror_from_env(), base_dir=ctx.root)
     out.mkdir(parents=True, exist_ok=True)
     report = None
     if cfg.decontaminate:
         items = {t: [(f"{t}/{it.doc_id}", it.doc.get("prompt") or it.doc["question"])
-                     for it in generative_items(t, layout.generative_data, limit=cfg.limit, sample_seed=cfg.sample_seed)]
+                     for it in generative_items(t, data_dir, limit=cfg.limit, sample_seed=cfg.sample_seed)]
                  for t in cfg.tasks}
         report = _decontam.check(ctx, items, ("corpus", "sft", "dpo", "base_card"), out)
     results, scores, item_tables = {}, [], []
     for name in cfg.models:
-        label, model_dir = LABELS[name], layout.model(name)
+        label, model_dir = LABELS[name], ctx.inputs[model_path(name)]
         res = results[label] = evaluate(ctx, model_dir, out / name, f"models/{name}")
         metrics = {t: list(TASKS[t].metrics) for t in res["tasks"]}
         clean = _decontam.clean_scores(out / name / SAMPLES_DIR, report, metrics, sources=SEEN[name]) if report else {}
@@ -162,11 +178,11 @@ def run(ctx: StageContext) -> StageResult:
             "decontamination": decontam,
         },
         artifacts=[
-            Artifact(layout.generative_data / "manifest.json", "data"),
+            Artifact(data_dir / "manifest.json", "data"),
             *(Artifact(out / f, "reports") for f in (METRICS, TABLE) + ((_decontam.REPORT,) if report else ())),
             *(Artifact(out / name, f"reports/{name}") for name in cfg.models),
         ],
-        scored=[VersionTags("instruct_model", layout.model(name) / WEIGHTS, tags) for name in cfg.models] if tags else [],
+        scored=[VersionTags("instruct_model", ctx.inputs[model_path(name)] / WEIGHTS, tags) for name in cfg.models] if tags else [],
         scores=scores,
         item_tables=item_tables + ([ItemTable(_decontam.TABLE, _decontam.table_rows(report, ctx.root))] if report else []),
         log=", ".join(f"{label} {cfg.primary_metric} {v:.4f} ± {se or 0:.4f}" for label, (v, se) in primary.items() if v is not None)

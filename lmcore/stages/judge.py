@@ -9,18 +9,19 @@ and says why: scores are never made up.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 import contextlib
 import os
+from pathlib import Path
 import socket
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
+from typing import NotRequired, TypedDict
 
 from lmcore.errors import InputError
 from lmcore.io import atomic_dir, jsonl_objects, write_json
 from lmcore.judge import judge_responses, judge_skip_reason
-from lmcore.paths import JUDGE_SCORES, SUMMARY, TEST_RESPONSES, WEIGHTS
+from lmcore.paths import JUDGE_SCORES, SUMMARY, TEST_RESPONSES, WEIGHTS, model_path, reports_path
 from lmcore.stages import Artifact, ItemTable, StageContext, StageResult, Table, VersionTags
 
 JUDGED_TABLE = "tables/judged_responses.json"  # one row per judged response of every model (judged_rows)
@@ -69,15 +70,20 @@ def served(ctx: StageContext) -> Iterator:
             raise RuntimeError(f"judge.serve: the server for {cfg.serve} did not start")
         time.sleep(0.05)
     try:
-        yield cfg.model_copy(update={"url": f"http://127.0.0.1:{port}/v1", "model": name, "serve": None})
+        yield cfg.model_copy(update={"url": f"http://127.0.0.1:{port}/v1", "model": name})  # serve: what the scores record
     finally:
         server.should_exit = True
         thread.join(timeout=30)
 
 
+class Summary(TypedDict):
+    skipped: bool
+    reason: NotRequired[str]  # skipped: why
+    mean_scores: NotRequired[dict[str, float | None]]  # scored: each judged model's mean score (0-100)
+
+
 def run(ctx: StageContext) -> StageResult:
-    cfg, layout = ctx.params.judge, ctx.layout
-    out = layout.reports("judge")
+    cfg, out = ctx.params.judge, ctx.outputs[reports_path("judge")]
     reason = judge_skip_reason(cfg)
     if reason is not None:
         with atomic_dir(out) as tmp:
@@ -93,15 +99,15 @@ def run(ctx: StageContext) -> StageResult:
     scored: dict[str, dict] = {}
     with served(ctx) as cfg, atomic_dir(out) as tmp:
         for name in cfg.responses:
-            scored[name] = judge_responses(cfg, layout.reports(name) / TEST_RESPONSES, tmp / name, api_key=api_key)
+            scored[name] = judge_responses(cfg, ctx.inputs[f"{reports_path(name)}/{TEST_RESPONSES}"], tmp / name, api_key=api_key)
         judge = next(iter(scored.values()))["judge"]
         write_json(tmp / SUMMARY, {"skipped": False, "judge": judge,
                                    **{name: {k: v for k, v in m.items() if k != "judge"} for name, m in scored.items()}})
     # judge.* on the registered versions whose weights wrote the judged responses (when their folder is here)
     versions = [
-        VersionTags("instruct_model", layout.model(name) / WEIGHTS,
+        VersionTags("instruct_model", ctx.inputs[f"{model_path(name)}/{WEIGHTS}"],
                     {"judge.mean_score": f"{m['mean_score']:.4f}", "judge.model": str(m["judge"]["model"])})
-        for name, m in scored.items() if m["mean_score"] is not None and (layout.model(name) / WEIGHTS).is_file()
+        for name, m in scored.items() if m["mean_score"] is not None and ctx.inputs[f"{model_path(name)}/{WEIGHTS}"].is_file()
     ]
     return StageResult(
         summary={"skipped": False, "mean_scores": {name: m["mean_score"] for name, m in scored.items()}},

@@ -5,48 +5,51 @@ taken as it is (scored on the validation split), so the fine-tuning stages start
 
     lmcore run pretrain
     lmcore run pretrain --set pretrain.max_steps=50 --set pretrain.checkpoint_interval=10
-    torchrun --standalone --nproc_per_node 2 -m lmcore.pretrain --params params.yaml   # `main`: no MLflow, no registry
+    torchrun --standalone --nproc_per_node 2 -m lmcore.pretrain --params params.yaml   # lmcore.launch: no MLflow, no registry
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lmcore import distributed
 from lmcore.checkpoint import read_model_config
-from lmcore.config import PretrainConfig, load_params
+from lmcore.config import PretrainConfig
 from lmcore.errors import NotRegisteredError, one_line
 from lmcore.io import read_json, sha256_file
 from lmcore.model_card import card_facts, write_card
 from lmcore.paths import (
     BASE_MANIFEST,
+    BASE_SOURCE,
     BENCH_CURVE,
     CARD,
     LOSS_PLOT,
     MANIFEST,
     MODEL_CONFIG,
+    RAW,
     REGISTERED,
     RESOLVED_PARAMS,
     SUMMARY,
+    TOKENS,
     TRAIN_LOSS,
     VAL_LOSS,
     WEIGHTS,
+    model_path,
+    reports_path,
 )
 from lmcore.pretrain import PRETRAIN_STEPS, pretrain
 from lmcore.stages import (
     BASE_MANIFEST_DIR,
     BASE_MANIFEST_SHA,
     CONTINUED_WEIGHTS_SHA,
+    START_WEIGHTS_SHA,
     RAW_MANIFEST_DIR,
     RAW_MANIFEST_SHA,
     TOKENS_MANIFEST_DIR,
     TOKENS_MANIFEST_SHA,
     Artifact,
+    Probe,
     StageContext,
     StageResult,
     base_dir,
@@ -56,38 +59,75 @@ from lmcore.stages import (
 from lmcore.stages._probe import bench_sample
 from lmcore.tokenizer import Tokenizer, has_tokenizer, load_tokenizer
 
-log = logging.getLogger(__name__)
+
+
+class Summary(Probe):
+    """lmcore.pretrain.pretrain's summary (less loader_state), and where the run started."""
+
+    n_params: int
+    steps: int
+    resumed_from_step: int | None
+    tokens_seen: int
+    train_time_s: float
+    tokens_per_s: float | None
+    mfu: float | None
+    peak_flops: float
+    precision: str
+    world_size: int
+    first_val_loss: float
+    final_val_loss: float
+    first_val_bpb: float | None
+    final_val_bpb: float | None
+    best_val_loss: float
+    best_step: int
+    stopped_early: bool
+    final_train_loss: float | None
+    train_tokens: int
+    val_tokens: int
+    documents_longer_than_context: int
+    val_bpb_change: float | None
+    val_bpb_change_stderr: float | None
+    init: str  # scratch | base | champion, as it turned out
+    start: str
+    tokenizer: str | None
+    start_step: int
+    pretrain_steps: int
+    continued_from: str | None
+    start_weights_sha256: str | None
 
 
 def run(ctx: StageContext) -> StageResult:
-    layout = ctx.layout
+    tokens, model_dir, reports = ctx.inputs[TOKENS], ctx.outputs[model_path("base")], ctx.outputs[reports_path("pretrain")]
     # Lineage: the manifests of the data it trains on, as tags and artifacts, so that a model version leads to
     # its data from its own run.
     warnings: list[str] = []
-    tags, artifacts = manifest_tags({TOKENS_MANIFEST_SHA: (layout.tokens, TOKENS_MANIFEST_DIR), RAW_MANIFEST_SHA: (layout.raw, RAW_MANIFEST_DIR)})
+    raw = ctx.inputs[f"{RAW}/{MANIFEST}"].parent
+    tags, artifacts = manifest_tags({TOKENS_MANIFEST_SHA: (tokens, TOKENS_MANIFEST_DIR), RAW_MANIFEST_SHA: (raw, RAW_MANIFEST_DIR)})
     start = starting_point(ctx)
     if start.warning:
         warnings.append(start.warning)
     if start.init == "base" or (start.init == "champion" and base_dir(ctx) is not None):
         # lineage: the pretrained base it (or the champion it continues) started from: source, sha256, licence
-        base_json = layout.base_source / BASE_MANIFEST
+        base_json = ctx.inputs[BASE_SOURCE] / BASE_MANIFEST
         tags[BASE_MANIFEST_SHA] = sha256_file(base_json)
         artifacts.append(Artifact(base_json, BASE_MANIFEST_DIR))
     started_from = sha256_file(start.folder / WEIGHTS) if start.folder is not None and (start.folder / WEIGHTS).is_file() else None
     if start.init == "champion":  # lineage: the registered version it continued
         tags[CONTINUED_WEIGHTS_SHA] = started_from
+    if started_from is not None:  # a champion with these weights is no new start (tasks.incremental.registry_moves)
+        tags[START_WEIGHTS_SHA] = started_from
     summary = pretrain(
-        start.cfg, layout.tokens, layout.pretrained, layout.pretrain_reports,
-        seed=ctx.seed, params=ctx.params.to_dict(), tracker=ctx.tracker, checkpoint_dir=layout.checkpoints("pretrain"),
+        start.cfg, tokens, model_dir, reports,
+        seed=ctx.seed, params=ctx.params.to_dict(), tracker=ctx.tracker, checkpoint_dir=ctx.layout.checkpoints("pretrain"),
         bench_items=bench_sample(ctx, "pretrain"),  # the benchmark probe's sample; None when it is off
         init_dir=start.folder, start_step=start.step,
     )
     summary.update(init=start.init, continued_from=start.continued_from, start_weights_sha256=started_from)
     if distributed.current().is_main:  # under torchrun the other ranks write nothing
-        write_card(layout.pretrained, pretrain_card(ctx, start, summary))
-    artifacts += [Artifact(layout.pretrain_reports / name, "reports") for name in (LOSS_PLOT, TRAIN_LOSS, VAL_LOSS, SUMMARY)]
-    artifacts += [Artifact(layout.pretrained / name, "checkpoint") for name in (MODEL_CONFIG, RESOLVED_PARAMS, CARD)]
-    artifacts += [Artifact(layout.pretrain_reports / f, "reports") for f in (BENCH_CURVE,) if (layout.pretrain_reports / f).is_file()]
+        write_card(model_dir, pretrain_card(ctx, start, summary))
+    artifacts += [Artifact(reports / name, "reports") for name in (LOSS_PLOT, TRAIN_LOSS, VAL_LOSS, SUMMARY)]
+    artifacts += [Artifact(model_dir / name, "checkpoint") for name in (MODEL_CONFIG, RESOLVED_PARAMS, CARD)]
+    artifacts += [Artifact(reports / f, "reports") for f in (BENCH_CURVE,) if (reports / f).is_file()]
     resumed = f" (resumed from step {summary['resumed_from_step']})" if summary.get("resumed_from_step") else ""
     return StageResult(
         summary={k: v for k, v in summary.items() if k != "loader_state"},
@@ -102,11 +142,11 @@ def run(ctx: StageContext) -> StageResult:
 
 def pretrain_card(ctx: StageContext, start: Start, summary: dict) -> dict:
     """The model card's facts of models/base (lmcore.model_card)."""
-    layout, cfg = ctx.layout, start.cfg
+    cfg = start.cfg
     if start.init == "champion":
         started = f"{start.continued_from} (@champion, {start.step:,} steps), continued on new data"
     elif start.init == "base":
-        base = read_json(layout.base_source / BASE_MANIFEST)
+        base = read_json(ctx.inputs[BASE_SOURCE] / BASE_MANIFEST)
         started = f"the pretrained base {base['name']} ({base['source']}, licence {base.get('license', 'unknown')})"
     else:
         started = "random weights"
@@ -121,8 +161,8 @@ def pretrain_card(ctx: StageContext, start: Start, summary: dict) -> dict:
         # it bought against the benchmark change it cost when these are the champion's
         "start_weights_sha256": summary["start_weights_sha256"],
     }
-    return card_facts(layout.pretrained, kind="base", stage="pretrain", started_from=started,
-                      data={"corpus": layout.raw / MANIFEST}, training=training,
+    return card_facts(ctx.outputs[model_path("base")], kind="base", stage="pretrain", started_from=started,
+                      data={"corpus": ctx.inputs[f"{RAW}/{MANIFEST}"]}, training=training,
                       extra={"tokens": {"train": summary["train_tokens"], "val": summary["val_tokens"]}})
 
 
@@ -170,7 +210,7 @@ def registered_champion(ctx: StageContext) -> tuple[Start | None, str]:
         return None, f"no champion yet ({one_line(err)})"
     record = read_json(folder / REGISTERED) if (folder / REGISTERED).is_file() else {}
     name = f"{record.get('name', ctx.params.tracking.registered_model)} v{record.get('version', '?')}"
-    shards, champion_tok = read_tokenizer(ctx.layout.tokens), load_tokenizer(folder)
+    shards, champion_tok = read_tokenizer(ctx.inputs[TOKENS]), load_tokenizer(folder)
     if shards is None or not champion_tok.same_as(shards):
         made = f"{shards.name} ({shards.sha256[:12]})" if shards else "no recorded tokenizer"
         return None, f"{name} uses tokenizer {champion_tok.name} ({champion_tok.sha256[:12]}), the shards {made}"
@@ -188,30 +228,3 @@ def registered_champion(ctx: StageContext) -> tuple[Start | None, str]:
 
 def read_tokenizer(folder: Path) -> Tokenizer | None:
     return load_tokenizer(folder) if has_tokenizer(folder) else None
-
-
-def main(argv: list[str] | None = None) -> dict:
-    """The pretrain stage (`lmcore.stages.pretrain.run`) without the orchestration layer: the same inputs, outputs
-    and card, no MLflow and no registry (`init: champion` starts as the stage would without a champion, with a
-    warning). Alone, or one process per device under torchrun (rank 0 writes). Returns the stage's summary."""
-    ap = argparse.ArgumentParser(prog="python -m lmcore.pretrain", description="The pretrain stage without the orchestration layer: alone, or one process per device under torchrun.")
-    ap.add_argument("--params", default="params.yaml", help="the params file (default params.yaml)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
-    ap.add_argument("--root", default=".", help="project root: data/tokens is read, models/base and reports/pretrain are written")
-    args = ap.parse_args(argv)
-
-    params = load_params(args.params, overrides=args.overrides)
-    info = distributed.init_from_env(params.pretrain.device)
-    try:
-        result = run(StageContext(root=Path(args.root), params=params))
-    finally:
-        distributed.destroy()
-    if info.is_main:
-        for line in result.warnings:
-            log.warning(line)
-        print(json.dumps(result.summary, indent=2, default=str), file=sys.stderr)
-    return result.summary
-
-
-if __name__ == "__main__":
-    main()

@@ -21,6 +21,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from typing_extensions import TypedDict  # extra_items (PEP 728)
+
 from lmcore.bpe import (
     TokenizerTrainingError,
     compare,
@@ -31,7 +33,7 @@ from lmcore.bpe import (
 from lmcore.data.tokenize import in_val_split
 from lmcore.errors import InputError, MissingInputError, TransientError, one_line
 from lmcore.io import atomic_dir, sha256_file, write_json, write_text
-from lmcore.paths import DOCUMENTS, TOK_EVAL, TOKENIZER_RECORD
+from lmcore.paths import CLEAN, DOCUMENTS, TOK_EVAL, TOKENIZER, TOKENIZER_RECORD, reports_path
 from lmcore.stages import Artifact, StageContext, StageResult
 from lmcore.stages._probe import benchmark_items
 from lmcore.tokenizer import (
@@ -48,10 +50,27 @@ EVAL_CHARS = 8 << 20  # text per split the report measures (the first 8M charact
 TOK_EVAL_MD = "tok_eval.md"
 
 
+class TokenCount(TypedDict):
+    bytes: int
+    tokens: int
+    bytes_per_token: float
+
+
+class Summary(TypedDict, extra_items=float):
+    """Also bytes_per_token.<text> of the trained tokenizer and <name>.bytes_per_token.<text> of the others."""
+
+    n_vocab: int
+    train_seconds: float
+    tokenizer: str
+    tokenizer_sha256: str
+    train_documents: int
+    report: dict[str, dict[str, TokenCount]]  # tokenizer -> text (train, held-out, a benchmark) -> its counts
+
+
 def run(ctx: StageContext) -> StageResult:
-    layout, cfg, seed = ctx.layout, ctx.params.train_tokenizer, ctx.seed
+    cfg, seed, out = ctx.params.train_tokenizer, ctx.seed, ctx.outputs[TOKENIZER]
     val_fraction = ctx.params.tokenize.val_fraction
-    documents = layout.clean / DOCUMENTS
+    documents = ctx.inputs[CLEAN] / DOCUMENTS
     if not documents.is_file():
         raise MissingInputError(f"{documents} not found: run preprocess first")
     counts = {"train": 0, "held-out": 0}
@@ -79,7 +98,7 @@ def run(ctx: StageContext) -> StageResult:
     text = train_bpe(itertools.chain([first], texts), vocab_size=cfg.vocab_size, special_tokens=cfg.special_tokens,
                      pattern=cfg.pattern, min_frequency=cfg.min_frequency)
     seconds = time.perf_counter() - started
-    with atomic_dir(layout.tokenizer) as tmp:
+    with atomic_dir(out) as tmp:
         tok = save_trained(text, tmp, name=f"bpe-{cfg.vocab_size}", eot=cfg.special_tokens[0])
         record = {
             "name": tok.name, "sha256": tok.sha256, "n_vocab": tok.n_vocab, "vocab_size": cfg.vocab_size,
@@ -89,7 +108,7 @@ def run(ctx: StageContext) -> StageResult:
             "encoder": "tiktoken",  # lmcore encodes with it through tiktoken (tok.fast); save_trained checks it can
         }
         write_json(tmp / TOKENIZER_RECORD, record)
-    tok = load_tokenizer(layout.tokenizer)
+    tok = load_tokenizer(out)
     warnings = []
     if tok.n_vocab < cfg.vocab_size:
         warnings.append(f"train_tokenizer.vocab_size {cfg.vocab_size}: the corpus gave {tok.n_vocab} tokens (no pair "
@@ -98,7 +117,7 @@ def run(ctx: StageContext) -> StageResult:
     report, vocab, note = tokenizer_report(ctx, tok, sample)
     if note:
         warnings.append(note)
-    reports = layout.reports("tokenizer")
+    reports = ctx.outputs[reports_path("tokenizer")]
     reports.mkdir(parents=True, exist_ok=True)
     write_json(reports / TOK_EVAL, {"vocab": vocab, "bytes_per_token": report})
     write_text(reports / TOK_EVAL_MD, markdown(report, vocab))
@@ -110,7 +129,7 @@ def run(ctx: StageContext) -> StageResult:
         summary={**metrics, "tokenizer": tok.name, "tokenizer_sha256": tok.sha256, "train_documents": counts["train"],
                  "report": report},
         metrics=metrics,
-        artifacts=[Artifact(layout.tokenizer / f, "tokenizer") for f in (HF_TOKENIZER_FILE, TOKENIZER_CONFIG, TOKENIZER_RECORD)]
+        artifacts=[Artifact(out / f, "tokenizer") for f in (HF_TOKENIZER_FILE, TOKENIZER_CONFIG, TOKENIZER_RECORD)]
         + [Artifact(reports / f, "reports") for f in (TOK_EVAL, TOK_EVAL_MD)],
         tags={"tokenizer": tok.name, "tokenizer_sha256": tok.sha256},
         log=f"trained {tok.name} ({tok.n_vocab:,} tokens) on {counts['train']:,} documents in {seconds:.1f} s\n"

@@ -25,6 +25,9 @@ from tasks.tags import TAG_DVC_DEP, TAG_DVC_HASHED_BY, TAG_DVC_OUT
 from tests.conftest import MICRO, ROOT
 
 VERDICT_SHA256 = "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"  # profiles/micro.yaml's one source
+# The runs behind a pretrained version, as lmcore.pipeline declares the stages: breadth first from the pretrain run
+# (data/tokens, models/base_model), then tokenize's inputs (data/clean, models/tokenizer), then preprocess's (data/raw).
+PRETRAIN_CHAIN = ["pretrain", "tokenize", "base_model", "preprocess", "train_tokenizer", "collect"]
 
 
 def stage_runs(uri: str, parent_run_id: str) -> dict[str, object]:
@@ -111,10 +114,10 @@ def test_lineage_of_the_base_model_reaches_the_raw_sources(lifecycle_run, monkey
     assert out.exit_code == 0, out.output
     got = json.loads(out.output)
     chain = got["chain"]
-    assert [n["kind"] for n in chain] == ["model_version", "run", "tokens_manifest", "run", "run", "run", "raw_sources"]
-    assert [n["stage"] for n in chain if n["kind"] == "run"] == ["pretrain", "tokenize", "preprocess", "collect"]
+    assert [n["kind"] for n in chain] == ["model_version", "run", "tokens_manifest", *["run"] * 5, "raw_sources"]
+    assert [n["stage"] for n in chain if n["kind"] == "run"] == PRETRAIN_CHAIN
     assert got["warnings"] == []
-    version, pretrain, tokens, tokenize, preprocess, collect, raw = chain
+    version, pretrain, tokens, tokenize, base_model, preprocess, train_tokenizer, collect, raw = chain
     layout = Layout(root)
     runs = stage_runs(uri, result["mlflow_run_id"])
     assert (version["name"], version["version"], version["aliases"]) == ("lmcore-base", "1", ["champion"])
@@ -127,10 +130,12 @@ def test_lineage_of_the_base_model_reaches_the_raw_sources(lifecycle_run, monkey
     manifest = json.loads((layout.tokens / MANIFEST).read_text())
     assert tokens["shards"] == len(manifest["shards"])
     assert tokens["tokens"] == {"train": result["tokenize"]["train_tokens"], "val": result["tokenize"]["val_tokens"]}
-    assert [tokenize["run_id"], preprocess["run_id"], collect["run_id"]] == [
-        runs[s].info.run_id for s in ("tokenize", "preprocess", "collect")
-    ]
+    assert [n["run_id"] for n in chain if n["kind"] == "run"] == [runs[s].info.run_id for s in PRETRAIN_CHAIN]
+    assert base_model["found_by"] == "its models/base_model output hash equals the pretrain run's input"
+    assert train_tokenizer["found_by"] == "its models/tokenizer output hash equals the tokenize run's input"
+    assert collect["found_by"] == "its data/raw output hash equals the preprocess run's input"
     assert preprocess["documents_kept"] == result["preprocess"]["documents"]
+    assert tokenize["tokens"] == tokens["tokens"] and collect["sources"] == 1  # what each run counted
     assert raw["manifest_sha256"] == sha256_file(layout.raw / MANIFEST) and raw["verified"] is True
     (verdict,) = raw["sources"]
     assert verdict["name"] == "the-verdict" and verdict["sha256"] == VERDICT_SHA256
@@ -167,7 +172,7 @@ def test_fine_tunes_chain_through_their_base_models(lifecycle_run, monkeypatch, 
             for v in versions] == names
     stages = [n["stage"] for n in chain if n["kind"] == "run"]
     finetunes = {"lmcore-instruct@dpo": "dpo", "lmcore-instruct@sft": "finetune_instruct", "lmcore-classifier@": "finetune_classifier"}
-    assert stages == [finetunes[n] for n in names[:-1]] + ["pretrain", "tokenize", "preprocess", "collect"]
+    assert stages == [finetunes[n] for n in names[:-1]] + PRETRAIN_CHAIN
     # each fine-tune's base is the version whose weights its run started from
     for child, base in zip(versions, versions[1:]):
         assert child["base_weights_sha256"] == base["weights_sha256"]

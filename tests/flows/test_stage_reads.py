@@ -1,9 +1,11 @@
 """A stage reads only what it declares: the micro lifecycle's stage functions run with every file they open under
 the project root recorded (tests/stage_reads.py, an audit hook), and each read must lie in the stage's declared deps,
-its own outs or the local paths its params name. The failure names the stage and the path."""
+its own outs or the local paths its params name. The failure names the stage and the path. Each summary has the
+keys its stage types (`Summary`)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import subprocess
@@ -14,6 +16,7 @@ import pytest
 from lmcore import pipeline
 from lmcore.config import load_params
 from tests.conftest import MICRO, ROOT
+from tests.test_pipeline import summary_keys
 
 pytestmark = pytest.mark.slow  # the micro lifecycle's stages, in a process of their own (about 30 s)
 
@@ -37,7 +40,8 @@ def test_every_stage_reads_only_its_declared_deps_and_its_own_outs(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     params = load_params(root / "params.yaml")
-    opened = json.loads(out.read_text())
+    recorded = json.loads(out.read_text())
+    opened = recorded["opened"]
     assert {stage for stage, _, _ in opened} == set(pipeline.NAMES)
     stray = []
     for stage, path, mode in opened:
@@ -49,3 +53,11 @@ def test_every_stage_reads_only_its_declared_deps_and_its_own_outs(tmp_path):
     assert not stray, "undeclared: " + "; ".join(sorted(set(stray)))
     # the check sees reads: pretrain read the tokens, and the raw manifest it declares
     assert ["pretrain", "data/raw/manifest.json", "r"] in opened
+
+    # each summary has the keys its stage's `Summary` types (tests/test_pipeline.py runs the rows on those types)
+    for stage, keys in recorded["summary_keys"].items():
+        typed = importlib.import_module(pipeline.get(stage).module).Summary
+        required, optional = summary_keys(typed)
+        assert required <= set(keys), (stage, sorted(required - set(keys)))
+        if getattr(typed, "__extra_items__", None) is None:  # train_tokenizer's also has a number per text measured
+            assert set(keys) <= required | optional, (stage, sorted(set(keys) - required - optional))

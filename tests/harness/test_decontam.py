@@ -165,18 +165,11 @@ def test_parity_with_lm_eval_janitor():
     assert {" ".join(g) for g in index.grams if len(g) == 13} == janitor.dirt_ngrams
 
 
-def test_bad_input(tmp_path, index, caplog, monkeypatch):
+def test_bad_input(tmp_path, index, caplog):
     jsonl = tmp_path / "sft.jsonl"
     jsonl.write_text('{"text": "fine"}\n{"text": broken\n' + json.dumps({"q": QUESTION}) + "\n")
-    # the module's logger straight into caplog: a logging set-up earlier on this worker (Prefect's, by a CLI test)
-    # may have disabled it or stopped its records at the root
-    monkeypatch.setattr(decontam.log, "disabled", False)
-    monkeypatch.setattr(decontam.log, "level", logging.WARNING)
-    decontam.log.addHandler(caplog.handler)
-    try:
+    with caplog.at_level(logging.WARNING, decontam.log.name):
         report = scan(index, {"sft": [jsonl]})
-    finally:
-        decontam.log.removeHandler(caplog.handler)
     assert report.sources["sft"]["bad"] == 1 and report.found["sft"]["gsm8k"]["1"].line == 3
     assert f"{jsonl}:2: not JSON" in caplog.text
 
