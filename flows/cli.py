@@ -130,7 +130,8 @@ def run_pipeline(
     wait: WaitOpt = 0.0,
 ) -> None:
     """Run the lifecycle as one Prefect flow, each stage only when it changed (see dvc.lock); prints the summary."""
-    _check_inputs(root, _check_params(root, params, set_), pipeline.NAMES)
+    checked = _check_params(root, params, set_)
+    _fail_on([line for name in pipeline.NAMES for line in pipeline.get(name).missing_local_paths(checked, Path(root))])
     _quiet_terminal()
     from flows.lifecycle import lifecycle
 
@@ -151,9 +152,7 @@ def run(
     """Run one stage as its own Prefect flow (dvc.yaml calls this); prints its summary as JSON."""
     if stage not in pipeline.NAMES:
         _fail(f"unknown stage {stage!r}; stages: {', '.join(pipeline.NAMES)}")
-    missing = pipeline.missing_inputs(stage, _check_params(root, params, set_), Path(root))
-    if missing:  # in well under a second, before Prefect, MLflow and torch start
-        _fail(missing[0] + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    _fail_on(pipeline.missing_inputs(stage, _check_params(root, params, set_), Path(root)))
     _quiet_terminal()
     from flows.stage import stage_flow
 
@@ -599,13 +598,11 @@ def _check_params(root: str, params: str, overrides: list[str] | None):
     return load_params(path, overrides=overrides or [])  # a ParamsError is bad input: one line, exit 2
 
 
-def _check_inputs(root: str, params, names) -> None:
-    """The local files and folders the params name for these stages (sources, a base model) are there: bad input
-    answers in a second, before Prefect, MLflow and torch start (lmcore.pipeline.Stage.missing_local_paths)."""
-    for name in names:
-        missing = pipeline.get(name).missing_local_paths(params, Path(root))
-        if missing:
-            _fail(missing[0] + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+def _fail_on(missing: list[str]) -> None:
+    """Exit 2 with the first missing input's line (lmcore.pipeline.missing_inputs, Stage.missing_local_paths), and
+    how many more: bad input answers in a second, before Prefect, MLflow and torch start."""
+    if missing:
+        _fail(missing[0] + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
 
 
 def main() -> None:

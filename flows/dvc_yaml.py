@@ -27,7 +27,7 @@ HEADER = """\
 
 def stage_entry(stage: Stage, params: Params | None = None, root: Path = Path(".")) -> dict:
     entry: dict = {"cmd": f"lmcore run {stage.name}",
-                   "deps": list(dict.fromkeys([*stage.deps, *stage.local_deps(params, root), *stage.code_deps()]))}
+                   "deps": [*stage.deps, *stage.local_deps(params, root), *stage.code_deps()]}
     if stage.params:
         entry["params"] = list(stage.params)
     entry["outs"] = list(stage.outs)

@@ -21,6 +21,7 @@ summary, also published as a Prefect artifact. One run at a time per root (tasks
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -95,16 +96,16 @@ def lifecycle(
 def run_or_skip(name: str, ctx, plan: Plan, commit_dvc: bool) -> dict:
     """The stage's summary: run when the plan says so (then committed to dvc.lock at once), else the summary of
     the run that made its outputs, from a task run in state Skipped."""
+    made = functools.cache(lambda: made_by(ctx.tracking, ctx.root, name))  # the run that made the outputs, asked once
     registry = pipeline.get(name).registry_deps(ctx.params)  # what DVC cannot see: asked when DVC finds no change
-    moves = (lambda: registry_moves(ctx.tracking, made_by(ctx.tracking, ctx.root, name)[0], registry)) if registry else None
-    decision = plan.decide(name, moves)
+    decision = plan.decide(name, (lambda: registry_moves(ctx.tracking, made()[0], registry)) if registry else None)
     if decision.run:
         logger().info("%s: running (%s)", name, decision.reason)
         result = TASKS[name](ctx)
         if commit_dvc and plan.commit(name):
             logger().info("%s: committed to dvc.lock", name)
         return result
-    run_id, summary = made_by(ctx.tracking, ctx.root, name)
+    run_id, summary = made()
     return TASKS[name](ctx, unchanged=Unchanged(run_id, summary), return_state=True).result()
 
 

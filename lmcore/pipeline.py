@@ -146,7 +146,7 @@ class Stage:
     def context(self, root: Path, params: Params, **kwargs: Any) -> StageContext:
         """The context the stage's function runs in: handed its declared deps and outs (and nothing else), and the
         registered models it declares; kwargs: tracker, map, resolve_model."""
-        return StageContext(root=root, params=params, stage=self.name, deps=tuple(dict.fromkeys((*self.deps, *self.local_deps(params, root)))),
+        return StageContext(root=root, params=params, stage=self.name, deps=(*self.deps, *self.local_deps(params, root)),
                             outs=self.outs, registry=self.registry_deps(params), **kwargs)
 
     def code_deps(self) -> list[str]:
@@ -155,7 +155,7 @@ class Stage:
 
     def local_paths(self, params: Params | None) -> list[tuple[str, str]]:
         """(params key, path) of every local file or folder the stage reads because its params name it: a source's
-        `path`, a base model's file or folder."""
+        `path`, a base model's file or folder, a model folder it serves."""
         section = getattr(params, self.name, None) if params is not None else None
         if section is None:
             return []
@@ -171,18 +171,23 @@ class Stage:
             found.append((f"{self.name}.serve", serve))
         return found
 
+    def _outside(self, params: Params | None, root: Path) -> list[tuple[str, str, str]]:
+        """(params key, path, DVC dep) of the `local_paths` that no stage makes: a path inside a stage's outs
+        (`judge.serve: models/base_model`) is that stage's output, there by the time this stage runs."""
+        found = [(key, path, _dep_path(path, Path(root))) for key, path in self.local_paths(params)]
+        return [(key, path, dep) for key, path, dep in found if maker(dep) is None]
+
     def local_deps(self, params: Params | None, root: Path) -> list[str]:
-        """`local_paths` as DVC deps, so that a new document in a source folder re-runs the stage: relative to
-        `root` when inside it, a glob's fixed leading folder for a glob."""
-        return list(dict.fromkeys(_dep_path(p, Path(root)) for _, p in self.local_paths(params)))
+        """`local_paths` that no stage makes, as DVC deps, so that a new document in a source folder re-runs the
+        stage: relative to `root` when inside it, a glob's fixed leading folder for a glob."""
+        return list(dict.fromkeys(dep for _, _, dep in self._outside(params, root)))
 
     def missing_local_paths(self, params: Params | None, root: Path) -> list[str]:
-        """One line for each of `local_paths` that is not there (for a glob: its fixed leading folder), naming the
-        params key: what the CLI checks before it starts the machinery."""
+        """One line for each of `local_paths` that no stage makes and is not there (for a glob: its fixed leading
+        folder), naming the params key: what the CLI checks before it starts the machinery."""
         missing = []
-        for key, path in self.local_paths(params):
-            dep = Path(_dep_path(path, Path(root)))
-            if not (dep if dep.is_absolute() else Path(root) / dep).exists():
+        for key, path, dep in self._outside(params, root):
+            if not (Path(dep) if Path(dep).is_absolute() else Path(root) / dep).exists():
                 missing.append(f"{key}: {path} does not exist" + (f" (under {Path(root).resolve()})" if not Path(path).expanduser().is_absolute() else ""))
         return missing
 
@@ -468,19 +473,32 @@ STAGES: tuple[Stage, ...] = (
 )
 
 NAMES = tuple(s.name for s in STAGES)
-BY_NAME = {s.name: s for s in STAGES}
+
+# The look-ups below read STAGES when called, so that a test (or a tool) that declares other stages sees them.
 
 
 def get(name: str) -> Stage:
     """The stage called `name`; KeyError naming the stages otherwise."""
-    if name not in BY_NAME:
-        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(NAMES)}")
-    return BY_NAME[name]
+    found = next((s for s in STAGES if s.name == name), None)
+    if found is None:
+        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(s.name for s in STAGES)}")
+    return found
+
+
+def within(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or inside it (paths as the declarations write them)."""
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def maker(path: str) -> tuple[Stage, str] | None:
+    """The stage whose outs hold `path` (a folder or a file inside one) and that out, or None."""
+    return next(((s, o) for s in STAGES for o in s.outs if within(path, o)), None)
 
 
 def producer(path: str) -> str | None:
-    """The stage whose outs hold `path` (a folder or a file inside one), or None."""
-    return next((s.name for s in STAGES for o in s.outs if path == o or path.startswith(o.rstrip("/") + "/")), None)
+    """The name of the stage whose outs hold `path`, or None."""
+    found = maker(path)
+    return found[0].name if found else None
 
 
 def missing_inputs(name: str, params: Params | None, root: Path) -> list[str]:
@@ -498,7 +516,7 @@ def downstream(name: str) -> list[str]:
     changed = {name}
     dirty_outs = list(get(name).outs)
     for stage in STAGES:
-        if stage.name not in changed and any(d == o or d.startswith(o.rstrip("/") + "/") for d in stage.deps for o in dirty_outs):
+        if stage.name not in changed and any(within(d, o) for d in stage.deps for o in dirty_outs):
             changed.add(stage.name)
             dirty_outs += stage.outs
     return [s.name for s in STAGES if s.name in changed]

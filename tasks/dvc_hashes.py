@@ -29,9 +29,10 @@ def is_dvc_project(root: Path) -> bool:
 
 def stage_paths(stage: str, which: str) -> list[str] | None:
     """A stage's deps (data inputs, then code) or outs, as dvc.yaml lists them; None for an unknown stage."""
-    if stage not in pipeline.BY_NAME:
+    try:
+        spec = pipeline.get(stage)
+    except KeyError:
         return None
-    spec = pipeline.get(stage)
     return [*spec.deps, *spec.code_deps()] if which == "deps" else list(spec.outs)
 
 

@@ -231,7 +231,7 @@ class _Walk:
             return []
         inputs = []
         for dep in stage.deps:
-            maker = _maker(dep)
+            maker = pipeline.maker(dep)
             # a file inside a stage's out folder: the producer's run has a hash of the folder alone; a stage that
             # reads the folder declares it, and that dep is followed
             if maker is None or maker[1] != dep:
@@ -374,20 +374,15 @@ def _stage(run) -> str:
     return run.data.tags.get(TAG_STAGE, run.info.run_name or "?")
 
 
-# the declarations, read when the walk runs (pipeline.STAGES as it is then: BY_NAME is fixed at import)
+# the declarations, read when the walk runs (lmcore.pipeline's look-ups read STAGES as it is then)
 
 
 def _declared(name: str):
     """The stage called `name` in lmcore.pipeline, or None."""
-    return next((s for s in pipeline.STAGES if s.name == name), None)
-
-
-def _maker(path: str):
-    """(the stage whose outs hold `path`, that out), or None for a path no stage writes."""
-    stage = _declared(pipeline.producer(path) or "")
-    if stage is None:
+    try:
+        return pipeline.get(name)
+    except KeyError:
         return None
-    return stage, next(o for o in stage.outs if path == o or path.startswith(o.rstrip("/") + "/"))
 
 
 def _writes(run, folder: str) -> bool:

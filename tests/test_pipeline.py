@@ -209,6 +209,19 @@ def test_a_stage_is_handed_what_it_declares_and_nothing_else(tmp_path):
     assert StageContext(tmp_path, params).inputs["data/clean"] == tmp_path.resolve() / "data" / "clean"
 
 
+def test_the_shipped_params_name_no_local_path_a_fresh_clone_lacks(tmp_path):
+    """`make pipeline` on a fresh clone: the CLI checks the local paths params.yaml names before it starts, and the
+    one the default names (judge.serve: models/base_model) is the base_model stage's output, not a missing input,
+    nor a second dvc.yaml dep of judge beside its declared one."""
+    for params in (load_params(ROOT / "params.yaml"), load_params(ROOT / "profiles" / "micro.yaml")):
+        assert [line for s in STAGES for line in s.missing_local_paths(params, tmp_path)] == []
+    judge = pipeline.get("judge")
+    assert judge.local_paths(load_params(ROOT / "params.yaml")) == [("judge.serve", "models/base_model")]
+    assert judge.local_deps(load_params(ROOT / "params.yaml"), tmp_path) == []
+    elsewhere = load_params(ROOT / "params.yaml", overrides=[f"judge.serve={tmp_path / 'judge-model'}"])
+    assert judge.missing_local_paths(elsewhere, tmp_path) == [f"judge.serve: {tmp_path / 'judge-model'} does not exist"]
+
+
 def test_a_stage_function_runs_without_any_orchestration(tmp_path):
     """The library's stage function alone: no Prefect, no MLflow; it returns what it made."""
     from lmcore.config import load_params
