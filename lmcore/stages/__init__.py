@@ -93,7 +93,7 @@ class Counts(TypedDict):
     clean: int
 
 
-class Probe(TypedDict, total=False):
+class ProbeSummary(TypedDict, total=False):
     """The benchmark probe's part of a training stage's summary, when it ran (lmcore.harness.probe)."""
 
     eval_benchmarks_items: int

@@ -12,7 +12,7 @@ from __future__ import annotations
 from lmcore.finetune.dpo import PREFERENCE_FIELDS, train_dpo
 from lmcore.finetune.instruct import prepare_instructions
 from lmcore.paths import TEST_RESPONSES, model_path, reports_path
-from lmcore.stages import ItemTable, Probe, StageContext, StageResult
+from lmcore.stages import ItemTable, ProbeSummary, StageContext, StageResult
 from lmcore.stages._finetune import CURVES, RESPONSES_TABLE, finetune_card, finetuned, prepare_data, response_rows
 from lmcore.stages._probe import PROBE_SUMMARY_KEYS, bench_sample
 from lmcore.tokenizer import load_tokenizer
@@ -21,7 +21,7 @@ SUMMARY_KEYS = ("first_val_loss", "final_val_loss", "first_val_reward_margin", "
                 "final_val_reward_accuracy", "trainable_params")
 
 
-class Summary(Probe):
+class Summary(ProbeSummary):
     first_val_loss: float
     final_val_loss: float
     first_val_reward_margin: float

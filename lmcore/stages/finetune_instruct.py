@@ -13,7 +13,7 @@ from typing import NotRequired
 
 from lmcore.finetune.instruct import finetune_instruct, prepare_instructions
 from lmcore.paths import TEST_RESPONSES, model_path, reports_path
-from lmcore.stages import ItemTable, Probe, StageContext, StageResult
+from lmcore.stages import ItemTable, ProbeSummary, StageContext, StageResult
 from lmcore.stages._finetune import CURVES, RESPONSES_TABLE, finetune_card, finetuned, prepare_data, response_rows
 from lmcore.stages._probe import PROBE_SUMMARY_KEYS, bench_sample
 from lmcore.tokenizer import load_tokenizer
@@ -21,7 +21,7 @@ from lmcore.tokenizer import load_tokenizer
 SUMMARY_KEYS = ("first_val_loss", "final_val_loss", "final_val_bpb", "test_loss", "trainable_params", "test_responses")
 
 
-class Summary(Probe):
+class Summary(ProbeSummary):
     first_val_loss: float
     final_val_loss: float
     final_val_bpb: NotRequired[float]

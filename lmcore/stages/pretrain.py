@@ -49,7 +49,7 @@ from lmcore.stages import (
     TOKENS_MANIFEST_DIR,
     TOKENS_MANIFEST_SHA,
     Artifact,
-    Probe,
+    ProbeSummary,
     StageContext,
     StageResult,
     base_dir,
@@ -61,7 +61,7 @@ from lmcore.tokenizer import Tokenizer, has_tokenizer, load_tokenizer
 
 
 
-class Summary(Probe):
+class Summary(ProbeSummary):
     """lmcore.pretrain.pretrain's summary (less loader_state), and where the run started."""
 
     n_params: int
